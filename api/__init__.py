@@ -1,0 +1,1 @@
+"""The aiohttp REST API (spec/API.md)."""

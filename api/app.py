@@ -1,0 +1,48 @@
+"""The aiohttp application: middlewares, routes and the database pool's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import asyncpg
+from aiohttp import web
+
+from api import errors, root, tokens, users
+from api.http import MAX_JSON_BODY
+from api.keys import API_PREFIX, CONFIG, POOL
+from marid.config import Config
+from marid.db import create_pool
+
+API_ROUTES = (root.routes, users.routes, tokens.routes)
+
+
+def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Application:
+    """The server root application; API routes live under the path of `server.api_url`.
+
+    Without `pool` the app opens (and closes) its own from `database.dsn`.
+    """
+    app = web.Application(
+        middlewares=[errors.request_log, errors.errors], client_max_size=MAX_JSON_BODY
+    )
+    app[CONFIG] = config
+    if pool is None:
+        app.cleanup_ctx.append(_pool_context)
+    else:
+        app[POOL] = pool
+    prefix = urlsplit(config.server.api_url).path.rstrip("/")
+    api = web.Application(client_max_size=MAX_JSON_BODY) if prefix else app
+    api[API_PREFIX] = prefix
+    for table in API_ROUTES:
+        api.add_routes(table)
+    if prefix:
+        app.router.add_get(prefix, root.show_root)  # the API root without its trailing slash
+        app.add_subapp(prefix, api)
+    return app
+
+
+async def _pool_context(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    app[POOL] = await create_pool(config.database.dsn, config.database.pool_size)
+    yield
+    await app[POOL].close()

@@ -1,0 +1,146 @@
+"""Authentication and scope checks (API.md §1.5, §1.6, §2; EXTENSIONS.md b.2).
+
+Djinn-compatible endpoints answer 404 for every authentication or scope failure; only the
+marid endpoints that accept HTTP Basic (`/tokens`, `/apps`) answer 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from api.keys import POOL
+from marid import scopes, tokens, users
+from marid.users import User
+from marid.validation import NotFound, RequestError
+
+CALLER = "marid.caller"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: `user` is None for anonymous callers; `scope` None means full access."""
+
+    user: User | None
+    scope: scopes.Scope | None = None
+    token_id: int | None = None
+
+    def can(self, resource: str, permission: str) -> bool:
+        return self.user is not None and (self.scope is None or self.scope.has(resource, permission))
+
+    def require(self, *needed: str, waived: bool = False) -> None:
+        """Raise NotFound unless every `resource:permission` is held (or `waived`, §2.4)."""
+        if waived:
+            return
+        for item in needed:
+            resource, _, permission = item.partition(":")
+            if not self.can(resource, permission):
+                raise NotFound()
+
+
+ANONYMOUS = Caller(None)
+
+
+def _credentials(request: web.Request, scheme: str) -> str | None:
+    header = request.headers.get("Authorization", "")
+    given, _, value = header.partition(" ")
+    return value.strip() if given.lower() == scheme else None
+
+
+async def bearer(request: web.Request) -> Caller:
+    """The caller named by the request's bearer token; anonymous when there is none or it is
+    unknown. Looked up once per request."""
+    if CALLER in request:
+        return request[CALLER]  # type: ignore[no-any-return]
+    caller = ANONYMOUS
+    value = _credentials(request, "bearer")
+    if value:
+        async with request.config_dict[POOL].acquire() as conn:
+            found = await tokens.authenticate(conn, value)
+        if found is not None:
+            caller = Caller(found.user, found.scope, found.token_id)
+    request[CALLER] = caller
+    return caller
+
+
+TokenHandler = Callable[[web.Request, User], Awaitable[web.StreamResponse]]
+OptionalHandler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def requires(*needed: str) -> Callable[[TokenHandler], Handler]:
+    """Auth mode `token`: a valid bearer token holding every scope in `needed`, else 404.
+
+    The handler receives the token's user.
+    """
+
+    def decorate(handler: TokenHandler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            caller = await bearer(request)
+            caller.require(*needed)
+            assert caller.user is not None  # require() with no scopes still needs a user
+            return await handler(request, caller.user)
+
+        wrapper.__dict__["auth"] = ("token", needed)
+        return wrapper
+
+    return decorate
+
+
+def optional(handler: OptionalHandler) -> Handler:
+    """Auth mode `optional`: the handler gets the Caller (possibly anonymous) and checks
+    scopes itself after loading the resource, since public namespaces waive them (§2.4)."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        return await handler(request, await bearer(request))
+
+    wrapper.__dict__["auth"] = ("optional", ())
+    return wrapper
+
+
+UNAUTHORIZED = {"WWW-Authenticate": 'Basic realm="marid"'}
+
+
+def basic_or_bearer(needed: str) -> Callable[[OptionalHandler], Handler]:
+    """EXT b.2: HTTP Basic (full access to the user's own tokens/apps) or a bearer token with
+    `needed`; anything else is 401."""
+
+    def decorate(handler: OptionalHandler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            caller = await _basic(request) or await bearer(request)
+            if not caller.can(*needed.split(":")):
+                raise RequestError("Unauthorized", 401, UNAUTHORIZED)
+            return await handler(request, caller)
+
+        wrapper.__dict__["auth"] = ("basic", (needed,))
+        return wrapper
+
+    return decorate
+
+
+async def _basic(request: web.Request) -> Caller | None:
+    encoded = _credentials(request, "basic")
+    if not encoded:
+        return None
+    try:
+        handle, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    async with request.config_dict[POOL].acquire() as conn:
+        found = await users.password_hash_of(conn, handle)
+    if found is None:
+        return None
+    user, stored = found
+    # The KDF is deliberately slow: keep it off the event loop.
+    if not await asyncio.to_thread(users.verify_password, password, stored):
+        return None
+    return Caller(user, None)

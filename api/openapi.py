@@ -1,0 +1,158 @@
+"""The OpenAPI 3.1 document (EXTENSIONS.md f): one operation per route that exists.
+
+Each issue that adds endpoints adds their operations to OPERATIONS and their entities to
+SCHEMAS; tests/api/test_openapi.py checks the document against the app's router.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marid import __version__
+
+Schema = dict[str, Any]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(properties: dict[str, Schema], optional: tuple[str, ...] = ()) -> Schema:
+    required = [name for name in properties if name not in optional]
+    return {"type": "object", "properties": properties, "required": required}
+
+
+STRING: Schema = {"type": "string"}
+INT: Schema = {"type": "integer"}
+BOOL: Schema = {"type": "boolean"}
+TIME: Schema = {"type": "string", "format": "date-time"}
+URL: Schema = {"type": "string", "format": "uri"}
+
+SCHEMAS: dict[str, Schema] = {
+    "Message": obj({"message": STRING, "stack": STRING}, optional=("stack",)),
+    "ValidationErrors": {
+        "type": "object",
+        "additionalProperties": {"type": "array", "items": STRING},
+        "description": "Field-keyed validation messages (API.md §1.4)",
+    },
+    "Root": obj({f"{n}_url": URL for n in (
+        "builds", "namespaces", "cron", "invites", "images", "objects", "variables", "keys"
+    )}),  # fmt: skip
+    "User": obj({"email": STRING, "username": STRING, "created_at": TIME}),
+    "Health": obj({"status": STRING, "database": STRING, "version": STRING}),
+    "Token": obj(
+        {
+            "id": INT,
+            "name": STRING,
+            "scope": STRING,
+            "app": nullable(obj({"client_id": STRING, "name": STRING})),
+            "created_at": TIME,
+            "last_used_at": nullable(TIME),
+            "url": URL,
+            "token": {**STRING, "description": "only in the POST /tokens response"},
+        },
+        optional=("token",),
+    ),
+    "TokenRequest": obj({"name": STRING, "scope": STRING}, optional=("scope",)),
+}
+
+NOT_FOUND = {"404": {"description": "Not Found (API.md §1.6)", "content": {"application/json": {"schema": ref("Message")}}}}
+
+
+def json_response(description: str, schema: Schema) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def op(
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    security: list[dict[str, list[str]]] | None = None,
+    body: Schema | None = None,
+    extension: bool = False,
+    parameters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if security is not None:
+        operation["security"] = security
+    if body is not None:
+        operation["requestBody"] = {"content": {"application/json": {"schema": body}}}
+    if parameters:
+        operation["parameters"] = parameters
+    if extension:
+        operation["x-marid-extension"] = True
+    return operation
+
+
+def path_param(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": STRING, "description": description}
+
+
+BEARER = [{"bearer": []}]
+BASIC_OR_BEARER = [{"basic": []}, {"bearer": []}]
+UNAUTHORIZED = {"401": json_response("Missing or bad credentials", ref("Message"))}
+INVALID = {"400": json_response("Validation failed", ref("ValidationErrors"))}
+
+# (method, path template relative to the API base) -> operation
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("get", "/"): op("API root: collection URLs", {"200": json_response("OK", ref("Root"))}, security=[]),
+    ("get", "/user"): op(
+        "The token's user", {"200": json_response("OK", ref("User")), **NOT_FOUND}, security=BEARER
+    ),
+    ("get", "/tokens"): op(
+        "List the caller's tokens (token:read)",
+        {"200": json_response("OK", {"type": "array", "items": ref("Token")}), **UNAUTHORIZED},
+        security=BASIC_OR_BEARER,
+        extension=True,
+    ),
+    ("post", "/tokens"): op(
+        "Create a personal access token (token:write); the value is shown once",
+        {"201": json_response("Created", ref("Token")), **INVALID, **UNAUTHORIZED},
+        security=BASIC_OR_BEARER,
+        body=ref("TokenRequest"),
+        extension=True,
+    ),
+    ("delete", "/tokens/{id}"): op(
+        "Revoke a token (token:delete)",
+        {"204": {"description": "Revoked"}, **UNAUTHORIZED, **NOT_FOUND},
+        security=BASIC_OR_BEARER,
+        extension=True,
+        parameters=[path_param("id", "token id")],
+    ),
+    ("get", "/health"): op(
+        "Database health",
+        {
+            "200": json_response("Healthy", ref("Health")),
+            "503": json_response("Database unavailable", ref("Health")),
+        },
+        security=[],
+        extension=True,
+    ),
+    ("get", "/openapi.json"): op(
+        "This document", {"200": {"description": "OpenAPI 3.1 document"}}, security=[], extension=True
+    ),
+}
+
+
+def document(api_url: str) -> dict[str, Any]:
+    """The whole OpenAPI document for a server whose API base URL is `api_url`."""
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), operation in OPERATIONS.items():
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "marid", "version": __version__},
+        "servers": [{"url": api_url}],
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "basic": {"type": "http", "scheme": "basic"},
+            },
+        },
+    }

@@ -1,0 +1,3 @@
+from marid.cli import main
+
+main()

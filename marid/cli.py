@@ -1,0 +1,227 @@
+"""The `marid` command line: the composition root that starts every process.
+
+Exit status: 0 success · 1 validation error or unknown user · 2 usage or configuration
+error · 3 database error (EXTENSIONS.md c; issue 2 puts configuration errors at 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import asyncpg
+
+from marid import __version__, config, db, logs, tokens, users
+from marid.pgcluster import ClusterError
+from marid.validation import Errors, ValidationError
+
+EXIT_INVALID, EXIT_USAGE, EXIT_DATABASE = 1, 2, 3
+
+
+class Failure(Exception):
+    """Ends the command with one message per line on stderr and an exit status."""
+
+    def __init__(self, status: int, *lines: str) -> None:
+        super().__init__(*lines)
+        self.status = status
+        self.lines = lines
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = parser().parse_args(argv)
+    if not getattr(args, "run", None):
+        parser().print_help()
+        sys.exit(EXIT_USAGE)
+    try:
+        args.run(args)
+    except Failure as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        sys.exit(exc.status)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="configuration file (default: $MARID_CONFIG, else ./marid.yml)",
+    )
+    top = argparse.ArgumentParser(
+        prog="marid",
+        parents=[common],
+        description="marid: a continuous-integration and build platform.",
+        epilog="Start here: `marid up` runs everything on this machine with no set-up. "
+        "`marid COMMAND --help` describes each command.",
+    )
+    top.add_argument("--version", action="version", version=f"marid {__version__}")
+    commands = top.add_subparsers(metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up",
+        parents=[common],
+        help="run the whole platform on this machine (embedded PostgreSQL if none configured)",
+        description="Run the API (and, as they arrive, runner and scheduler) in one process. "
+        "Without database.dsn in the configuration it starts a private PostgreSQL in "
+        "--data-dir, keeps a generated crypto key there, applies migrations and, on first "
+        "start, creates the user `admin` and prints an access token. No configuration file "
+        "is needed. Stop with Ctrl-C; data is kept for the next start.",
+    )
+    up.add_argument("--data-dir", type=Path, default=Path(".marid"), help="default: ./.marid")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    up.set_defaults(run=lambda a: _lazy("marid.up").run(a))
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="run the API server",
+        description="Serve the REST API on server.listen. Stateless: run as many as you like "
+        "against one database. Apply migrations first with `marid migrate`.",
+    )
+    serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser(
+        "migrate",
+        parents=[common],
+        help="apply pending database migrations",
+        description="Apply the numbered SQL files of migrations/ that the database has not seen, "
+        "each in its own transaction. Safe to run twice, or twice at once.",
+    )
+    migrate.set_defaults(run=_migrate)
+
+    user = commands.add_parser("user", help="manage users").add_subparsers(metavar="ACTION")
+    create_user = user.add_parser(
+        "create",
+        parents=[common],
+        help="create a user",
+        description="Create a user directly in the database (the server need not run). "
+        "Prints the user as one JSON line.",
+    )
+    create_user.add_argument("--username", required=True)
+    create_user.add_argument("--email", required=True)
+    create_user.add_argument(
+        "--password", required=True, help="6 to 60 characters; `-` reads it from standard input"
+    )
+    create_user.set_defaults(run=_create_user)
+
+    token = commands.add_parser("token", help="manage access tokens").add_subparsers(metavar="ACTION")
+    create_token = token.add_parser(
+        "create",
+        parents=[common],
+        help="create a personal access token",
+        description="Create a personal access token for a user and print its value (shown "
+        "only this once; marid keeps just a hash).",
+        epilog='Example: marid token create --user me --scope "build:read,write namespace:read"',
+    )
+    create_token.add_argument("--user", required=True, help="username or email")
+    create_token.add_argument(
+        "--scope", required=True, help='scope string such as "build:read,write" ("" grants nothing)'
+    )
+    create_token.add_argument("--name", help="default: cli-<UTC time>")
+    create_token.set_defaults(run=_create_token)
+    return top
+
+
+def _lazy(module: str) -> Any:
+    """Import a process's module only when its command runs (keeps `--help` fast)."""
+    import importlib
+
+    return importlib.import_module(module)
+
+
+def load_config(args: argparse.Namespace, optional: tuple[str, ...] = ()) -> config.Config:
+    try:
+        return config.load(config.locate(getattr(args, "config", None)), optional)
+    except config.ConfigError as exc:
+        raise Failure(EXIT_USAGE, f"marid: configuration error: {exc}") from None
+
+
+def run_async(work: Coroutine[Any, Any, Any]) -> Any:
+    """Run `work`, turning database failures into exit status 3."""
+    try:
+        return asyncio.run(work)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ClusterError) as exc:
+        raise Failure(EXIT_DATABASE, f"marid: database error: {exc}") from None
+
+
+async def with_connection(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    conn = await asyncpg.connect(dsn, server_settings={"timezone": "UTC"})
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
+def _serve(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    logs.configure(cfg.logging.level)
+    server = _lazy("api.server")
+    run_async(until_signal(lambda stop: server.serve_until(cfg, stop)))
+
+
+async def until_signal(work: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `work(stop)`; SIGINT or SIGTERM sets `stop` for a clean shutdown."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await work(stop)
+
+
+def _migrate(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    applied = run_async(with_connection(cfg.database.dsn, db.migrate))
+    print("\n".join(f"applied {name}" for name in applied) or "database is up to date")
+
+
+def _create_user(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    password = sys.stdin.readline().rstrip("\r\n") if args.password == "-" else args.password
+
+    async def create(conn: asyncpg.Connection) -> users.User:
+        return await users.create(conn, args.username, args.email, password)
+
+    try:
+        user = run_async(with_connection(cfg.database.dsn, create))
+    except ValidationError as exc:
+        raise Failure(EXIT_INVALID, *_field_lines(exc.errors)) from None
+    created = {"id": user.id, **users.to_json(user)}
+    print(json.dumps({k: created[k] for k in ("id", "username", "email", "created_at")}))
+
+
+def _create_token(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    name = args.name or "cli-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    errors = Errors()
+    scope = tokens.check_new_token(name, args.scope, errors)
+
+    async def create(conn: asyncpg.Connection) -> str:
+        user = await users.get_by_handle(conn, args.user)
+        if user is None:
+            errors.add("user", "No such user")
+        errors.raise_if_any()
+        assert user is not None and scope is not None
+        _, value = await tokens.create(conn, user, name, scope)
+        return value
+
+    try:
+        print(run_async(with_connection(cfg.database.dsn, create)))
+    except ValidationError as exc:
+        raise Failure(EXIT_INVALID, *_field_lines(exc.errors)) from None
+
+
+def _field_lines(errors: dict[str, list[str]]) -> list[str]:
+    return [f"{name}: {message}" for name, messages in errors.items() for message in messages]
+

@@ -1,0 +1,308 @@
+"""Configuration: one YAML file (EXTENSIONS.md §0.2) loaded into frozen dataclasses.
+
+`load()` rejects unknown keys, wrong types and missing required keys with a ConfigError
+whose message names the key; the command line prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is one line naming the key."""
+
+
+class Size:
+    """Marks an int field given as `<int>` bytes or `<int>k|m|g` (1024-based)."""
+
+
+class Duration:
+    """Marks a float field (seconds) given as one or more `<int>h|m|s` groups."""
+
+
+class Url:
+    """Marks a str field holding an absolute http(s) URL; a trailing `/` is dropped."""
+
+
+def required() -> Any:
+    """A field the file must give (unless the caller marks it optional)."""
+    return dataclasses.field(default=None, metadata={"required": True})
+
+_SIZE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)
+_DURATION = re.compile(r"(?:\d+[hms])+")
+
+
+def parse_size(text: str) -> int:
+    """Bytes for a size such as `512m`; raises ValueError."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(text)
+    unit = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
+    return int(match.group(1)) * unit
+
+
+def parse_duration(text: str) -> float:
+    """Seconds for a duration such as `1h30m`; raises ValueError."""
+    text = text.strip()
+    if not _DURATION.fullmatch(text):
+        raise ValueError(text)
+    unit = {"h": 3600, "m": 60, "s": 1}
+    return float(sum(int(n) * unit[u] for n, u in re.findall(r"(\d+)([hms])", text)))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    url: Annotated[str, Url] = required()
+    api_url: Annotated[str, Url] = ""  # default: url + "/api"
+    debug: bool = False
+    listen: str = "127.0.0.1:8080"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    dsn: str = required()
+    pool_size: int = 10
+
+
+@dataclass(frozen=True)
+class CryptoConfig:
+    key: str = required()
+
+
+@dataclass(frozen=True)
+class SizeLimit:
+    max_size: Annotated[int, Size] = 0
+
+
+@dataclass(frozen=True)
+class ArtifactsConfig:
+    max_size: Annotated[int, Size] = 50 * 1024**2
+    cleanup_threshold: Annotated[int, Size] = 1024**3
+
+
+@dataclass(frozen=True)
+class BuildsConfig:
+    timeout: Annotated[float, Duration] = 30 * 60.0
+    max_timeout: Annotated[float, Duration] = 2 * 3600.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: Annotated[int, Size] = 2 * 1024**3
+    cpus: float = 1.0
+    pids: int = 1024
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    default: Limits = field(default_factory=Limits)
+    max: Limits = field(default_factory=lambda: Limits(memory=4 * 1024**3, cpus=2.0, pids=4096))
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    host: str = "unix:///var/run/docker.sock"
+    pull: bool = False
+
+
+@dataclass(frozen=True)
+class CronConfig:
+    interval: Annotated[float, Duration] = 60.0
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    allow_loopback: bool = False
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    enabled: bool = True
+    window: Annotated[float, Duration] = 60.0
+    authenticated: int = 600
+    anonymous: int = 60
+    trusted_proxies: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    drivers: list[str] = field(default_factory=lambda: ["docker"])
+    objects: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=5 * 1024**2))
+    images: SizeLimit = field(default_factory=SizeLimit)
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    builds: BuildsConfig = field(default_factory=BuildsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
+    cron: CronConfig = field(default_factory=CronConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DRIVERS = ("docker", "qemu", "ssh", "os")
+
+
+def locate(path: str | None) -> Path:
+    """The config file to use: `--config`, else $MARID_CONFIG, else ./marid.yml."""
+    return Path(path or os.environ.get("MARID_CONFIG") or "marid.yml")
+
+
+def load(path: Path, optional: tuple[str, ...] = ()) -> Config:
+    """Read and check the YAML file at `path`; raises ConfigError.
+
+    Keys named in `optional` (dotted) may be missing: `marid up` fills them itself.
+    A missing file is an error unless `optional` covers every required key.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if not optional:
+            raise ConfigError(f"{path}: file not found (give --config or set MARID_CONFIG)") from None
+        text = ""
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    return from_dict(data if data is not None else {}, optional, source=str(path))
+
+
+def from_dict(data: Any, optional: tuple[str, ...] = (), source: str = "config") -> Config:
+    """Build a Config from already-parsed YAML; raises ConfigError."""
+    try:
+        config = _build(Config, data, "", set(optional))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return _finish(config, source)
+
+
+def _finish(config: Config, source: str) -> Config:
+    server = config.server
+    if server.url and not server.api_url:
+        server = dataclasses.replace(server, api_url=server.url + "/api")
+        config = dataclasses.replace(config, server=server)
+    for driver in config.drivers:
+        if driver not in DRIVERS:
+            raise ConfigError(f"{source}: drivers: unknown driver {driver!r} ({', '.join(DRIVERS)})")
+    if config.logging.level not in LOG_LEVELS:
+        raise ConfigError(f"{source}: logging.level: must be one of {', '.join(LOG_LEVELS)}")
+    if config.crypto.key and len(config.crypto.key) < 32:
+        raise ConfigError(f"{source}: crypto.key: must be at least 32 characters")
+    return config
+
+
+def _build(cls: type, data: Any, prefix: str, optional: set[str], base: Any = None) -> Any:
+    """Instantiate dataclass `cls` from `data`, on top of `base` (the field's default)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: must be a mapping")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    values: dict[str, Any] = {}
+    for name, fld in names.items():
+        key = prefix + name
+        default = getattr(base, name) if base is not None else _default(fld)
+        if dataclasses.is_dataclass(hints[name]):
+            # Absent sections are built from {} so their required keys are still checked.
+            section = data.get(name) if data.get(name) is not None else {}
+            values[name] = _build(hints[name], section, key + ".", optional, default)
+        elif name not in data or data[name] is None:
+            if fld.metadata.get("required") and key not in optional:
+                raise ConfigError(f"{key}: required key is missing")
+            values[name] = default
+        else:
+            values[name] = _convert(hints[name], data[name], key)
+    return cls(**values)
+
+
+def _default(fld: dataclasses.Field[Any]) -> Any:
+    if fld.default_factory is not dataclasses.MISSING:
+        return fld.default_factory()
+    return fld.default
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    marker = None
+    if typing.get_origin(hint) is Annotated:
+        hint, marker = typing.get_args(hint)[0], typing.get_args(hint)[1]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if marker is Size:
+        return _parsed(parse_size, value, key, "a size such as 512m or 2g")
+    if marker is Duration:
+        return _parsed(parse_duration, value, key, "a duration such as 90s or 1h30m")
+    if marker is Url:
+        return _url(value, key)
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: must be a list of strings")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}: must be a non-negative integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{key}: must be a positive number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string")
+    return value
+
+
+def _parsed(parse: typing.Callable[[str], Any], value: Any, key: str, kind: str) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # a bare number of bytes (or seconds, for durations)
+        if parse is parse_duration:
+            value += "s"
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be {kind}")
+    try:
+        return parse(value)
+    except ValueError:
+        raise ConfigError(f"{key}: must be {kind}, not {value!r}") from None
+
+
+def _url(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key}: must be an absolute http or https URL, not {value!r}")
+    return value.rstrip("/")

@@ -1,0 +1,147 @@
+"""Access tokens (EXTENSIONS.md b): values shown once, stored as SHA-256 digests."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from marid import scopes
+from marid.times import rfc3339
+from marid.users import USER_COLUMNS, User
+from marid.validation import Errors, ValidationError
+
+PREFIX = "mrd_"
+TOKEN_COLUMNS = "id, user_id, name, scope, created_at, last_used_at"
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    user_id: int
+    name: str
+    scope: str
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The result of a bearer token lookup: who, with what scope, through which token."""
+
+    user: User
+    scope: scopes.Scope
+    token_id: int
+
+
+def new_value() -> str:
+    return PREFIX + secrets.token_hex(32)
+
+
+def digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def to_json(token: Token, api_url: str) -> dict[str, Any]:
+    """The Token entity of EXTENSIONS.md b.1 (without the value)."""
+    return {
+        "id": token.id,
+        "name": token.name,
+        "scope": token.scope,
+        "app": None,
+        "created_at": rfc3339(token.created_at),
+        "last_used_at": rfc3339(token.last_used_at),
+        "url": f"{api_url}/tokens/{token.id}",
+    }
+
+
+def check_new_token(
+    name: Any, scope: Any, errors: Errors, limit: scopes.Scope | None = None
+) -> scopes.Scope | None:
+    """Record EXT b.3 shape errors for `name`/`scope` in `errors`; returns the parsed scope.
+
+    `limit` is the authenticating token's scope: a token never mints more than it holds.
+    """
+    if name is not None and not isinstance(name, str):
+        errors.add("name", "Name must be a string")
+    elif not name:
+        errors.add("name", "Name field required")
+    elif len(name) > 255:
+        errors.add("name", "Name cannot be longer than 255 characters in length")
+    if scope is None:
+        scope = ""
+    if not isinstance(scope, str):
+        errors.add("scope", "Scope must be a string")
+        return None
+    try:
+        parsed = scopes.parse(scope)
+    except scopes.ScopeError as exc:
+        errors.add("scope", f"Scope {exc}")
+        return None
+    if limit is not None and not limit.covers(parsed):
+        errors.add("scope", "Scope exceeds the scope of the authenticating token")
+    return parsed
+
+
+async def create(
+    conn: asyncpg.Connection, user: User, name: str, scope: scopes.Scope
+) -> tuple[Token, str]:
+    """Insert a personal token; returns it with its value (the only time it is known)."""
+    value = new_value()
+    try:
+        row = await conn.fetchrow(
+            f"""
+            INSERT INTO tokens (user_id, name, scope, digest) VALUES ($1, $2, $3, $4)
+            RETURNING {TOKEN_COLUMNS}
+            """,
+            user.id,
+            name,
+            str(scope),
+            digest(value),
+        )
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "tokens_user_id_name_key":
+            raise ValidationError({"name": ["Name already exists"]}) from exc
+        raise
+    return Token(**row), value
+
+
+async def authenticate(conn: asyncpg.Connection, value: str) -> Authenticated | None:
+    """Look a bearer token up (one indexed query) and note its use at most once a minute."""
+    if not value.startswith(PREFIX):
+        return None
+    row = await conn.fetchrow(
+        f"""
+        SELECT t.id AS token_id, t.scope,
+               t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute' AS stale,
+               {", ".join("u." + c for c in USER_COLUMNS.split(", "))}
+        FROM tokens t JOIN users u ON u.id = t.user_id
+        WHERE t.digest = $1
+        """,
+        digest(value),
+    )
+    if row is None:
+        return None
+    if row["stale"]:
+        await conn.execute("UPDATE tokens SET last_used_at = now() WHERE id = $1", row["token_id"])
+    user = User(row["id"], row["username"], row["email"], row["created_at"])
+    return Authenticated(user, scopes.parse(row["scope"]), row["token_id"])
+
+
+async def list_for(conn: asyncpg.Connection, user: User) -> list[Token]:
+    rows = await conn.fetch(
+        f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE user_id = $1 ORDER BY created_at, id", user.id
+    )
+    return [Token(**row) for row in rows]
+
+
+async def delete(conn: asyncpg.Connection, user: User, token_id: int) -> bool:
+    """Revoke one of `user`'s tokens; False when there is no such token of theirs."""
+    result = await conn.execute(
+        "DELETE FROM tokens WHERE id = $1 AND user_id = $2", token_id, user.id
+    )
+    return bool(result == "DELETE 1")
