@@ -20,8 +20,6 @@ from marid import scopes, tokens, users
 from marid.users import User
 from marid.validation import NotFound, RequestError
 
-CALLER = "marid.caller"
-
 
 @dataclass(frozen=True)
 class Caller:
@@ -32,7 +30,9 @@ class Caller:
     token_id: int | None = None
 
     def can(self, resource: str, permission: str) -> bool:
-        return self.user is not None and (self.scope is None or self.scope.has(resource, permission))
+        return self.user is not None and (
+            self.scope is None or self.scope.has(resource, permission)
+        )
 
     def require(self, *needed: str, waived: bool = False) -> None:
         """Raise NotFound unless every `resource:permission` is held (or `waived`, §2.4)."""
@@ -45,6 +45,7 @@ class Caller:
 
 
 ANONYMOUS = Caller(None)
+CALLER = web.RequestKey("caller", Caller)
 
 
 def _credentials(request: web.Request, scheme: str) -> str | None:
@@ -57,7 +58,7 @@ async def bearer(request: web.Request) -> Caller:
     """The caller named by the request's bearer token; anonymous when there is none or it is
     unknown. Looked up once per request."""
     if CALLER in request:
-        return request[CALLER]  # type: ignore[no-any-return]
+        return request[CALLER]
     caller = ANONYMOUS
     value = _credentials(request, "bearer")
     if value:
@@ -84,8 +85,9 @@ def requires(*needed: str) -> Callable[[TokenHandler], Handler]:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
             caller = await bearer(request)
+            if caller.user is None:
+                raise NotFound()
             caller.require(*needed)
-            assert caller.user is not None  # require() with no scopes still needs a user
             return await handler(request, caller.user)
 
         wrapper.__dict__["auth"] = ("token", needed)

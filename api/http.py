@@ -59,7 +59,9 @@ def absolute_url(request: web.Request, **params: str) -> str:
     """The request's URL under the configured API base, query re-encoded sorted by name."""
     base = api_url(request)
     prefix = request.app.get(API_PREFIX, "")
-    path = request.path[len(prefix) :] if prefix and request.path.startswith(prefix) else request.path
+    path = (
+        request.path[len(prefix) :] if prefix and request.path.startswith(prefix) else request.path
+    )
     values = {name: query(request, name) or "" for name in request.query}
     values.update(params)
     return f"{base}{path}?{urlencode(sorted(values.items()))}"
@@ -83,7 +85,6 @@ class Page:
 
     def response(self, items: list[Any]) -> web.Response:
         return web.json_response(items, headers={"Link": self.link})
-
 
 
 MAX_ID = 2**63 - 1

@@ -39,9 +39,21 @@ SCHEMAS: dict[str, Schema] = {
         "additionalProperties": {"type": "array", "items": STRING},
         "description": "Field-keyed validation messages (API.md §1.4)",
     },
-    "Root": obj({f"{n}_url": URL for n in (
-        "builds", "namespaces", "cron", "invites", "images", "objects", "variables", "keys"
-    )}),  # fmt: skip
+    "Root": obj(
+        {
+            f"{n}_url": URL
+            for n in (
+                "builds",
+                "namespaces",
+                "cron",
+                "invites",
+                "images",
+                "objects",
+                "variables",
+                "keys",
+            )
+        }
+    ),
     "User": obj({"email": STRING, "username": STRING, "created_at": TIME}),
     "Health": obj({"status": STRING, "database": STRING, "version": STRING}),
     "Token": obj(
@@ -60,7 +72,12 @@ SCHEMAS: dict[str, Schema] = {
     "TokenRequest": obj({"name": STRING, "scope": STRING}, optional=("scope",)),
 }
 
-NOT_FOUND = {"404": {"description": "Not Found (API.md §1.6)", "content": {"application/json": {"schema": ref("Message")}}}}
+NOT_FOUND = {
+    "404": {
+        "description": "Not Found (API.md §1.6)",
+        "content": {"application/json": {"schema": ref("Message")}},
+    }
+}
 
 
 def json_response(description: str, schema: Schema) -> dict[str, Any]:
@@ -89,17 +106,25 @@ def op(
 
 
 def path_param(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": STRING, "description": description}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": STRING,
+        "description": description,
+    }
 
 
-BEARER = [{"bearer": []}]
-BASIC_OR_BEARER = [{"basic": []}, {"bearer": []}]
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+BASIC_OR_BEARER: list[dict[str, list[str]]] = [{"basic": []}, {"bearer": []}]
 UNAUTHORIZED = {"401": json_response("Missing or bad credentials", ref("Message"))}
 INVALID = {"400": json_response("Validation failed", ref("ValidationErrors"))}
 
 # (method, path template relative to the API base) -> operation
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
-    ("get", "/"): op("API root: collection URLs", {"200": json_response("OK", ref("Root"))}, security=[]),
+    ("get", "/"): op(
+        "API root: collection URLs", {"200": json_response("OK", ref("Root"))}, security=[]
+    ),
     ("get", "/user"): op(
         "The token's user", {"200": json_response("OK", ref("User")), **NOT_FOUND}, security=BEARER
     ),
@@ -133,7 +158,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         extension=True,
     ),
     ("get", "/openapi.json"): op(
-        "This document", {"200": {"description": "OpenAPI 3.1 document"}}, security=[], extension=True
+        "This document",
+        {"200": {"description": "OpenAPI 3.1 document"}},
+        security=[],
+        extension=True,
     ),
 }
 

@@ -35,7 +35,9 @@ async def create_token(request: web.Request, caller: Caller) -> web.Response:
     assert scope is not None
     async with request.config_dict[POOL].acquire() as conn:
         token, value = await tokens.create(conn, caller.user, body.data["name"], scope)
-    return web.json_response({**tokens.to_json(token, api_url(request)), "token": value}, status=201)
+    return web.json_response(
+        {**tokens.to_json(token, api_url(request)), "token": value}, status=201
+    )
 
 
 @routes.delete(r"/tokens/{id:\d+}")

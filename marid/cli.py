@@ -116,7 +116,9 @@ def parser() -> argparse.ArgumentParser:
     )
     create_user.set_defaults(run=_create_user)
 
-    token = commands.add_parser("token", help="manage access tokens").add_subparsers(metavar="ACTION")
+    token = commands.add_parser("token", help="manage access tokens").add_subparsers(
+        metavar="ACTION"
+    )
     create_token = token.add_parser(
         "create",
         parents=[common],
@@ -224,4 +226,3 @@ def _create_token(args: argparse.Namespace) -> None:
 
 def _field_lines(errors: dict[str, list[str]]) -> list[str]:
     return [f"{name}: {message}" for name, messages in errors.items() for message in messages]
-

@@ -39,6 +39,7 @@ def required() -> Any:
     """A field the file must give (unless the caller marks it optional)."""
     return dataclasses.field(default=None, metadata={"required": True})
 
+
 _SIZE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)
 _DURATION = re.compile(r"(?:\d+[hms])+")
 
@@ -146,6 +147,23 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    bucket: str = ""  # required when storage.backend is s3 (checked in _finish)
+    prefix: str = ""
+    endpoint_url: Annotated[str | None, Url] = None  # None: AWS itself
+    region: str = "us-east-1"
+    access_key_id: str | None = None  # None: boto3's default credential chain
+    secret_access_key: str | None = None
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = "fs"
+    path: str = ".marid/blobs"
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -162,10 +180,12 @@ class Config:
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DRIVERS = ("docker", "qemu", "ssh", "os")
+STORAGE_BACKENDS = ("fs", "s3")
 
 
 def locate(path: str | None) -> Path:
@@ -183,7 +203,9 @@ def load(path: Path, optional: tuple[str, ...] = ()) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if not optional:
-            raise ConfigError(f"{path}: file not found (give --config or set MARID_CONFIG)") from None
+            raise ConfigError(
+                f"{path}: file not found (give --config or set MARID_CONFIG)"
+            ) from None
         text = ""
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
@@ -213,12 +235,33 @@ def _finish(config: Config, source: str) -> Config:
         config = dataclasses.replace(config, server=server)
     for driver in config.drivers:
         if driver not in DRIVERS:
-            raise ConfigError(f"{source}: drivers: unknown driver {driver!r} ({', '.join(DRIVERS)})")
+            raise ConfigError(
+                f"{source}: drivers: unknown driver {driver!r} ({', '.join(DRIVERS)})"
+            )
     if config.logging.level not in LOG_LEVELS:
         raise ConfigError(f"{source}: logging.level: must be one of {', '.join(LOG_LEVELS)}")
     if config.crypto.key and len(config.crypto.key) < 32:
         raise ConfigError(f"{source}: crypto.key: must be at least 32 characters")
+    _check_storage(config.storage, source)
     return config
+
+
+def _check_storage(storage: StorageConfig, source: str) -> None:
+    if storage.backend not in STORAGE_BACKENDS:
+        raise ConfigError(
+            f"{source}: storage.backend: must be one of {', '.join(STORAGE_BACKENDS)}, "
+            f"not {storage.backend!r}"
+        )
+    if storage.backend == "fs" and not storage.path:
+        raise ConfigError(f"{source}: storage.path: required when storage.backend is fs")
+    s3 = storage.s3
+    if storage.backend == "s3" and not s3.bucket:
+        raise ConfigError(f"{source}: storage.s3.bucket: required when storage.backend is s3")
+    if (s3.access_key_id is None) != (s3.secret_access_key is None):
+        raise ConfigError(
+            f"{source}: storage.s3.access_key_id and storage.s3.secret_access_key: "
+            "give both or neither"
+        )
 
 
 def _build(cls: type, data: Any, prefix: str, optional: set[str], base: Any = None) -> Any:

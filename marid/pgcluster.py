@@ -85,6 +85,7 @@ class Cluster:
         pwfile = self.directory / "pwfile"
         pwfile.write_text(self.password + "\n")
         self._own(self.directory)
+        self._check_reachable()
         try:
             self._run(
                 "initdb",
@@ -120,6 +121,20 @@ class Cluster:
         """Stop the server cleanly (fast shutdown: active sessions are disconnected)."""
         if (self.data / "postmaster.pid").exists():
             self._run("pg_ctl", "stop", "-w", "-t", "60", "-m", "fast", "-D", str(self.data))
+
+    def _check_reachable(self) -> None:
+        """Under root, make sure the service user can reach the directory (e.g. not in /root)."""
+        user = _service_user()
+        if user is None:
+            return
+        probe = subprocess.run(["test", "-w", str(self.directory)], user=user.pw_uid, check=False)
+        if probe.returncode != 0:
+            raise ClusterError(
+                f"PostgreSQL refuses to run as root, so it runs as user {user.pw_name!r}, which "
+                f"cannot reach {self.directory} (a parent directory is private); use a data "
+                "directory it can reach, such as one under /var/lib or /tmp, or run as a "
+                "normal user"
+            )
 
     def _own(self, path: Path) -> None:
         user = _service_user()

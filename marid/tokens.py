@@ -12,11 +12,10 @@ import asyncpg
 
 from marid import scopes
 from marid.times import rfc3339
-from marid.users import USER_COLUMNS, User
+from marid.users import User
 from marid.validation import Errors, ValidationError
 
 PREFIX = "mrd_"
-TOKEN_COLUMNS = "id, user_id, name, scope, created_at, last_used_at"
 
 
 @dataclass(frozen=True)
@@ -94,9 +93,9 @@ async def create(
     value = new_value()
     try:
         row = await conn.fetchrow(
-            f"""
+            """
             INSERT INTO tokens (user_id, name, scope, digest) VALUES ($1, $2, $3, $4)
-            RETURNING {TOKEN_COLUMNS}
+            RETURNING id, user_id, name, scope, created_at, last_used_at
             """,
             user.id,
             name,
@@ -115,10 +114,10 @@ async def authenticate(conn: asyncpg.Connection, value: str) -> Authenticated | 
     if not value.startswith(PREFIX):
         return None
     row = await conn.fetchrow(
-        f"""
+        """
         SELECT t.id AS token_id, t.scope,
                t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute' AS stale,
-               {", ".join("u." + c for c in USER_COLUMNS.split(", "))}
+               u.id, u.username, u.email, u.created_at
         FROM tokens t JOIN users u ON u.id = t.user_id
         WHERE t.digest = $1
         """,
@@ -134,7 +133,11 @@ async def authenticate(conn: asyncpg.Connection, value: str) -> Authenticated | 
 
 async def list_for(conn: asyncpg.Connection, user: User) -> list[Token]:
     rows = await conn.fetch(
-        f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE user_id = $1 ORDER BY created_at, id", user.id
+        """
+        SELECT id, user_id, name, scope, created_at, last_used_at FROM tokens
+        WHERE user_id = $1 ORDER BY created_at, id
+        """,
+        user.id,
     )
     return [Token(**row) for row in rows]
 

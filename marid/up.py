@@ -100,7 +100,9 @@ def _write_effective_config(cfg: config.Config, path: Path) -> None:
         },
         sort_keys=False,
     )
-    path.write_text("# Written by `marid up` on each start: the configuration it runs with.\n" + text)
+    path.write_text(
+        "# Written by `marid up` on each start: the configuration it runs with.\n" + text
+    )
 
 
 async def _serve(cfg: config.Config, stop: asyncio.Event, data_dir: Path) -> None:

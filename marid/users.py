@@ -19,7 +19,6 @@ from marid.validation import Errors, ValidationError
 USERNAME = re.compile(r"[A-Za-z0-9.-]+")
 # scrypt: a slow, salted, memory-hard KDF from the standard library (~50 ms per check).
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
-USER_COLUMNS = "id, username, email, created_at"
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,9 @@ def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
     encode = base64.b64encode
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${encode(salt).decode()}${encode(digest).decode()}"
+    return (
+        f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${encode(salt).decode()}${encode(digest).decode()}"
+    )
 
 
 def verify_password(password: str, stored: str) -> bool:
@@ -81,9 +82,9 @@ async def create(conn: asyncpg.Connection, username: str, email: str, password: 
     password_hash = hash_password(password)
     try:
         row = await conn.fetchrow(
-            f"""
+            """
             INSERT INTO users (username, email, password_hash) VALUES ($1, $2, $3)
-            RETURNING {USER_COLUMNS}
+            RETURNING id, username, email, created_at
             """,
             username,
             email,
@@ -101,7 +102,11 @@ async def create(conn: asyncpg.Connection, username: str, email: str, password: 
 async def get_by_handle(conn: asyncpg.Connection, handle: str) -> User | None:
     """The user whose username or email is exactly `handle`."""
     row = await conn.fetchrow(
-        f"SELECT {USER_COLUMNS} FROM users WHERE username = $1 OR email = $1 LIMIT 1", handle
+        """
+        SELECT id, username, email, created_at FROM users
+        WHERE username = $1 OR email = $1 LIMIT 1
+        """,
+        handle,
     )
     return User(**row) if row else None
 
@@ -109,8 +114,8 @@ async def get_by_handle(conn: asyncpg.Connection, handle: str) -> User | None:
 async def password_hash_of(conn: asyncpg.Connection, handle: str) -> tuple[User, str] | None:
     """The user for `handle` with their stored password hash, for a credentials check."""
     row = await conn.fetchrow(
-        f"""
-        SELECT {USER_COLUMNS}, password_hash FROM users
+        """
+        SELECT id, username, email, created_at, password_hash FROM users
         WHERE username = $1 OR email = $1 LIMIT 1
         """,
         handle,

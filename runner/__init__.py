@@ -1,0 +1,1 @@
+"""Runners: claim queued builds and execute them with a driver."""

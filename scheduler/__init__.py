@@ -1,0 +1,1 @@
+"""The scheduler: creates builds for due cron jobs."""

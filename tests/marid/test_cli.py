@@ -1,0 +1,171 @@
+"""`marid user create` and `marid token create` (EXTENSIONS.md c), run as real processes."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+import yaml
+
+from marid import scopes
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, db_dsn: str) -> Path:
+    path = tmp_path / "marid.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"url": "https://ci.example.com"},
+                "database": {"dsn": db_dsn},
+                "crypto": {"key": "k" * 32},
+            }
+        )
+    )
+    return path
+
+
+def marid(config_file: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    # --config after the sub-command, as EXTENSIONS.md c allows.
+    return subprocess.run(
+        [sys.executable, "-m", "marid", *args, "--config", str(config_file)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_user_create_prints_one_json_line(config_file: Path, pool: asyncpg.Pool):
+    result = marid(
+        config_file,
+        "user",
+        "create",
+        "--username",
+        "meg",
+        "--email",
+        "me@x.org",
+        "--password",
+        "hunter22",
+    )
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout)
+    assert list(line) == ["id", "username", "email", "created_at"]
+    assert line["username"] == "meg" and line["email"] == "me@x.org"
+    assert result.stdout.count("\n") == 1
+    stored = await pool.fetchval("SELECT password_hash FROM users WHERE username = 'meg'")
+    assert stored.startswith("scrypt$") and "hunter22" not in stored
+
+
+async def test_user_create_reads_password_from_stdin(config_file: Path, pool: asyncpg.Pool):
+    result = marid(
+        config_file, "user", "create", "--username", "meg", "--email", "m@x", "--password", "-",
+        stdin="from-stdin\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    basic = marid(
+        config_file,
+        "user",
+        "create",
+        "--username",
+        "meg2",
+        "--email",
+        "m2@x",
+        "--password",
+        "-",
+        stdin="",
+    )
+    assert basic.returncode == 1
+    assert basic.stderr == "password: Password field required\n"
+
+
+async def test_user_create_validation_lines_and_status(config_file: Path, pool: asyncpg.Pool):
+    result = marid(
+        config_file, "user", "create", "--username", "a b", "--email", "nope", "--password", "12345"
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "email: Email invalid",
+        "username: Username can only have letters, numbers, dots, and dashes",
+        "password: Password must be between 6 and 60 characters in length",
+    ]
+    ok = ["--email", "a@x", "--password", "secret1"]
+    assert marid(config_file, "user", "create", "--username", "taken", *ok).returncode == 0
+    again = marid(
+        config_file,
+        "user",
+        "create",
+        "--username",
+        "taken",
+        "--email",
+        "b@x",
+        "--password",
+        "secret1",
+    )
+    assert (again.returncode, again.stderr) == (1, "username: Username already exists\n")
+    same_email = marid(config_file, "user", "create", "--username", "other", *ok)
+    assert (same_email.returncode, same_email.stderr) == (1, "email: Email already exists\n")
+    assert await pool.fetchval("SELECT count(*) FROM users") == 1
+
+
+async def test_token_create_prints_only_the_value(config_file: Path, pool: asyncpg.Pool):
+    marid(
+        config_file,
+        "user",
+        "create",
+        "--username",
+        "meg",
+        "--email",
+        "me@x.org",
+        "--password",
+        "hunter22",
+    )
+    result = marid(
+        config_file, "token", "create", "--user", "me@x.org", "--scope", "namespace:read build:read"
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"mrd_[0-9a-f]{64}\n", result.stdout)
+    row = await pool.fetchrow("SELECT name, scope FROM tokens")
+    assert row["scope"] == "build:read namespace:read"
+    assert re.fullmatch(r"cli-\d{8}T\d{6}Z", row["name"])
+
+
+async def test_token_create_errors(config_file: Path, pool: asyncpg.Pool):
+    unknown = marid(config_file, "token", "create", "--user", "ghost", "--scope", "")
+    assert (unknown.returncode, unknown.stderr) == (1, "user: No such user\n")
+    bad_scope = marid(config_file, "token", "create", "--user", "ghost", "--scope", "build:fly")
+    assert bad_scope.returncode == 1
+    assert bad_scope.stderr.splitlines() == [
+        "scope: Scope unknown permission: fly",
+        "user: No such user",
+    ]
+    usage = marid(config_file, "token", "create", "--user", "ghost")
+    assert usage.returncode == 2
+    assert "--scope" in usage.stderr
+
+
+def test_database_error_is_status_3(tmp_path: Path):
+    path = tmp_path / "marid.yml"
+    path.write_text(
+        "server: {url: http://x}\ndatabase: {dsn: 'postgresql://u:p@127.0.0.1:1/x'}\n"
+        f"crypto: {{key: {'k' * 32}}}\n"
+    )
+    result = marid(path, "migrate")
+    assert result.returncode == 3
+    assert result.stderr.startswith("marid: database error:")
+    assert "Traceback" not in result.stderr
+
+
+def test_every_command_has_useful_help():
+    for args in (["--help"], ["up", "--help"], ["serve", "--help"], ["migrate", "--help"],
+                 ["user", "create", "--help"], ["token", "create", "--help"]):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "marid", *args], capture_output=True, text=True
+        )
+        assert result.returncode == 0, args
+        assert "usage: marid" in result.stdout
+        assert len(result.stdout.splitlines()) > 5, args
+    assert scopes.RESOURCES[0] == "build"
