@@ -8,13 +8,12 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from api import errors, root, tokens, users
+from api import errors
+from api.app_modules import MODULES
 from api.http import MAX_JSON_BODY
-from api.keys import API_PREFIX, CONFIG, POOL
+from api.keys import API_MODULES, API_PREFIX, CONFIG, POOL
 from marid.config import Config
 from marid.db import create_pool
-
-API_ROUTES = (root.routes, users.routes, tokens.routes)
 
 
 def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Application:
@@ -26,6 +25,7 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
         middlewares=[errors.request_log, errors.errors], client_max_size=MAX_JSON_BODY
     )
     app[CONFIG] = config
+    app[API_MODULES] = MODULES
     if pool is None:
         app.cleanup_ctx.append(_pool_context)
     else:
@@ -33,10 +33,10 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     prefix = urlsplit(config.server.api_url).path.rstrip("/")
     api = web.Application(client_max_size=MAX_JSON_BODY) if prefix else app
     api[API_PREFIX] = prefix
-    for table in API_ROUTES:
-        api.add_routes(table)
+    for module in MODULES:
+        api.add_routes(module.routes)
     if prefix:
-        app.router.add_get(prefix, root.show_root)  # the API root without its trailing slash
+        app.router.add_get(prefix, MODULES[0].show_root)  # the API root without its trailing slash
         app.add_subapp(prefix, api)
     return app
 

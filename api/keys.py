@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import asyncpg
 from aiohttp import web
 
@@ -11,3 +13,5 @@ CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 # The path of the API base URL (e.g. "/api"), set on the app serving the API routes.
 API_PREFIX = web.AppKey("api_prefix", str)
+# The API modules served (and documented) by this app.
+API_MODULES = web.AppKey("api_modules", tuple[ModuleType, ...])

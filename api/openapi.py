@@ -6,6 +6,7 @@ SCHEMAS; tests/api/test_openapi.py checks the document against the app's router.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from marid import __version__
@@ -56,20 +57,6 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "User": obj({"email": STRING, "username": STRING, "created_at": TIME}),
     "Health": obj({"status": STRING, "database": STRING, "version": STRING}),
-    "Token": obj(
-        {
-            "id": INT,
-            "name": STRING,
-            "scope": STRING,
-            "app": nullable(obj({"client_id": STRING, "name": STRING})),
-            "created_at": TIME,
-            "last_used_at": nullable(TIME),
-            "url": URL,
-            "token": {**STRING, "description": "only in the POST /tokens response"},
-        },
-        optional=("token",),
-    ),
-    "TokenRequest": obj({"name": STRING, "scope": STRING}, optional=("scope",)),
 }
 
 NOT_FOUND = {
@@ -120,64 +107,25 @@ BASIC_OR_BEARER: list[dict[str, list[str]]] = [{"basic": []}, {"bearer": []}]
 UNAUTHORIZED = {"401": json_response("Missing or bad credentials", ref("Message"))}
 INVALID = {"400": json_response("Validation failed", ref("ValidationErrors"))}
 
-# (method, path template relative to the API base) -> operation
-OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
-    ("get", "/"): op(
-        "API root: collection URLs", {"200": json_response("OK", ref("Root"))}, security=[]
-    ),
-    ("get", "/user"): op(
-        "The token's user", {"200": json_response("OK", ref("User")), **NOT_FOUND}, security=BEARER
-    ),
-    ("get", "/tokens"): op(
-        "List the caller's tokens (token:read)",
-        {"200": json_response("OK", {"type": "array", "items": ref("Token")}), **UNAUTHORIZED},
-        security=BASIC_OR_BEARER,
-        extension=True,
-    ),
-    ("post", "/tokens"): op(
-        "Create a personal access token (token:write); the value is shown once",
-        {"201": json_response("Created", ref("Token")), **INVALID, **UNAUTHORIZED},
-        security=BASIC_OR_BEARER,
-        body=ref("TokenRequest"),
-        extension=True,
-    ),
-    ("delete", "/tokens/{id}"): op(
-        "Revoke a token (token:delete)",
-        {"204": {"description": "Revoked"}, **UNAUTHORIZED, **NOT_FOUND},
-        security=BASIC_OR_BEARER,
-        extension=True,
-        parameters=[path_param("id", "token id")],
-    ),
-    ("get", "/health"): op(
-        "Database health",
-        {
-            "200": json_response("Healthy", ref("Health")),
-            "503": json_response("Database unavailable", ref("Health")),
-        },
-        security=[],
-        extension=True,
-    ),
-    ("get", "/openapi.json"): op(
-        "This document",
-        {"200": {"description": "OpenAPI 3.1 document"}},
-        security=[],
-        extension=True,
-    ),
-}
+Operations = dict[tuple[str, str], dict[str, Any]]
 
 
-def document(api_url: str) -> dict[str, Any]:
-    """The whole OpenAPI document for a server whose API base URL is `api_url`."""
+def document(api_url: str, modules: Iterable[Any]) -> dict[str, Any]:
+    """The OpenAPI document for a server at `api_url`, from each API module's OPERATIONS
+    ((method, path template relative to the API base) -> operation) and SCHEMAS."""
     paths: dict[str, dict[str, Any]] = {}
-    for (method, path), operation in OPERATIONS.items():
-        paths.setdefault(path, {})[method] = operation
+    schemas = dict(SCHEMAS)
+    for module in modules:
+        schemas.update(getattr(module, "SCHEMAS", {}))
+        for (method, path), operation in module.OPERATIONS.items():
+            paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "marid", "version": __version__},
         "servers": [{"url": api_url}],
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": schemas,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "basic": {"type": "http", "scheme": "basic"},

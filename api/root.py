@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from types import ModuleType
 
 import asyncpg
 from aiohttp import web
 
 from api import openapi
 from api.http import api_url
-from api.keys import POOL
+from api.keys import API_MODULES, POOL
+from api.openapi import Operations, json_response, op, ref
 from marid import __version__
 
 routes = web.RouteTableDef()
@@ -39,4 +41,27 @@ async def show_health(request: web.Request) -> web.Response:
 
 @routes.get("/openapi.json")
 async def show_openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi.document(api_url(request)))
+    modules: tuple[ModuleType, ...] = request.config_dict[API_MODULES]
+    return web.json_response(openapi.document(api_url(request), modules))
+
+
+OPERATIONS: Operations = {
+    ("get", "/"): op(
+        "API root: collection URLs", {"200": json_response("OK", ref("Root"))}, security=[]
+    ),
+    ("get", "/health"): op(
+        "Database health",
+        {
+            "200": json_response("Healthy", ref("Health")),
+            "503": json_response("Database unavailable", ref("Health")),
+        },
+        security=[],
+        extension=True,
+    ),
+    ("get", "/openapi.json"): op(
+        "This document",
+        {"200": {"description": "OpenAPI 3.1 document"}},
+        security=[],
+        extension=True,
+    ),
+}

@@ -7,6 +7,23 @@ from aiohttp import web
 from api.auth import Caller, basic_or_bearer
 from api.http import api_url, path_id, read_body
 from api.keys import POOL
+from api.openapi import (
+    BASIC_OR_BEARER,
+    INT,
+    INVALID,
+    NOT_FOUND,
+    STRING,
+    TIME,
+    UNAUTHORIZED,
+    URL,
+    Operations,
+    json_response,
+    nullable,
+    obj,
+    op,
+    path_param,
+    ref,
+)
 from marid import tokens
 from marid.validation import NotFound
 
@@ -48,3 +65,44 @@ async def delete_token(request: web.Request, caller: Caller) -> web.Response:
         if not await tokens.delete(conn, caller.user, path_id(request)):
             raise NotFound()
     return web.Response(status=204)
+
+
+SCHEMAS = {
+    "Token": obj(
+        {
+            "id": INT,
+            "name": STRING,
+            "scope": STRING,
+            "app": nullable(obj({"client_id": STRING, "name": STRING})),
+            "created_at": TIME,
+            "last_used_at": nullable(TIME),
+            "url": URL,
+            "token": {**STRING, "description": "only in the POST /tokens response"},
+        },
+        optional=("token",),
+    ),
+    "TokenRequest": obj({"name": STRING, "scope": STRING}, optional=("scope",)),
+}
+
+OPERATIONS: Operations = {
+    ("get", "/tokens"): op(
+        "List the caller's tokens (token:read)",
+        {"200": json_response("OK", {"type": "array", "items": ref("Token")}), **UNAUTHORIZED},
+        security=BASIC_OR_BEARER,
+        extension=True,
+    ),
+    ("post", "/tokens"): op(
+        "Create a personal access token (token:write); the value is shown once",
+        {"201": json_response("Created", ref("Token")), **INVALID, **UNAUTHORIZED},
+        security=BASIC_OR_BEARER,
+        body=ref("TokenRequest"),
+        extension=True,
+    ),
+    ("delete", "/tokens/{id}"): op(
+        "Revoke a token (token:delete)",
+        {"204": {"description": "Revoked"}, **UNAUTHORIZED, **NOT_FOUND},
+        security=BASIC_OR_BEARER,
+        extension=True,
+        parameters=[path_param("id", "token id")],
+    ),
+}

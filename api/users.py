@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from api.auth import requires
+from api.openapi import BEARER, NOT_FOUND, Operations, json_response, op, ref
 from marid import users
 from marid.users import User
 
@@ -15,3 +16,10 @@ routes = web.RouteTableDef()
 @requires()
 async def show_user(request: web.Request, user: User) -> web.Response:
     return web.json_response(users.to_json(user))
+
+
+OPERATIONS: Operations = {
+    ("get", "/user"): op(
+        "The token's user", {"200": json_response("OK", ref("User")), **NOT_FOUND}, security=BEARER
+    ),
+}

@@ -78,7 +78,12 @@ def _fill(
     crypto = cfg.crypto
     if not crypto.key:
         crypto = dataclasses.replace(crypto, key=_crypto_key(data_dir / "crypto.key"))
-    return dataclasses.replace(cfg, server=server, database=database, crypto=crypto)
+    storage = cfg.storage
+    if storage.backend == "fs" and storage.path == config.StorageConfig.path:
+        storage = dataclasses.replace(storage, path=str(data_dir / "blobs"))  # keep it all together
+    return dataclasses.replace(
+        cfg, server=server, database=database, crypto=crypto, storage=storage
+    )
 
 
 def _crypto_key(path: Path) -> str:
@@ -97,6 +102,7 @@ def _write_effective_config(cfg: config.Config, path: Path) -> None:
             "server": {"url": cfg.server.url, "api_url": cfg.server.api_url},
             "database": {"dsn": cfg.database.dsn},
             "crypto": {"key": cfg.crypto.key},
+            "storage": dataclasses.asdict(cfg.storage),
         },
         sort_keys=False,
     )

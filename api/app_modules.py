@@ -1,0 +1,10 @@
+"""Every API module, in one list: each has `routes` (a RouteTableDef), `OPERATIONS` (its
+OpenAPI operations) and optionally `SCHEMAS`. Add a module here to serve and document it."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from api import root, tokens, users
+
+MODULES: tuple[ModuleType, ...] = (root, users, tokens)
