@@ -11,8 +11,10 @@ from aiohttp import web
 from api import errors
 from api.app_modules import MODULES
 from api.http import MAX_JSON_BODY
-from api.keys import API_MODULES, API_PREFIX, CONFIG, POOL
+from api.keys import API_MODULES, API_PREFIX, BLOBS, CIPHER, CONFIG, POOL
+from marid.blobs import open_store
 from marid.config import Config
+from marid.crypto import Cipher
 from marid.db import create_pool
 
 
@@ -26,6 +28,8 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     )
     app[CONFIG] = config
     app[API_MODULES] = MODULES
+    app[CIPHER] = Cipher(config.crypto.key)
+    app.cleanup_ctx.append(_blob_store_context)
     if pool is None:
         app.cleanup_ctx.append(_pool_context)
     else:
@@ -46,3 +50,9 @@ async def _pool_context(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = await create_pool(config.database.dsn, config.database.pool_size)
     yield
     await app[POOL].close()
+
+
+async def _blob_store_context(app: web.Application) -> AsyncIterator[None]:
+    app[BLOBS] = open_store(app[CONFIG].storage)
+    yield
+    await app[BLOBS].close()

@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from api import root, tokens, users
+from api import invites, namespaces, root, tokens, users
 
-MODULES: tuple[ModuleType, ...] = (root, users, tokens)
+MODULES: tuple[ModuleType, ...] = (root, users, tokens, namespaces, invites)

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from api.keys import POOL
 from marid import scopes, tokens, users
+from marid.namespaces import Rights
 from marid.users import User
 from marid.validation import NotFound, RequestError
 
@@ -42,6 +43,13 @@ class Caller:
             resource, _, permission = item.partition(":")
             if not self.can(resource, permission):
                 raise NotFound()
+
+    def check_read(self, rights: Rights, *needed: str) -> None:
+        """An `optional` read (§1.6 order): NotFound unless the caller may see the target
+        and holds `needed` (waived for public namespaces, §2.4)."""
+        if not rights.see:
+            raise NotFound()
+        self.require(*needed, waived=rights.public)
 
 
 ANONYMOUS = Caller(None)

@@ -7,10 +7,14 @@ from types import ModuleType
 import asyncpg
 from aiohttp import web
 
+from marid.blobs import BlobStore
 from marid.config import Config
+from marid.crypto import Cipher
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
+BLOBS = web.AppKey("blobs", BlobStore)
+CIPHER = web.AppKey("cipher", Cipher)
 # The path of the API base URL (e.g. "/api"), set on the app serving the API routes.
 API_PREFIX = web.AppKey("api_prefix", str)
 # The API modules served (and documented) by this app.

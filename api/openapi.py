@@ -56,6 +56,53 @@ SCHEMAS: dict[str, Schema] = {
         }
     ),
     "User": obj({"email": STRING, "username": STRING, "created_at": TIME}),
+    "Namespace": obj(
+        {
+            "id": INT,
+            "user_id": INT,
+            "root_id": INT,
+            "parent_id": nullable(INT),
+            "name": STRING,
+            "path": STRING,
+            "description": STRING,
+            "visibility": {"enum": ["private", "internal", "public"]},
+            "created_at": TIME,
+            "url": URL,
+            **{
+                f"{link}_url": URL
+                for link in (
+                    "builds",
+                    "namespaces",
+                    "images",
+                    "objects",
+                    "variables",
+                    "keys",
+                    "invites",
+                    "collaborators",
+                    "webhooks",
+                )
+            },
+            "user": ref("User"),
+            "parent": nullable(ref("Namespace")),
+            "build": nullable({"type": "object", "description": "the latest build"}),
+        }
+    ),
+    "NamespaceRequest": obj(
+        {
+            "name": STRING,
+            "parent": STRING,
+            "description": STRING,
+            "visibility": {"enum": ["private", "internal", "public"]},
+        },
+        optional=("parent", "description", "visibility"),
+    ),
+    "NamespaceUpdate": obj(
+        {"description": STRING, "visibility": {"enum": ["private", "internal", "public"]}},
+        optional=("description", "visibility"),
+    ),
+    "Collaborator": obj(
+        {"id": INT, "email": STRING, "username": STRING, "created_at": TIME, "url": URL}
+    ),
     "Health": obj({"status": STRING, "database": STRING, "version": STRING}),
 }
 
@@ -102,12 +149,42 @@ def path_param(name: str, description: str) -> dict[str, Any]:
     }
 
 
+OPTIONAL: list[dict[str, list[str]]] = [{}, {"bearer": []}]
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 BASIC_OR_BEARER: list[dict[str, list[str]]] = [{"basic": []}, {"bearer": []}]
 UNAUTHORIZED = {"401": json_response("Missing or bad credentials", ref("Message"))}
 INVALID = {"400": json_response("Validation failed", ref("ValidationErrors"))}
 
 Operations = dict[tuple[str, str], dict[str, Any]]
+
+
+def list_of(name: str) -> Schema:
+    return {"type": "array", "items": ref(name)}
+
+
+def query_param(name: str, description: str, schema: Schema = STRING) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def search_params() -> list[dict[str, Any]]:
+    """`search` and `page` of paginated listings (API.md §1.7, §1.8)."""
+    return [
+        query_param("search", "case-insensitive substring filter"),
+        query_param("page", "page number, 25 items a page", INT),
+    ]
+
+
+def namespace_params() -> list[dict[str, Any]]:
+    return [
+        path_param("username", "namespace owner"),
+        path_param("path", "namespace path: 1 to 20 segments joined by /"),
+    ]
 
 
 def document(api_url: str, modules: Iterable[Any]) -> dict[str, Any]:

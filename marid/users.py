@@ -111,6 +111,21 @@ async def get_by_handle(conn: asyncpg.Connection, handle: str) -> User | None:
     return User(**row) if row else None
 
 
+async def get_by_username(conn: asyncpg.Connection, username: str) -> User | None:
+    row = await conn.fetchrow(
+        "SELECT id, username, email, created_at FROM users WHERE username = $1", username
+    )
+    return User(**row) if row else None
+
+
+async def by_ids(conn: asyncpg.Connection, ids: set[int]) -> dict[int, User]:
+    """Users by id, for embedding in listings."""
+    rows = await conn.fetch(
+        "SELECT id, username, email, created_at FROM users WHERE id = ANY($1)", list(ids)
+    )
+    return {row["id"]: User(**row) for row in rows}
+
+
 async def password_hash_of(conn: asyncpg.Connection, handle: str) -> tuple[User, str] | None:
     """The user for `handle` with their stored password hash, for a credentials check."""
     row = await conn.fetchrow(

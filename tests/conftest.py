@@ -72,12 +72,13 @@ async def db_dsn(pg_cluster: Cluster, template_db: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def config(db_dsn: str) -> config_module.Config:
+def config(db_dsn: str, tmp_path: Path) -> config_module.Config:
     return config_module.from_dict(
         {
             "server": {"url": "https://ci.example.com"},
             "database": {"dsn": db_dsn},
             "crypto": {"key": "test-crypto-key-" + "0" * 32},
+            "storage": {"backend": "fs", "path": str(tmp_path / "blobs")},
         }
     )
 

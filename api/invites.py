@@ -1,0 +1,149 @@
+"""Invites to a namespace tree (API.md §8.11, §8.12, §9)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from api.auth import requires
+from api.http import api_url, path_id, read_body
+from api.keys import POOL
+from api.namespaces import NS, NS_PARAMS, load_namespace
+from api.openapi import (
+    BEARER,
+    INVALID,
+    NOT_FOUND,
+    STRING,
+    Operations,
+    json_response,
+    list_of,
+    obj,
+    op,
+    path_param,
+    ref,
+)
+from marid import invites, namespaces, users
+from marid.users import User
+from marid.validation import NotFound
+
+routes = web.RouteTableDef()
+
+
+@routes.get(NS + "/-/invites")
+@requires("invite:read")
+async def list_namespace_invites(request: web.Request, user: User) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn:
+        ns = await load_namespace(conn, request)
+        if not (await namespaces.rights(conn, user, ns)).admin:
+            raise NotFound()
+        found = await invites.list_for_root(conn, ns)
+        return web.json_response(await invites.to_json(conn, found, api_url(request)))
+
+
+@routes.post(NS + "/-/invites")
+@requires("invite:write")
+async def create_invite(request: web.Request, user: User) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        ns = await load_namespace(conn, request)
+        if not (await namespaces.rights(conn, user, ns)).admin:
+            raise NotFound()
+        body = await read_body(request)
+        handle = body.required_string(
+            "handle", "Username or email", "Username or email field required"
+        )
+        body.errors.raise_if_any()
+        assert handle is not None
+        invite = await invites.send(conn, ns, user, handle)
+        [created] = await invites.to_json(conn, [invite], api_url(request))
+    return web.json_response(created, status=201)
+
+
+@routes.get("/invites")
+@requires("invite:read")
+async def list_invites(request: web.Request, user: User) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn:
+        found = await invites.list_for_invitee(conn, user)
+        return web.json_response(await invites.to_json(conn, found, api_url(request)))
+
+
+@routes.patch(r"/invites/{id:\d+}")
+@requires("invite:write")
+async def accept_invite(request: web.Request, user: User) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        invite = await invites.get(conn, path_id(request))
+        if invite is None or invite.invitee_id != user.id:
+            raise NotFound()
+        await invites.accept(conn, invite)
+        inviter = (await users.by_ids(conn, {invite.inviter_id}))[invite.inviter_id]
+        root = await namespaces.get(conn, invite.namespace_id)
+    assert root is not None
+    return web.json_response(
+        {
+            "invitee": users.to_json(user),
+            "inviter": users.to_json(inviter),
+            "namespace": namespaces.to_json(root, api_url(request)),
+        }
+    )
+
+
+@routes.delete(r"/invites/{id:\d+}")
+@requires("invite:delete")
+async def delete_invite(request: web.Request, user: User) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        invite = await invites.get(conn, path_id(request))
+        if invite is None or user.id not in (invite.invitee_id, invite.inviter_id):
+            raise NotFound()
+        await invites.delete(conn, invite)
+    return web.Response(status=204)
+
+
+ID = [path_param("id", "invite id")]
+SCHEMAS = {
+    "Invite": obj(
+        {
+            "id": {"type": "integer"},
+            "namespace_id": {"type": "integer"},
+            "invitee_id": {"type": "integer"},
+            "inviter_id": {"type": "integer"},
+            "url": {"type": "string", "format": "uri"},
+            "invitee": ref("User"),
+            "inviter": ref("User"),
+            "namespace": ref("Namespace"),
+        }
+    ),
+    "AcceptedInvite": obj(
+        {"invitee": ref("User"), "inviter": ref("User"), "namespace": ref("Namespace")}
+    ),
+    "InviteRequest": obj({"handle": STRING}),
+}
+OPERATIONS: Operations = {
+    ("get", "/n/{username}/{path}/-/invites"): op(
+        "Pending invites of the tree (invite:read; owner only)",
+        {"200": json_response("OK", list_of("Invite")), **NOT_FOUND},
+        security=BEARER,
+        parameters=NS_PARAMS,
+    ),
+    ("post", "/n/{username}/{path}/-/invites"): op(
+        "Invite a user to the tree (invite:write; owner only)",
+        {"201": json_response("Created", ref("Invite")), **INVALID, **NOT_FOUND},
+        security=BEARER,
+        parameters=NS_PARAMS,
+        body=ref("InviteRequest"),
+    ),
+    ("get", "/invites"): op(
+        "Invites addressed to the caller (invite:read)",
+        {"200": json_response("OK", list_of("Invite")), **NOT_FOUND},
+        security=BEARER,
+    ),
+    ("patch", "/invites/{id}"): op(
+        "Accept an invite (invite:write; invitee only)",
+        {"200": json_response("OK", ref("AcceptedInvite")), **NOT_FOUND},
+        security=BEARER,
+        parameters=ID,
+    ),
+    ("delete", "/invites/{id}"): op(
+        "Reject or withdraw an invite (invite:delete; invitee or inviter)",
+        {"204": {"description": "Deleted"}, **NOT_FOUND},
+        security=BEARER,
+        parameters=ID,
+    ),
+}
