@@ -177,7 +177,7 @@ async def show_badge(request: web.Request) -> web.Response:
     """Always 200: `unknown` unless the namespace is public and has a build."""
     # Builds do not exist yet (issue 4), so every namespace reports `unknown` for now.
     return web.Response(
-        text=badge_svg(None),
+        body=badge_svg(None).encode(),
         content_type="image/svg+xml",
         headers={"Cache-Control": "no-cache"},
     )
