@@ -60,7 +60,7 @@ async def test_send_list_and_accept(
 async def test_invite_failures_in_order(
     api: TestClient, alice: User, make_user: MakeUser, token: MakeToken, pool: asyncpg.Pool
 ):
-    bob, owner, bob_token = await setup_team(api, token, make_user)
+    _bob, owner, bob_token = await setup_team(api, token, make_user)
 
     async def invite(body: object) -> tuple[int, object]:
         resp = await api.post("/api/n/alice/team/-/invites", headers=bearer(owner), json=body)
@@ -81,7 +81,7 @@ async def test_invite_failures_in_order(
 async def test_only_the_namespace_owner_invites(
     api: TestClient, make_user: MakeUser, token: MakeToken
 ):
-    bob, owner, bob_token = await setup_team(api, token, make_user)
+    _bob, _owner, bob_token = await setup_team(api, token, make_user)
     await make_user("carol")
     resp = await api.post(
         "/api/n/alice/team/-/invites", headers=bearer(bob_token), json={"handle": "carol"}
@@ -93,7 +93,7 @@ async def test_only_the_namespace_owner_invites(
 async def test_reject_by_invitee_and_withdraw_by_inviter(
     api: TestClient, make_user: MakeUser, token: MakeToken
 ):
-    bob, owner, bob_token = await setup_team(api, token, make_user)
+    _bob, owner, bob_token = await setup_team(api, token, make_user)
     carol = await make_user("carol")
     carol_token = await token("invite:read,delete", user=carol)
     ids = []

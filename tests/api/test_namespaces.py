@@ -265,9 +265,11 @@ async def test_collaborators_list_and_remove(
         invitee = await token("invite:write", user=user)
         await add_collaborator(api, owner, "team", "alice", invitee, user.username)
     resp = await api.get("/api/n/alice/team/sub/-/collaborators", headers=bearer(owner))
-    joined = {r["username"]: r["created_at"] for r in await pool.fetch(
-        "SELECT u.username, c.created_at FROM namespace_collaborators c JOIN users u ON u.id = c.user_id"
-    )}  # fmt: skip
+    rows = await pool.fetch(
+        "SELECT u.username, c.created_at"
+        " FROM namespace_collaborators c JOIN users u ON u.id = c.user_id"
+    )
+    joined = {r["username"]: r["created_at"] for r in rows}
     assert await resp.json() == [
         {
             "id": user.id,
