@@ -5,6 +5,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from api import invites, namespaces, root, tokens, users
+from api import invites, namespaces, root, sshkeys, tokens, users, variables
 
-MODULES: tuple[ModuleType, ...] = (root, users, tokens, namespaces, invites)
+MODULES: tuple[ModuleType, ...] = (
+    root,
+    users,
+    tokens,
+    namespaces,
+    invites,
+    variables,
+    sshkeys,
+)
