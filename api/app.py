@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from api import errors
+from api import downloads, errors
 from api.app_modules import MODULES
 from api.http import MAX_JSON_BODY
 from api.keys import API_MODULES, API_PREFIX, BLOBS, CIPHER, CONFIG, POOL
@@ -29,11 +29,14 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     app[CONFIG] = config
     app[API_MODULES] = MODULES
     app[CIPHER] = Cipher(config.crypto.key)
-    app.cleanup_ctx.append(_blob_store_context)
+    # Contexts start in this order and stop in reverse: image downloads need the pool and the
+    # blob store, so they stop first.
     if pool is None:
         app.cleanup_ctx.append(_pool_context)
     else:
         app[POOL] = pool
+    app.cleanup_ctx.append(_blob_store_context)
+    app.cleanup_ctx.append(downloads.context)
     prefix = urlsplit(config.server.api_url).path.rstrip("/")
     api = web.Application(client_max_size=MAX_JSON_BODY) if prefix else app
     api[API_PREFIX] = prefix

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from api import invites, namespaces, root, sshkeys, tokens, users, variables
+from api import (
+    images,
+    invites,
+    namespaces,
+    objects,
+    root,
+    sshkeys,
+    tokens,
+    users,
+    variables,
+)
 
 MODULES: tuple[ModuleType, ...] = (
     root,
@@ -15,4 +25,6 @@ MODULES: tuple[ModuleType, ...] = (
     invites,
     variables,
     sshkeys,
+    objects,
+    images,
 )

@@ -8,6 +8,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
 
 from api.keys import CONFIG
@@ -40,6 +41,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return message(exc.message, exc.status, headers=exc.headers)
     except NotFound:
         return message("Not Found", 404)
+    except (
+        asyncpg.CharacterNotInRepertoireError,
+        asyncpg.UntranslatableCharacterError,
+        UnicodeEncodeError,
+    ):
+        # Text PostgreSQL cannot hold that slipped past the request checks (e.g. a path
+        # segment with %00). Not logged: the offending value may be a secret.
+        return message("Request text must not contain NUL characters or unpaired surrogates", 400)
     except web.HTTPException as exc:
         if exc.status in STANDARD:
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None

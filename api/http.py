@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -13,6 +14,7 @@ from api.keys import API_PREFIX, CONFIG
 from marid.validation import Body, NotFound, RequestError
 
 MAX_JSON_BODY = 1024 * 1024
+_SURROGATE = re.compile("[\ud800-\udfff]")
 PAGE_SIZE = 25
 
 
@@ -24,9 +26,24 @@ async def read_json(request: web.Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except ValueError:  # includes UnicodeDecodeError
         raise RequestError("Malformed JSON body") from None
+    if not storable(data):
+        raise RequestError("Body text must not contain NUL characters or unpaired surrogates")
+    return data
+
+
+def storable(value: Any) -> bool:
+    """False when any string in `value` holds text PostgreSQL cannot store (NUL, lone
+    surrogates), which JSON escapes (\\u0000, \\ud800) can smuggle in."""
+    if isinstance(value, str):
+        return "\x00" not in value and not _SURROGATE.search(value)
+    if isinstance(value, list):
+        return all(storable(item) for item in value)
+    if isinstance(value, dict):
+        return all(storable(k) and storable(v) for k, v in value.items())
+    return True
 
 
 async def read_body(request: web.Request) -> Body:
@@ -40,6 +57,8 @@ async def read_body(request: web.Request) -> Body:
 def query(request: web.Request, name: str) -> str | None:
     """The first value of a query parameter (repeats are ignored)."""
     values = request.query.getall(name, [])
+    if values and not storable(values[0]):
+        raise RequestError(f"Query parameter {name} must not contain NUL characters")
     return values[0] if values else None
 
 

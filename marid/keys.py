@@ -21,7 +21,6 @@ from marid.sshkeys import is_private_key
 from marid.times import rfc3339
 from marid.users import User
 from marid.validation import Body, Errors, ValidationError
-from marid.variables import storable
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 WHITESPACE = re.compile(r"\s+")
@@ -110,11 +109,7 @@ class KeyForm:
 
 def check_config(body: Body) -> str | None:
     """The optional `config` string (API.md §13.3, §13.5)."""
-    config = body.string("config", "Config")
-    if config is not None and not storable(config):
-        body.errors.add("config", "Config must be valid UTF-8 text without NUL characters")
-        return None
-    return config
+    return body.string("config", "Config")
 
 
 async def create(conn: asyncpg.Connection, cipher: Cipher, user: User, form: KeyForm) -> Key:

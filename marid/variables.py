@@ -68,19 +68,6 @@ def plaintext(cipher: Cipher, variable: Variable) -> str:
     return decrypt_value(cipher, variable.user_id, variable.key, variable.value_sealed)
 
 
-def storable(text: str) -> bool:
-    """Whether PostgreSQL text (and a process environment) can hold `text`: no NUL, no lone
-    UTF-16 surrogate (JSON allows both). Failing values would otherwise surface as a 500 whose
-    logged database error quotes the value."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class VariableForm:
     """A POST /variables body after its shape checks (API.md §15.3).
@@ -108,9 +95,8 @@ class VariableForm:
             key = None
         value = body.required_string("value", "Value")
         masked = body.boolean("mask", "Mask")
-        if value is not None and not storable(value):
-            body.errors.add("value", "Value must be valid UTF-8 text without NUL characters")
-        elif value is not None and masked and len(value) < MIN_MASKED_LENGTH:
+        # NUL and lone surrogates never get here: api/http.py refuses them in any JSON body.
+        if value is not None and masked and len(value) < MIN_MASKED_LENGTH:
             body.errors.add(
                 "value", f"Value cannot be shorter than {MIN_MASKED_LENGTH} characters in length"
             )

@@ -187,3 +187,22 @@ async def test_health_unavailable_when_the_database_is_gone(
     finally:
         pool.terminate()
         await admin.close()
+
+
+async def test_text_postgres_cannot_store_is_a_400_not_a_500(
+    api: TestClient, token: MakeToken, pool: asyncpg.Pool
+):
+    value = await token("namespace:read,write variable:write")
+    for raw in (b'{"name": "ab\\u0000cd"}', b'{"name": "\\ud800abc"}', b'{"x\\u0000": 1}'):
+        resp = await api.post("/api/namespaces", headers=bearer(value), data=raw)
+        assert resp.status == 400, raw
+        assert await resp.json() == {
+            "message": "Body text must not contain NUL characters or unpaired surrogates"
+        }
+    resp = await api.get("/api/namespaces?search=%00", headers=bearer(value))
+    assert resp.status == 400
+    message = "Query parameter search must not contain NUL characters"
+    assert await resp.json() == {"message": message}
+    resp = await api.get("/api/n/alice%00/acme", headers=bearer(value))
+    assert resp.status in (400, 404)
+    assert await pool.fetchval("SELECT count(*) FROM namespaces") == 0

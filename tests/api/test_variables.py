@@ -17,7 +17,7 @@ from tests.conftest import MakeToken, MakeUser, bearer
 
 SECRET = "s3cr3t-value-never-shown"
 KEY_RULE = "Key can only have letters, numbers, and underscores, and cannot start with a number"
-TEXT_RULE = "Value must be valid UTF-8 text without NUL characters"
+TEXT_RULE = "Body text must not contain NUL characters or unpaired surrogates"
 EVERYTHING = "variable:read,write,delete namespace:read,write,delete invite:read,write"
 
 
@@ -187,8 +187,8 @@ async def test_unmasked_value_is_stored_as_text(
                 "namespace": ["Namespace must be a string"],
             },
         ),
-        ({"key": "OK", "value": "a\x00b"}, {"value": [TEXT_RULE]}),
-        ({"key": "OK", "value": "a\ud800bcdefg", "mask": True}, {"value": [TEXT_RULE]}),
+        ({"key": "OK", "value": "a\x00b"}, {"message": TEXT_RULE}),
+        ({"key": "OK", "value": "a\ud800bcdefg", "mask": True}, {"message": TEXT_RULE}),
         (
             {"key": "OK", "value": "x", "namespace": "a b/c"},
             {"namespace": ["Namespace name can only contain letters and numbers"]},
@@ -392,9 +392,10 @@ async def test_list_my_variables(
     assert [v["key"] for v in await resp.json()] == ["A_TEAM", "B_PERSONAL", "C_SHARED"]
     resp = await api.get("/api/variables?search=shar", headers=bearer(mine))
     assert [v["key"] for v in await resp.json()] == ["C_SHARED"]
-    for search in ("%00", "nothing"):
-        resp = await api.get(f"/api/variables?search={search}", headers=bearer(mine))
-        assert resp.status == 200 and await resp.json() == []
+    resp = await api.get("/api/variables?search=nothing", headers=bearer(mine))
+    assert resp.status == 200 and await resp.json() == []
+    resp = await api.get("/api/variables?search=%00", headers=bearer(mine))
+    assert resp.status == 400  # api/http.py refuses NUL in query values
     assert (await api.get("/api/variables", headers=bearer(await token("key:read")))).status == 404
     assert (await api.get("/api/variables")).status == 404
 

@@ -1,0 +1,183 @@
+"""Image downloads (API.md §12.3), run in the background of the API process.
+
+`POST /images` with a `download_url` records a pending download and starts it here once its
+transaction has committed. Every step is recorded in `image_downloads`, so a download left
+pending by a stopped or crashed server is started again when the app next starts (or failed,
+after MAX_ATTEMPTS starts). The URL is kept encrypted until the download finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from api.keys import BLOBS, CIPHER, CONFIG, POOL
+from marid import images
+from marid.blobs import Blob, BlobStore, BlobTooLarge
+from marid.crypto import Cipher, DecryptionError
+from marid.uploads import size_text
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 600.0  # seconds, the whole download (API.md §12.3)
+MAX_ATTEMPTS = 3
+CHUNK_SIZE = 256 * 1024
+
+
+class DownloadFailed(Exception):
+    """A download that ended without content; str() is the error recorded for it."""
+
+
+class Downloads:
+    """The downloads running in this process, one task per image."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: BlobStore,
+        cipher: Cipher,
+        max_size: int,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.pool = pool
+        self.store = store
+        self.cipher = cipher
+        self.max_size = max_size
+        self.session = session
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    def start(self, image_id: int) -> None:
+        """Run the image's pending download in the background (once per image)."""
+        if image_id in self._tasks:
+            return
+        task = asyncio.create_task(self._run(image_id), name=f"image-download-{image_id}")
+        self._tasks[image_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(image_id, None))
+
+    def cancel(self, image_id: int) -> None:
+        """Stop the image's download, if it runs here (the image was deleted)."""
+        task = self._tasks.get(image_id)
+        if task is not None:
+            task.cancel()
+
+    async def join(self) -> None:
+        """Wait until no download runs."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel every download; each stays pending and is started again next time."""
+        for task in self._tasks.values():
+            task.cancel()
+        await self.join()
+
+    async def resume(self) -> None:
+        """Start the downloads a previous run left pending; fail those tried too often."""
+        async with self.pool.acquire() as conn:
+            pending = await images.pending_downloads(conn)
+        for image_id, attempts in pending:
+            if attempts >= MAX_ATTEMPTS:
+                await self._finish(image_id, None, images.INTERRUPTED)
+            else:
+                log.info("image %d download resumed", image_id)
+                self.start(image_id)
+
+    async def _run(self, image_id: int) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                secret = await images.claim_download(conn, image_id)
+            if secret is None:  # deleted, or finished by another process
+                return
+            try:
+                blob, error = await self._download(image_id, secret), None
+            except DownloadFailed as exc:
+                blob, error = None, str(exc)
+            await self._finish(image_id, blob, error)
+        except Exception:
+            log.exception("image %d download crashed", image_id)
+            await self._give_up(image_id)
+
+    async def _give_up(self, image_id: int) -> None:
+        try:
+            await self._finish(image_id, None, "download failed: internal error")
+        except Exception:  # e.g. the database is away: left pending, tried again next start
+            log.exception("image %d download left pending", image_id)
+
+    async def _download(self, image_id: int, secret: bytes) -> Blob:
+        """The downloaded content, stored; raises DownloadFailed with the error to record."""
+        try:
+            url = images.open_url(self.cipher, image_id, secret)
+            async with asyncio.timeout(TIMEOUT):
+                return await self._fetch(url)
+        except DecryptionError:
+            raise DownloadFailed("download URL could not be decrypted") from None
+        except images.NotQcow2:
+            raise DownloadFailed(images.NOT_QCOW2) from None
+        except BlobTooLarge as exc:
+            raise DownloadFailed(
+                f"file too large, cannot exceed {size_text(exc.max_size)}"
+            ) from None
+        except TimeoutError:
+            raise DownloadFailed(f"download timed out after {TIMEOUT:g} seconds") from None
+        except aiohttp.InvalidURL as exc:  # its text is the URL, without the user info
+            raise DownloadFailed(f"download failed: invalid URL {exc}") from None
+        # ValueError: a URL or credentials aiohttp refuses. No message holds the password:
+        # aiohttp never sees it in a URL (see _fetch).
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise DownloadFailed(f"download failed: {str(exc) or type(exc).__name__}") from None
+
+    async def _fetch(self, url: str) -> Blob:
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "sftp":
+            raise DownloadFailed(images.SFTP_UNSUPPORTED)
+        headers = {}
+        if parts.username is not None:  # user info is sent as Basic auth, not in the URL
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+        target = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        async with self.session.get(target, headers=headers) as response:
+            if not 200 <= response.status < 300:
+                status = f"{response.status} {response.reason or ''}".strip()
+                raise DownloadFailed(f"download failed: unexpected status {status}")
+            chunks = images.qcow2_only(response.content.iter_chunked(CHUNK_SIZE))
+            return await self.store.put(chunks, self.max_size)
+
+    async def _finish(self, image_id: int, blob: Blob | None, error: str | None) -> None:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                kept = await images.finish_download(conn, image_id, blob, error)
+        except BaseException:
+            if blob is not None:
+                await self.store.delete(blob.key)
+            raise
+        if blob is not None and not kept:  # the image was deleted meanwhile
+            await self.store.delete(blob.key)
+        if error is None:
+            log.info("image %d downloaded", image_id)
+        else:
+            log.warning("image %d download failed: %s", image_id, error)
+
+
+DOWNLOADS = web.AppKey("image_downloads", Downloads)
+
+
+async def context(app: web.Application) -> AsyncIterator[None]:
+    """A cleanup_ctx for the app: runs downloads while it serves, resuming pending ones at
+    start-up; registered after the pool and blob store, so it stops before them."""
+    timeout = aiohttp.ClientTimeout(total=None)  # the whole download is bounded by TIMEOUT
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        config = app[CONFIG]
+        downloads = Downloads(app[POOL], app[BLOBS], app[CIPHER], config.images.max_size, session)
+        app[DOWNLOADS] = downloads
+        await downloads.resume()
+        try:
+            yield
+        finally:
+            await downloads.close()

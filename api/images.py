@@ -1,0 +1,297 @@
+"""Images: qemu disks and docker archives (API.md §12, EXTENSIONS.md h.2), `N/-/images` (§8.8)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from api import uploads
+from api.auth import Caller, optional, requires
+from api.downloads import DOWNLOADS
+from api.http import Page, api_url, path_id, query, read_body
+from api.keys import BLOBS, CIPHER, CONFIG, POOL
+from api.namespaces import NS, NS_PARAMS, load_namespace
+from api.openapi import (
+    BEARER,
+    INT,
+    INVALID,
+    NOT_FOUND,
+    OPTIONAL,
+    STRING,
+    TIME,
+    URL,
+    Operations,
+    json_response,
+    list_of,
+    nullable,
+    obj,
+    op,
+    path_param,
+    query_param,
+    ref,
+    search_params,
+)
+from marid import images, namespaces
+from marid.images import Image
+from marid.namespaces import Namespace
+from marid.uploads import stored
+from marid.users import User
+from marid.validation import Errors, NotFound
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+FIELDS = ("name", "namespace", "driver")
+
+
+async def load_image(
+    conn: asyncpg.Connection, request: web.Request, user: User | None
+) -> tuple[Image, namespaces.Rights]:
+    """The image named by the URL and the caller's rights on it; NotFound if it is missing."""
+    found = await images.get(conn, path_id(request))
+    if found is None:
+        raise NotFound()
+    ns = await namespaces.get(conn, found.namespace_id) if found.namespace_id else None
+    return found, await namespaces.resource_rights(conn, user, found.user_id, ns)
+
+
+async def resolve_and_check_name(
+    conn: asyncpg.Connection, user: User, reference: str | None, name: str | None, errors: Errors
+) -> Namespace | None:
+    """The `namespace` (§3.4), then the uniqueness of `name` unless either already failed."""
+    ns = await namespaces.resolve(conn, user, reference, errors)
+    owner_id = ns.user_id if ns else user.id
+    if (
+        name
+        and not errors.has("name")
+        and not errors.has("namespace")
+        and await images.name_taken(conn, owner_id, ns, name)
+    ):
+        errors.add("name", "Name already exists")
+    return ns
+
+
+@routes.get("/images")
+@requires("image:read")
+async def list_images(request: web.Request, user: User) -> web.Response:
+    search = query(request, "search") or ""
+    async with request.config_dict[POOL].acquire() as conn:
+        page = Page(request, await images.count_mine(conn, user, search))
+        found = await images.list_mine(conn, user, search, page.offset, page.limit)
+        return page.response(await images.to_json(conn, found, api_url(request)))
+
+
+@routes.post("/images")
+@requires("image:write")
+async def create_image(request: web.Request, user: User) -> web.Response:
+    """Three forms (API.md §12.3): a JSON body downloads, anything else is an upload."""
+    if request.content_type == "application/json":
+        body = await _create_download(request, user)
+    else:
+        body = await _create_upload(request, user)
+    return web.json_response(body, status=201)
+
+
+async def _create_upload(request: web.Request, user: User) -> dict[str, Any]:
+    max_size = request.config_dict[CONFIG].images.max_size
+    async with uploads.receive(request, FIELDS, max_size) as upload:
+        errors = Errors()
+        driver = images.check_driver(upload.fields.get("driver"), errors)
+        name = upload.fields.get("name")
+        images.check_name(name, driver, errors)
+        await images.check_content(upload.content, driver, errors, max_size)
+        # Stored only once its own checks pass; deleted again if the rest of the request fails.
+        valid = None if errors.by_field else upload.content
+        async with (
+            stored(request.config_dict[BLOBS], valid) as blob,
+            request.config_dict[POOL].acquire() as conn,
+            conn.transaction(),
+        ):
+            reference = upload.fields.get("namespace")
+            ns = await resolve_and_check_name(conn, user, reference, name, errors)
+            errors.raise_if_any()
+            assert driver is not None and name is not None and blob is not None
+            image_id = await images.create(conn, user, ns, driver, name, blob)
+            body = await _entity(conn, image_id, api_url(request))
+    log.info("image %d uploaded", image_id)
+    return body
+
+
+async def _create_download(request: web.Request, user: User) -> dict[str, Any]:
+    downloads = request.config_dict[DOWNLOADS]
+    form = await read_body(request)
+    errors = form.errors
+    driver = images.check_driver(form.string("driver", "Driver"), errors)
+    name = form.string("name", "Name")
+    if not errors.has("name"):
+        images.check_name(name, driver, errors)
+    reference = form.string("namespace", "Namespace")
+    url = form.string("download_url", "Download URL")
+    if url:
+        images.check_download_url(url, driver, errors)
+    elif not errors.has("download_url"):
+        errors.add("file", "File field required")  # neither a file nor a URL (§12.3)
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        ns = await resolve_and_check_name(conn, user, reference, name, errors)
+        errors.raise_if_any()
+        assert name is not None and url is not None
+        image_id = await images.create(conn, user, ns, "qemu", name, None)
+        secret = images.seal_url(request.config_dict[CIPHER], image_id, url)
+        await images.add_download(conn, image_id, images.redact(url), secret)
+        body = await _entity(conn, image_id, api_url(request))
+    downloads.start(image_id)  # only once committed: the task reads the row
+    log.info("image %d created, download pending", image_id)
+    return body
+
+
+async def _entity(conn: asyncpg.Connection, image_id: int, base: str) -> dict[str, Any]:
+    image = await images.get(conn, image_id)
+    assert image is not None
+    [body] = await images.to_json(conn, [image], base)
+    return body
+
+
+@routes.get(r"/images/{id:\d+}")
+@optional
+async def show_image(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """The Image entity, or its content for the driver's `Accept` type (API.md §12.4)."""
+    async with request.config_dict[POOL].acquire() as conn:
+        found, rights = await load_image(conn, request, caller.user)
+        caller.check_read(rights, "image:read")
+        content_type = images.CONTENT_TYPES[found.driver]
+        if request.headers.get("Accept") != content_type:
+            [body] = await images.to_json(conn, [found], api_url(request))
+            return web.json_response(body)
+    if found.blob_key is None or found.size is None:  # a download not (yet) finished
+        raise NotFound()
+    store = request.config_dict[BLOBS]
+    return await uploads.send_blob(request, store, found.blob_key, content_type, found.size)
+
+
+@routes.delete(r"/images/{id:\d+}")
+@requires("image:delete")
+async def delete_image(request: web.Request, user: User) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        found, rights = await load_image(conn, request, user)
+        if not rights.use:
+            raise NotFound()
+        key = await images.delete(conn, found)
+    # Only after the commit: a rolled-back delete must still find its content.
+    downloads = request.config_dict.get(DOWNLOADS)
+    if downloads is not None:
+        downloads.cancel(found.id)
+    if key is not None:
+        await request.config_dict[BLOBS].delete(key)
+    log.info("image %d deleted", found.id)
+    return web.Response(status=204)
+
+
+@routes.get(NS + "/-/images")
+@optional
+async def list_namespace_images(request: web.Request, caller: Caller) -> web.Response:
+    search = query(request, "search") or ""
+    async with request.config_dict[POOL].acquire() as conn:
+        ns = await load_namespace(conn, request)
+        caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
+        page = Page(request, await images.count_in(conn, ns, search))
+        found = await images.list_in(conn, ns, search, page.offset, page.limit)
+        return page.response(await images.to_json(conn, found, api_url(request)))
+
+
+ID = [path_param("id", "image id")]
+BINARY = {"type": "string", "format": "binary"}
+DRIVER = {"enum": list(images.DRIVERS)}
+SCHEMAS = {
+    "Image": obj(
+        {
+            "id": INT,
+            "author_id": INT,
+            "user_id": INT,
+            "namespace_id": nullable(INT),
+            "driver": DRIVER,
+            "name": STRING,
+            "created_at": TIME,
+            "url": URL,
+            "author": ref("User"),
+            "user": ref("User"),
+            "namespace": nullable(ref("Namespace")),
+            "download": nullable(ref("ImageDownload")),
+        }
+    ),
+    "ImageDownload": obj(
+        {
+            "source": STRING,
+            "error": nullable(STRING),
+            "created_at": TIME,
+            "started_at": nullable(TIME),
+            "finished_at": nullable(TIME),
+        }
+    ),
+    "ImageUpload": obj(
+        {"name": STRING, "namespace": STRING, "driver": DRIVER, "file": BINARY},
+        optional=("namespace", "driver"),
+    ),
+    "ImageDownloadRequest": obj(
+        {"name": STRING, "namespace": STRING, "driver": DRIVER, "download_url": URL},
+        optional=("namespace", "driver"),
+    ),
+}
+OPERATIONS: Operations = {
+    ("get", "/images"): op(
+        "Images the caller owns or may use through namespaces (image:read)",
+        {"200": json_response("OK", list_of("Image")), **NOT_FOUND},
+        security=BEARER,
+        parameters=search_params(),
+    ),
+    ("post", "/images"): {
+        **op(
+            "Upload an image (raw body with query parameters, or multipart), or download one"
+            " (JSON body with download_url) (image:write)",
+            {"201": json_response("Created", ref("Image")), **INVALID, **NOT_FOUND},
+            security=BEARER,
+            parameters=[
+                query_param("name", "image name (raw upload)"),
+                query_param("namespace", "path[@owner] (raw upload)"),
+                query_param("driver", "qemu (default) or docker (raw upload)"),
+            ],
+        ),
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {"schema": ref("ImageUpload")},
+                "application/json": {"schema": ref("ImageDownloadRequest")},
+                "application/octet-stream": {"schema": BINARY},
+            }
+        },
+    },
+    ("get", "/images/{id}"): op(
+        "An image; its content with Accept application/x-qemu-disk (qemu) or"
+        " application/x-tar (docker) (image:read; waived when public)",
+        {
+            "200": {
+                "description": "The Image, or the raw content",
+                "content": {
+                    "application/json": {"schema": ref("Image")},
+                    "application/x-qemu-disk": {"schema": BINARY},
+                    "application/x-tar": {"schema": BINARY},
+                },
+            },
+            **NOT_FOUND,
+        },
+        security=OPTIONAL,
+        parameters=ID,
+    ),
+    ("delete", "/images/{id}"): op(
+        "Delete an image and its content (image:delete; owner or collaborator)",
+        {"204": {"description": "Deleted"}, **NOT_FOUND},
+        security=BEARER,
+        parameters=ID,
+    ),
+    ("get", "/n/{username}/{path}/-/images"): op(
+        "Images in the namespace (namespace:read; waived when public)",
+        {"200": json_response("OK", list_of("Image")), **NOT_FOUND},
+        security=OPTIONAL,
+        parameters=NS_PARAMS + search_params(),
+    ),
+}

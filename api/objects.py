@@ -1,0 +1,220 @@
+"""Objects: uploaded files for build environments (API.md §14) and `N/-/objects` (§8.8)."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+from aiohttp import web
+
+from api import uploads
+from api.auth import Caller, optional, requires
+from api.http import Page, api_url, path_id, query
+from api.keys import BLOBS, CONFIG, POOL
+from api.namespaces import NS, NS_PARAMS, load_namespace
+from api.openapi import (
+    BEARER,
+    INT,
+    INVALID,
+    NOT_FOUND,
+    OPTIONAL,
+    STRING,
+    TIME,
+    URL,
+    Operations,
+    json_response,
+    list_of,
+    nullable,
+    obj,
+    op,
+    path_param,
+    query_param,
+    ref,
+    search_params,
+)
+from marid import mime, namespaces, objects
+from marid.objects import Object
+from marid.uploads import check_file, stored
+from marid.users import User
+from marid.validation import Errors, NotFound
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+FIELDS = ("name", "namespace")
+
+
+async def load_object(
+    conn: asyncpg.Connection, request: web.Request, user: User | None
+) -> tuple[Object, namespaces.Rights]:
+    """The object named by the URL and the caller's rights on it; NotFound if it is missing."""
+    found = await objects.get(conn, path_id(request))
+    if found is None:
+        raise NotFound()
+    ns = await namespaces.get(conn, found.namespace_id) if found.namespace_id else None
+    return found, await namespaces.resource_rights(conn, user, found.user_id, ns)
+
+
+@routes.get("/objects")
+@requires("object:read")
+async def list_objects(request: web.Request, user: User) -> web.Response:
+    search = query(request, "search") or ""
+    async with request.config_dict[POOL].acquire() as conn:
+        page = Page(request, await objects.count_mine(conn, user, search))
+        found = await objects.list_mine(conn, user, search, page.offset, page.limit)
+        return page.response(await objects.to_json(conn, found, api_url(request)))
+
+
+@routes.post("/objects")
+@requires("object:write")
+async def create_object(request: web.Request, user: User) -> web.Response:
+    max_size = request.config_dict[CONFIG].objects.max_size
+    async with uploads.receive(request, FIELDS, max_size) as upload:
+        errors = Errors()
+        name = upload.fields.get("name")
+        objects.check_name(name, errors)
+        check_file(upload.content, errors, max_size)
+        # Stored only once its own checks pass; deleted again if the rest of the request fails.
+        valid = None if errors.by_field else upload.content
+        async with (
+            stored(request.config_dict[BLOBS], valid) as blob,
+            request.config_dict[POOL].acquire() as conn,
+            conn.transaction(),
+        ):
+            ns = await namespaces.resolve(conn, user, upload.fields.get("namespace"), errors)
+            owner_id = ns.user_id if ns else user.id
+            if (
+                name
+                and not errors.has("name")
+                and not errors.has("namespace")
+                and await objects.name_taken(conn, owner_id, ns, name)
+            ):
+                errors.add("name", "Name already exists")
+            errors.raise_if_any()
+            assert name is not None and blob is not None
+            created = await objects.create(
+                conn, user, ns, name, mime.detect(upload.content.head), blob
+            )
+            [body] = await objects.to_json(conn, [created], api_url(request))
+    log.info("object %d created", created.id)
+    return web.json_response(body, status=201)
+
+
+@routes.get(r"/objects/{id:\d+}")
+@optional
+async def show_object(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """The Object entity, or its content when `Accept` is exactly its type (API.md §14.4)."""
+    async with request.config_dict[POOL].acquire() as conn:
+        found, rights = await load_object(conn, request, caller.user)
+        caller.check_read(rights, "object:read")
+        if request.headers.get("Accept") != found.type:
+            [body] = await objects.to_json(conn, [found], api_url(request))
+            return web.json_response(body)
+    store = request.config_dict[BLOBS]
+    return await uploads.send_blob(request, store, found.blob_key, found.type, found.size)
+
+
+@routes.delete(r"/objects/{id:\d+}")
+@requires("object:delete")
+async def delete_object(request: web.Request, user: User) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        found, rights = await load_object(conn, request, user)
+        if not rights.use:
+            raise NotFound()
+        await objects.delete(conn, found)
+    # Only after the commit: a rolled-back delete must still find its content.
+    await request.config_dict[BLOBS].delete(found.blob_key)
+    log.info("object %d deleted", found.id)
+    return web.Response(status=204)
+
+
+@routes.get(NS + "/-/objects")
+@optional
+async def list_namespace_objects(request: web.Request, caller: Caller) -> web.Response:
+    search = query(request, "search") or ""
+    async with request.config_dict[POOL].acquire() as conn:
+        ns = await load_namespace(conn, request)
+        caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
+        page = Page(request, await objects.count_in(conn, ns, search))
+        found = await objects.list_in(conn, ns, search, page.offset, page.limit)
+        return page.response(await objects.to_json(conn, found, api_url(request)))
+
+
+ID = [path_param("id", "object id")]
+BINARY = {"type": "string", "format": "binary"}
+SCHEMAS = {
+    "Object": obj(
+        {
+            "id": INT,
+            "author_id": INT,
+            "user_id": INT,
+            "namespace_id": nullable(INT),
+            "name": STRING,
+            "type": STRING,
+            "size": INT,
+            "md5": STRING,
+            "sha256": STRING,
+            "created_at": TIME,
+            "url": URL,
+            "builds_url": URL,
+            "author": ref("User"),
+            "user": ref("User"),
+            "namespace": nullable(ref("Namespace")),
+        }
+    ),
+    "ObjectUpload": obj(
+        {"name": STRING, "namespace": STRING, "file": BINARY}, optional=("namespace",)
+    ),
+}
+OPERATIONS: Operations = {
+    ("get", "/objects"): op(
+        "Objects the caller owns or may use through namespaces (object:read)",
+        {"200": json_response("OK", list_of("Object")), **NOT_FOUND},
+        security=BEARER,
+        parameters=search_params(),
+    ),
+    ("post", "/objects"): {
+        **op(
+            "Upload an object: a raw body with query `name`, `namespace`, or multipart fields"
+            " (object:write)",
+            {"201": json_response("Created", ref("Object")), **INVALID, **NOT_FOUND},
+            security=BEARER,
+            parameters=[
+                query_param("name", "object name (raw upload)"),
+                query_param("namespace", "path[@owner] (raw upload)"),
+            ],
+        ),
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {"schema": ref("ObjectUpload")},
+                "application/octet-stream": {"schema": BINARY},
+            }
+        },
+    },
+    ("get", "/objects/{id}"): op(
+        "An object; its content when Accept equals its type (object:read; waived when public)",
+        {
+            "200": {
+                "description": "The Object, or the raw content",
+                "content": {
+                    "application/json": {"schema": ref("Object")},
+                    "*/*": {"schema": BINARY},
+                },
+            },
+            **NOT_FOUND,
+        },
+        security=OPTIONAL,
+        parameters=ID,
+    ),
+    ("delete", "/objects/{id}"): op(
+        "Delete an object and its content (object:delete; owner or collaborator)",
+        {"204": {"description": "Deleted"}, **NOT_FOUND},
+        security=BEARER,
+        parameters=ID,
+    ),
+    ("get", "/n/{username}/{path}/-/objects"): op(
+        "Objects in the namespace (namespace:read; waived when public)",
+        {"200": json_response("OK", list_of("Object")), **NOT_FOUND},
+        security=OPTIONAL,
+        parameters=NS_PARAMS + search_params(),
+    ),
+}
