@@ -12,6 +12,7 @@ from api import downloads, errors
 from api.app_modules import MODULES
 from api.http import MAX_JSON_BODY
 from api.keys import API_MODULES, API_PREFIX, BLOBS, CIPHER, CONFIG, POOL
+from api.live import live_context
 from marid.blobs import open_store
 from marid.config import Config
 from marid.crypto import Cipher
@@ -36,6 +37,7 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     else:
         app[POOL] = pool
     app.cleanup_ctx.append(_blob_store_context)
+    app.cleanup_ctx.append(live_context)
     app.cleanup_ctx.append(downloads.context)
     prefix = urlsplit(config.server.api_url).path.rstrip("/")
     api = web.Application(client_max_size=MAX_JSON_BODY) if prefix else app

@@ -6,8 +6,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from api import (
+    artifacts,
+    builds,
     images,
     invites,
+    jobs,
     namespaces,
     objects,
     root,
@@ -27,4 +30,7 @@ MODULES: tuple[ModuleType, ...] = (
     sshkeys,
     objects,
     images,
+    builds,
+    jobs,
+    artifacts,
 )

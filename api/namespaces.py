@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 from aiohttp import web
 
@@ -22,7 +24,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from marid import invites, namespaces
+from marid import builds, invites, namespaces
 from marid.namespaces import Namespace, NamespaceForm
 from marid.users import User
 from marid.validation import NotFound
@@ -51,8 +53,7 @@ async def list_namespaces(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
         page = Page(request, await namespaces.count_mine(conn, user, search))
         found = await namespaces.list_mine(conn, user, search, page.offset, page.limit)
-    base = api_url(request)
-    return page.response([namespaces.to_json(ns, base) for ns in found])
+        return page.response(await many_json(conn, found, api_url(request)))
 
 
 @routes.post("/namespaces")
@@ -61,12 +62,35 @@ async def create_namespace(request: web.Request, user: User) -> web.Response:
     form = NamespaceForm.parse(await read_body(request))
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         ns = await namespaces.create(conn, user, form)
-        parent = await namespaces.get(conn, ns.parent_id) if ns.parent_id else None
-    return web.json_response(_with_parent(ns, parent, api_url(request)), status=201)
+        body = await full_json(conn, ns, api_url(request))
+    return web.json_response(body, status=201)
 
 
-def _with_parent(ns: Namespace, parent: Namespace | None, base: str) -> dict[str, object]:
-    return namespaces.to_json(ns, base, parent=namespaces.to_json(parent, base) if parent else None)
+async def many_json(
+    conn: asyncpg.Connection, found: list[Namespace], base: str
+) -> list[dict[str, object]]:
+    """Namespace entities for a listing: `parent` null, `build` the latest build."""
+    latest = await builds.latest_by_namespace(conn, [ns.id for ns in found])
+    return [
+        namespaces.to_json(ns, base, build=_build_json(latest.get(ns.id), ns, base)) for ns in found
+    ]
+
+
+def _build_json(build: builds.Build | None, ns: Namespace, base: str) -> dict[str, Any] | None:
+    # The embedded build's own namespace is null (API.md §8.1).
+    return builds.to_json(build, ns.owner, None, base) if build else None
+
+
+async def full_json(conn: asyncpg.Connection, ns: Namespace, base: str) -> dict[str, object]:
+    """A namespace with its parent and latest build embedded (API.md §8.4)."""
+    parent = await namespaces.get(conn, ns.parent_id) if ns.parent_id else None
+    latest = await builds.latest_in(conn, ns.id)
+    return namespaces.to_json(
+        ns,
+        base,
+        parent=namespaces.to_json(parent, base) if parent else None,
+        build=_build_json(latest, ns, base),
+    )
 
 
 @routes.get(NS)
@@ -75,8 +99,8 @@ async def show_namespace(request: web.Request, caller: Caller) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
         ns = await load_namespace(conn, request)
         caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
-        parent = await namespaces.get(conn, ns.parent_id) if ns.parent_id else None
-    return web.json_response(_with_parent(ns, parent, api_url(request)))
+        body = await full_json(conn, ns, api_url(request))
+    return web.json_response(body)
 
 
 @routes.patch(NS)
@@ -86,13 +110,13 @@ async def update_namespace(request: web.Request, user: User) -> web.Response:
         ns = await load_namespace(conn, request)
         if not (await namespaces.rights(conn, user, ns)).admin:
             raise NotFound()
-        body = await read_body(request)
-        description = namespaces.check_description(body)
-        visibility = namespaces.check_visibility(body)
-        body.errors.raise_if_any()
+        form = await read_body(request)
+        description = namespaces.check_description(form)
+        visibility = namespaces.check_visibility(form)
+        form.errors.raise_if_any()
         ns = await namespaces.update(conn, ns, description, visibility)
-        parent = await namespaces.get(conn, ns.parent_id) if ns.parent_id else None
-    return web.json_response(_with_parent(ns, parent, api_url(request)))
+        body = await full_json(conn, ns, api_url(request))
+    return web.json_response(body)
 
 
 @routes.delete(NS)
@@ -115,8 +139,7 @@ async def list_children(request: web.Request, caller: Caller) -> web.Response:
         caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
         page = Page(request, await namespaces.count_children(conn, ns, search))
         found = await namespaces.list_children(conn, ns, search, page.offset, page.limit)
-    base = api_url(request)
-    return page.response([namespaces.to_json(child, base) for child in found])
+        return page.response(await many_json(conn, found, api_url(request)))
 
 
 @routes.get(NS + "/-/collaborators")
@@ -175,9 +198,15 @@ def badge_svg(status: str | None) -> str:
 @routes.get(NS + "/-/badge.svg")
 async def show_badge(request: web.Request) -> web.Response:
     """Always 200: `unknown` unless the namespace is public and has a build."""
-    # Builds do not exist yet (issue 4), so every namespace reports `unknown` for now.
+    status = None
+    async with request.config_dict[POOL].acquire() as conn:
+        path = request.match_info["path"]
+        ns = await namespaces.get_by_path(conn, request.match_info["username"], path)
+        if ns is not None and ns.visibility == "public":
+            latest = await builds.latest_in(conn, ns.id)
+            status = latest.status if latest else None
     return web.Response(
-        body=badge_svg(None).encode(),
+        body=badge_svg(status).encode(),
         content_type="image/svg+xml",
         headers={"Cache-Control": "no-cache"},
     )

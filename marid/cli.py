@@ -92,6 +92,32 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
+    runner = commands.add_parser(
+        "runner",
+        parents=[common],
+        help="run builds: claim queued builds and execute them",
+        description="Claim queued builds from the database and execute them with the docker "
+        "or os driver (those listed in `drivers`), up to runner.parallelism at once. Run one "
+        "or more per build host; a build whose runner dies is picked up again after its "
+        "lease (runner.lease) expires.",
+    )
+    runner.set_defaults(run=_runner)
+
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="run a manifest locally, without a server (docker or os driver)",
+        description="Execute a build manifest on this machine with the docker or os driver, "
+        "no server or database needed. Objects are read by name from --objects; artifacts are "
+        "written under their names to --artifacts. Exit status: 0 passed (or passed with "
+        "failures), 1 any other result, 2 invalid manifest or usage.",
+    )
+    run.add_argument("--manifest", type=Path, help="default: .marid.yml, else .djinn.yml")
+    run.add_argument("--stage", help="run only the setup stage and this stage")
+    run.add_argument("--objects", type=Path, default=Path("."), help="default: .")
+    run.add_argument("--artifacts", type=Path, default=Path("."), help="default: .")
+    run.set_defaults(run=_run_offline)
+
     migrate = commands.add_parser(
         "migrate",
         parents=[common],
@@ -171,6 +197,33 @@ def _serve(args: argparse.Namespace) -> None:
     logs.configure(cfg.logging.level)
     server = _lazy("api.server")
     run_async(until_signal(lambda stop: server.serve_until(cfg, stop)))
+
+
+def _run_offline(args: argparse.Namespace) -> None:
+    logs.configure("warning")
+    status = _lazy("runner.offline").main(args)
+    if status:
+        raise Failure(status)
+
+
+def _runner(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    logs.configure(cfg.logging.level)
+    run_async(until_signal(lambda stop: run_runner(cfg, stop)))
+
+
+async def run_runner(cfg: config.Config, stop: asyncio.Event) -> None:
+    """A runner with its own pool and blob store, until `stop` is set."""
+    from marid.blobs import open_store
+    from runner.worker import Worker
+
+    pool = await db.create_pool(cfg.database.dsn, cfg.database.pool_size)
+    blobs = open_store(cfg.storage)
+    try:
+        await Worker(cfg, pool, blobs).run(stop)
+    finally:
+        await blobs.close()
+        await pool.close()
 
 
 async def until_signal(work: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -115,6 +115,14 @@ class LimitsConfig:
 class DockerConfig:
     host: str = "unix:///var/run/docker.sock"
     pull: bool = False
+    network: str | None = None  # job containers' network; None = the engine's default
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    name: str = ""  # "" = <hostname>-<pid>
+    parallelism: int = 2
+    lease: Annotated[float, Duration] = 30.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,7 @@ class Config:
     builds: BuildsConfig = field(default_factory=BuildsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     cron: CronConfig = field(default_factory=CronConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)

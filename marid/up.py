@@ -116,12 +116,43 @@ async def _serve(cfg: config.Config, stop: asyncio.Event, data_dir: Path) -> Non
 
     await cli.with_connection(cfg.database.dsn, db.migrate)
     admin = await cli.with_connection(cfg.database.dsn, _bootstrap_admin)
-    runner = await server.start(cfg)
+    cfg = await _choose_driver(cfg)
+    api = await server.start(cfg)
+    worker = asyncio.create_task(cli.run_runner(cfg, stop))
     try:
         _banner(cfg, data_dir, admin)
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await worker
+        await api.cleanup()
+
+
+async def _choose_driver(cfg: config.Config) -> config.Config:
+    """With the default `drivers`, run builds in Docker when an engine answers, else as local
+    processes (os driver, no isolation) — and say which."""
+    if cfg.drivers != config.Config().drivers:
+        return cfg  # the configuration decides
+    if await asyncio.to_thread(_docker_answers, cfg.docker.host):
+        print(f"runner: Docker engine at {cfg.docker.host}: builds run in containers")
+        return cfg
+    print(
+        f"runner: no Docker engine at {cfg.docker.host}: builds use the os driver "
+        "(local processes, no isolation); manifests need `driver: {type: os}`"
+    )
+    return dataclasses.replace(cfg, drivers=["os"])
+
+
+def _docker_answers(host: str) -> bool:
+    try:
+        import docker
+
+        client = docker.DockerClient(base_url=host, timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
 
 
 async def _bootstrap_admin(conn: asyncpg.Connection) -> tuple[str, str] | None:

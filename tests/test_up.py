@@ -1,5 +1,6 @@
 """`marid up` end to end: embedded PostgreSQL, admin token, clean Ctrl-C, data kept."""
 
+import asyncio
 import os
 import shutil
 import signal
@@ -79,6 +80,8 @@ async def test_marid_up_runs_everything_and_keeps_data(reachable_dir: Path):
         assert url == f"http://127.0.0.1:{port}/api"
         status, body = await get_user(url, token)
         assert status == 200 and body["username"] == "admin"
+        docker = any("builds run in containers" in line for line in lines)
+        assert await build_status(url, token, docker) == "passed"
     finally:
         assert stop(proc) == 0
     assert not (data_dir / "postgres" / "data" / "postmaster.pid").exists()
@@ -91,6 +94,28 @@ async def test_marid_up_runs_everything_and_keeps_data(reachable_dir: Path):
         assert status == 200 and body["username"] == "admin"
     finally:
         assert stop(proc) == 0
+
+
+async def build_status(url: str, token: str, docker: bool) -> str:
+    """Submit a one-job build to `marid up` and wait for its runner to finish it."""
+    driver = (
+        "{type: docker, image: 'marid-test/busybox:latest', workspace: /w}"
+        if docker
+        else "{type: os}"
+    )
+    manifest = f"driver: {driver}\nstages: [s]\njobs:\n- stage: s\n  commands: [echo hi]\n"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.post(f"{url}/builds", json={"manifest": manifest}) as resp:
+            assert resp.status == 201, await resp.text()
+            build_url = (await resp.json())["url"]
+        for _ in range(300):
+            async with session.get(build_url) as resp:
+                status = (await resp.json())["status"]
+            if status not in ("queued", "running"):
+                return str(status)
+            await asyncio.sleep(0.1)
+    raise AssertionError("the build never finished")
 
 
 def test_unreachable_data_dir_is_a_clear_error(tmp_path: Path):

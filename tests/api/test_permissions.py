@@ -19,21 +19,33 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from marid import scopes, tokens, users
 from tests.api.helpers import add_collaborator, create_namespace
 from tests.conftest import bearer
 
 ROLES = ("anonymous", "no_scope", "stranger", "collaborator", "owner")
+PRIVATE_KEY = (
+    ed25519.Ed25519PrivateKey.generate()
+    .private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    .decode()
+)
 
 
 @dataclass(frozen=True)
 class Row:
     method: str
-    path: str
+    path: str  # "{role}" and resource names ("{variable}") are filled in per role
     scope: str  # the scope(s) the endpoint needs, space separated
     statuses: tuple[int, int, int, int, int]  # in ROLES order
-    body: Any = None
+    body: Any = None  # JSON; strings may hold "{role}"
+    raw: bytes | None = None  # a raw upload body instead of JSON
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
@@ -49,7 +61,22 @@ def owner_only(ok: int) -> tuple[int, int, int, int, int]:
     return (404, 404, 404, 404, ok)
 
 
+def created(ok: int = 201) -> tuple[int, int, int, int, int]:
+    """Creating in alice's tree: a stranger names a namespace they cannot use, a field error
+    (API.md §1.6)."""
+    return (404, 404, 400, ok, ok)
+
+
+def mine(ok: int = 200) -> tuple[int, int, int, int, int]:
+    """ "My" listings: every valid user has one."""
+    return (404, 404, ok, ok, ok)
+
+
 N = "/api/n/alice/team"
+B = "/api/b/alice/{build}"
+TEAM = "team@alice"
+QCOW2 = b"QFI\xfb" + bytes(64)
+MANIFEST = "driver: {type: docker, image: busybox, workspace: /w}\nnamespace: team@alice\n"
 ROWS: list[Row] = [
     Row("GET", "/api/user", "", (404, 200, 200, 200, 200)),
     Row("GET", "/api/namespaces", "namespace:read", (404, 404, 200, 200, 200)),
@@ -69,7 +96,56 @@ ROWS: list[Row] = [
     # the inviter may withdraw it.
     Row("PATCH", "/api/invites/{invite}", "invite:write", (404, 404, 404, 404, 404)),
     Row("DELETE", "/api/invites/{invite}", "invite:delete", owner_only(204)),
-]
+    # Variables (API.md §15)
+    Row("GET", "/api/variables", "variable:read", mine()),
+    Row("POST", "/api/variables", "variable:write", created(),
+        {"key": "K_{role}", "value": "v", "namespace": TEAM}),
+    Row("GET", "/api/variables/{variable}", "variable:read", private(200)),
+    Row("DELETE", "/api/variables/{variable}", "variable:delete", private(204)),
+    Row("GET", N + "/-/variables", "namespace:read", private(200)),
+    # SSH keys (§13)
+    Row("GET", "/api/keys", "key:read", mine()),
+    Row("POST", "/api/keys", "key:write", created(),
+        {"name": "k_{role}", "key": "{private_key}", "namespace": TEAM}),
+    Row("GET", "/api/keys/{key}", "key:read", private(200)),
+    Row("PATCH", "/api/keys/{key}", "key:write", private(200), {"config": "Host x"}),
+    Row("DELETE", "/api/keys/{key}", "key:delete", private(204)),
+    Row("GET", N + "/-/keys", "namespace:read", private(200)),
+    # Objects (§14)
+    Row("GET", "/api/objects", "object:read", mine()),
+    Row("POST", "/api/objects?name=o_{role}&namespace=" + TEAM, "object:write", created(),
+        raw=b"data"),
+    Row("GET", "/api/objects/{object}", "object:read", private(200)),
+    Row("GET", "/api/objects/{object}/builds", "object:read build:read", private(200)),
+    Row("DELETE", "/api/objects/{object}", "object:delete", private(204)),
+    Row("GET", N + "/-/objects", "namespace:read", private(200)),
+    # Images (§12)
+    Row("GET", "/api/images", "image:read", mine()),
+    Row("POST", "/api/images?name=i_{role}&namespace=" + TEAM, "image:write", created(),
+        raw=QCOW2),
+    Row("GET", "/api/images/{image}", "image:read", private(200)),
+    Row("DELETE", "/api/images/{image}", "image:delete", private(204)),
+    Row("GET", N + "/-/images", "namespace:read", private(200)),
+    # Builds (§7, EXT d)
+    Row("GET", "/api/builds", "build:read", mine()),
+    Row("POST", "/api/builds", "build:write", created(), {"manifest": MANIFEST}),
+    Row("GET", N + "/-/builds", "namespace:read", private(200)),
+    Row("GET", B, "build:read", private(200)),
+    Row("DELETE", B, "build:delete", private(204)),
+    Row("PATCH", B + "/pin", "build:write", private(200)),
+    Row("PATCH", B + "/unpin", "build:write", private(200)),
+    Row("GET", B + "/jobs", "build:read", private(200)),
+    Row("GET", B + "/jobs/create-driver", "build:read", private(200)),
+    Row("GET", B + "/jobs/create-driver/output", "build:read", private(200)),
+    Row("GET", B + "/artifacts", "build:read", private(200)),
+    Row("GET", B + "/objects", "build:read", private(200)),
+    Row("GET", B + "/variables", "build:read", private(200)),
+    Row("GET", B + "/keys", "build:read", private(200)),
+    Row("GET", B + "/tags", "build:read", private(200)),
+    Row("POST", B + "/tags", "build:write", private(201), ["new"]),
+    Row("GET", B + "/tags/first", "build:read", private(200)),
+    Row("DELETE", B + "/tags/first", "build:delete", private(204)),
+]  # fmt: skip
 
 
 @dataclass
@@ -78,9 +154,18 @@ class World:
     ids: dict[str, dict[str, int]] = field(default_factory=dict)
     owner: users.User | None = None
 
-    def path(self, row: Row, role: str) -> str:
+    def fill(self, text: str, role: str) -> str:
         copy = "collaborator" if role == "collaborator" else "owner"
-        return row.path.format(**{name: ids[copy] for name, ids in self.ids.items()})
+        values = {name: str(ids[copy]) for name, ids in self.ids.items()}
+        values.update(role=role, private_key=PRIVATE_KEY)
+        for name, value in values.items():
+            text = text.replace("{" + name + "}", value)
+        return text
+
+    def body(self, row: Row, role: str) -> Any:
+        if isinstance(row.body, dict):
+            return {k: self.fill(v, role) if isinstance(v, str) else v for k, v in row.body.items()}
+        return row.body
 
 
 @pytest.fixture
@@ -103,7 +188,43 @@ async def world(api: TestClient, pool: asyncpg.Pool) -> World:
     resp = await api.post(f"{N}/-/invites", headers=bearer(full["alice"]), json={"handle": "dave"})
     invite = (await resp.json())["id"]
     w.ids["invite"] = {"owner": invite, "collaborator": invite}
+    for role, name in (("owner", "alice"), ("collaborator", "bob")):
+        await make_resources(api, w, role, full[name])
     return w
+
+
+async def created_id(
+    api: TestClient, token: str, path: str, field: str = "id", **kwargs: Any
+) -> Any:
+    resp = await api.post(path, headers=bearer(token), **kwargs)
+    assert resp.status == 201, await resp.text()
+    return (await resp.json())[field]
+
+
+async def make_resources(api: TestClient, w: World, role: str, token: str) -> None:
+    """One of each resource in alice's tree, made by `role` (their copy to act on)."""
+    ids = {
+        "variable": await created_id(
+            api, token, "/api/variables", json={"key": f"V_{role}", "value": "v", "namespace": TEAM}
+        ),
+        "key": await created_id(
+            api,
+            token,
+            "/api/keys",
+            json={"name": f"key_{role}", "key": PRIVATE_KEY, "namespace": TEAM},
+        ),
+        "object": await created_id(
+            api, token, f"/api/objects?name=obj_{role}&namespace={TEAM}", data=b"x"
+        ),
+        "image": await created_id(
+            api, token, f"/api/images?name=img_{role}&namespace={TEAM}", data=QCOW2
+        ),
+        "build": await created_id(
+            api, token, "/api/builds", "number", json={"manifest": MANIFEST, "tags": ["first"]}
+        ),
+    }
+    for name, value in ids.items():
+        w.ids.setdefault(name, {})[role] = value
 
 
 async def token_without(pool: asyncpg.Pool, owner: users.User, needed: str) -> str:
@@ -123,6 +244,10 @@ async def test_permission_matrix(api: TestClient, pool: asyncpg.Pool, world: Wor
     for role in ROLES:
         value = world.tokens[role]
         headers = bearer(value) if value else {}
-        resp = await api.request(row.method, world.path(row, role), headers=headers, json=row.body)
+        path = world.fill(row.path, role)
+        if row.raw is not None:
+            resp = await api.request(row.method, path, headers=headers, data=row.raw)
+        else:
+            resp = await api.request(row.method, path, headers=headers, json=world.body(row, role))
         got.append(resp.status)
     assert dict(zip(ROLES, got, strict=True)) == dict(zip(ROLES, row.statuses, strict=True))

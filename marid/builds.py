@@ -1,0 +1,310 @@
+"""Builds: the entity, listings with build filters, tags, pins and kills (API.md §7)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from marid import namespaces, users
+from marid.namespaces import Namespace
+from marid.times import rfc3339
+from marid.users import User
+
+STATUSES = ("queued", "running", "passed", "passed_with_failures", "failed", "killed", "timed_out")
+FINAL = frozenset(STATUSES[2:])
+LINKS = ("objects", "variables", "jobs", "artifacts", "tags")
+# Tag names: Unicode letters, ASCII digits, - _ . / (API.md §7.1).
+_TAG_CHAR = re.compile(r"[0-9\-_./]|[^\W\d_]")
+
+
+@dataclass(frozen=True)
+class Build:
+    id: int
+    user_id: int
+    author_id: int
+    namespace_id: int | None
+    number: int
+    manifest: str
+    driver: str
+    status: str
+    output: str | None
+    pinned: bool
+    trigger_type: str
+    trigger_comment: str
+    trigger_data: dict[str, str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    tags: list[str]
+
+
+def from_row(row: asyncpg.Record) -> Build:
+    data = dict(row)
+    data["trigger_data"] = json.loads(data["trigger_data"])
+    data["tags"] = list(data["tags"])
+    return Build(**data)
+
+
+def valid_tag(name: str) -> bool:
+    return bool(name) and all(_TAG_CHAR.fullmatch(char) for char in name)
+
+
+def normalise_tags(names: list[str]) -> list[str]:
+    """Valid names, duplicates collapsed, in first-seen order; invalid ones dropped silently."""
+    return list(dict.fromkeys(name for name in names if valid_tag(name)))
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The build filters of API.md §1.8 (page is handled by the caller)."""
+
+    tag: str | None = None
+    search: str | None = None
+    status: str | None = None
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Which builds a listing covers; set exactly one field."""
+
+    visible_to: int | None = None  # "my" builds of API.md §3.3 for this user id
+    namespace_id: int | None = None  # builds in this exact namespace (§8.8)
+    object_id: int | None = None  # builds that declared this object (§14.5)
+
+
+def url(build: Build, owner: User, api_url: str) -> str:
+    return f"{api_url}/b/{owner.username}/{build.number}"
+
+
+def to_json(
+    build: Build, owner: User, ns: Namespace | None, api_url: str, embed_namespace: bool = True
+) -> dict[str, Any]:
+    """The Build entity of API.md §7.1."""
+    base = url(build, owner, api_url)
+    return {
+        "id": build.id,
+        "user_id": build.user_id,
+        "namespace_id": build.namespace_id,
+        "number": build.number,
+        "manifest": build.manifest,
+        "status": build.status,
+        "output": build.output,
+        "tags": build.tags,
+        "pinned": build.pinned,
+        "created_at": rfc3339(build.created_at),
+        "started_at": rfc3339(build.started_at),
+        "finished_at": rfc3339(build.finished_at),
+        "url": base,
+        **{f"{link}_url": f"{base}/{link}" for link in LINKS},
+        "user": users.to_json(owner),
+        "namespace": namespaces.to_json(ns, api_url) if ns and embed_namespace else None,
+        "trigger": {
+            "type": build.trigger_type,
+            "comment": build.trigger_comment,
+            "data": build.trigger_data,
+        },
+    }
+
+
+async def many_to_json(
+    conn: asyncpg.Connection, found: list[Build], api_url: str
+) -> list[dict[str, Any]]:
+    """Build entities with owners and namespaces batch-loaded."""
+    owners = await users.by_ids(conn, {b.user_id for b in found})
+    spaces = await namespaces.by_ids(conn, {b.namespace_id for b in found if b.namespace_id})
+    return [to_json(b, owners[b.user_id], spaces.get(b.namespace_id or 0), api_url) for b in found]
+
+
+async def get(conn: asyncpg.Connection, build_id: int) -> Build | None:
+    row = await conn.fetchrow("SELECT * FROM build_rows WHERE id = $1", build_id)
+    return from_row(row) if row else None
+
+
+async def get_by_number(conn: asyncpg.Connection, username: str, number: int) -> Build | None:
+    row = await conn.fetchrow(
+        """
+        SELECT b.* FROM build_rows b JOIN users u ON u.id = b.user_id
+        WHERE u.username = $1 AND b.number = $2
+        """,
+        username,
+        number,
+    )
+    return from_row(row) if row else None
+
+
+async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) -> int:
+    """How many builds of `listing` match `filters`."""
+    return int(
+        await conn.fetchval(
+            """
+            SELECT count(*) FROM build_rows b
+            WHERE ($1::bigint IS NULL
+                   OR (b.namespace_id IS NULL AND b.user_id = $1)
+                   OR b.namespace_id IN (SELECT namespace_id FROM namespace_members
+                                         WHERE user_id = $1))
+              AND ($2::bigint IS NULL OR b.namespace_id = $2)
+              AND ($3::bigint IS NULL
+                   OR b.id IN (SELECT build_id FROM build_objects WHERE object_id = $3))
+              AND build_matches(b, $4, $5, $6, $7)
+            """,
+            listing.visible_to,
+            listing.namespace_id,
+            listing.object_id,
+            filters.tag,
+            filters.search,
+            filters.status,
+            filters.pinned,
+        )
+    )
+
+
+async def page(
+    conn: asyncpg.Connection, listing: Listing, filters: Filters, offset: int, limit: int
+) -> list[Build]:
+    """One page of the builds of `listing` matching `filters`, newest first (API.md §7.3)."""
+    rows = await conn.fetch(
+        """
+        SELECT * FROM build_rows b
+        WHERE ($1::bigint IS NULL
+               OR (b.namespace_id IS NULL AND b.user_id = $1)
+               OR b.namespace_id IN (SELECT namespace_id FROM namespace_members
+                                     WHERE user_id = $1))
+          AND ($2::bigint IS NULL OR b.namespace_id = $2)
+          AND ($3::bigint IS NULL
+               OR b.id IN (SELECT build_id FROM build_objects WHERE object_id = $3))
+          AND build_matches(b, $4, $5, $6, $7)
+        ORDER BY b.created_at DESC, b.id DESC
+        OFFSET $8 LIMIT $9
+        """,
+        listing.visible_to,
+        listing.namespace_id,
+        listing.object_id,
+        filters.tag,
+        filters.search,
+        filters.status,
+        filters.pinned,
+        offset,
+        limit,
+    )
+    return [from_row(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Tag:
+    build_id: int
+    name: str
+    user_id: int
+    created_at: datetime
+
+
+async def tags(conn: asyncpg.Connection, build: Build) -> list[Tag]:
+    rows = await conn.fetch(
+        """
+        SELECT build_id, name, user_id, created_at FROM build_tags
+        WHERE build_id = $1 ORDER BY convert_to(name, 'UTF8')
+        """,
+        build.id,
+    )
+    return [Tag(**row) for row in rows]
+
+
+async def tag(conn: asyncpg.Connection, build: Build, name: str) -> Tag | None:
+    row = await conn.fetchrow(
+        "SELECT build_id, name, user_id, created_at FROM build_tags"
+        " WHERE build_id = $1 AND name = $2",
+        build.id,
+        name,
+    )
+    return Tag(**row) if row else None
+
+
+async def add_tags_by(
+    conn: asyncpg.Connection, build_id: int, user: User, names: list[str]
+) -> list[Tag]:
+    """Add the names not yet on the build; returns only the newly added tags, by name."""
+    rows = await conn.fetch(
+        """
+        INSERT INTO build_tags (build_id, name, user_id)
+        SELECT $1, name, $3 FROM unnest($2::text[]) AS t(name)
+        ON CONFLICT DO NOTHING
+        RETURNING build_id, name, user_id, created_at
+        """,
+        build_id,
+        names,
+        user.id,
+    )
+    return sorted((Tag(**row) for row in rows), key=lambda t: t.name.encode())
+
+
+async def delete_tag(conn: asyncpg.Connection, build: Build, name: str) -> bool:
+    result = await conn.execute(
+        "DELETE FROM build_tags WHERE build_id = $1 AND name = $2", build.id, name
+    )
+    return bool(result == "DELETE 1")
+
+
+async def set_pinned(conn: asyncpg.Connection, build: Build, pinned: bool) -> Build:
+    await conn.execute("UPDATE builds SET pinned = $2 WHERE id = $1", build.id, pinned)
+    updated = await get(conn, build.id)
+    assert updated is not None
+    return updated
+
+
+async def kill(conn: asyncpg.Connection, build: Build) -> None:
+    """Kill a build (API.md §7.6): a queued one ends `killed` now without running; a running
+    one is flagged and its runner, woken by NOTIFY, stops it within a second."""
+    queued = await conn.fetchval(
+        """
+        UPDATE builds SET status = 'killed', finished_at = now()
+        WHERE id = $1 AND status = 'queued' RETURNING id
+        """,
+        build.id,
+    )
+    if queued:
+        await conn.execute(
+            """
+            UPDATE build_jobs SET status = 'killed', finished_at = now()
+            WHERE build_id = $1 AND status = 'queued'
+            """,
+            build.id,
+        )
+        return
+    running = await conn.fetchval(
+        """
+        UPDATE builds SET kill_requested = true
+        WHERE id = $1 AND status = 'running' RETURNING id
+        """,
+        build.id,
+    )
+    if running:
+        await conn.execute("SELECT pg_notify('marid_kill', $1)", str(build.id))
+
+
+async def latest_in(conn: asyncpg.Connection, namespace_id: int) -> Build | None:
+    """The most recently created build of this exact namespace (API.md §8.1, §8.7)."""
+    row = await conn.fetchrow(
+        """
+        SELECT * FROM build_rows WHERE namespace_id = $1
+        ORDER BY created_at DESC, id DESC LIMIT 1
+        """,
+        namespace_id,
+    )
+    return from_row(row) if row else None
+
+
+async def latest_by_namespace(conn: asyncpg.Connection, ids: list[int]) -> dict[int, Build]:
+    """The latest build of each of these namespaces that has one."""
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT ON (namespace_id) * FROM build_rows WHERE namespace_id = ANY($1)
+        ORDER BY namespace_id, created_at DESC, id DESC
+        """,
+        ids,
+    )
+    return {row["namespace_id"]: from_row(row) for row in rows}

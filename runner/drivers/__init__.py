@@ -1,0 +1,1 @@
+"""Execution drivers: where a build's jobs run (EXTENSIONS.md h)."""

@@ -1,0 +1,74 @@
+"""The Driver protocol: what the execution engine (runner/execute.py) needs from a driver.
+
+One driver instance serves one build. The engine calls, in order: `create()` once, then
+`place_object()` / `write_keys()` during the setup job, then `run()` once per job (one job
+at a time) followed by `collect()` for each of that job's artifacts, and finally
+`destroy()` whatever happened. `stop()` may be called at any time from another task (kill,
+timeout) and must make a running `run()` return promptly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+# Receives raw output bytes of a job as they are produced (stdout and stderr merged).
+OutputSink = Callable[[bytes], Awaitable[None]]
+
+
+class DriverError(Exception):
+    """A failure the engine reports in the job output (`str(exc)` is the reason)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int  # bytes
+    cpus: float
+    pids: int
+
+
+@dataclass(frozen=True)
+class SshKey:
+    name: str
+    private_key: str
+    config: str
+
+
+class Driver(ABC):
+    @abstractmethod
+    async def create(self, out: OutputSink) -> None:
+        """Create the environment (docker: resolve/load the image, make the workspace volume;
+        os: make the temporary workspace). Messages for the create-driver job go to `out`.
+        Raises DriverError when the environment cannot be created."""
+
+    @abstractmethod
+    async def place_object(self, content: Path, destination: str) -> str:
+        """Copy the file `content` to `destination` (relative to the workspace, or absolute;
+        mode 0644, parents created). Returns the path it was placed at. Raises DriverError."""
+
+    @abstractmethod
+    async def write_keys(self, keys: list[SshKey]) -> dict[str, str]:
+        """Write each key (mode 0600) and an SSH config (MANIFEST.md §6.5; os driver:
+        EXTENSIONS.md h.3). Returns {key name: location}. Raises DriverError."""
+
+    @abstractmethod
+    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> int:
+        """Run the job script with /bin/sh in the workspace with `env`, streaming output to
+        `out`; returns the exit status. Raises DriverError if the job cannot be started."""
+
+    @abstractmethod
+    async def collect(self, source: str, destination: Path, max_size: int) -> None:
+        """Copy artifact `source` (relative to the workspace, or absolute) from the last job's
+        environment to the local file `destination`. Raises DriverError with the reason when it
+        is missing, unreadable, a directory, or larger than `max_size` bytes."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Terminate the running job, if any (SIGTERM, SIGKILL after 10 s). Idempotent."""
+
+    @abstractmethod
+    async def destroy(self) -> None:
+        """Remove everything the driver made (containers, volume, workspace). Idempotent and
+        never raises: failures are logged."""

@@ -1,0 +1,528 @@
+"""The docker driver (EXTENSIONS.md h.2): one volume per build, one container per job.
+
+The docker SDK is blocking: every call runs in a worker thread (`asyncio.to_thread`), except
+the output stream of a running job, which gets a thread of its own (see `_pump`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import LogConfig
+
+from runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
+
+log = logging.getLogger(__name__)
+
+LABEL_BUILD = "marid.build"
+LABEL_ATTEMPT = "marid.attempt"
+# Loaded uploads are tagged `marid-cache/sha256:<archive sha256>`: the cache key of h.2 step 1.
+CACHE_REPOSITORY = "marid-cache/sha256"
+SCRIPT_PATH = "/.marid/job.sh"  # outside any sensible workspace
+STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL (MANIFEST.md §6.10)
+STOPPED_STATUS = 128 + 9  # what `run` returns for a job that a stop() kept from starting
+NOT_FOUND = (
+    "image {} not found: upload it with POST /images (driver docker) or load it on the runner"
+)
+SSH_DIR = "/root/.ssh"
+SSH_CONFIG_HEAD = "\nStrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n\n"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    """An uploaded `docker save` archive named like the build's image (h.2 resolution, step 1)."""
+
+    digest: str  # sha256 of the archive, lowercase hex (an optional `sha256:` prefix is allowed)
+    fetch: Callable[[Path], Awaitable[None]]  # writes the archive to the given local file
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str  # absolute, normalised, in the container
+    data: bytes
+    mode: int
+
+
+def docker_client(host: str) -> docker.DockerClient:
+    """A client for the engine at `host` (config `docker.host`); raises DockerException if down."""
+    return docker.DockerClient(base_url=host)
+
+
+async def remove_leftovers(client: docker.DockerClient, build_id: int) -> None:
+    """Remove every container and volume labelled for `build_id` (any attempt). Never raises."""
+    await asyncio.to_thread(_remove_labelled, client, [f"{LABEL_BUILD}={build_id}"])
+
+
+class DockerDriver(Driver):
+    """Runs one build's jobs in containers of one image, sharing one workspace volume."""
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        build_id: int,
+        attempt: int,
+        image: str,
+        workspace: str,
+        limits: Limits,
+        network: str | None,
+        pull: bool,
+        uploaded: Callable[[str], Awaitable[UploadedImage | None]],
+    ) -> None:
+        self._client = client
+        self.build_id = build_id
+        self._image = image
+        self._workspace = _absolute(workspace)
+        self._limits = limits
+        self._network = network
+        self._pull = pull
+        self._uploaded = uploaded
+        self._labels = {LABEL_BUILD: str(build_id), LABEL_ATTEMPT: str(attempt)}
+        self._prefix = f"marid-{build_id}-{attempt}"
+        self._image_id: str | None = None
+        self._helper: Any = None  # created, never started: writes into the volume
+        self._extra_files: list[_File] = []  # copied into every job container
+        self._jobs = 0
+        self._last: Any = None  # the last job's container, kept for `collect`
+        self._running: Any = None
+        self._stopped = False
+        self._start_lock = asyncio.Lock()  # orders a container start against stop()
+
+    @property
+    def volume(self) -> str:
+        """The name of the build's workspace volume."""
+        return self._prefix
+
+    async def create(self, out: OutputSink) -> None:
+        """Resolve the image (h.2), then create the workspace volume."""
+        self._image_id = await self._resolve_image(out)
+        await asyncio.to_thread(
+            _engine, self._client.volumes.create, self.volume, labels=self._labels
+        )
+        log.info("build %d: created volume %s", self.build_id, self.volume)
+
+    async def place_object(self, content: Path, destination: str) -> str:
+        """Place a file (0644): in the volume now if inside the workspace, else in each job."""
+        data = await asyncio.to_thread(content.read_bytes)
+        return await self._place(_File(self._path(destination), data, 0o644))
+
+    async def write_keys(self, keys: list[SshKey]) -> dict[str, str]:
+        """Write each key and the SSH config (MANIFEST.md §6.5) for every job container."""
+        if not keys:
+            return {}
+        ordered = sorted(keys, key=lambda key: key.name)
+        config = SSH_CONFIG_HEAD + "".join(key.config + "\n" for key in ordered)
+        files = [_File(f"{SSH_DIR}/{key.name}", key.private_key.encode(), 0o600) for key in ordered]
+        files.append(_File(f"{SSH_DIR}/config", config.encode(), 0o600))
+        for file in files:
+            await self._place(file)
+        return {key.name: f"{SSH_DIR}/{key.name}" for key in ordered}
+
+    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> int:
+        """Run `script` in a new container, streaming its output; returns the exit status."""
+        previous, self._last = self._last, None
+        if self._stopped:
+            await self._remove(previous)
+            return STOPPED_STATUS
+        # The previous container goes while the next is made: job overhead is engine time.
+        _, self._last = await asyncio.gather(
+            self._remove(previous),
+            asyncio.to_thread(self._create_job, job, script.encode(), env),
+        )
+        stream = await asyncio.to_thread(_engine, self._last.attach, stream=True)
+        try:
+            if not await self._start(self._last):
+                return STOPPED_STATUS
+            await _pump(stream, out, name=self._last.name)
+            result = await asyncio.to_thread(_engine, self._last.wait)
+        finally:
+            self._running = None
+            await asyncio.to_thread(_close_stream, stream)
+        log.info("build %d: job %s exited with %s", self.build_id, job, result["StatusCode"])
+        return int(result["StatusCode"])
+
+    async def collect(self, source: str, destination: Path, max_size: int) -> None:
+        """Copy the regular file `source` out of the last job's container."""
+        if self._last is None:
+            raise DriverError(f"{source}: no job container to collect from")
+        await asyncio.to_thread(self._collect, source, destination, max_size)
+
+    async def stop(self) -> None:
+        """Stop the running job container (SIGTERM, SIGKILL after 10 s); later runs don't start."""
+        self._stopped = True
+        async with self._start_lock:  # a start in progress finishes first, then gets stopped
+            container = self._running
+        if container is None:
+            return
+        try:
+            await asyncio.to_thread(container.stop, timeout=STOP_TIMEOUT)
+        except NotFound:
+            pass
+        except DockerException as exc:
+            log.warning("build %d: stopping %s failed: %s", self.build_id, container.name, exc)
+
+    async def destroy(self) -> None:
+        """Remove this attempt's containers and volume (by label). Never raises."""
+        self._stopped = True
+        labels = [f"{key}={value}" for key, value in self._labels.items()]
+        await asyncio.to_thread(_remove_labelled, self._client, labels)
+        self._last = self._helper = None
+
+    async def _resolve_image(self, out: OutputSink) -> str:
+        """The ID of the image to run, following EXTENSIONS.md h.2 resolution."""
+        name = self._image
+        upload = await self._uploaded(name)
+        if upload is not None:
+            return await self._use_upload(upload, out)
+        image = await asyncio.to_thread(self._find_image, name)
+        if image is None and self._pull:
+            await out(f"Pulling image {name}\n".encode())
+            try:
+                image = await asyncio.to_thread(self._client.images.pull, name)
+            except DockerException as exc:
+                raise DriverError(f"image {name} could not be pulled: {_reason(exc)}") from exc
+        if image is None:
+            raise DriverError(NOT_FOUND.format(name))
+        await out(f"Using image {name} ({image.id})\n".encode())
+        return str(image.id)
+
+    async def _use_upload(self, upload: UploadedImage, out: OutputSink) -> str:
+        """The ID of the uploaded image, loaded into the engine unless already cached."""
+        digest = upload.digest.removeprefix("sha256:")
+        if not _SHA256.fullmatch(digest):
+            raise DriverError(f"uploaded image {self._image}: invalid digest {upload.digest!r}")
+        tag = f"{CACHE_REPOSITORY}:{digest}"
+        image = await asyncio.to_thread(self._find_image, tag)
+        if image is None:
+            await out(f"Loading uploaded image {self._image} (sha256:{digest})\n".encode())
+            image = await self._load(upload, digest)
+        await out(f"Using uploaded image {self._image} ({image.id})\n".encode())
+        return str(image.id)
+
+    async def _load(self, upload: UploadedImage, digest: str) -> Any:
+        """Fetch the archive, load it without its tags, tag it for the cache; returns the image."""
+        directory = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="marid-image-"))
+        try:
+            archive = directory / "archive.tar"
+            await upload.fetch(archive)
+            return await asyncio.to_thread(self._load_archive, archive, directory, digest)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+
+    def _load_archive(self, archive: Path, directory: Path, digest: str) -> Any:
+        if _sha256(archive) != digest:
+            raise DriverError(
+                f"uploaded image {self._image}: the archive does not match its digest"
+            )
+        untagged = directory / "untagged.tar"
+        try:
+            _strip_tags(archive, untagged, self._image)
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise DriverError(f"uploaded image {self._image}: {exc}") from exc
+        start = time.monotonic()
+        with untagged.open("rb") as stream:
+            images = _engine(self._client.images.load, stream)
+        if len(images) != 1:
+            raise DriverError(f"uploaded image {self._image}: loaded {len(images)} images, not 1")
+        _engine(images[0].tag, CACHE_REPOSITORY, digest)
+        log.info("loaded %s as %s in %.1fs", self._image, digest, time.monotonic() - start)
+        return images[0]
+
+    def _find_image(self, name: str) -> Any:
+        """The engine's image called `name`, or None."""
+        try:
+            return self._client.images.get(name)
+        except ImageNotFound:
+            return None
+        except DockerException as exc:
+            raise DriverError(f"image {name}: {_reason(exc)}") from exc
+
+    async def _place(self, file: _File) -> str:
+        """Write `file` into the volume, or check it in the helper and keep it for every job."""
+        if self._helper is None:
+            self._helper = await asyncio.to_thread(self._create_helper)
+        await asyncio.to_thread(_engine, self._helper.put_archive, "/", _tar([file]))
+        if not self._in_workspace(file.path):
+            self._extra_files.append(file)
+        return file.path
+
+    def _create_helper(self) -> Any:
+        return _engine(
+            self._client.containers.create,
+            self._require_image(),
+            entrypoint=["/bin/sh"],
+            name=f"{self._prefix}-files",
+            labels=self._labels,
+            network_mode="none",
+            volumes={self.volume: {"bind": self._workspace, "mode": "rw"}},
+        )
+
+    def _create_job(self, job: str, script: bytes, env: dict[str, str]) -> Any:
+        """A created job container holding the script and the files kept for every job."""
+        self._jobs += 1
+        network = {} if self._network is None else {"network_mode": self._network}
+        container = _engine(
+            self._client.containers.create,
+            self._require_image(),
+            entrypoint=["/bin/sh"],
+            command=[SCRIPT_PATH],
+            name=f"{self._prefix}-{self._jobs}",
+            labels={**self._labels, "marid.job": job},
+            environment=env,
+            working_dir=self._workspace,
+            volumes={self.volume: {"bind": self._workspace, "mode": "rw"}},
+            mem_limit=self._limits.memory,
+            memswap_limit=self._limits.memory,  # equal to memory: no swap on top (h.1)
+            nano_cpus=int(self._limits.cpus * 1e9),
+            pids_limit=self._limits.pids,
+            # An init as PID 1 passes SIGTERM on to the shell: a shell as PID 1 ignores it, so
+            # stop() would always wait the full 10 s for SIGKILL.
+            init=True,
+            # The output is streamed through attach; engine-side logs would only duplicate it.
+            log_config=LogConfig(type="none"),
+            **network,
+        )
+        files = [*self._extra_files, _File(SCRIPT_PATH, script, 0o644)]
+        _engine(container.put_archive, "/", _tar(files))
+        return container
+
+    def _collect(self, source: str, destination: Path, max_size: int) -> None:
+        chunks = self._archive(source)
+        try:
+            with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks)), mode="r|") as tar:
+                content = _artifact(source, tar, max_size)
+                with destination.open("wb") as file:
+                    shutil.copyfileobj(content, file)
+        except (tarfile.TarError, OSError) as exc:
+            destination.unlink(missing_ok=True)
+            raise DriverError(f"{source}: {exc}") from exc
+
+    def _archive(self, source: str) -> Iterator[bytes]:
+        """The streamed tar of `source` in the last job's container, a symlink followed."""
+        try:
+            chunks, stat = self._last.get_archive(self._path(source))
+            if stat.get("linkTarget"):  # fully resolved by the engine, as for `docker cp -L`
+                chunks, stat = self._last.get_archive(stat["linkTarget"])
+        except NotFound as exc:
+            raise DriverError(f"{source}: no such file") from exc
+        except DockerException as exc:
+            raise DriverError(f"{source}: {_reason(exc)}") from exc
+        return iter(chunks)
+
+    async def _start(self, container: Any) -> bool:
+        """Start `container` unless stop() came first; returns whether it started."""
+        async with self._start_lock:
+            if self._stopped:
+                return False
+            await asyncio.to_thread(_engine, container.start)
+            self._running = container
+        return True
+
+    async def _remove(self, container: Any) -> None:
+        """Remove a finished job's container, if any (its artifacts are collected by now)."""
+        if container is None:
+            return
+        try:
+            await asyncio.to_thread(container.remove, force=True)
+        except DockerException as exc:  # destroy() retries by label
+            log.warning("build %d: removing %s failed: %s", self.build_id, container.name, exc)
+
+    def _path(self, path: str) -> str:
+        """`path` made absolute in the container: relative paths are in the workspace."""
+        return _absolute(posixpath.join(self._workspace, path))
+
+    def _in_workspace(self, path: str) -> bool:
+        return path.startswith(self._workspace.rstrip("/") + "/")
+
+    def _require_image(self) -> str:
+        if self._image_id is None:
+            raise DriverError("the docker driver was not created")
+        return self._image_id
+
+
+async def _pump(stream: Iterator[bytes], out: OutputSink, name: str) -> None:
+    """Hand each chunk of `stream` to `out` as it arrives, until the stream ends.
+
+    The blocking read gets a thread of its own rather than one of asyncio's default workers:
+    a job holds it for its whole run, and concurrent builds would otherwise starve the pool
+    that every other SDK call (stop() included) needs.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish(exc: BaseException | None) -> None:
+        if done.done():  # the awaiting task was cancelled
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    async def deliver(chunk: bytes) -> None:
+        await out(chunk)  # `out` may return any awaitable; threads can only submit coroutines
+
+    def read() -> None:
+        try:
+            for chunk in stream:
+                # Waiting for `out` gives back-pressure: a slow sink slows the reader, not memory.
+                asyncio.run_coroutine_threadsafe(deliver(chunk), loop).result()
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(finish, exc)
+        else:
+            loop.call_soon_threadsafe(finish, None)
+
+    threading.Thread(target=read, name=f"{name}-output", daemon=True).start()
+    await done
+
+
+def _close_stream(stream: Any) -> None:
+    """Close an attach stream and its HTTP response: CancellableStream.close() shuts the
+    socket but leaves the response holding it (ResourceWarning, docker/docker-py#3282)."""
+    stream.close()
+    response = getattr(stream, "_response", None)
+    if response is not None:
+        response.close()
+
+
+class _ChunkReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (the streamed tar of get_archive)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            self._buffer = next(self._chunks, b"")
+            if not self._buffer:
+                return 0
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        self._buffer = self._buffer[size:]
+        return size
+
+
+def _artifact(source: str, tar: tarfile.TarFile, max_size: int) -> IO[bytes]:
+    """The content of the first member, checked on its header before any of it is read;
+    otherwise the DriverError of MANIFEST.md §6.7."""
+    member = tar.next()
+    if member is None:
+        raise DriverError(f"{source}: no such file")
+    if member.isdir():
+        raise DriverError(f"{source}: is a directory")
+    content = tar.extractfile(member) if member.isfile() else None
+    if content is None:
+        raise DriverError(f"{source}: not a regular file")
+    if member.size > max_size:
+        raise DriverError(f"{source} exceeds the maximum artifact size of {max_size} bytes")
+    return content
+
+
+def _tar(files: list[_File]) -> bytes:
+    """A tar of `files`, to extract at `/`. No directory members: the engine creates missing
+    parents (0755) and existing directories keep their owner and mode."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for file in files:
+            info = tarfile.TarInfo(file.path.lstrip("/"))
+            info.size, info.mode, info.mtime = len(file.data), file.mode, int(time.time())
+            tar.addfile(info, io.BytesIO(file.data))
+    return buffer.getvalue()
+
+
+def _strip_tags(source: Path, target: Path, name: str) -> None:
+    """Copy the `docker save` archive `source` to `target` keeping one image and no tags.
+
+    Loading tags would let an upload re-point a name other builds resolve in the engine (h.2
+    step 2), so the loaded image is known only by ID and the cache tag.
+    """
+    with tarfile.open(source, mode="r:") as old, tarfile.open(target, mode="w") as new:
+        for member in old:
+            if member.name in ("manifest.json", "./manifest.json"):
+                data = _untagged_manifest(old, member, name)
+                member.size = len(data)
+                new.addfile(member, io.BytesIO(data))
+            elif member.name not in ("repositories", "./repositories"):
+                new.addfile(member, old.extractfile(member) if member.isfile() else None)
+
+
+def _untagged_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> bytes:
+    """manifest.json with only the image tagged `name` (or the only image), without tags."""
+    content = tar.extractfile(member)
+    entries = json.loads(content.read()) if content else None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError("manifest.json is not a list of images")
+    wanted = {name, f"{name}:latest"}
+    if len(entries) > 1:
+        entries = [entry for entry in entries if wanted & set(entry.get("RepoTags") or [])]
+    if len(entries) != 1:
+        raise ValueError(f"the archive does not hold exactly one image tagged {name}")
+    return json.dumps([{**entries[0], "RepoTags": None}]).encode()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _absolute(path: str) -> str:
+    # normpath keeps a leading `//` (POSIX allows it a meaning); the engine does not need it.
+    return "/" + posixpath.normpath("/" + path).lstrip("/")
+
+
+def _engine(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, with an engine error raised as DriverError (its reason)."""
+    try:
+        return call(*args, **kwargs)
+    except DockerException as exc:
+        raise DriverError(_reason(exc)) from exc
+
+
+def _reason(exc: DockerException) -> str:
+    """The engine's own message for an API error, else the exception text."""
+    if isinstance(exc, APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc)
+
+
+def _remove_labelled(client: docker.DockerClient, labels: list[str]) -> None:
+    """Force-remove the containers, then the volumes, carrying all `labels`. Logs failures."""
+    filters = {"label": labels}
+    _remove_each(lambda: client.containers.list(all=True, filters=filters), labels)
+    _remove_each(lambda: client.volumes.list(filters=filters), labels)
+
+
+def _remove_each(listing: Callable[[], list[Any]], labels: list[str]) -> None:
+    # Never raises (any exception, e.g. a lost connection): cleanup runs whatever happened.
+    try:
+        items = listing()
+    except Exception:
+        log.exception("listing leftovers labelled %s failed", labels)
+        return
+    for item in items:
+        try:
+            item.remove(force=True)
+        except NotFound:
+            pass
+        except Exception:
+            log.exception("removing %s failed", item.name)

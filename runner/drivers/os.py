@@ -1,0 +1,153 @@
+"""The `os` driver (EXTENSIONS.md h.3): jobs as local processes in a temporary workspace.
+
+No isolation: for development, tests, trusted runners and the offline runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+from runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
+
+log = logging.getLogger(__name__)
+GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+READ_SIZE = 65536
+INHERITED = ("PATH", "LANG", "TZ")
+
+
+def ssh_config(keys: list[SshKey], directory: str) -> str:
+    """MANIFEST.md §6.5's config text, `/root/.ssh/` pointing at `directory` instead."""
+    text = "\nStrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n\n"
+    text += "".join(key.config + "\n" for key in sorted(keys, key=lambda k: k.name))
+    return text.replace("/root/.ssh/", directory.rstrip("/") + "/")
+
+
+class OsDriver(Driver):
+    def __init__(self, limits: Limits | None = None, inherit_env: bool = False) -> None:
+        self.limits = limits
+        self.inherit_env = inherit_env  # the offline runner passes the caller's environment
+        self.workspace: Path | None = None
+        self.scratch: Path | None = None
+        self.extra_env: dict[str, str] = {}
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def create(self, out: OutputSink) -> None:
+        self.workspace = Path(tempfile.mkdtemp(prefix="marid-workspace-"))
+        self.scratch = Path(tempfile.mkdtemp(prefix="marid-scripts-"))
+        await out(f"Created workspace {self.workspace}\n".encode())
+
+    def inside(self, path: str) -> Path:
+        """`path` resolved in the workspace: absolute paths are re-rooted under it and a path
+        that leaves it through `..` is refused."""
+        assert self.workspace is not None
+        target = (self.workspace / path.lstrip("/")).resolve()
+        if target != self.workspace and self.workspace not in target.parents:
+            raise DriverError(f"{path}: outside the workspace")
+        return target
+
+    async def place_object(self, content: Path, destination: str) -> str:
+        target = self.inside(destination)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(content, target)
+            target.chmod(0o644)
+        except OSError as exc:
+            raise DriverError(f"{destination}: {exc.strerror}") from None
+        return str(target)
+
+    async def write_keys(self, keys: list[SshKey]) -> dict[str, str]:
+        directory = self.inside(".ssh")
+        directory.mkdir(mode=0o700, exist_ok=True)
+        locations = {}
+        for key in keys:
+            path = directory / key.name
+            path.touch(mode=0o600)
+            path.write_text(key.private_key)
+            locations[key.name] = str(path)
+        config = directory / "config"
+        config.touch(mode=0o600)
+        config.write_text(ssh_config(keys, str(directory)))
+        self.extra_env["GIT_SSH_COMMAND"] = f"ssh -F {config}"
+        return locations
+
+    def _environment(self, env: dict[str, str]) -> dict[str, str]:
+        assert self.workspace is not None
+        base = dict(os.environ) if self.inherit_env else {
+            name: os.environ[name] for name in INHERITED if name in os.environ
+        }  # fmt: skip
+        return {**base, "HOME": str(self.workspace), **env, **self.extra_env}
+
+    def _apply_limits(self) -> None:
+        """Runs in the child before exec: memory and process limits (best effort)."""
+        if self.limits is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (self.limits.memory, self.limits.memory))
+            resource.setrlimit(resource.RLIMIT_NPROC, (self.limits.pids, self.limits.pids))
+
+    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> int:
+        assert self.workspace is not None and self.scratch is not None
+        path = self.scratch / "job.sh"
+        path.write_text(script)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                "/bin/sh",
+                str(path),
+                cwd=self.workspace,
+                env=self._environment(env),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so stop() reaches children
+                preexec_fn=self._apply_limits,
+            )
+        except OSError as exc:
+            raise DriverError(f"cannot start /bin/sh: {exc.strerror}") from None
+        assert self.process.stdout is not None
+        while chunk := await self.process.stdout.read(READ_SIZE):
+            await out(chunk)
+        return await self.process.wait()
+
+    async def collect(self, source: str, destination: Path, max_size: int) -> None:
+        path = self.inside(source)
+        if not path.exists():
+            raise DriverError(f"{source}: no such file")
+        if path.is_dir():
+            raise DriverError(f"{source}: is a directory")
+        size = path.stat().st_size
+        if max_size and size > max_size:
+            raise DriverError(f"{source} exceeds the maximum artifact size of {max_size} bytes")
+        try:
+            shutil.copyfile(path, destination)
+        except OSError as exc:
+            raise DriverError(f"{source}: {exc.strerror}") from None
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        self._signal(process, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), GRACE)
+        except TimeoutError:
+            self._signal(process, signal.SIGKILL)
+
+    @staticmethod
+    def _signal(process: asyncio.subprocess.Process, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+
+    async def destroy(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self._signal(self.process, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                await self.process.wait()
+        for directory in (self.workspace, self.scratch):
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)

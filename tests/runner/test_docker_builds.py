@@ -1,0 +1,202 @@
+"""Issue 4's acceptance on the real Docker engine: builds submitted over HTTP, executed by a
+real runner in containers, observed through the API."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import docker
+import pytest
+from aiohttp.test_utils import TestClient
+
+from api.app import create_app
+from marid.blobs import open_store
+from marid.config import Config
+from runner.worker import Worker
+from tests.conftest import MakeToken, bearer
+from tests.runner.conftest import ROOT
+from tests.runner.test_worker import finished, submit, wait_for
+
+pytestmark = pytest.mark.docker
+SCOPE = "build:read,write,delete variable:write object:write namespace:read,write"
+GIT_IMAGE = "marid-test/git:latest"
+
+
+@pytest.fixture
+def docker_config(config: Config, docker_engine: docker.DockerClient) -> Config:
+    return dataclasses.replace(
+        config,
+        drivers=["docker"],
+        docker=dataclasses.replace(config.docker, network="none"),
+        runner=dataclasses.replace(config.runner, lease=5.0),
+    )
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], docker_config: Config, pool: asyncpg.Pool
+) -> TestClient:
+    return await aiohttp_client(create_app(docker_config, pool))
+
+
+@pytest.fixture
+async def worker(docker_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
+    blobs = open_store(docker_config.storage)
+    w = Worker(docker_config, pool, blobs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    yield w
+    stop.set()
+    await asyncio.wait_for(task, 60)
+    await blobs.close()
+
+
+def leftovers(engine: docker.DockerClient) -> list[str]:
+    """Containers and volumes a build left behind (the driver labels what it creates)."""
+    containers = engine.containers.list(all=True, filters={"label": "marid.build"})
+    volumes = engine.volumes.list(filters={"label": "marid.build"})
+    return [c.name for c in containers] + [v.name for v in volumes]
+
+
+ACCEPTANCE = """\
+driver:
+  type: docker
+  image: marid-test/busybox:latest
+  workspace: /workspace
+env:
+- PLAIN=visible
+objects:
+- data.txt => conf/data.txt
+stages:
+- lint
+- test
+- package
+allow_failures:
+- lint
+jobs:
+- stage: lint
+  commands:
+  - echo linting
+  - exit 1
+- stage: test
+  commands:
+  - echo "secret is $SECRET"
+  - cat conf/data.txt
+  - pwd
+- stage: package
+  commands:
+  - head -c 200000 /dev/urandom > app.bin
+  artifacts:
+  - app.bin => dist/app.bin
+"""
+
+
+async def test_three_stage_build_on_the_docker_engine(
+    client: TestClient, token: MakeToken, worker: Worker, docker_engine: docker.DockerClient
+):
+    value = await token(SCOPE)
+    await client.post(
+        "/api/variables",
+        headers=bearer(value),
+        json={"key": "SECRET", "value": "hunter2-secret", "mask": True},
+    )
+    await client.post("/api/objects?name=data.txt", headers=bearer(value), data=b"object content\n")
+    build = await submit(client, value, ACCEPTANCE)
+    build = await wait_for(client, value, build["url"], finished)
+    assert build["status"] == "passed_with_failures", build["output"]
+    base = f"/api/b/alice/{build['number']}"
+    jobs = await (await client.get(base + "/jobs", headers=bearer(value))).json()
+    assert [(j["name"], j["status"]) for j in jobs] == [
+        ("create-driver", "passed"),
+        ("lint.1", "passed_with_failures"),
+        ("test.1", "passed"),
+        ("package.1", "passed"),
+    ]
+    test_output = jobs[2]["output"]
+    assert "secret is xxxxxx" in test_output and "hunter2" not in build["output"]
+    assert "object content\n" in test_output and "/workspace\n" in test_output
+
+    artifacts = await (await client.get(base + "/artifacts", headers=bearer(value))).json()
+    raw = await client.get(
+        base + "/artifacts/dist/app.bin",
+        headers={**bearer(value), "Accept": "application/octet-stream"},
+    )
+    content = await raw.read()
+    assert len(content) == 200000 == artifacts[0]["size"]
+    assert hashlib.sha256(content).hexdigest() == artifacts[0]["sha256"]
+    assert leftovers(docker_engine) == []
+
+
+async def test_missing_image_fails_create_driver(
+    client: TestClient, token: MakeToken, worker: Worker, docker_engine: docker.DockerClient
+):
+    value = await token(SCOPE)
+    manifest = "driver: {type: docker, image: 'nothere/image:1', workspace: /w}\n"
+    build = await wait_for(client, value, (await submit(client, value, manifest))["url"], finished)
+    assert build["status"] == "failed"
+    assert (
+        "image nothere/image:1 not found: upload it with POST /images (driver docker) "
+        "or load it on the runner" in build["output"]
+    )
+    assert leftovers(docker_engine) == []
+
+
+@pytest.fixture(scope="session")
+def git_image(docker_engine: docker.DockerClient) -> str:
+    """The Debian image with git (debootstrap; cached between runs on this machine)."""
+    subprocess.run(
+        ["scripts/test-images", "--only", "git"], cwd=ROOT, check=True, capture_output=True
+    )
+    return GIT_IMAGE
+
+
+@pytest.fixture
+def git_bundle(tmp_path: Path) -> Path:
+    """A local repository with tag v1 ("version one") and main ("version two"), as a bundle
+    file: `git clone` reads it like a remote, with no network."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "README").write_text("version one\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    subprocess.run([*git, "tag", "v1"], check=True)
+    (repo / "README").write_text("version two\n")
+    subprocess.run([*git, "commit", "-q", "-am", "two"], check=True)
+    bundle = tmp_path / "repo.bundle"
+    subprocess.run(
+        [*git, "bundle", "create", str(bundle), "--all"], check=True, capture_output=True
+    )
+    return bundle
+
+
+async def test_sources_are_cloned_from_a_local_repository(
+    client: TestClient, token: MakeToken, worker: Worker, git_image: str, git_bundle: Path
+):
+    value = await token(SCOPE)
+    resp = await client.post(
+        "/api/objects?name=repo.bundle", headers=bearer(value), data=git_bundle.read_bytes()
+    )
+    assert resp.status == 201, await resp.text()
+    manifest = f"""\
+driver: {{type: docker, image: '{git_image}', workspace: /src}}
+objects:
+- repo.bundle
+sources:
+- /src/repo.bundle v1 => tagged
+- /src/repo.bundle => repo
+stages: [check]
+jobs:
+- stage: check
+  commands: [cat tagged/README repo/README]
+"""
+    build = await wait_for(client, value, (await submit(client, value, manifest))["url"], finished)
+    assert build["status"] == "passed", build["output"]
+    assert "version one\nversion two\n" in build["output"]

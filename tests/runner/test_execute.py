@@ -1,0 +1,189 @@
+"""The execution engine with the real os driver (local processes): MANIFEST.md §6."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.drivers.base import Limits, SshKey
+from runner.drivers.os import OsDriver
+from runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
+
+
+@dataclass
+class Recorder:
+    """An in-memory Reporter."""
+
+    output: dict[str, str] = field(default_factory=dict)
+    status: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    placed: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+
+    async def job_started(self, job: JobSpec) -> None:
+        self.started.append(job.name)
+
+    async def job_output(self, job: JobSpec, text: str) -> None:
+        self.output[job.name] = self.output.get(job.name, "") + text
+
+    async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
+        self.status[job.name] = (status, ran)
+
+    async def object_placed(self, obj: ObjectSpec) -> None:
+        self.placed.append(obj.destination)
+
+    async def key_placed(self, name: str, location: str) -> None:
+        self.keys[name] = location
+
+    async def artifact_collected(self, job: JobSpec, source: str, name: str, path: Path) -> None:
+        self.artifacts[name] = path.read_bytes()
+
+
+SETUP = StageSpec("setup - #1", False, [JobSpec("create-driver", "")])
+
+
+def spec(*stages: StageSpec, **overrides: object) -> BuildSpec:
+    fields: dict[str, object] = {
+        "stages": [SETUP, *stages],
+        "env": {},
+        "secrets": [],
+        "objects": [],
+        "keys": [],
+        "timeout": 60.0,
+        "artifact_max_size": 1024,
+    }
+    fields.update(overrides)
+    return BuildSpec(**fields)  # type: ignore[arg-type]
+
+
+async def run(build: BuildSpec) -> tuple[str, Recorder, Execution]:
+    recorder = Recorder()
+    execution = Execution(build, OsDriver(Limits(2**31, 1.0, 4096)), recorder)
+    return await execution.run(), recorder, execution
+
+
+async def test_three_stages_with_an_allowed_failure_and_masking():
+    build = spec(
+        StageSpec("lint", True, [JobSpec("lint.1", "echo linting\nfalse")]),
+        StageSpec(
+            "test",
+            False,
+            [
+                JobSpec(
+                    "test.1",
+                    'echo "token is $TOKEN"\necho ok > out.txt',
+                    artifacts=[("out.txt", "result.txt")],
+                )
+            ],
+        ),
+        StageSpec("deploy", False, [JobSpec("deploy.1", "cat out.txt")]),
+        env={"TOKEN": "s3cr3t-value", "PLAIN": "visible"},
+        secrets=["s3cr3t-value"],
+    )
+    status, rec, _ = await run(build)
+    assert status == "passed_with_failures"
+    assert rec.status == {
+        "create-driver": ("passed", True),
+        "lint.1": ("passed_with_failures", True),
+        "test.1": ("passed", True),
+        "deploy.1": ("passed", True),
+    }
+    assert rec.output["lint.1"] == "+ echo linting\nlinting\n+ false\n"
+    assert "s3cr3t" not in rec.output["test.1"]
+    assert "token is xxxxxx" in rec.output["test.1"]
+    assert "Collecting artifact out.txt => result.txt\n" in rec.output["test.1"]
+    assert rec.artifacts == {"result.txt": b"ok\n"}
+    assert rec.output["deploy.1"] == "+ cat out.txt\nok\n"
+
+
+async def test_a_failure_stops_the_build_and_unrun_jobs_take_its_status():
+    build = spec(
+        StageSpec("one", False, [JobSpec("a", "exit 3"), JobSpec("b", "echo never")]),
+        StageSpec("two", False, [JobSpec("c", "echo never")]),
+    )
+    status, rec, _ = await run(build)
+    assert status == "failed"
+    assert rec.status["a"] == ("failed", True)
+    assert rec.status["b"] == ("failed", False) and rec.status["c"] == ("failed", False)
+    assert "b" not in rec.started
+
+
+async def test_job_timeout_and_kill():
+    build = spec(StageSpec("s", True, [JobSpec("slow", "sleep 30", timeout=0.5)]))
+    status, rec, _ = await run(build)
+    assert status == "timed_out" and rec.status["slow"] == ("timed_out", True)
+
+    build = spec(
+        StageSpec("s", False, [JobSpec("long", "echo started\nsleep 30"), JobSpec("next", "true")])
+    )
+    recorder = Recorder()
+    execution = Execution(build, OsDriver(), recorder)
+    task = asyncio.create_task(execution.run())
+    for _ in range(100):
+        if "long" in recorder.output:
+            break
+        await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    execution.kill.set()
+    assert await task == "killed"
+    assert loop.time() - started < 2
+    assert recorder.status["long"] == ("killed", True)
+    assert recorder.status["next"] == ("killed", False)
+
+
+async def test_objects_keys_and_artifact_errors(tmp_path: Path):
+    async def fetch(path: Path) -> None:
+        path.write_bytes(b"object bytes")
+
+    build = spec(
+        StageSpec(
+            "s",
+            False,
+            [
+                JobSpec(
+                    "check",
+                    "cat conf/app.conf\nls -l conf/app.conf\ncat .ssh/config\nmkdir d",
+                    artifacts=[("missing.txt", "m"), ("d", "dir"), ("/../../etc/passwd", "escape")],
+                )
+            ],
+        ),
+        objects=[
+            ObjectSpec("config.prod", "conf/app.conf", fetch),
+            ObjectSpec("gone", "gone", None),
+            ObjectSpec("evil", "../../outside", fetch),
+        ],
+        keys=[SshKey("deploy", "PRIVATE", "Host x\n  IdentityFile /root/.ssh/deploy")],
+    )
+    status, rec, _ = await run(build)
+    assert status == "passed", rec.output
+    setup = rec.output["create-driver"]
+    assert "Placing object config.prod => conf/app.conf\n" in setup
+    assert "object error: gone: no such object\n" in setup
+    assert "object error: ../../outside: outside the workspace\n" in setup
+    assert rec.placed == ["conf/app.conf"]
+    out = rec.output["check"]
+    assert "object bytes" in out and "-rw-r--r--" in out
+    assert "StrictHostKeyChecking no" in out and "/root/.ssh" not in out
+    assert rec.keys["deploy"].endswith("/.ssh/deploy")
+    assert "artifact error: missing.txt: no such file\n" in out
+    assert "artifact error: d: is a directory\n" in out
+    assert "artifact error: /../../etc/passwd: outside the workspace\n" in out
+
+
+async def test_build_timeout_covers_the_whole_run():
+    build = spec(
+        StageSpec("s", False, [JobSpec("a", "sleep 5"), JobSpec("b", "true")]), timeout=0.5
+    )
+    status, rec, _ = await run(build)
+    assert status == "timed_out"
+    assert rec.status["a"] == ("timed_out", True) and rec.status["b"] == ("timed_out", False)
+
+
+async def test_workspace_is_removed(tmp_path: Path):
+    build = spec(StageSpec("s", False, [JobSpec("a", "pwd")]))
+    _, rec, _ = await run(build)
+    workspace = rec.output["a"].splitlines()[-1]
+    assert not Path(workspace).exists()

@@ -1,0 +1,274 @@
+"""The queue end to end with the os driver: HTTP submission, a real worker, the API's view."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from api.app import create_app
+from marid import queue
+from marid.blobs import open_store
+from marid.config import Config
+from runner.execute import JobSpec
+from runner.reporter import DbReporter, LostLease
+from runner.worker import Worker
+from tests.conftest import MakeToken, bearer
+
+SCOPE = "build:read,write,delete variable:write object:write namespace:read,write"
+
+
+@pytest.fixture
+def os_config(config: Config) -> Config:
+    return dataclasses.replace(
+        config,
+        drivers=["os"],
+        runner=dataclasses.replace(config.runner, lease=2.0, parallelism=2),
+    )
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], os_config: Config, pool: asyncpg.Pool
+) -> TestClient:
+    return await aiohttp_client(create_app(os_config, pool))
+
+
+@pytest.fixture
+async def worker(os_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
+    """A runner working in the background for the test's duration."""
+    blobs = open_store(os_config.storage)
+    w = Worker(os_config, pool, blobs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    yield w
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    await blobs.close()
+
+
+async def submit(client: TestClient, token: str, manifest: str, **extra: object) -> dict:
+    resp = await client.post(
+        "/api/builds", headers=bearer(token), json={"manifest": manifest, **extra}
+    )
+    assert resp.status == 201, await resp.text()
+    return dict(await resp.json())
+
+
+async def wait_for(client: TestClient, token: str, url: str, done: Callable[[dict], bool]) -> dict:
+    path = url.removeprefix("https://ci.example.com")
+    for _ in range(400):
+        body = await (await client.get(path, headers=bearer(token))).json()
+        if done(body):
+            return dict(body)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting on {url}: {body}")
+
+
+def finished(body: dict) -> bool:
+    return body["status"] not in ("queued", "running")
+
+
+THREE_STAGES = """\
+driver:
+  type: os
+env:
+- PLAIN=visible
+objects:
+- data.txt => conf/data.txt
+stages:
+- lint
+- test
+- package
+allow_failures:
+- lint
+jobs:
+- stage: lint
+  commands:
+  - echo linting
+  - exit 1
+- stage: test
+  name: Unit Tests
+  commands:
+  - echo "secret is $SECRET"
+  - cat conf/data.txt
+- stage: package
+  commands:
+  - head -c 300000 /dev/urandom > app.bin
+  - cp app.bin /tmp/../$HOME/copy.bin
+  artifacts:
+  - app.bin => dist/app.bin
+"""
+
+
+async def test_three_stage_build_runs_and_reports(
+    client: TestClient, token: MakeToken, worker: Worker, tmp_path: Path
+):
+    value = await token(SCOPE)
+    resp = await client.post(
+        "/api/variables",
+        headers=bearer(value),
+        json={"key": "SECRET", "value": "hunter2-secret", "mask": True},
+    )
+    assert resp.status == 201
+    resp = await client.post(
+        "/api/objects?name=data.txt", headers=bearer(value), data=b"object content\n"
+    )
+    assert resp.status == 201, await resp.text()
+    build = await submit(client, value, THREE_STAGES, comment="ci", tags=["a", "b"])
+    assert build["status"] == "queued" and build["tags"] == ["a", "b"]
+    build = await wait_for(client, value, build["url"], finished)
+    assert build["status"] == "passed_with_failures", build["output"]
+    assert build["started_at"] and build["finished_at"]
+
+    jobs = await (
+        await client.get(f"/api/b/alice/{build['number']}/jobs", headers=bearer(value))
+    ).json()
+    assert [(j["stage"], j["name"], j["status"]) for j in jobs] == [
+        ("setup - #1", "create-driver", "passed"),
+        ("lint", "lint.1", "passed_with_failures"),
+        ("test", "unit-tests", "passed"),
+        ("package", "package.1", "passed"),
+    ]
+    unit = jobs[2]["output"]
+    assert "secret is xxxxxx" in unit and "hunter2" not in build["output"]
+    assert "object content" in unit
+    assert "Placing object data.txt => conf/data.txt" in jobs[0]["output"]
+    assert build["output"] == "".join(j["output"] for j in jobs)
+
+    base = f"/api/b/alice/{build['number']}"
+    objects = await (await client.get(base + "/objects", headers=bearer(value))).json()
+    assert [(o["source"], o["name"], o["placed"]) for o in objects] == [
+        ("data.txt", "conf/data.txt", True)
+    ]
+    variables = await (await client.get(base + "/variables", headers=bearer(value))).json()
+    assert [(v["key"], v["value"], v["masked"]) for v in variables] == [
+        ("PLAIN", "visible", False),
+        ("SECRET", "xxxxxx", True),
+    ]
+
+    artifacts = await (await client.get(base + "/artifacts", headers=bearer(value))).json()
+    assert [(a["name"], a["size"], a["job"]["name"]) for a in artifacts] == [
+        ("dist/app.bin", 300000, "package.1")
+    ]
+    raw = await client.get(
+        base + "/artifacts/dist/app.bin",
+        headers={**bearer(value), "Accept": "application/octet-stream"},
+    )
+    assert raw.status == 200
+    content = await raw.read()
+    assert len(content) == 300000
+    assert hashlib.sha256(content).hexdigest() == artifacts[0]["sha256"]
+    assert raw.headers["Content-Type"] == "application/octet-stream"
+
+
+async def test_kill_ends_a_running_build_within_two_seconds(
+    client: TestClient, token: MakeToken, worker: Worker
+):
+    value = await token(SCOPE)
+    manifest = (
+        "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: ['echo up', 'sleep 60']\n"
+    )
+    build = await submit(client, value, manifest)
+    await wait_for(
+        client, value, build["url"] + "/jobs/s.1", lambda job: job["status"] == "running"
+    )
+    started = time.monotonic()
+    resp = await client.delete(f"/api/b/alice/{build['number']}", headers=bearer(value))
+    assert resp.status == 204
+    killed = await wait_for(client, value, build["url"], finished)
+    assert time.monotonic() - started < 2.0
+    assert killed["status"] == "killed"
+
+
+async def test_killing_a_queued_build_means_it_never_runs(
+    client: TestClient, token: MakeToken, pool: asyncpg.Pool
+):
+    value = await token(SCOPE)
+    build = await submit(client, value, "driver: {type: os}\n")
+    assert (
+        await client.delete(f"/api/b/alice/{build['number']}", headers=bearer(value))
+    ).status == 204
+    body = await (await client.get(f"/api/b/alice/{build['number']}", headers=bearer(value))).json()
+    assert (body["status"], body["started_at"]) == ("killed", None)
+    jobs = await pool.fetch("SELECT status, started_at FROM build_jobs")
+    assert [(r["status"], r["started_at"]) for r in jobs] == [("killed", None)]
+
+
+async def test_dead_runner_is_recovered_and_its_late_writes_are_fenced(
+    client: TestClient, token: MakeToken, pool: asyncpg.Pool, os_config: Config
+):
+    value = await token(SCOPE)
+    build = await submit(
+        client, value, "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: [echo hi]\n"
+    )
+    async with pool.acquire() as conn:
+        dead = await queue.claim(conn, "dead-runner", ["os"], 0.2)
+    assert dead is not None and dead.attempt == 1
+    job_id = await pool.fetchval("SELECT id FROM build_jobs WHERE name = 's.1'")
+    zombie = DbReporter(pool, open_store(os_config.storage), dead)
+    await zombie.job_output(JobSpec("s.1", "", id=job_id), "from the dead attempt\n")
+    await zombie.flush()
+    await asyncio.sleep(0.3)  # the lease runs out
+
+    blobs = open_store(os_config.storage)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Worker(os_config, pool, blobs).run(stop))
+    done = await wait_for(client, value, build["url"], finished)
+    stop.set()
+    await task
+    assert done["status"] == "passed"
+    assert "orphaned" in done["tags"]
+    assert "dead attempt" not in done["output"]
+    with pytest.raises(LostLease):
+        await zombie.job_started(JobSpec("s.1", "", id=job_id))
+    with pytest.raises(LostLease):
+        await zombie.build_finished("failed")
+    assert await pool.fetchval("SELECT attempt FROM builds") == 2
+    assert await pool.fetchval("SELECT status FROM builds") == "passed"
+    await blobs.close()
+
+
+async def test_live_output_arrives_while_the_job_runs(
+    client: TestClient, token: MakeToken, worker: Worker
+):
+    value = await token(SCOPE)
+    manifest = (
+        "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands:\n"
+        "  - for i in 1 2 3; do echo line $i; sleep 0.5; done\n"
+    )
+    build = await submit(client, value, manifest)
+    url = f"/api/b/alice/{build['number']}/jobs/s.1/output"
+    resp = await client.get(url, headers={**bearer(value), "Accept": "text/event-stream"})
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    events, texts, first_line_at, status_at = [], [], None, None
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event:"):
+            events.append(line.split(": ", 1)[1])
+        elif line.startswith("data:"):
+            data = json.loads(line.split(": ", 1)[1])
+            if events[-1] == "output":
+                texts.append(data["text"])
+                if "line 1" in "".join(texts) and first_line_at is None:
+                    first_line_at = time.monotonic()
+            else:
+                status_at = time.monotonic()
+                assert data["status"] == "passed"
+    assert events[-1] == "status"
+    assert first_line_at is not None and status_at is not None
+    assert status_at - first_line_at > 0.7  # line 1 came a second before the end
+    job = await (await client.get(url.removesuffix("/output"), headers=bearer(value))).json()
+    assert "".join(texts) == job["output"]
+    plain = await client.get(url, headers=bearer(value))
+    assert await plain.text() == job["output"]
+    assert plain.headers["X-Marid-Job-Status"] == "passed"
+    assert plain.headers["X-Marid-Output-Length"] == str(len(job["output"].encode()))
