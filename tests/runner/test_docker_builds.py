@@ -57,10 +57,11 @@ async def worker(docker_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Wor
     await blobs.close()
 
 
-def leftovers(engine: docker.DockerClient) -> list[str]:
+def leftovers(engine: docker.DockerClient, build_id: int) -> list[str]:
     """Containers and volumes a build left behind (the driver labels what it creates)."""
-    containers = engine.containers.list(all=True, filters={"label": "marid.build"})
-    volumes = engine.volumes.list(filters={"label": "marid.build"})
+    label = {"label": f"marid.build={build_id}"}
+    containers = engine.containers.list(all=True, filters=label)
+    volumes = engine.volumes.list(filters=label)
     return [c.name for c in containers] + [v.name for v in volumes]
 
 
@@ -130,7 +131,7 @@ async def test_three_stage_build_on_the_docker_engine(
     content = await raw.read()
     assert len(content) == 200000 == artifacts[0]["size"]
     assert hashlib.sha256(content).hexdigest() == artifacts[0]["sha256"]
-    assert leftovers(docker_engine) == []
+    assert leftovers(docker_engine, build["id"]) == []
 
 
 async def test_missing_image_fails_create_driver(
@@ -144,7 +145,7 @@ async def test_missing_image_fails_create_driver(
         "image nothere/image:1 not found: upload it with POST /images (driver docker) "
         "or load it on the runner" in build["output"]
     )
-    assert leftovers(docker_engine) == []
+    assert leftovers(docker_engine, build["id"]) == []
 
 
 @pytest.fixture(scope="session")
