@@ -101,6 +101,8 @@ class Worker:
         reporter = DbReporter(self.pool, self.blobs, claim)
         try:
             spec, driver = await self._load(claim)
+            if claim.attempt > 1:
+                await driver.clear_previous()  # a dead runner's containers may still run
             execution = Execution(spec, driver, reporter)
             self.running[claim.build_id] = execution
             heartbeat = asyncio.create_task(self._heartbeat(claim, execution))

@@ -68,6 +68,10 @@ class Driver(ABC):
     async def stop(self) -> None:
         """Terminate the running job, if any (SIGTERM, SIGKILL after 10 s). Idempotent."""
 
+    async def clear_previous(self) -> None:  # noqa: B027 - optional, most drivers have nothing
+        """Before a recovered attempt: remove what earlier attempts of this build left running
+        (their runner died). Never raises."""
+
     @abstractmethod
     async def destroy(self) -> None:
         """Remove everything the driver made (containers, volume, workspace). Idempotent and

@@ -110,6 +110,10 @@ class DockerDriver(Driver):
         """The name of the build's workspace volume."""
         return self._prefix
 
+    async def clear_previous(self) -> None:
+        """Remove containers and volumes of this build's earlier attempts."""
+        await remove_leftovers(self._client, self.build_id)
+
     async def create(self, out: OutputSink) -> None:
         """Resolve the image (h.2), then create the workspace volume."""
         self._image_id = await self._resolve_image(out)
