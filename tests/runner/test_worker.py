@@ -272,3 +272,17 @@ async def test_live_output_arrives_while_the_job_runs(
     assert await plain.text() == job["output"]
     assert plain.headers["X-Marid-Job-Status"] == "passed"
     assert plain.headers["X-Marid-Output-Length"] == str(len(job["output"].encode()))
+
+
+async def test_a_runner_runs_builds_in_parallel_up_to_its_limit(
+    client: TestClient, token: MakeToken, worker: Worker, pool: asyncpg.Pool
+):
+    value = await token(SCOPE)
+    manifest = "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: [sleep 1]\n"
+    builds = [await submit(client, value, manifest) for _ in range(3)]
+    for build in builds:
+        await wait_for(client, value, build["url"], finished)
+    rows = await pool.fetch("SELECT started_at, finished_at FROM builds ORDER BY number")
+    # parallelism 2: the first two overlap, the third starts only when one of them is done
+    assert rows[1]["started_at"] < rows[0]["finished_at"]
+    assert rows[2]["started_at"] >= min(rows[0]["finished_at"], rows[1]["finished_at"])
