@@ -4,6 +4,7 @@
 transaction has committed. Every step is recorded in `image_downloads`, so a download left
 pending by a stopped or crashed server is started again when the app next starts (or failed,
 after MAX_ATTEMPTS starts). The URL is kept encrypted until the download finishes.
+http(s) URLs are fetched with aiohttp, sftp URLs with asyncssh; both stream into the blob store.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator
-from urllib.parse import unquote, urlsplit, urlunsplit
+from typing import cast
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import asyncssh
 from aiohttp import web
 
 from api.keys import BLOBS, CIPHER, CONFIG, POOL
 from marid import images
 from marid.blobs import Blob, BlobStore, BlobTooLarge
+from marid.config import parse_duration
 from marid.crypto import Cipher, DecryptionError
 from marid.uploads import size_text
 
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 TIMEOUT = 600.0  # seconds, the whole download (API.md §12.3)
 MAX_ATTEMPTS = 3
 CHUNK_SIZE = 256 * 1024
+SFTP_PORT = 22
+SFTP_CONNECT_TIMEOUT = 60.0  # seconds, when the URL has no `timeout` query (API.md §12.3)
 
 
 class DownloadFailed(Exception):
@@ -128,15 +134,21 @@ class Downloads:
             raise DownloadFailed(f"download timed out after {TIMEOUT:g} seconds") from None
         except aiohttp.InvalidURL as exc:  # its text is the URL, without the user info
             raise DownloadFailed(f"download failed: invalid URL {exc}") from None
-        # ValueError: a URL or credentials aiohttp refuses. No message holds the password:
-        # aiohttp never sees it in a URL (see _fetch).
+        # The SSH or SFTP server's reason (the password is never sent back).
+        except asyncssh.Error as exc:
+            raise DownloadFailed(f"download failed: {exc.reason or type(exc).__name__}") from None
+        # ValueError: a URL or credentials aiohttp or asyncssh refuses. No message holds the
+        # password: aiohttp never sees it in a URL (see _fetch_http), asyncssh never shows it.
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise DownloadFailed(f"download failed: {str(exc) or type(exc).__name__}") from None
 
     async def _fetch(self, url: str) -> Blob:
         parts = urlsplit(url)
         if parts.scheme.lower() == "sftp":
-            raise DownloadFailed(images.SFTP_UNSUPPORTED)
+            return await self._fetch_sftp(parts)
+        return await self._fetch_http(parts)
+
+    async def _fetch_http(self, parts: SplitResult) -> Blob:
         headers = {}
         if parts.username is not None:  # user info is sent as Basic auth, not in the URL
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -148,6 +160,23 @@ class Downloads:
                 raise DownloadFailed(f"download failed: unexpected status {status}")
             chunks = images.qcow2_only(response.content.iter_chunked(CHUNK_SIZE))
             return await self.store.put(chunks, self.max_size)
+
+    async def _fetch_sftp(self, parts: SplitResult) -> Blob:
+        """Password login to host[:port], then the file at the URL path (API.md §12.3)."""
+        path = unquote(parts.path)
+        conn = await _sftp_connect(parts)
+        try:
+            sftp = await conn.start_sftp_client()
+            try:
+                file = await sftp.open(path, "rb")
+            except asyncssh.SFTPNoSuchFile:
+                raise DownloadFailed(f"download failed: no such file {path}") from None
+            chunks = images.qcow2_only(_sftp_chunks(file))
+            return await self.store.put(chunks, self.max_size)
+        finally:
+            # Closing the connection ends its SFTP session and file. Not awaited: a close that
+            # fails or is cancelled after `put` must not lose the stored blob.
+            conn.close()
 
     async def _finish(self, image_id: int, blob: Blob | None, error: str | None) -> None:
         try:
@@ -163,6 +192,50 @@ class Downloads:
             log.info("image %d downloaded", image_id)
         else:
             log.warning("image %d download failed: %s", image_id, error)
+
+
+async def _sftp_connect(parts: SplitResult) -> asyncssh.SSHClientConnection:
+    """A logged-in SSH connection to the sftp URL's host; raises DownloadFailed."""
+    if not parts.hostname:
+        raise DownloadFailed("download failed: no host in URL")
+    timeout = _connect_timeout(parts.query)
+    try:
+        return await asyncssh.connect(
+            parts.hostname,
+            parts.port or SFTP_PORT,
+            username=unquote(parts.username or ""),
+            password=unquote(parts.password or ""),
+            # The URL carries no host key to check the server against, so none is checked.
+            known_hosts=None,
+            preferred_auth="password",
+            # Nothing of this server's own: no keys, agent or ~/.ssh/config (a ProxyCommand).
+            client_keys=None,
+            agent_path=None,
+            config=None,
+            connect_timeout=timeout,  # covers the handshake and login too
+        )
+    except TimeoutError:
+        raise DownloadFailed(
+            f"download failed: connect timed out after {timeout:g} seconds"
+        ) from None
+    except asyncssh.PermissionDenied:
+        raise DownloadFailed("download failed: authentication failed") from None
+
+
+def _connect_timeout(query: str) -> float:
+    """Seconds from the sftp URL's `timeout` query (a duration like `30s`), else the default."""
+    text = parse_qs(query).get("timeout", [""])[0]
+    if not text:
+        return SFTP_CONNECT_TIMEOUT
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise DownloadFailed(f"download failed: invalid timeout {text}") from None
+
+
+async def _sftp_chunks(file: asyncssh.SFTPClientFile) -> AsyncIterator[bytes]:
+    while chunk := await file.read(CHUNK_SIZE):
+        yield cast(bytes, chunk)  # opened "rb": bytes, whatever read()'s AnyStr says
 
 
 DOWNLOADS = web.AppKey("image_downloads", Downloads)

@@ -10,13 +10,16 @@ import hashlib
 import io
 import json
 import logging
+import socket
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import asyncpg
+import asyncssh
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -637,19 +640,6 @@ async def test_an_unexpected_failure_is_logged_and_recorded(
     assert "image 1 download crashed" in caplog.text
 
 
-async def test_sftp_download_is_recorded_as_unsupported(
-    api: TestClient, alice: User, token: MakeToken
-):
-    value = await token("image:read,write")
-    body = await start_download(
-        api, value, name="sftp", download_url=f"sftp://me:{PASSWORD}@127.0.0.1:22/disk.qcow2"
-    )
-    assert body["download"]["source"] == "sftp://me:xxxxx@127.0.0.1:22/disk.qcow2"
-    done = await finished(api, value, body)
-    assert done["download"]["error"] == "sftp downloads are not supported by this server"
-    assert PASSWORD not in json.dumps(done)
-
-
 async def test_pending_downloads_are_resumed_or_failed_at_start_up(
     make_client: MakeClient,
     alice: User,
@@ -885,3 +875,191 @@ async def test_find_docker_image_for_a_build(
             (bob.id, None, "alpine:3.19"),  # someone else's
         ):
             assert await images.find_docker_image(conn, owner, namespace_id, name) is None
+
+
+# sftp downloads: a real asyncssh SFTP server on 127.0.0.1.
+
+SFTP_USER = "us@er"  # percent-encoded in URLs, like the password
+SFTP_PASSWORD = f"{PASSWORD}/:@%"
+
+
+class PasswordServer(asyncssh.SSHServer):
+    """Password logins only, for SFTP_USER with SFTP_PASSWORD; records each attempt."""
+
+    def __init__(self, logins: list[tuple[str, str]]) -> None:
+        self.logins = logins
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # authentication is required
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        self.logins.append((username, password))
+        return (username, password) == (SFTP_USER, SFTP_PASSWORD)
+
+
+@dataclasses.dataclass
+class SftpSource:
+    """An SFTP server on 127.0.0.1 serving `root` (chrooted): disk.qcow2, big.qcow2, text."""
+
+    root: Path
+    port: int
+    logins: list[tuple[str, str]]
+
+    def url(self, path: str, password: str = SFTP_PASSWORD, query: str = "") -> str:
+        user = f"{quote(SFTP_USER, safe='')}:{quote(password, safe='')}"
+        return f"sftp://{user}@127.0.0.1:{self.port}{path}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture
+async def sftp_source(tmp_path: Path) -> AsyncIterator[SftpSource]:
+    root = tmp_path / "sftp"
+    root.mkdir()
+    (root / "disk.qcow2").write_bytes(QCOW2)
+    (root / "big.qcow2").write_bytes(QCOW2 * 4)
+    (root / "text").write_text("hello, not a disk")
+    logins: list[tuple[str, str]] = []
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        config=None,
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        server_factory=lambda: PasswordServer(logins),
+        sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=bytes(root)),
+        allow_scp=False,
+    )
+    yield SftpSource(root, server.get_port(), logins)
+    server.close()
+    await server.wait_closed()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_sftp_download_is_byte_identical_and_never_shows_the_password(
+    storage_api: TestClient,
+    alice: User,
+    token: MakeToken,
+    sftp_source: SftpSource,
+    pool: asyncpg.Pool,
+    stored_blobs,
+    caplog: pytest.LogCaptureFixture,
+):
+    caplog.set_level(logging.DEBUG)
+    value = await token(EVERYTHING)
+    url = sftp_source.url("/disk.qcow2", query="timeout=30s")
+    body = await start_download(storage_api, value, name="remote", download_url=url)
+    source = f"sftp://us%40er:xxxxx@127.0.0.1:{sftp_source.port}/disk.qcow2?timeout=30s"
+    pending = {"source": source, "error": None, "created_at": body["download"]["created_at"]}
+    assert body == expected(
+        body, alice, "remote", download={**pending, "started_at": None, "finished_at": None}
+    )
+
+    done = await finished(storage_api, value, body)
+    assert done["download"]["started_at"].endswith("Z")
+    assert done["download"]["finished_at"].endswith("Z")
+    assert done == expected(
+        body,
+        alice,
+        "remote",
+        download={
+            **pending,
+            "started_at": done["download"]["started_at"],
+            "finished_at": done["download"]["finished_at"],
+        },
+    )
+    assert sftp_source.logins == [(SFTP_USER, SFTP_PASSWORD)]  # percent-decoded
+    resp = await storage_api.get(
+        f"/api/images/{body['id']}", headers={**bearer(value), "Accept": QEMU_DISK}
+    )
+    assert resp.status == 200
+    assert resp.content_type == QEMU_DISK
+    assert await resp.read() == QCOW2
+    assert len(stored_blobs()) == 1
+    dump = await pool.fetchval("SELECT string_agg(d::text, '') FROM image_downloads d")
+    assert PASSWORD not in dump
+    texts = [json.dumps(body)]
+    for path in ("/api/images", f"/api/images/{body['id']}"):
+        texts.append(await (await storage_api.get(path, headers=bearer(value))).text())
+    assert all(PASSWORD not in text and source in text for text in texts)
+    assert "downloaded" in caplog.text
+    assert PASSWORD not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "password", "query", "error"),
+    [
+        ("/disk.qcow2", f"wrong-{PASSWORD}", "", "download failed: authentication failed"),
+        ("/missing.qcow2", SFTP_PASSWORD, "", "download failed: no such file /missing.qcow2"),
+        ("/text", SFTP_PASSWORD, "", "not a valid qcow2 file"),
+        ("/big.qcow2", SFTP_PASSWORD, "", "file too large, cannot exceed 8 KB"),
+        ("/disk.qcow2", SFTP_PASSWORD, "timeout=soon", "download failed: invalid timeout soon"),
+    ],
+)
+async def test_failed_sftp_downloads_record_their_error(
+    make_client: MakeClient,
+    alice: User,
+    token: MakeToken,
+    sftp_source: SftpSource,
+    blob_files,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    password: str,
+    query: str,
+    error: str,
+):
+    caplog.set_level(logging.DEBUG)
+    api = await make_client(max_size=8192)
+    value = await token("image:read,write")
+    url = sftp_source.url(path, password, query)
+    body = await start_download(api, value, name="broken", download_url=url)
+    done = await finished(api, value, body)
+    assert done["download"]["error"] == error
+    assert done["download"]["finished_at"] is not None
+    resp = await api.get(
+        f"/api/images/{body['id']}", headers={**bearer(value), "Accept": QEMU_DISK}
+    )
+    assert resp.status == 404
+    assert blob_files() == []
+    assert PASSWORD not in json.dumps(done)
+    assert PASSWORD not in caplog.text
+
+
+async def test_sftp_connect_refused_records_a_connection_error(
+    api: TestClient, alice: User, token: MakeToken
+):
+    value = await token("image:read,write")
+    port = closed_port()
+    url = f"sftp://me:{PASSWORD}@127.0.0.1:{port}/disk.qcow2?timeout=1s"
+    body = await start_download(api, value, name="far", download_url=url)
+    done = await finished(api, value, body)
+    error = done["download"]["error"]  # e.g. "[Errno 111] Connect call failed (...)" on Linux
+    assert error.startswith("download failed: ")
+    assert error.endswith(f"Connect call failed ('127.0.0.1', {port})")
+    assert PASSWORD not in json.dumps(done)
+
+
+async def test_sftp_connect_timeout_comes_from_the_url(
+    api: TestClient, alice: User, token: MakeToken
+):
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, never speaks SSH
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        value = await token("image:read,write")
+        url = f"sftp://me:{PASSWORD}@127.0.0.1:{port}/disk.qcow2?timeout=1s"
+        body = await start_download(api, value, name="mute", download_url=url)
+        done = await finished(api, value, body)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert done["download"]["error"] == "download failed: connect timed out after 1 seconds"
