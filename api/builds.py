@@ -8,9 +8,9 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from api import idempotency
+from api import idempotency, resources
 from api.auth import Caller, optional, requires
-from api.http import Page, api_url, path_id, query, query_flag, read_body, read_json
+from api.http import Page, api_url, query, query_flag, read_body, read_json
 from api.keys import CONFIG, POOL
 from api.namespaces import NS, NS_PARAMS, load_namespace
 from api.openapi import (
@@ -180,12 +180,9 @@ async def list_namespace_builds(request: web.Request, caller: Caller) -> web.Res
 async def list_object_builds(request: web.Request, caller: Caller) -> web.Response:
     """Builds that declared the object (API.md §14.5): object:read and build:read."""
     async with request.config_dict[POOL].acquire() as conn:
-        found = await objects.get(conn, path_id(request))
-        if found is None:
-            raise NotFound()
-        ns = await namespaces.get(conn, found.namespace_id) if found.namespace_id else None
-        rights = await namespaces.resource_rights(conn, caller.user, found.user_id, ns)
-        caller.check_read(rights, "object:read", "build:read")
+        found = await resources.readable(
+            conn, request, caller, objects.get, "object:read", "build:read"
+        )
         return await page_of_builds(request, conn, Listing(object_id=found.id))
 
 

@@ -11,9 +11,9 @@ from aiohttp import web
 from api import uploads
 from api.auth import Caller, optional, requires
 from api.downloads import DOWNLOADS
-from api.http import Page, api_url, path_id, query, read_body
+from api.http import api_url, read_body
 from api.keys import BLOBS, CIPHER, CONFIG, POOL
-from api.namespaces import NS, NS_PARAMS, load_namespace
+from api.namespaces import NS, NS_PARAMS
 from api.openapi import (
     BEARER,
     INT,
@@ -34,8 +34,8 @@ from api.openapi import (
     ref,
     search_params,
 )
+from api.resources import list_in_namespace, list_mine, readable, usable
 from marid import images, namespaces
-from marid.images import Image
 from marid.namespaces import Namespace
 from marid.uploads import stored
 from marid.users import User
@@ -44,17 +44,6 @@ from marid.validation import Errors, NotFound
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 FIELDS = ("name", "namespace", "driver")
-
-
-async def load_image(
-    conn: asyncpg.Connection, request: web.Request, user: User | None
-) -> tuple[Image, namespaces.Rights]:
-    """The image named by the URL and the caller's rights on it; NotFound if it is missing."""
-    found = await images.get(conn, path_id(request))
-    if found is None:
-        raise NotFound()
-    ns = await namespaces.get(conn, found.namespace_id) if found.namespace_id else None
-    return found, await namespaces.resource_rights(conn, user, found.user_id, ns)
 
 
 async def resolve_and_check_name(
@@ -76,11 +65,7 @@ async def resolve_and_check_name(
 @routes.get("/images")
 @requires("image:read")
 async def list_images(request: web.Request, user: User) -> web.Response:
-    search = query(request, "search") or ""
-    async with request.config_dict[POOL].acquire() as conn:
-        page = Page(request, await images.count_mine(conn, user, search))
-        found = await images.list_mine(conn, user, search, page.offset, page.limit)
-        return page.response(await images.to_json(conn, found, api_url(request)))
+    return await list_mine(request, user, images.count, images.page, images.to_json)
 
 
 @routes.post("/images")
@@ -158,8 +143,7 @@ async def _entity(conn: asyncpg.Connection, image_id: int, base: str) -> dict[st
 async def show_image(request: web.Request, caller: Caller) -> web.StreamResponse:
     """The Image entity, or its content for the driver's `Accept` type (API.md §12.4)."""
     async with request.config_dict[POOL].acquire() as conn:
-        found, rights = await load_image(conn, request, caller.user)
-        caller.check_read(rights, "image:read")
+        found = await readable(conn, request, caller, images.get, "image:read")
         content_type = images.CONTENT_TYPES[found.driver]
         if request.headers.get("Accept") != content_type:
             [body] = await images.to_json(conn, [found], api_url(request))
@@ -174,9 +158,7 @@ async def show_image(request: web.Request, caller: Caller) -> web.StreamResponse
 @requires("image:delete")
 async def delete_image(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        found, rights = await load_image(conn, request, user)
-        if not rights.use:
-            raise NotFound()
+        found = await usable(conn, request, user, images.get)
         key = await images.delete(conn, found)
     # Only after the commit: a rolled-back delete must still find its content.
     downloads = request.config_dict.get(DOWNLOADS)
@@ -191,13 +173,7 @@ async def delete_image(request: web.Request, user: User) -> web.Response:
 @routes.get(NS + "/-/images")
 @optional
 async def list_namespace_images(request: web.Request, caller: Caller) -> web.Response:
-    search = query(request, "search") or ""
-    async with request.config_dict[POOL].acquire() as conn:
-        ns = await load_namespace(conn, request)
-        caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
-        page = Page(request, await images.count_in(conn, ns, search))
-        found = await images.list_in(conn, ns, search, page.offset, page.limit)
-        return page.response(await images.to_json(conn, found, api_url(request)))
+    return await list_in_namespace(request, caller, images.count, images.page, images.to_json)
 
 
 ID = [path_param("id", "image id")]

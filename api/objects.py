@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import asyncpg
 from aiohttp import web
 
 from api import uploads
 from api.auth import Caller, optional, requires
-from api.http import Page, api_url, path_id, query
+from api.http import api_url
 from api.keys import BLOBS, CONFIG, POOL
-from api.namespaces import NS, NS_PARAMS, load_namespace
+from api.namespaces import NS, NS_PARAMS
 from api.openapi import (
     BEARER,
     INT,
@@ -32,36 +31,21 @@ from api.openapi import (
     ref,
     search_params,
 )
+from api.resources import list_in_namespace, list_mine, readable, usable
 from marid import mime, namespaces, objects
-from marid.objects import Object
 from marid.uploads import check_file, stored
 from marid.users import User
-from marid.validation import Errors, NotFound
+from marid.validation import Errors
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 FIELDS = ("name", "namespace")
 
 
-async def load_object(
-    conn: asyncpg.Connection, request: web.Request, user: User | None
-) -> tuple[Object, namespaces.Rights]:
-    """The object named by the URL and the caller's rights on it; NotFound if it is missing."""
-    found = await objects.get(conn, path_id(request))
-    if found is None:
-        raise NotFound()
-    ns = await namespaces.get(conn, found.namespace_id) if found.namespace_id else None
-    return found, await namespaces.resource_rights(conn, user, found.user_id, ns)
-
-
 @routes.get("/objects")
 @requires("object:read")
 async def list_objects(request: web.Request, user: User) -> web.Response:
-    search = query(request, "search") or ""
-    async with request.config_dict[POOL].acquire() as conn:
-        page = Page(request, await objects.count_mine(conn, user, search))
-        found = await objects.list_mine(conn, user, search, page.offset, page.limit)
-        return page.response(await objects.to_json(conn, found, api_url(request)))
+    return await list_mine(request, user, objects.count, objects.page, objects.to_json)
 
 
 @routes.post("/objects")
@@ -104,8 +88,7 @@ async def create_object(request: web.Request, user: User) -> web.Response:
 async def show_object(request: web.Request, caller: Caller) -> web.StreamResponse:
     """The Object entity, or its content when `Accept` is exactly its type (API.md §14.4)."""
     async with request.config_dict[POOL].acquire() as conn:
-        found, rights = await load_object(conn, request, caller.user)
-        caller.check_read(rights, "object:read")
+        found = await readable(conn, request, caller, objects.get, "object:read")
         if request.headers.get("Accept") != found.type:
             [body] = await objects.to_json(conn, [found], api_url(request))
             return web.json_response(body)
@@ -117,9 +100,7 @@ async def show_object(request: web.Request, caller: Caller) -> web.StreamRespons
 @requires("object:delete")
 async def delete_object(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        found, rights = await load_object(conn, request, user)
-        if not rights.use:
-            raise NotFound()
+        found = await usable(conn, request, user, objects.get)
         await objects.delete(conn, found)
     # Only after the commit: a rolled-back delete must still find its content.
     await request.config_dict[BLOBS].delete(found.blob_key)
@@ -130,13 +111,7 @@ async def delete_object(request: web.Request, user: User) -> web.Response:
 @routes.get(NS + "/-/objects")
 @optional
 async def list_namespace_objects(request: web.Request, caller: Caller) -> web.Response:
-    search = query(request, "search") or ""
-    async with request.config_dict[POOL].acquire() as conn:
-        ns = await load_namespace(conn, request)
-        caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
-        page = Page(request, await objects.count_in(conn, ns, search))
-        found = await objects.list_in(conn, ns, search, page.offset, page.limit)
-        return page.response(await objects.to_json(conn, found, api_url(request)))
+    return await list_in_namespace(request, caller, objects.count, objects.page, objects.to_json)
 
 
 ID = [path_param("id", "object id")]

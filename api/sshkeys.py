@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 from aiohttp import web
 
 from api.auth import Caller, optional, requires
-from api.http import Page, api_url, path_id, query, read_body
+from api.http import api_url, read_body
 from api.keys import CIPHER, POOL
-from api.namespaces import NS, NS_PARAMS, load_namespace
+from api.namespaces import NS, NS_PARAMS
 from api.openapi import (
     BEARER,
     INT,
@@ -31,12 +30,10 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.variables import matches_nothing
-from marid import keys, namespaces
-from marid.keys import Key, KeyForm
-from marid.namespaces import Rights
+from api.resources import list_in_namespace, list_mine, readable, usable
+from marid import keys
+from marid.keys import KeyForm
 from marid.users import User
-from marid.validation import NotFound
 
 routes = web.RouteTableDef()
 
@@ -44,13 +41,7 @@ routes = web.RouteTableDef()
 @routes.get("/keys")
 @requires("key:read")
 async def list_keys(request: web.Request, user: User) -> web.Response:
-    search = query(request, "search") or ""
-    if matches_nothing(search):
-        return Page(request, 0).response([])
-    async with request.config_dict[POOL].acquire() as conn:
-        page = Page(request, await keys.count_mine(conn, user, search))
-        found = await keys.list_mine(conn, user, search, page.offset, page.limit)
-        return page.response(await keys.to_json(conn, found, api_url(request)))
+    return await list_mine(request, user, keys.count, keys.page, keys.to_json)
 
 
 @routes.post("/keys")
@@ -65,23 +56,11 @@ async def create_key(request: web.Request, user: User) -> web.Response:
     return web.json_response(created, status=201)
 
 
-async def load_key(
-    conn: asyncpg.Connection, request: web.Request, user: User | None
-) -> tuple[Key, Rights]:
-    """The key named by the URL with the caller's rights on it; NotFound if missing."""
-    key = await keys.get(conn, path_id(request))
-    if key is None:
-        raise NotFound()
-    ns = await namespaces.get(conn, key.namespace_id) if key.namespace_id else None
-    return key, await namespaces.resource_rights(conn, user, key.user_id, ns)
-
-
 @routes.get(r"/keys/{id:\d+}")
 @optional
 async def show_key(request: web.Request, caller: Caller) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
-        key, rights = await load_key(conn, request, caller.user)
-        caller.check_read(rights, "key:read")
+        key = await readable(conn, request, caller, keys.get, "key:read")
         [shown] = await keys.to_json(conn, [key], api_url(request))
     return web.json_response(shown)
 
@@ -90,9 +69,7 @@ async def show_key(request: web.Request, caller: Caller) -> web.Response:
 @requires("key:write")
 async def update_key(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        key, rights = await load_key(conn, request, user)
-        if not rights.use:
-            raise NotFound()
+        key = await usable(conn, request, user, keys.get)
         body = await read_body(request)  # only `config`: name, namespace and key are ignored
         config = keys.check_config(body)
         body.errors.raise_if_any()
@@ -105,9 +82,7 @@ async def update_key(request: web.Request, user: User) -> web.Response:
 @requires("key:delete")
 async def delete_key(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        key, rights = await load_key(conn, request, user)
-        if not rights.use:
-            raise NotFound()
+        key = await usable(conn, request, user, keys.get)
         await keys.delete(conn, key)
     return web.Response(status=204)
 
@@ -115,15 +90,7 @@ async def delete_key(request: web.Request, user: User) -> web.Response:
 @routes.get(NS + "/-/keys")
 @optional
 async def list_namespace_keys(request: web.Request, caller: Caller) -> web.Response:
-    search = query(request, "search") or ""
-    async with request.config_dict[POOL].acquire() as conn:
-        ns = await load_namespace(conn, request)
-        caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
-        if matches_nothing(search):
-            return Page(request, 0).response([])
-        page = Page(request, await keys.count_in(conn, ns, search))
-        found = await keys.list_in(conn, ns, search, page.offset, page.limit)
-        return page.response(await keys.to_json(conn, found, api_url(request)))
+    return await list_in_namespace(request, caller, keys.count, keys.page, keys.to_json)
 
 
 SCHEMAS = {

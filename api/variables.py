@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncpg
 from aiohttp import web
 
 from api.auth import Caller, optional, requires
-from api.http import Page, api_url, path_id, query, read_body
+from api.http import api_url, read_body
 from api.keys import CIPHER, POOL
-from api.namespaces import NS, NS_PARAMS, load_namespace
+from api.namespaces import NS, NS_PARAMS
 from api.openapi import (
     BEARER,
     BOOL,
@@ -29,30 +28,18 @@ from api.openapi import (
     ref,
     search_params,
 )
-from marid import namespaces, variables
-from marid.namespaces import Rights
+from api.resources import list_in_namespace, list_mine, readable, usable
+from marid import variables
 from marid.users import User
-from marid.validation import NotFound
-from marid.variables import Variable, VariableForm
+from marid.variables import VariableForm
 
 routes = web.RouteTableDef()
-
-
-def matches_nothing(search: str) -> bool:
-    """PostgreSQL text cannot hold NUL (`?search=%00`), so no stored key contains one."""
-    return "\x00" in search
 
 
 @routes.get("/variables")
 @requires("variable:read")
 async def list_variables(request: web.Request, user: User) -> web.Response:
-    search = query(request, "search") or ""
-    if matches_nothing(search):
-        return Page(request, 0).response([])
-    async with request.config_dict[POOL].acquire() as conn:
-        page = Page(request, await variables.count_mine(conn, user, search))
-        found = await variables.list_mine(conn, user, search, page.offset, page.limit)
-        return page.response(await variables.to_json(conn, found, api_url(request)))
+    return await list_mine(request, user, variables.count, variables.page, variables.to_json)
 
 
 @routes.post("/variables")
@@ -65,23 +52,11 @@ async def create_variable(request: web.Request, user: User) -> web.Response:
     return web.json_response(created, status=201)
 
 
-async def load_variable(
-    conn: asyncpg.Connection, request: web.Request, user: User | None
-) -> tuple[Variable, Rights]:
-    """The variable named by the URL with the caller's rights on it; NotFound if missing."""
-    variable = await variables.get(conn, path_id(request))
-    if variable is None:
-        raise NotFound()
-    ns = await namespaces.get(conn, variable.namespace_id) if variable.namespace_id else None
-    return variable, await namespaces.resource_rights(conn, user, variable.user_id, ns)
-
-
 @routes.get(r"/variables/{id:\d+}")
 @optional
 async def show_variable(request: web.Request, caller: Caller) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
-        variable, rights = await load_variable(conn, request, caller.user)
-        caller.check_read(rights, "variable:read")
+        variable = await readable(conn, request, caller, variables.get, "variable:read")
         [shown] = await variables.to_json(conn, [variable], api_url(request))
     return web.json_response(shown)
 
@@ -90,9 +65,7 @@ async def show_variable(request: web.Request, caller: Caller) -> web.Response:
 @requires("variable:delete")
 async def delete_variable(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        variable, rights = await load_variable(conn, request, user)
-        if not rights.use:
-            raise NotFound()
+        variable = await usable(conn, request, user, variables.get)
         await variables.delete(conn, variable)
     return web.Response(status=204)
 
@@ -100,15 +73,9 @@ async def delete_variable(request: web.Request, user: User) -> web.Response:
 @routes.get(NS + "/-/variables")
 @optional
 async def list_namespace_variables(request: web.Request, caller: Caller) -> web.Response:
-    search = query(request, "search") or ""
-    async with request.config_dict[POOL].acquire() as conn:
-        ns = await load_namespace(conn, request)
-        caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
-        if matches_nothing(search):
-            return Page(request, 0).response([])
-        page = Page(request, await variables.count_in(conn, ns, search))
-        found = await variables.list_in(conn, ns, search, page.offset, page.limit)
-        return page.response(await variables.to_json(conn, found, api_url(request)))
+    return await list_in_namespace(
+        request, caller, variables.count, variables.page, variables.to_json
+    )
 
 
 SCHEMAS = {

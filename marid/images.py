@@ -19,6 +19,7 @@ import asyncpg
 from marid import archives, namespaces, users
 from marid.blobs import Blob
 from marid.crypto import Cipher
+from marid.listing import Listing
 from marid.namespaces import Namespace
 from marid.times import rfc3339
 from marid.uploads import Content, size_text
@@ -40,7 +41,6 @@ DOWNLOAD_SCHEMES = ("http", "https", "sftp")
 REDACTED = "xxxxx"
 # Download errors (API.md §12.3 fixes the first).
 NOT_QCOW2 = "not a valid qcow2 file"
-SFTP_UNSUPPORTED = "sftp downloads are not supported by this server"
 INTERRUPTED = "download interrupted by server restarts"
 
 
@@ -284,69 +284,45 @@ async def delete(conn: asyncpg.Connection, image: Image) -> str | None:
     return key
 
 
-async def count_mine(conn: asyncpg.Connection, user: User, search: str) -> int:
-    """How many of the user's images (API.md §3.3) match `search`."""
+async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
+    """How many images of `listing` have a name containing `search`."""
     return int(
         await conn.fetchval(
             """
             SELECT count(*) FROM images
-            WHERE ((namespace_id IS NULL AND user_id = $1)
+            WHERE ($1::bigint IS NULL
+                   OR (namespace_id IS NULL AND user_id = $1)
                    OR namespace_id IN (SELECT namespace_id FROM namespace_members
                                        WHERE user_id = $1))
-              AND strpos(lower(name), lower($2)) > 0
+              AND ($2::bigint IS NULL OR namespace_id = $2)
+              AND strpos(lower(name), lower($3)) > 0
             """,
-            user.id,
+            listing.visible_to,
+            listing.namespace_id,
             search,
         )
     )
 
 
-async def list_mine(
-    conn: asyncpg.Connection, user: User, search: str, offset: int, limit: int
+async def page(
+    conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Image]:
-    """One page of the user's images: un-namespaced ones they own and those in every
-    namespace they own or collaborate on (API.md §3.3, §12.2), ordered by name."""
+    """One page of the images of `listing` (API.md §12.2, §8.8) whose name contains
+    `search`, ordered by name."""
     rows = await conn.fetch(
         """
         SELECT * FROM images_with_download
-        WHERE ((namespace_id IS NULL AND user_id = $1)
+        WHERE ($1::bigint IS NULL
+               OR (namespace_id IS NULL AND user_id = $1)
                OR namespace_id IN (SELECT namespace_id FROM namespace_members
                                    WHERE user_id = $1))
-          AND strpos(lower(name), lower($2)) > 0
+          AND ($2::bigint IS NULL OR namespace_id = $2)
+          AND strpos(lower(name), lower($3)) > 0
         ORDER BY name, id
-        OFFSET $3 LIMIT $4
+        OFFSET $4 LIMIT $5
         """,
-        user.id,
-        search,
-        offset,
-        limit,
-    )
-    return [from_row(row) for row in rows]
-
-
-async def count_in(conn: asyncpg.Connection, ns: Namespace, search: str) -> int:
-    return int(
-        await conn.fetchval(
-            "SELECT count(*) FROM images"
-            " WHERE namespace_id = $1 AND strpos(lower(name), lower($2)) > 0",
-            ns.id,
-            search,
-        )
-    )
-
-
-async def list_in(
-    conn: asyncpg.Connection, ns: Namespace, search: str, offset: int, limit: int
-) -> list[Image]:
-    """One page of the images of exactly `ns` (API.md §8.8), ordered by name."""
-    rows = await conn.fetch(
-        """
-        SELECT * FROM images_with_download
-        WHERE namespace_id = $1 AND strpos(lower(name), lower($2)) > 0
-        ORDER BY name, id
-        OFFSET $3 LIMIT $4
-        """,
-        ns.id,
+        listing.visible_to,
+        listing.namespace_id,
         search,
         offset,
         limit,

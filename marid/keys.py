@@ -16,6 +16,7 @@ import asyncpg
 
 from marid import namespaces, users
 from marid.crypto import Cipher
+from marid.listing import Listing
 from marid.namespaces import Namespace
 from marid.sshkeys import is_private_key
 from marid.times import rfc3339
@@ -199,70 +200,47 @@ async def delete(conn: asyncpg.Connection, key: Key) -> None:
     await conn.execute("DELETE FROM ssh_keys WHERE id = $1", key.id)
 
 
-async def count_mine(conn: asyncpg.Connection, user: User, search: str) -> int:
-    """How many of the caller's keys (API.md §3.3) have a name containing `search`."""
+async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
+    """How many keys of `listing` have a name containing `search`."""
     return int(
         await conn.fetchval(
             """
             SELECT count(*) FROM ssh_keys k
-            WHERE ((k.namespace_id IS NULL AND k.user_id = $1) OR k.namespace_id IN
-                   (SELECT namespace_id FROM namespace_members WHERE user_id = $1))
-              AND strpos(lower(k.name), lower($2)) > 0
+            WHERE ($1::bigint IS NULL
+                   OR (k.namespace_id IS NULL AND k.user_id = $1)
+                   OR k.namespace_id IN (SELECT namespace_id FROM namespace_members
+                                         WHERE user_id = $1))
+              AND ($2::bigint IS NULL OR k.namespace_id = $2)
+              AND strpos(lower(k.name), lower($3)) > 0
             """,
-            user.id,
+            listing.visible_to,
+            listing.namespace_id,
             search,
         )
     )
 
 
-async def list_mine(
-    conn: asyncpg.Connection, user: User, search: str, offset: int, limit: int
+async def page(
+    conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Key]:
-    """One page of the caller's keys (API.md §13.2) whose name contains `search`, by name."""
+    """One page of the keys of `listing` (API.md §13.2, §8.8) whose name contains `search`,
+    by name."""
     rows = await conn.fetch(
         """
         SELECT id, user_id, author_id, namespace_id, name, key_sealed, config,
                created_at, updated_at
         FROM ssh_keys k
-        WHERE ((k.namespace_id IS NULL AND k.user_id = $1) OR k.namespace_id IN
-               (SELECT namespace_id FROM namespace_members WHERE user_id = $1))
-          AND strpos(lower(k.name), lower($2)) > 0
+        WHERE ($1::bigint IS NULL
+               OR (k.namespace_id IS NULL AND k.user_id = $1)
+               OR k.namespace_id IN (SELECT namespace_id FROM namespace_members
+                                     WHERE user_id = $1))
+          AND ($2::bigint IS NULL OR k.namespace_id = $2)
+          AND strpos(lower(k.name), lower($3)) > 0
         ORDER BY k.name, k.id
-        OFFSET $3 LIMIT $4
+        OFFSET $4 LIMIT $5
         """,
-        user.id,
-        search,
-        offset,
-        limit,
-    )
-    return [Key(**row) for row in rows]
-
-
-async def count_in(conn: asyncpg.Connection, ns: Namespace, search: str) -> int:
-    return int(
-        await conn.fetchval(
-            "SELECT count(*) FROM ssh_keys"
-            " WHERE namespace_id = $1 AND strpos(lower(name), lower($2)) > 0",
-            ns.id,
-            search,
-        )
-    )
-
-
-async def list_in(
-    conn: asyncpg.Connection, ns: Namespace, search: str, offset: int, limit: int
-) -> list[Key]:
-    """One page of the keys of exactly `ns` (API.md §8.8) whose name contains `search`."""
-    rows = await conn.fetch(
-        """
-        SELECT id, user_id, author_id, namespace_id, name, key_sealed, config,
-               created_at, updated_at
-        FROM ssh_keys
-        WHERE namespace_id = $1 AND strpos(lower(name), lower($2)) > 0
-        ORDER BY name, id
-        OFFSET $3 LIMIT $4
-        """,
-        ns.id,
+        listing.visible_to,
+        listing.namespace_id,
         search,
         offset,
         limit,

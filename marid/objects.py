@@ -14,6 +14,7 @@ import asyncpg
 
 from marid import namespaces, users
 from marid.blobs import Blob
+from marid.listing import Listing
 from marid.namespaces import Namespace
 from marid.times import rfc3339
 from marid.users import User
@@ -119,73 +120,47 @@ async def delete(conn: asyncpg.Connection, obj: Object) -> None:
     await conn.execute("DELETE FROM objects WHERE id = $1", obj.id)
 
 
-async def count_mine(conn: asyncpg.Connection, user: User, search: str) -> int:
-    """How many of the user's objects (API.md §3.3) match `search`."""
+async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
+    """How many objects of `listing` have a name containing `search`."""
     return int(
         await conn.fetchval(
             """
             SELECT count(*) FROM objects
-            WHERE ((namespace_id IS NULL AND user_id = $1)
+            WHERE ($1::bigint IS NULL
+                   OR (namespace_id IS NULL AND user_id = $1)
                    OR namespace_id IN (SELECT namespace_id FROM namespace_members
                                        WHERE user_id = $1))
-              AND strpos(lower(name), lower($2)) > 0
+              AND ($2::bigint IS NULL OR namespace_id = $2)
+              AND strpos(lower(name), lower($3)) > 0
             """,
-            user.id,
+            listing.visible_to,
+            listing.namespace_id,
             search,
         )
     )
 
 
-async def list_mine(
-    conn: asyncpg.Connection, user: User, search: str, offset: int, limit: int
+async def page(
+    conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Object]:
-    """One page of the user's objects: un-namespaced ones they own and those in every
-    namespace they own or collaborate on (API.md §3.3, §14.2), ordered by name."""
+    """One page of the objects of `listing` (API.md §14.2, §8.8) whose name contains
+    `search`, ordered by name."""
     rows = await conn.fetch(
         """
         SELECT id, user_id, author_id, namespace_id, name, type, size, md5, sha256, blob_key,
                created_at
         FROM objects
-        WHERE ((namespace_id IS NULL AND user_id = $1)
+        WHERE ($1::bigint IS NULL
+               OR (namespace_id IS NULL AND user_id = $1)
                OR namespace_id IN (SELECT namespace_id FROM namespace_members
                                    WHERE user_id = $1))
-          AND strpos(lower(name), lower($2)) > 0
+          AND ($2::bigint IS NULL OR namespace_id = $2)
+          AND strpos(lower(name), lower($3)) > 0
         ORDER BY name, id
-        OFFSET $3 LIMIT $4
+        OFFSET $4 LIMIT $5
         """,
-        user.id,
-        search,
-        offset,
-        limit,
-    )
-    return [Object(**row) for row in rows]
-
-
-async def count_in(conn: asyncpg.Connection, ns: Namespace, search: str) -> int:
-    return int(
-        await conn.fetchval(
-            "SELECT count(*) FROM objects"
-            " WHERE namespace_id = $1 AND strpos(lower(name), lower($2)) > 0",
-            ns.id,
-            search,
-        )
-    )
-
-
-async def list_in(
-    conn: asyncpg.Connection, ns: Namespace, search: str, offset: int, limit: int
-) -> list[Object]:
-    """One page of the objects of exactly `ns` (API.md §8.8), ordered by name."""
-    rows = await conn.fetch(
-        """
-        SELECT id, user_id, author_id, namespace_id, name, type, size, md5, sha256, blob_key,
-               created_at
-        FROM objects
-        WHERE namespace_id = $1 AND strpos(lower(name), lower($2)) > 0
-        ORDER BY name, id
-        OFFSET $3 LIMIT $4
-        """,
-        ns.id,
+        listing.visible_to,
+        listing.namespace_id,
         search,
         offset,
         limit,

@@ -17,6 +17,7 @@ import asyncpg
 
 from marid import namespaces, users
 from marid.crypto import Cipher
+from marid.listing import Listing
 from marid.namespaces import Namespace
 from marid.times import rfc3339
 from marid.users import User
@@ -178,68 +179,46 @@ async def delete(conn: asyncpg.Connection, variable: Variable) -> None:
     await conn.execute("DELETE FROM variables WHERE id = $1", variable.id)
 
 
-async def count_mine(conn: asyncpg.Connection, user: User, search: str) -> int:
-    """How many of the caller's variables (API.md §3.3) have a key containing `search`."""
+async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
+    """How many variables of `listing` have a key containing `search`."""
     return int(
         await conn.fetchval(
             """
             SELECT count(*) FROM variables v
-            WHERE ((v.namespace_id IS NULL AND v.user_id = $1) OR v.namespace_id IN
-                   (SELECT namespace_id FROM namespace_members WHERE user_id = $1))
-              AND strpos(lower(v.key), lower($2)) > 0
+            WHERE ($1::bigint IS NULL
+                   OR (v.namespace_id IS NULL AND v.user_id = $1)
+                   OR v.namespace_id IN (SELECT namespace_id FROM namespace_members
+                                         WHERE user_id = $1))
+              AND ($2::bigint IS NULL OR v.namespace_id = $2)
+              AND strpos(lower(v.key), lower($3)) > 0
             """,
-            user.id,
+            listing.visible_to,
+            listing.namespace_id,
             search,
         )
     )
 
 
-async def list_mine(
-    conn: asyncpg.Connection, user: User, search: str, offset: int, limit: int
+async def page(
+    conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Variable]:
-    """One page of the caller's variables (API.md §15.2) whose key contains `search`, by key."""
+    """One page of the variables of `listing` (API.md §15.2, §8.8) whose key contains
+    `search`, by key."""
     rows = await conn.fetch(
         """
         SELECT id, user_id, author_id, namespace_id, key, masked, value, value_sealed, created_at
         FROM variables v
-        WHERE ((v.namespace_id IS NULL AND v.user_id = $1) OR v.namespace_id IN
-               (SELECT namespace_id FROM namespace_members WHERE user_id = $1))
-          AND strpos(lower(v.key), lower($2)) > 0
+        WHERE ($1::bigint IS NULL
+               OR (v.namespace_id IS NULL AND v.user_id = $1)
+               OR v.namespace_id IN (SELECT namespace_id FROM namespace_members
+                                     WHERE user_id = $1))
+          AND ($2::bigint IS NULL OR v.namespace_id = $2)
+          AND strpos(lower(v.key), lower($3)) > 0
         ORDER BY v.key, v.id
-        OFFSET $3 LIMIT $4
+        OFFSET $4 LIMIT $5
         """,
-        user.id,
-        search,
-        offset,
-        limit,
-    )
-    return [Variable(**row) for row in rows]
-
-
-async def count_in(conn: asyncpg.Connection, ns: Namespace, search: str) -> int:
-    return int(
-        await conn.fetchval(
-            "SELECT count(*) FROM variables"
-            " WHERE namespace_id = $1 AND strpos(lower(key), lower($2)) > 0",
-            ns.id,
-            search,
-        )
-    )
-
-
-async def list_in(
-    conn: asyncpg.Connection, ns: Namespace, search: str, offset: int, limit: int
-) -> list[Variable]:
-    """One page of the variables of exactly `ns` (API.md §8.8) whose key contains `search`."""
-    rows = await conn.fetch(
-        """
-        SELECT id, user_id, author_id, namespace_id, key, masked, value, value_sealed, created_at
-        FROM variables
-        WHERE namespace_id = $1 AND strpos(lower(key), lower($2)) > 0
-        ORDER BY key, id
-        OFFSET $3 LIMIT $4
-        """,
-        ns.id,
+        listing.visible_to,
+        listing.namespace_id,
         search,
         offset,
         limit,
