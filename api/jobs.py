@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 
@@ -85,7 +87,9 @@ async def output_from(conn: asyncpg.Connection, job: Job, offset: int) -> list[t
     """Output chunks from byte `offset`: the stored output of a finished job, else the live
     chunks written so far."""
     if job.status in builds.FINAL and job.output is not None:
-        rest = job.output.encode()[offset:].decode("utf-8", errors="ignore")
+        raw = job.output.encode()
+        offset = output.char_boundary(raw, offset)
+        rest = raw[offset:].decode()
         chunks, start = [], offset
         for text in output.chunks(rest):
             chunks.append((start, text))
@@ -123,24 +127,27 @@ async def stream(request: web.Request, job: Job, offset: int) -> web.StreamRespo
     await response.prepare(request)
     pool, live = request.config_dict[POOL], request.config_dict[LIVE]
     last_event = time.monotonic()
-    while True:
-        async with pool.acquire() as conn:
-            current = await jobs.get_by_name(conn, job.build_id, job.name)
-            assert current is not None
-            chunks = await output_from(conn, current, offset)
-        for start, text in chunks:
-            offset = start + len(text.encode())
-            data = json.dumps({"offset": start, "text": text})
-            await response.write(f"event: output\nid: {offset}\ndata: {data}\n\n".encode())
-            last_event = time.monotonic()
-        if current.status in builds.FINAL:
-            status = {"status": current.status, "finished_at": rfc3339(current.finished_at)}
-            await response.write(f"event: status\ndata: {json.dumps(status)}\n\n".encode())
-            return response
-        if time.monotonic() - last_event >= KEEPALIVE:
-            await response.write(b": keepalive\n\n")
-            last_event = time.monotonic()
-        await live.wait(job.id, POLL)
+    with live.subscribe(job.id) as changed:
+        while True:
+            changed.clear()  # before reading: a notification during the read is kept
+            async with pool.acquire() as conn:
+                current = await jobs.get_by_name(conn, job.build_id, job.name)
+                assert current is not None
+                chunks = await output_from(conn, current, offset)
+            for start, text in chunks:
+                offset = start + len(text.encode())
+                data = json.dumps({"offset": start, "text": text})
+                await response.write(f"event: output\nid: {offset}\ndata: {data}\n\n".encode())
+                last_event = time.monotonic()
+            if current.status in builds.FINAL:
+                status = {"status": current.status, "finished_at": rfc3339(current.finished_at)}
+                await response.write(f"event: status\ndata: {json.dumps(status)}\n\n".encode())
+                return response
+            if time.monotonic() - last_event >= KEEPALIVE:
+                await response.write(b": keepalive\n\n")
+                last_event = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), POLL)
 
 
 JOB = [*PARAMS, path_param("name", "job name")]

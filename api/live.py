@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 from aiohttp import web
@@ -31,13 +31,17 @@ class Live:
             for event in self.waiters.get(int(payload), ()):
                 event.set()
 
-    async def wait(self, job_id: int, seconds: float) -> None:
-        """Return when the job's output may have grown, or after `seconds`."""
+    @contextlib.contextmanager
+    def subscribe(self, job_id: int) -> Iterator[asyncio.Event]:
+        """An event set by every notification about the job while the block runs.
+
+        Clear it *before* reading the job, then wait on it: a notification that arrives
+        during the read is not lost (the reader finds the event already set).
+        """
         event = asyncio.Event()
         self.waiters[job_id].add(event)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), seconds)
+            yield event
         finally:
             self.waiters[job_id].discard(event)
             if not self.waiters[job_id]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from marid import output
 from marid.times import rfc3339
 
 
@@ -99,8 +100,9 @@ async def output_since(
     for row in rows:
         start, text = row["byte_offset"], row["text"]
         if start < offset:
-            raw = text.encode()[offset - start :]
-            start, text = offset, raw.decode("utf-8", errors="ignore")
+            raw = text.encode()
+            cut = output.char_boundary(raw, offset - start)
+            start, text = start + cut, raw[cut:].decode()
         chunks.append((start, text))
     total = await conn.fetchval(
         """

@@ -126,3 +126,12 @@ def chunks(text: str, limit: int = CHUNK_LIMIT) -> list[str]:
         out.append(data[start:end].decode("utf-8"))
         start = end
     return out
+
+
+def char_boundary(data: bytes, offset: int) -> int:
+    """`offset`, moved forward past UTF-8 continuation bytes to the next character start, so a
+    client's byte offset inside a character never yields a broken chunk or a shifted id."""
+    offset = max(0, min(offset, len(data)))
+    while offset < len(data) and data[offset] & 0xC0 == 0x80:
+        offset += 1
+    return offset

@@ -45,6 +45,7 @@ class Worker:
         self.running: dict[int, Execution] = {}
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.docker: Any = None  # docker.DockerClient, made on first use
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
@@ -66,6 +67,8 @@ class Worker:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             await listener.close()
+            if self.docker is not None:
+                self.docker.close()
 
     def _kill_notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
@@ -161,8 +164,10 @@ class Worker:
         from runner.drivers import docker
 
         config = manifest.parse(manifest_text).driver.config
+        if self.docker is None:  # one client per runner: connecting costs a round trip
+            self.docker = docker.docker_client(self.config.docker.host)
         return docker.DockerDriver(
-            client=docker.docker_client(self.config.docker.host),
+            client=self.docker,
             build_id=claim.build_id,
             attempt=claim.attempt,
             image=config["image"],

@@ -301,3 +301,10 @@ def test_chunks_fill_up_to_the_limit_exactly() -> None:
 def test_chunk_limit_below_four_bytes_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 4"):
         chunks("abc", 3)
+
+
+def test_char_boundary_moves_past_continuation_bytes():
+    from marid.output import char_boundary
+
+    data = "a€b".encode()  # € is 3 bytes: offsets 1..3
+    assert [char_boundary(data, n) for n in range(6)] == [0, 1, 4, 4, 4, 5]
