@@ -19,38 +19,43 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
 import asyncpg
 import bare  # bench/bare.py: this script's directory is first on sys.path
-import yaml
+from common import (
+    MACHINE_CPUS,
+    BenchError,
+    Process,
+    children_time,
+    cpu_model,
+    cpu_time,
+    create_database,
+    family_time,
+    guarded,
+    machine_time,
+    marid_argv,
+    postmaster_pid,
+    throwaway_cluster,
+    write_marid_config,
+)
 
 from marid import db, scopes, tokens, users
-from marid.pgcluster import Cluster, ClusterError, free_port, new_password
+from marid.pgcluster import Cluster, free_port
 
 HERE = Path(__file__).resolve().parent
 DATABASE = "marid_bench"
 POPULATION = 10_000  # other users and tokens, so both lookups go through real indexes
 READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-MACHINE_CPUS = os.cpu_count() or 1
 QUIET = 0.05  # a round pair is quiet when other processes took less of the machine than this
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; str() says why."""
 
 
 @dataclass(frozen=True)
@@ -62,43 +67,14 @@ class Fixture:
 
 
 @dataclass
-class Server:
-    """One server process on 127.0.0.1:`port`, its output in `log`."""
+class Server(Process):
+    """One server process on 127.0.0.1:`port`."""
 
-    name: str
-    argv: list[str]
-    port: int
-    log: Path
-    cpus: set[int] | None
-    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{bare.PATH}"
-
-    def start(self) -> None:
-        with self.log.open("wb") as out:
-            # Its own session: Ctrl-C reaches only this script, which stops the server itself.
-            self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        if self.cpus:
-            os.sched_setaffinity(self.proc.pid, self.cpus)  # what `taskset -p` does
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def failure(self, message: str) -> BenchError:
-        """An error carrying the tail of the server's log."""
-        tail = self.log.read_text(errors="replace").strip().splitlines()[-20:]
-        return BenchError("\n    ".join([f"{self.name}: {message}; its log ends:", *tail]))
 
 
 @dataclass
@@ -181,11 +157,7 @@ def parse_args() -> argparse.Namespace:
 
 async def prepare(cluster: Cluster) -> Fixture:
     """Create and fill the database; returns the benchmark user's token and expected body."""
-    admin = await asyncpg.connect(cluster.dsn())
-    try:
-        await admin.execute("CREATE DATABASE marid_bench")
-    finally:
-        await admin.close()
+    await create_database(cluster, DATABASE)
     conn = await asyncpg.connect(cluster.dsn(DATABASE), server_settings={"timezone": "UTC"})
     try:
         await db.migrate(conn)
@@ -221,18 +193,15 @@ def marid_server(
     directory: Path, cluster: Cluster, args: argparse.Namespace, cpus: set[int] | None
 ) -> Server:
     port = free_port()
-    config = {
-        "server": {"url": f"http://127.0.0.1:{port}", "listen": f"127.0.0.1:{port}"},
-        "database": {"dsn": cluster.dsn(DATABASE), "pool_size": args.pool_size},
-        "crypto": {"key": os.urandom(32).hex()},
-        "logging": {"level": args.log_level},
-    }
-    path = directory / "marid.yml"
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    marid = Path(sys.executable).parent / "marid"
-    argv = [str(marid), "serve", "--config", str(path)]
-    return Server("marid", argv, port, directory / "marid.log", cpus)
+    path = write_marid_config(
+        directory / "marid.yml",
+        cluster.dsn(DATABASE),
+        port,
+        database={"pool_size": args.pool_size},
+        logging={"level": args.log_level},
+    )
+    argv = marid_argv("serve", path)
+    return Server("marid", argv, directory / "marid.log", cpus, port=port)
 
 
 def bare_server(
@@ -247,7 +216,7 @@ def bare_server(
         "--pool-size", str(args.pool_size),
         "--user-id", str(user_id),
     ]  # fmt: skip
-    return Server("bare", argv, port, directory / "bare.log", cpus)
+    return Server("bare", argv, directory / "bare.log", cpus, port=port)
 
 
 async def get(session: aiohttp.ClientSession, url: str, token: str) -> tuple[int, str, str]:
@@ -290,7 +259,7 @@ def wrk(server: Server, token: str, seconds: int, concurrency: int, postmaster: 
     assert server.proc is not None
     before = (
         cpu_time(server.proc.pid),
-        postgres_time(postmaster),
+        family_time(postmaster),
         children_time(),
         machine_time(),
     )
@@ -302,7 +271,7 @@ def wrk(server: Server, token: str, seconds: int, concurrency: int, postmaster: 
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     server_cpu = cpu_time(server.proc.pid) - before[0]
-    postgres_cpu = postgres_time(postmaster) - before[1]
+    postgres_cpu = family_time(postmaster) - before[1]
     wrk_cpu = children_time() - before[2]
     others_cpu = machine_time() - before[3] - server_cpu - postgres_cpu - wrk_cpu
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -324,57 +293,6 @@ def wrk(server: Server, token: str, seconds: int, concurrency: int, postmaster: 
     )
 
 
-def _stat(pid: int | str) -> list[str]:
-    """The fields of /proc/PID/stat after the command name: state is [0], ppid [1], utime,
-    stime, cutime, cstime [11:15]."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-
-
-def cpu_time(pid: int) -> float:
-    """User plus system CPU seconds of process `pid` so far."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def children_time() -> float:
-    """CPU seconds of this process's finished children (here: the wrk runs)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def machine_time() -> float:
-    """CPU seconds so far of all processes on the machine plus those the hypervisor stole.
-
-    Interrupt time is left out: it is mostly the loopback traffic of the benchmark itself.
-    """
-    line = Path("/proc/stat").read_text().split("\n", 1)[0]
-    user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, line.split()[1:9])
-    return (user + nice + system + steal) / CLOCK_TICKS
-
-
-def postgres_time(postmaster: int) -> float:
-    """CPU seconds so far of the postmaster and its children, exited ones included (asyncpg
-    replaces a pool connection after 50,000 queries: its backend exits mid-run)."""
-    fields = _stat(postmaster)
-    total = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):  # processes come and go
-            fields = _stat(entry.name)
-            if int(fields[1]) == postmaster:
-                total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or "unknown"
-
-
 def split_cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     """(server CPUs, client CPUs): the servers get the last core, wrk and PostgreSQL the rest."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -390,15 +308,9 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> Results:
     if client_cpus:
         # Inherited by PostgreSQL (started next) and by wrk; each server is moved on start.
         os.sched_setaffinity(0, client_cpus)
-    directory = Path(tempfile.mkdtemp(prefix="marid-bench-"))
-    stack.callback(shutil.rmtree, directory, ignore_errors=True)
-    directory.chmod(0o755)  # PostgreSQL may run as another user (see marid/pgcluster.py)
-    cluster = Cluster(directory / "pg", free_port(), new_password())
-    cluster.init()
-    stack.callback(cluster.stop)
-    cluster.start(fast=False)
+    directory, cluster = throwaway_cluster(stack, "marid-bench-")
     fixture = asyncio.run(prepare(cluster))
-    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    postmaster = postmaster_pid(cluster)
     servers = [
         marid_server(directory, cluster, args, server_cpus),
         bare_server(directory, cluster, args, fixture.user_id, server_cpus),
@@ -411,9 +323,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> Results:
     describe(args, server_cpus, client_cpus, fixture)
     results = measure(servers, fixture.token, args, postmaster)
     for server in servers:
-        assert server.proc is not None
-        if server.proc.poll() is not None:
-            raise server.failure("died during the benchmark")
+        server.check_alive("during the benchmark")
     return results
 
 
@@ -497,34 +407,10 @@ def summarise(results: Results) -> None:
         )
 
 
-def interrupted(signum: int, frame: object) -> NoReturn:
-    # A second Ctrl-C must not cut the clean-up short (each of its steps has a time limit).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     args = parse_args()
-    # Clean up on kill as on Ctrl-C, also when started with SIGINT ignored (`... &` in a script).
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGINT, interrupted)
-    try:
-        with contextlib.ExitStack() as stack:
-            results = run(args, stack)
-        summarise(results)
-    except KeyboardInterrupt:
-        print("bench: interrupted; servers, cluster and files removed", file=sys.stderr)
-        sys.exit(130)
-    except (
-        BenchError,
-        ClusterError,
-        subprocess.SubprocessError,
-        OSError,
-        asyncpg.PostgresError,
-    ) as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    results = guarded(lambda stack: run(args, stack))
+    summarise(results)
 
 
 if __name__ == "__main__":
