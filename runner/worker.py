@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -46,6 +48,7 @@ class Worker:
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.docker: Any = None  # docker.DockerClient, made on first use
+        self.instance = instance_of(config.database.dsn)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
@@ -176,6 +179,7 @@ class Worker:
             network=self.config.docker.network,
             pull=self.config.docker.pull,
             uploaded=lambda name: self._uploaded_image(claim.build_id, name),
+            instance=self.instance,
         )
 
     async def _uploaded_image(self, build_id: int, name: str) -> Any:
@@ -280,3 +284,11 @@ class Worker:
             await self.blobs.copy_to_file(blob_key, path)
 
         return fetch
+
+
+def instance_of(dsn: str) -> str:
+    """A stable name for the database this runner serves (host, port, database; never the
+    password): containers are labelled with it, as installations may share a Docker engine."""
+    parts = urlsplit(dsn)
+    where = f"{parts.hostname}:{parts.port}{parts.path}"
+    return hashlib.sha256(where.encode()).hexdigest()[:16]

@@ -13,6 +13,7 @@ import json
 import logging
 import posixpath
 import re
+import secrets
 import shutil
 import tarfile
 import tempfile
@@ -33,9 +34,16 @@ log = logging.getLogger(__name__)
 
 LABEL_BUILD = "marid.build"
 LABEL_ATTEMPT = "marid.attempt"
+# Which marid installation (database) a container belongs to: several may share an engine,
+# and their build ids overlap.
+LABEL_INSTANCE = "marid.instance"
 # Loaded uploads are tagged `marid-cache/sha256:<archive sha256>`: the cache key of h.2 step 1.
 CACHE_REPOSITORY = "marid-cache/sha256"
 SCRIPT_PATH = "/.marid/job.sh"  # outside any sensible workspace
+# Scripts up to this size go to /bin/sh as `-c SCRIPT`: copying a file into a container
+# (put_archive) costs the engine ~50 ms of CPU per job (bench/README.md). Linux caps one
+# argument at 128 KiB, so larger scripts are still copied in.
+INLINE_SCRIPT_MAX = 64 * 1024
 STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL (MANIFEST.md §6.10)
 STOPPED_STATUS = 128 + 9  # what `run` returns for a job that a stop() kept from starting
 NOT_FOUND = (
@@ -66,9 +74,11 @@ def docker_client(host: str) -> docker.DockerClient:
     return docker.DockerClient(base_url=host)
 
 
-async def remove_leftovers(client: docker.DockerClient, build_id: int) -> None:
-    """Remove every container and volume labelled for `build_id` (any attempt). Never raises."""
-    await asyncio.to_thread(_remove_labelled, client, [f"{LABEL_BUILD}={build_id}"])
+async def remove_leftovers(client: docker.DockerClient, build_id: int, instance: str = "") -> None:
+    """Remove every container and volume of `build_id` (any attempt) of this installation.
+    Never raises."""
+    labels = [f"{LABEL_BUILD}={build_id}", f"{LABEL_INSTANCE}={instance}"]
+    await asyncio.to_thread(_remove_labelled, client, labels)
 
 
 class DockerDriver(Driver):
@@ -85,8 +95,10 @@ class DockerDriver(Driver):
         network: str | None,
         pull: bool,
         uploaded: Callable[[str], Awaitable[UploadedImage | None]],
+        instance: str = "",
     ) -> None:
         self._client = client
+        self._instance = instance
         self.build_id = build_id
         self._image = image
         self._workspace = _absolute(workspace)
@@ -94,8 +106,14 @@ class DockerDriver(Driver):
         self._network = network
         self._pull = pull
         self._uploaded = uploaded
-        self._labels = {LABEL_BUILD: str(build_id), LABEL_ATTEMPT: str(attempt)}
-        self._prefix = f"marid-{build_id}-{attempt}"
+        self._labels = {
+            LABEL_BUILD: str(build_id),
+            LABEL_ATTEMPT: str(attempt),
+            LABEL_INSTANCE: instance,
+        }
+        # Names must be unique on the engine, which other installations may share: the labels,
+        # not the names, say what belongs to whom.
+        self._prefix = f"marid-{build_id}-{attempt}-{secrets.token_hex(4)}"
         self._image_id: str | None = None
         self._helper: Any = None  # created, never started: writes into the volume
         self._extra_files: list[_File] = []  # copied into every job container
@@ -112,7 +130,7 @@ class DockerDriver(Driver):
 
     async def clear_previous(self) -> None:
         """Remove containers and volumes of this build's earlier attempts."""
-        await remove_leftovers(self._client, self.build_id)
+        await remove_leftovers(self._client, self.build_id, self._instance)
 
     async def create(self, out: OutputSink) -> None:
         """Resolve the image (h.2), then create the workspace volume."""
@@ -282,11 +300,14 @@ class DockerDriver(Driver):
         """A created job container holding the script and the files kept for every job."""
         self._jobs += 1
         network = {} if self._network is None else {"network_mode": self._network}
+        inline = len(script) <= INLINE_SCRIPT_MAX
         container = _engine(
             self._client.containers.create,
             self._require_image(),
             entrypoint=["/bin/sh"],
-            command=[SCRIPT_PATH],
+            # The trailing newline keeps the shell from exec-ing the last command, as when it
+            # reads a file: it stays to report a killed command ("Killed").
+            command=["-c", script.decode().rstrip("\n") + "\n"] if inline else [SCRIPT_PATH],
             name=f"{self._prefix}-{self._jobs}",
             labels={**self._labels, "marid.job": job},
             environment=env,
@@ -303,8 +324,11 @@ class DockerDriver(Driver):
             log_config=LogConfig(type="none"),
             **network,
         )
-        files = [*self._extra_files, _File(SCRIPT_PATH, script, 0o644)]
-        _engine(container.put_archive, "/", _tar(files))
+        files = [*self._extra_files]
+        if not inline:
+            files.append(_File(SCRIPT_PATH, script, 0o644))
+        if files:
+            _engine(container.put_archive, "/", _tar(files))
         return container
 
     def _collect(self, source: str, destination: Path, max_size: int) -> None:

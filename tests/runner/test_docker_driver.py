@@ -182,7 +182,19 @@ async def test_jobs_run_in_the_workspace_and_share_its_volume(driver: DockerDriv
 async def test_jobs_run_as_the_image_user_with_an_init(driver: DockerDriver) -> None:
     out = await run(driver, "id -u; tr '\\0' ' ' < /proc/1/cmdline")
 
-    assert out.text.splitlines() == ["0", "/sbin/docker-init -- /bin/sh /.marid/job.sh "]
+    # Small scripts reach /bin/sh as `-c SCRIPT` (no copy into the container).
+    assert out.text.splitlines() == [
+        "0",
+        "/sbin/docker-init -- /bin/sh -c id -u; tr '\\0' ' ' < /proc/1/cmdline",
+        " ",
+    ]
+
+
+async def test_large_scripts_are_copied_into_the_container(driver: DockerDriver) -> None:
+    padding = "# " + "x" * 70 * 1024 + "\n"  # over INLINE_SCRIPT_MAX
+    out = await run(driver, padding + "tr '\\0' ' ' < /proc/1/cmdline")
+
+    assert out.text == "/sbin/docker-init -- /bin/sh /.marid/job.sh "
 
 
 async def test_limits_are_set_on_the_job_container(
@@ -626,3 +638,38 @@ async def test_remove_leftovers_removes_what_a_build_left(
     await remove_leftovers(docker_engine, driver.build_id)
 
     assert labelled(docker_engine, driver.build_id) == []
+
+
+async def test_remove_leftovers_spares_other_installations(
+    docker_engine: docker.DockerClient,
+) -> None:
+    """Two installations sharing an engine both have a build with this id: cleaning up after
+    one must not touch the other's containers."""
+    build_id = next(_build_ids)
+    ours, theirs = (
+        DockerDriver(
+            docker_engine,
+            build_id,
+            1,
+            BUSYBOX,
+            WORKSPACE,
+            LIMITS,
+            "none",
+            False,
+            nothing_uploaded,
+            instance=name,
+        )
+        for name in ("ours", "theirs")
+    )
+    try:
+        for driver in (ours, theirs):
+            await driver.create(Output())
+        await remove_leftovers(docker_engine, build_id, instance="ours")
+        assert [
+            v.name
+            for v in docker_engine.volumes.list(filters={"label": f"{LABEL_BUILD}={build_id}"})
+        ] == [theirs.volume]
+    finally:
+        await ours.destroy()
+        await theirs.destroy()
+    assert labelled(docker_engine, build_id) == []
