@@ -9,9 +9,9 @@ import asyncpg
 from aiohttp import web
 
 from api import downloads, errors
-from api.app_modules import MODULES
+from api.app_modules import MODULES, ROOT_MODULES
 from api.http import MAX_JSON_BODY
-from api.keys import API_MODULES, API_PREFIX, BLOBS, CIPHER, CONFIG, POOL
+from api.keys import API_MODULES, API_PREFIX, BLOBS, CIPHER, CONFIG, POOL, ROOT_MODULES_KEY
 from api.live import live_context
 from marid.blobs import open_store
 from marid.config import Config
@@ -29,6 +29,7 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     )
     app[CONFIG] = config
     app[API_MODULES] = MODULES
+    app[ROOT_MODULES_KEY] = ROOT_MODULES
     app[CIPHER] = Cipher(config.crypto.key)
     # Contexts start in this order and stop in reverse: image downloads need the pool and the
     # blob store, so they stop first.
@@ -44,6 +45,8 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     api[API_PREFIX] = prefix
     for module in MODULES:
         api.add_routes(module.routes)
+    for module in ROOT_MODULES:
+        app.add_routes(module.routes)
     if prefix:
         app.router.add_get(prefix, MODULES[0].show_root)  # the API root without its trailing slash
         app.add_subapp(prefix, api)

@@ -1,5 +1,8 @@
 """Every API module, in one list: each has `routes` (a RouteTableDef), `OPERATIONS` (its
-OpenAPI operations) and optionally `SCHEMAS`. Add a module here to serve and document it."""
+OpenAPI operations) and optionally `SCHEMAS`. Add a module here to serve and document it.
+
+MODULES serve under the API base URL (`server.api_url`); ROOT_MODULES under the server root
+(`server.url`), like the OAuth pages of API.md §16."""
 
 from __future__ import annotations
 
@@ -34,3 +37,5 @@ MODULES: tuple[ModuleType, ...] = (
     jobs,
     artifacts,
 )
+
+ROOT_MODULES: tuple[ModuleType, ...] = ()

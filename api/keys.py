@@ -19,3 +19,5 @@ CIPHER = web.AppKey("cipher", Cipher)
 API_PREFIX = web.AppKey("api_prefix", str)
 # The API modules served (and documented) by this app.
 API_MODULES = web.AppKey("api_modules", tuple[ModuleType, ...])
+# The modules served at the server root (outside the API base), e.g. OAuth.
+ROOT_MODULES_KEY = web.AppKey("root_modules", tuple[ModuleType, ...])

@@ -187,15 +187,25 @@ def namespace_params() -> list[dict[str, Any]]:
     ]
 
 
-def document(api_url: str, modules: Iterable[Any]) -> dict[str, Any]:
+def document(
+    api_url: str,
+    modules: Iterable[Any],
+    root_url: str = "",
+    root_modules: Iterable[Any] = (),
+) -> dict[str, Any]:
     """The OpenAPI document for a server at `api_url`, from each API module's OPERATIONS
-    ((method, path template relative to the API base) -> operation) and SCHEMAS."""
+    ((method, path template relative to the API base) -> operation) and SCHEMAS. Operations
+    of `root_modules` are relative to the server root and say so with a `servers` override."""
     paths: dict[str, dict[str, Any]] = {}
     schemas = dict(SCHEMAS)
     for module in modules:
         schemas.update(getattr(module, "SCHEMAS", {}))
         for (method, path), operation in module.OPERATIONS.items():
             paths.setdefault(path, {})[method] = operation
+    for module in root_modules:
+        schemas.update(getattr(module, "SCHEMAS", {}))
+        for (method, path), operation in module.OPERATIONS.items():
+            paths.setdefault(path, {})[method] = {**operation, "servers": [{"url": root_url}]}
     return {
         "openapi": "3.1.0",
         "info": {"title": "marid", "version": __version__},

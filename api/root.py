@@ -10,7 +10,7 @@ from aiohttp import web
 
 from api import openapi
 from api.http import api_url
-from api.keys import API_MODULES, POOL
+from api.keys import API_MODULES, CONFIG, POOL, ROOT_MODULES_KEY
 from api.openapi import Operations, json_response, op, ref
 from marid import __version__
 
@@ -41,8 +41,12 @@ async def show_health(request: web.Request) -> web.Response:
 
 @routes.get("/openapi.json")
 async def show_openapi(request: web.Request) -> web.Response:
+    config = request.config_dict[CONFIG]
     modules: tuple[ModuleType, ...] = request.config_dict[API_MODULES]
-    return web.json_response(openapi.document(api_url(request), modules))
+    root_modules: tuple[ModuleType, ...] = request.config_dict[ROOT_MODULES_KEY]
+    return web.json_response(
+        openapi.document(config.server.api_url, modules, config.server.url, root_modules)
+    )
 
 
 OPERATIONS: Operations = {
