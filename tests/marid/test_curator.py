@@ -22,7 +22,8 @@ async def make_build(
         """
         INSERT INTO builds (user_id, author_id, number, manifest, driver, status, pinned,
                             timeout_seconds, created_at)
-        VALUES ($1, $1, $2, 'driver: {type: os}', 'os', $3, $4, 60, now() + $2::int * interval '1 s')
+        VALUES ($1, $1, $2, 'driver: {type: os}', 'os', $3, $4, 60,
+                now() + $2::int * interval '1 s')
         RETURNING id
         """,
         owner.id,
