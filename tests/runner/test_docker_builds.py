@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from api.app import create_app
 from marid.blobs import open_store
 from marid.config import Config
-from runner.worker import Worker
+from runner.worker import Worker, instance_of
 from tests.conftest import MakeToken, bearer
 from tests.runner.conftest import ROOT
 from tests.runner.test_worker import finished, submit, wait_for
@@ -58,9 +58,10 @@ async def worker(docker_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Wor
     await blobs.close()
 
 
-def leftovers(engine: docker.DockerClient, build_id: int) -> list[str]:
-    """Containers and volumes a build left behind (the driver labels what it creates)."""
-    label = {"label": f"marid.build={build_id}"}
+def leftovers(engine: docker.DockerClient, build_id: int, dsn: str) -> list[str]:
+    """Containers and volumes a build left behind (the driver labels what it creates). Other
+    test runs may share the engine with the same build ids: the instance label tells them apart."""
+    label = {"label": [f"marid.build={build_id}", f"marid.instance={instance_of(dsn)}"]}
     containers = engine.containers.list(all=True, filters=label)
     volumes = engine.volumes.list(filters=label)
     return [c.name for c in containers] + [v.name for v in volumes]
@@ -100,7 +101,11 @@ jobs:
 
 
 async def test_three_stage_build_on_the_docker_engine(
-    client: TestClient, token: MakeToken, worker: Worker, docker_engine: docker.DockerClient
+    client: TestClient,
+    token: MakeToken,
+    worker: Worker,
+    docker_engine: docker.DockerClient,
+    db_dsn: str,
 ):
     value = await token(SCOPE)
     await client.post(
@@ -132,11 +137,15 @@ async def test_three_stage_build_on_the_docker_engine(
     content = await raw.read()
     assert len(content) == 200000 == artifacts[0]["size"]
     assert hashlib.sha256(content).hexdigest() == artifacts[0]["sha256"]
-    assert leftovers(docker_engine, build["id"]) == []
+    assert leftovers(docker_engine, build["id"], db_dsn) == []
 
 
 async def test_missing_image_fails_create_driver(
-    client: TestClient, token: MakeToken, worker: Worker, docker_engine: docker.DockerClient
+    client: TestClient,
+    token: MakeToken,
+    worker: Worker,
+    docker_engine: docker.DockerClient,
+    db_dsn: str,
 ):
     value = await token(SCOPE)
     manifest = "driver: {type: docker, image: 'nothere/image:1', workspace: /w}\n"
@@ -146,7 +155,7 @@ async def test_missing_image_fails_create_driver(
         "image nothere/image:1 not found: upload it with POST /images (driver docker) "
         "or load it on the runner" in build["output"]
     )
-    assert leftovers(docker_engine, build["id"]) == []
+    assert leftovers(docker_engine, build["id"], db_dsn) == []
 
 
 @pytest.fixture(scope="session")
@@ -205,7 +214,11 @@ jobs:
 
 
 async def test_delete_kills_a_running_container_build_within_two_seconds(
-    client: TestClient, token: MakeToken, worker: Worker, docker_engine: docker.DockerClient
+    client: TestClient,
+    token: MakeToken,
+    worker: Worker,
+    docker_engine: docker.DockerClient,
+    db_dsn: str,
 ):
     value = await token(SCOPE)
     manifest = (
@@ -226,4 +239,4 @@ async def test_delete_kills_a_running_container_build_within_two_seconds(
     done = await wait_for(client, value, build["url"], finished)
     assert time.monotonic() - started < 2.0
     assert done["status"] == "killed"
-    assert leftovers(docker_engine, build["id"]) == []
+    assert leftovers(docker_engine, build["id"], db_dsn) == []
