@@ -11,6 +11,7 @@ from types import ModuleType
 from api import (
     artifacts,
     builds,
+    crons,
     images,
     invites,
     jobs,
@@ -36,6 +37,7 @@ MODULES: tuple[ModuleType, ...] = (
     builds,
     jobs,
     artifacts,
+    crons,
 )
 
 ROOT_MODULES: tuple[ModuleType, ...] = ()

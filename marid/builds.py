@@ -76,6 +76,7 @@ class Listing:
     visible_to: int | None = None  # "my" builds of API.md §3.3 for this user id
     namespace_id: int | None = None  # builds in this exact namespace (§8.8)
     object_id: int | None = None  # builds that declared this object (§14.5)
+    cron_id: int | None = None  # builds submitted by this cron job (§11.7)
 
 
 def url(build: Build, owner: User, api_url: str) -> str:
@@ -152,6 +153,7 @@ async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) ->
               AND ($3::bigint IS NULL
                    OR b.id IN (SELECT build_id FROM build_objects WHERE object_id = $3))
               AND build_matches(b, $4, $5, $6, $7)
+              AND ($8::bigint IS NULL OR b.id IN (SELECT id FROM builds WHERE cron_id = $8))
             """,
             listing.visible_to,
             listing.namespace_id,
@@ -160,6 +162,7 @@ async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) ->
             filters.search,
             filters.status,
             filters.pinned,
+            listing.cron_id,
         )
     )
 
@@ -179,6 +182,7 @@ async def page(
           AND ($3::bigint IS NULL
                OR b.id IN (SELECT build_id FROM build_objects WHERE object_id = $3))
           AND build_matches(b, $4, $5, $6, $7)
+          AND ($10::bigint IS NULL OR b.id IN (SELECT id FROM builds WHERE cron_id = $10))
         ORDER BY b.created_at DESC, b.id DESC
         OFFSET $8 LIMIT $9
         """,
@@ -191,6 +195,7 @@ async def page(
         filters.pinned,
         offset,
         limit,
+        listing.cron_id,
     )
     return [from_row(row) for row in rows]
 

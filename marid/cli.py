@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
         "up",
         parents=[common],
         help="run the whole platform on this machine (embedded PostgreSQL if none configured)",
-        description="Run the API (and, as they arrive, runner and scheduler) in one process. "
+        description="Run the API, a runner and the scheduler in one process. "
         "Without database.dsn in the configuration it starts a private PostgreSQL in "
         "--data-dir, keeps a generated crypto key there, applies migrations and, on first "
         "start, creates the user `admin` and prints an access token. No configuration file "
@@ -102,6 +102,18 @@ def parser() -> argparse.ArgumentParser:
         "lease (runner.lease) expires.",
     )
     runner.set_defaults(run=_runner)
+
+    scheduler = commands.add_parser(
+        "scheduler",
+        parents=[common],
+        help="run cron jobs: submit a build for each due cron job",
+        description="Claim the due cron jobs from the database, submit one build for each and "
+        "move its next run on, in batches; check again at the earliest next run, and at least "
+        "every cron.interval. Run as many as you like against "
+        "one database: each run fires exactly once, even when a scheduler dies mid-batch. A run "
+        "missed while no scheduler was up fires once at the next check.",
+    )
+    scheduler.set_defaults(run=_scheduler)
 
     run = commands.add_parser(
         "run",
@@ -224,6 +236,12 @@ async def run_runner(cfg: config.Config, stop: asyncio.Event) -> None:
     finally:
         await blobs.close()
         await pool.close()
+
+
+def _scheduler(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    logs.configure(cfg.logging.level)
+    run_async(until_signal(lambda stop: _lazy("scheduler.loop").run(cfg, stop)))
 
 
 async def until_signal(work: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -145,6 +145,13 @@ ROWS: list[Row] = [
     Row("POST", B + "/tags", "build:write", private(201), ["new"]),
     Row("GET", B + "/tags/first", "build:read", private(200)),
     Row("DELETE", B + "/tags/first", "build:delete", private(204)),
+    # Cron (§11, EXT a)
+    Row("GET", "/api/cron", "cron:read", mine()),
+    Row("POST", "/api/cron", "cron:write", created(), {"name": "c_{role}", "manifest": MANIFEST}),
+    Row("GET", "/api/cron/{cron}", "cron:read", private(200)),
+    Row("GET", "/api/cron/{cron}/builds", "cron:read build:read", private(200)),
+    Row("PATCH", "/api/cron/{cron}", "cron:write", private(200), {"schedule": "weekly"}),
+    Row("DELETE", "/api/cron/{cron}", "cron:delete", private(204)),
 ]  # fmt: skip
 
 
@@ -221,6 +228,9 @@ async def make_resources(api: TestClient, w: World, role: str, token: str) -> No
         ),
         "build": await created_id(
             api, token, "/api/builds", "number", json={"manifest": MANIFEST, "tags": ["first"]}
+        ),
+        "cron": await created_id(
+            api, token, "/api/cron", json={"name": f"cron_{role}", "manifest": MANIFEST}
         ),
     }
     for name, value in ids.items():
