@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from api import (
+    apps,
     artifacts,
     builds,
     crons,
@@ -16,6 +17,7 @@ from api import (
     invites,
     jobs,
     namespaces,
+    oauth,
     objects,
     root,
     sshkeys,
@@ -28,6 +30,7 @@ MODULES: tuple[ModuleType, ...] = (
     root,
     users,
     tokens,
+    apps,
     namespaces,
     invites,
     variables,
@@ -40,4 +43,4 @@ MODULES: tuple[ModuleType, ...] = (
     crons,
 )
 
-ROOT_MODULES: tuple[ModuleType, ...] = ()
+ROOT_MODULES: tuple[ModuleType, ...] = (oauth,)

@@ -26,6 +26,9 @@ class Token:
     scope: str
     created_at: datetime
     last_used_at: datetime | None
+    # The app a token was issued to through OAuth (API.md §16); None for personal tokens.
+    app_client_id: str | None = None
+    app_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,11 @@ def to_json(token: Token, api_url: str) -> dict[str, Any]:
         "id": token.id,
         "name": token.name,
         "scope": token.scope,
-        "app": None,
+        "app": (
+            {"client_id": token.app_client_id, "name": token.app_name}
+            if token.app_client_id is not None
+            else None
+        ),
         "created_at": rfc3339(token.created_at),
         "last_used_at": rfc3339(token.last_used_at),
         "url": f"{api_url}/tokens/{token.id}",
@@ -109,6 +116,25 @@ async def create(
     return Token(**row), value
 
 
+async def replace_for_app(
+    conn: asyncpg.Connection, user: User, app_id: int, app_name: str, scope: str, value: str
+) -> None:
+    """Store `value` as `user`'s one token for the app (named after it); an earlier one is
+    overwritten, so its value stops working (API.md §16.3). The caller owns the transaction."""
+    await conn.execute(
+        """
+        INSERT INTO tokens (user_id, name, scope, digest, app_id) VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT (user_id, app_id) WHERE app_id IS NOT NULL
+        DO UPDATE SET name = $2, scope = $3, digest = $4, created_at = now(), last_used_at = NULL
+        """,
+        user.id,
+        app_name,
+        scope,
+        digest(value),
+        app_id,
+    )
+
+
 async def authenticate(conn: asyncpg.Connection, value: str) -> Authenticated | None:
     """Look a bearer token up (one indexed query) and note its use at most once a minute."""
     if not value.startswith(PREFIX):
@@ -134,8 +160,10 @@ async def authenticate(conn: asyncpg.Connection, value: str) -> Authenticated | 
 async def list_for(conn: asyncpg.Connection, user: User) -> list[Token]:
     rows = await conn.fetch(
         """
-        SELECT id, user_id, name, scope, created_at, last_used_at FROM tokens
-        WHERE user_id = $1 ORDER BY created_at, id
+        SELECT t.id, t.user_id, t.name, t.scope, t.created_at, t.last_used_at,
+               a.client_id AS app_client_id, a.name AS app_name
+        FROM tokens t LEFT JOIN apps a ON a.id = t.app_id
+        WHERE t.user_id = $1 ORDER BY t.created_at, t.id
         """,
         user.id,
     )

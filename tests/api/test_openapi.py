@@ -30,7 +30,12 @@ async def test_openapi_document_matches_the_router(api: TestClient, config: Conf
     assert doc["openapi"] == "3.1.0"
     assert doc["info"] == {"title": "marid", "version": "0.1.0"}
     assert doc["servers"] == [{"url": "https://ci.example.com/api"}]
-    documented = {(method, "/api" + path) for path, ops in doc["paths"].items() for method in ops}
+    documented = {
+        # Root operations (the OAuth pages, API.md §16) name the server root in `servers`.
+        (method, path if "servers" in op else "/api" + path)
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+    }
     served = routes_of(create_app(config)) - {("get", "/api")}  # "/api" is "/api/" unslashed
     assert documented == served
     assert set(doc["components"]["securitySchemes"]) == {"bearer", "basic"}
@@ -48,3 +53,12 @@ async def test_schema_references_resolve(api: TestClient):
     doc = await (await api.get("/api/openapi.json")).json()
     refs = set(re.findall(r'"#/components/schemas/(\w+)"', str(doc).replace("'", '"')))
     assert refs <= set(doc["components"]["schemas"])
+
+
+async def test_oauth_operations_are_served_from_the_root(api: TestClient):
+    doc = await (await api.get("/api/openapi.json")).json()
+    for path in ("/login/oauth/authorize", "/login/oauth/token", "/logout/oauth/revoke"):
+        for operation in doc["paths"][path].values():
+            assert operation["servers"] == [{"url": "https://ci.example.com"}]
+    for operation in doc["paths"]["/apps"].values():
+        assert operation["x-marid-extension"] is True

@@ -1,0 +1,276 @@
+"""The OAuth authorization-code flow at the server root (API.md §16), on authlib
+(`api.oauth_server`): the consent page, the authorize and token endpoints, and revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from typing import Any
+from urllib.parse import urlencode
+
+import asyncpg
+from aiohttp import web
+from authlib.oauth2 import OAuth2Error
+from authlib.oauth2.rfc6749 import InsecureTransportError, InvalidClientError
+from multidict import MultiMapping
+
+from api.auth import bearer
+from api.keys import CONFIG, POOL
+from api.oauth_server import (
+    CodeGrant,
+    Reply,
+    RequestData,
+    Server,
+    SpecError,
+    denied_location,
+    in_thread,
+)
+from api.openapi import BEARER, STRING, Operations, json_response, obj, query_param, ref
+from marid import apps, tokens, users
+from marid.users import User
+from marid.validation import NotFound, RequestError
+
+routes = web.RouteTableDef()
+
+AUTHORIZE_FIELDS = ("client_id", "redirect_uri", "scope", "state")
+# The consent page must not be framed (clickjacking) or cached.
+PAGE_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+def _first_values(values: MultiMapping[Any]) -> dict[str, str]:
+    """One value per name, the first (API.md §1.2); file parts are ignored."""
+    found: dict[str, str] = {}
+    for name, value in values.items():
+        if isinstance(value, str):
+            found.setdefault(name, value)
+    return found
+
+
+def _data(request: web.Request, values: dict[str, str], **defaults: str) -> RequestData:
+    headers = {}
+    if "Authorization" in request.headers:
+        headers["Authorization"] = request.headers["Authorization"]
+    uri = request.config_dict[CONFIG].server.url.rstrip("/") + request.path
+    return RequestData(request.method, uri, headers, {**values, **defaults})
+
+
+def _authorize_data(request: web.Request, values: dict[str, str]) -> RequestData:
+    # §16 has only the code flow and no response_type parameter.
+    fields = {name: values[name] for name in AUTHORIZE_FIELDS if name in values}
+    return _data(request, fields, response_type="code")
+
+
+def _authorize_error(error: OAuth2Error, data: RequestData) -> Exception:
+    """§16.1's JSON errors for authlib's validation failures."""
+    if isinstance(error, SpecError):
+        return RequestError(error.message, error.status_code)
+    if isinstance(error, InvalidClientError):
+        if not data.data.get("client_id"):
+            return RequestError("No client ID in request")
+        return NotFound()
+    return RequestError(error.get_error_description() or error.error)
+
+
+async def _consent(conn: asyncpg.Connection, data: RequestData) -> tuple[Server, CodeGrant]:
+    server = Server(conn, asyncio.get_running_loop())
+    try:
+        grant = await in_thread(server.consent, data)
+    except OAuth2Error as error:
+        raise _authorize_error(error, data) from None
+    return server, grant
+
+
+@routes.get("/login/oauth/authorize")
+async def show_consent(request: web.Request) -> web.Response:
+    data = _authorize_data(request, _first_values(request.query))
+    async with request.config_dict[POOL].acquire() as conn:
+        _, grant = await _consent(conn, data)
+    return _page(grant, data)
+
+
+@routes.post("/login/oauth/authorize")
+async def authorize(request: web.Request) -> web.Response:
+    values = _first_values(await request.post())
+    data = _authorize_data(request, values)
+    async with request.config_dict[POOL].acquire() as conn:
+        server, grant = await _consent(conn, data)
+        user = None
+        if values.get("authorize") == "true":
+            user = await _login(conn, values.get("handle", ""), values.get("password", ""))
+            if user is None:
+                return _page(grant, data, error="Incorrect username, email or password", status=401)
+        async with conn.transaction():
+            reply = await in_thread(server.authorize, grant, user)
+    location = denied_location(reply) if reply.error else dict(reply.headers).get("Location")
+    if location is None:
+        raise RequestError(reply.error.get_error_description() if reply.error else "Bad request")
+    # 303: the browser follows a POST with a GET (authlib answers 302).
+    return web.Response(status=303, headers={"Location": location})
+
+
+async def _login(conn: asyncpg.Connection, handle: str, password: str) -> User | None:
+    found = await users.password_hash_of(conn, handle) if handle else None
+    if found is None:
+        return None
+    user, stored = found
+    # The KDF is deliberately slow: keep it off the event loop.
+    return user if await asyncio.to_thread(users.verify_password, password, stored) else None
+
+
+@routes.post("/login/oauth/token")
+async def exchange_code(request: web.Request) -> web.Response:
+    values = _first_values(await request.post())
+    secret = values.pop("secret", None)
+    if secret is not None:
+        values.setdefault("client_secret", secret)
+    if request.headers.get("Authorization", "").lower().startswith("basic "):
+        # HTTP Basic takes precedence over form credentials (§16.3).
+        values.pop("client_id", None)
+        values.pop("client_secret", None)
+    data = _data(request, values, grant_type="authorization_code")
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        reply = await in_thread(Server(conn, asyncio.get_running_loop()).exchange, data)
+        if reply.error is not None:  # raised inside: the transaction rolls back
+            raise _token_error(reply)
+    return _token_response(request, reply)
+
+
+def _token_error(reply: Reply) -> RequestError:
+    if isinstance(reply.error, InvalidClientError):
+        return RequestError(
+            "Invalid client credentials", 401, {"WWW-Authenticate": 'Basic realm="marid"'}
+        )
+    if isinstance(reply.error, InsecureTransportError):  # server.url is plain http, not loopback
+        return RequestError(reply.error.get_error_description())
+    return RequestError("Invalid or expired code")
+
+
+def _token_response(request: web.Request, reply: Reply) -> web.Response:
+    """§16.3: JSON when Accept names it, else a form-encoded body with sorted keys."""
+    body = {key: reply.body[key] for key in ("access_token", "token_type", "scope")}
+    headers = {k: v for k, v in reply.headers if k.lower() != "content-type"}  # no-store
+    if "application/json" in request.headers.get("Accept", ""):
+        return web.json_response(body, headers=headers)
+    return web.Response(
+        body=urlencode(sorted(body.items())).encode(),
+        content_type="application/x-www-form-urlencoded",
+        headers=headers,
+    )
+
+
+@routes.post("/logout/oauth/revoke")
+async def revoke_token(request: web.Request) -> web.Response:
+    """§16.4. Not authlib's RevocationEndpoint: RFC 7009 authenticates a client and names the
+    token in the body, while §16.4 revokes the request's own bearer token with no client."""
+    caller = await bearer(request)
+    if caller.user is not None and caller.token_id is not None:
+        async with request.config_dict[POOL].acquire() as conn:
+            await tokens.delete(conn, caller.user, caller.token_id)
+    return web.Response(status=204)
+
+
+def _page(grant: CodeGrant, data: RequestData, error: str = "", status: int = 200) -> web.Response:
+    """The consent page: the app, the requested scope and a login form (everything escaped)."""
+    app: apps.App = grant.request.client.app
+    esc = html.escape
+    hidden = "".join(
+        f'<input type="hidden" name="{name}" value="{esc(data.data[name])}">'
+        for name in AUTHORIZE_FIELDS
+        if name in data.data
+    )
+    items = "".join(f"<li><code>{esc(item)}</code></li>" for item in grant.request.scope.split())
+    alert = f'<p class="error" role="alert">{esc(error)}</p>' if error else ""
+    page = f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Authorize {esc(app.name)} - marid</title></head>
+<body>
+<h1>Authorize <a href="{esc(app.homepage_uri)}">{esc(app.name)}</a></h1>
+<p>{esc(app.description)}</p>
+<p>{esc(app.name)} asks for access to your marid account with this scope:</p>
+<ul class="scope">{items}</ul>
+{alert}
+<form method="post" action="/login/oauth/authorize">
+{hidden}
+<p><label>Username or email <input name="handle" autocomplete="username" required></label></p>
+<p><label>Password
+<input name="password" type="password" autocomplete="current-password"></label></p>
+<p><button name="authorize" value="true">Authorize</button>
+<button name="authorize" value="false" formnovalidate>Deny</button></p>
+</form>
+</body>
+</html>
+"""
+    return web.Response(text=page, content_type="text/html", status=status, headers=PAGE_HEADERS)
+
+
+def _form_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/x-www-form-urlencoded": {"schema": schema}}}
+
+
+HTML = {"text/html": {"schema": STRING}}
+MESSAGE = {"application/json": {"schema": ref("Message")}}
+AUTHORIZE_ERRORS = {
+    "400": {"description": "Bad client_id, redirect_uri or scope (§16.1)", "content": MESSAGE},
+    "404": {"description": "Unknown client_id", "content": MESSAGE},
+}
+
+SCHEMAS = {
+    "OAuthToken": obj({"access_token": STRING, "token_type": STRING, "scope": STRING}),
+}
+
+OPERATIONS: Operations = {
+    ("get", "/login/oauth/authorize"): {
+        "summary": "The consent page: names the app and scope, with a login form (API.md §16.1)",
+        "parameters": [
+            query_param("client_id", "the application's client id"),
+            query_param("redirect_uri", "must equal the registered one; defaults to it"),
+            query_param("scope", "the requested scope (API.md §2.2)"),
+            query_param("state", "echoed back"),
+        ],
+        "responses": {"200": {"description": "HTML page", "content": HTML}, **AUTHORIZE_ERRORS},
+    },
+    ("post", "/login/oauth/authorize"): {
+        "summary": "Grant or deny: redirects with code or error=access_denied (API.md §16.2)",
+        "requestBody": _form_body(
+            obj(
+                {f: STRING for f in (*AUTHORIZE_FIELDS, "handle", "password", "authorize")},
+                optional=("redirect_uri", "state", "handle", "password"),
+            )
+        ),
+        "responses": {
+            "303": {"description": "Back to the redirect URI"},
+            "401": {"description": "Bad user credentials: the form again", "content": HTML},
+            **AUTHORIZE_ERRORS,
+        },
+    },
+    ("post", "/login/oauth/token"): {
+        "summary": "Exchange a code for a token (API.md §16.3)",
+        "security": [{"basic": []}, {}],
+        "requestBody": _form_body(
+            obj(
+                {"code": STRING, "client_id": STRING, "client_secret": STRING, "secret": STRING},
+                optional=("client_id", "client_secret", "secret"),
+            )
+        ),
+        "responses": {
+            "200": {
+                "description": "The token; form-encoded unless Accept names application/json",
+                "content": {
+                    "application/json": {"schema": ref("OAuthToken")},
+                    "application/x-www-form-urlencoded": {"schema": ref("OAuthToken")},
+                },
+            },
+            "400": json_response("Invalid or expired code", ref("Message")),
+            "401": json_response("Invalid client credentials", ref("Message")),
+        },
+    },
+    ("post", "/logout/oauth/revoke"): {
+        "summary": "Revoke the bearer token of the request (API.md §16.4)",
+        "security": BEARER,
+        "responses": {"204": {"description": "Revoked (or already unknown)"}},
+    },
+}
