@@ -24,6 +24,7 @@ from api import (
     tokens,
     users,
     variables,
+    webhooks,
 )
 
 MODULES: tuple[ModuleType, ...] = (
@@ -41,6 +42,7 @@ MODULES: tuple[ModuleType, ...] = (
     jobs,
     artifacts,
     crons,
+    webhooks,
 )
 
 ROOT_MODULES: tuple[ModuleType, ...] = (oauth,)

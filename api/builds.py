@@ -33,7 +33,7 @@ from api.openapi import (
     query_param,
     ref,
 )
-from marid import builds, manifest, namespaces, objects, users
+from marid import builds, manifest, namespaces, objects, users, webhooks
 from marid.builds import Build, Filters, Listing
 from marid.manifest import ManifestLimits
 from marid.namespaces import Namespace, Rights
@@ -163,6 +163,7 @@ async def _submit(request: web.Request, user: User) -> web.Response:
         sub = await parse_submission(conn, request, user)
         build = await submit(conn, sub)
         body = builds.to_json(build, sub.owner, sub.namespace, api_url(request))
+        await webhooks.emit(conn, build.namespace_id, "build.submitted", body)
     return web.json_response(body, status=201)
 
 
@@ -200,7 +201,8 @@ async def kill_build(request: web.Request, user: User) -> web.Response:
     """Kill (API.md §7.6): a queued build never runs; a running one is stopped by its runner."""
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, user)
-        await builds.kill(conn, loaded.build)
+        if await builds.kill(conn, loaded.build):
+            await webhooks.emit_build(conn, loaded.build.id, "build.finished", api_url(request))
     return web.Response(status=204)
 
 
@@ -208,9 +210,11 @@ async def set_pinned(request: web.Request, user: User, pinned: bool) -> web.Resp
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, user)
         build = await builds.set_pinned(conn, loaded.build, pinned)
-    return web.json_response(
-        builds.to_json(build, loaded.owner, loaded.namespace, api_url(request))
-    )
+        body = builds.to_json(build, loaded.owner, loaded.namespace, api_url(request))
+        if loaded.build.pinned != pinned:
+            event = "build.pinned" if pinned else "build.unpinned"
+            await webhooks.emit(conn, build.namespace_id, event, body)
+    return web.json_response(body)
 
 
 @routes.patch(B + "/pin")
@@ -265,6 +269,18 @@ async def create_tags(request: web.Request, user: User) -> web.Response:
         added = await builds.add_tags_by(conn, loaded.build.id, user, builds.normalise_tags(names))
         loaded = await load_build(conn, request, user)  # the embedded build shows its new tags
         body = await tags_json(conn, added, loaded, api_url(request))
+        if added:
+            await webhooks.emit(
+                conn,
+                loaded.build.namespace_id,
+                "build.tagged",
+                {
+                    "build": loaded.json(api_url(request)),
+                    "tags": [{**tag, "build": None} for tag in body],
+                    "url": builds.url(loaded.build, loaded.owner, api_url(request)) + "/tags",
+                    "user": users.to_json(user),
+                },
+            )
     return web.json_response(body, status=201)
 
 

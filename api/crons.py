@@ -27,7 +27,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import list_mine, readable, usable
+from api.resources import announce, list_mine, readable, usable
 from marid import builds, crons
 from marid.crons import CronForm
 from marid.manifest import ManifestLimits
@@ -49,8 +49,8 @@ async def create_cron(request: web.Request, user: User) -> web.Response:
     limits = ManifestLimits.from_config(request.config_dict[CONFIG])
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         cron = await crons.create(conn, user, form, limits, crons.now())
-        # Webhooks (§10.6): the `cron` events (`created`; `updated`, `deleted` below) go here.
         [created] = await crons.to_json(conn, [cron], api_url(request))
+        await announce(conn, request, "cron", "created", cron, crons.to_json, created)
     return web.json_response(created, status=201)
 
 
@@ -80,6 +80,7 @@ async def update_cron(request: web.Request, user: User) -> web.Response:
         form = CronForm.parse(await read_body(request), creating=False)
         cron = await crons.update(conn, user, cron, form, limits, crons.now())
         [updated] = await crons.to_json(conn, [cron], api_url(request))
+        await announce(conn, request, "cron", "updated", cron, crons.to_json, updated)
     return web.json_response(updated)
 
 
@@ -88,6 +89,7 @@ async def update_cron(request: web.Request, user: User) -> web.Response:
 async def delete_cron(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         cron = await usable(conn, request, user, crons.get)
+        await announce(conn, request, "cron", "deleted", cron, crons.to_json)
         await crons.delete(conn, cron)
     return web.Response(status=204)
 

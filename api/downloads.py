@@ -22,7 +22,7 @@ import asyncssh
 from aiohttp import web
 
 from api.keys import BLOBS, CIPHER, CONFIG, POOL
-from marid import images
+from marid import images, webhooks
 from marid.blobs import Blob, BlobStore, BlobTooLarge
 from marid.config import parse_duration
 from marid.crypto import Cipher, DecryptionError
@@ -51,8 +51,10 @@ class Downloads:
         cipher: Cipher,
         max_size: int,
         session: aiohttp.ClientSession,
+        api_url: str,
     ) -> None:
         self.pool = pool
+        self.api_url = api_url  # for webhook payloads
         self.store = store
         self.cipher = cipher
         self.max_size = max_size
@@ -178,10 +180,22 @@ class Downloads:
             # fails or is cancelled after `put` must not lose the stored blob.
             conn.close()
 
+    async def _announce(self, conn: asyncpg.Connection, image_id: int) -> None:
+        image = await images.get(conn, image_id)
+        assert image is not None
+
+        async def payload() -> dict[str, object]:
+            [body] = await images.to_json(conn, [image], self.api_url)
+            return {"action": "downloaded", "image": body}
+
+        await webhooks.emit(conn, image.namespace_id, "images", payload)
+
     async def _finish(self, image_id: int, blob: Blob | None, error: str | None) -> None:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 kept = await images.finish_download(conn, image_id, blob, error)
+                if kept:
+                    await self._announce(conn, image_id)
         except BaseException:
             if blob is not None:
                 await self.store.delete(blob.key)
@@ -247,7 +261,14 @@ async def context(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(total=None)  # the whole download is bounded by TIMEOUT
     async with aiohttp.ClientSession(timeout=timeout) as session:
         config = app[CONFIG]
-        downloads = Downloads(app[POOL], app[BLOBS], app[CIPHER], config.images.max_size, session)
+        downloads = Downloads(
+            app[POOL],
+            app[BLOBS],
+            app[CIPHER],
+            config.images.max_size,
+            session,
+            config.server.api_url,
+        )
         app[DOWNLOADS] = downloads
         await downloads.resume()
         try:

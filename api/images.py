@@ -34,8 +34,8 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import list_in_namespace, list_mine, readable, usable
-from marid import images, namespaces
+from api.resources import announce, list_in_namespace, list_mine, readable, usable
+from marid import images, namespaces, webhooks
 from marid.namespaces import Namespace
 from marid.uploads import stored
 from marid.users import User
@@ -100,6 +100,9 @@ async def _create_upload(request: web.Request, user: User) -> dict[str, Any]:
             assert driver is not None and name is not None and blob is not None
             image_id = await images.create(conn, user, ns, driver, name, blob)
             body = await _entity(conn, image_id, api_url(request))
+            await webhooks.emit(
+                conn, body["namespace_id"], "images", {"action": "created", "image": body}
+            )
     log.info("image %d uploaded", image_id)
     return body
 
@@ -126,6 +129,9 @@ async def _create_download(request: web.Request, user: User) -> dict[str, Any]:
         secret = images.seal_url(request.config_dict[CIPHER], image_id, url)
         await images.add_download(conn, image_id, images.redact(url), secret)
         body = await _entity(conn, image_id, api_url(request))
+        await webhooks.emit(
+            conn, body["namespace_id"], "images", {"action": "created", "image": body}
+        )
     downloads.start(image_id)  # only once committed: the task reads the row
     log.info("image %d created, download pending", image_id)
     return body
@@ -159,6 +165,7 @@ async def show_image(request: web.Request, caller: Caller) -> web.StreamResponse
 async def delete_image(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         found = await usable(conn, request, user, images.get)
+        await announce(conn, request, "images", "deleted", found, images.to_json)
         key = await images.delete(conn, found)
     # Only after the commit: a rolled-back delete must still find its content.
     downloads = request.config_dict.get(DOWNLOADS)

@@ -21,7 +21,7 @@ from api.openapi import (
     path_param,
     ref,
 )
-from marid import invites, namespaces, users
+from marid import invites, namespaces, users, webhooks
 from marid.users import User
 from marid.validation import NotFound
 
@@ -54,6 +54,8 @@ async def create_invite(request: web.Request, user: User) -> web.Response:
         assert handle is not None
         invite = await invites.send(conn, ns, user, handle)
         [created] = await invites.to_json(conn, [invite], api_url(request))
+        sent = {key: created[key] for key in ("invitee", "inviter", "namespace")}
+        await webhooks.emit(conn, invite.namespace_id, "invite.sent", sent)
     return web.json_response(created, status=201)
 
 
@@ -75,13 +77,12 @@ async def accept_invite(request: web.Request, user: User) -> web.Response:
         await invites.accept(conn, invite)
         inviter = (await users.by_ids(conn, {invite.inviter_id}))[invite.inviter_id]
         root = await namespaces.get(conn, invite.namespace_id)
-    assert root is not None
+        assert root is not None
+        invitee, space = users.to_json(user), namespaces.to_json(root, api_url(request))
+        accepted = {"invitee": invitee, "namespace": space}
+        await webhooks.emit(conn, root.id, "invite.accepted", accepted)
     return web.json_response(
-        {
-            "invitee": users.to_json(user),
-            "inviter": users.to_json(inviter),
-            "namespace": namespaces.to_json(root, api_url(request)),
-        }
+        {"invitee": invitee, "inviter": users.to_json(inviter), "namespace": space}
     )
 
 
@@ -93,6 +94,14 @@ async def delete_invite(request: web.Request, user: User) -> web.Response:
         if invite is None or user.id not in (invite.invitee_id, invite.inviter_id):
             raise NotFound()
         await invites.delete(conn, invite)
+        if user.id == invite.invitee_id:  # rejected; the inviter withdrawing it is no event
+            root = await namespaces.get(conn, invite.namespace_id)
+            assert root is not None
+            rejected = {
+                "invitee": users.to_json(user),
+                "namespace": namespaces.to_json(root, api_url(request)),
+            }
+            await webhooks.emit(conn, root.id, "invite.rejected", rejected)
     return web.Response(status=204)
 
 

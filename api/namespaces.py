@@ -24,7 +24,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from marid import builds, invites, namespaces
+from marid import builds, invites, namespaces, webhooks
 from marid.namespaces import Namespace, NamespaceForm
 from marid.users import User
 from marid.validation import NotFound
@@ -63,6 +63,10 @@ async def create_namespace(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         ns = await namespaces.create(conn, user, form)
         body = await full_json(conn, ns, api_url(request))
+        # A new namespace has no webhooks yet: its parent's hear of it (§10.6).
+        await webhooks.emit(
+            conn, ns.parent_id, "namespaces", {"action": "created", "namespace": body}
+        )
     return web.json_response(body, status=201)
 
 
@@ -116,6 +120,7 @@ async def update_namespace(request: web.Request, user: User) -> web.Response:
         form.errors.raise_if_any()
         ns = await namespaces.update(conn, ns, description, visibility)
         body = await full_json(conn, ns, api_url(request))
+        await webhooks.emit(conn, ns.id, "namespaces", {"action": "updated", "namespace": body})
     return web.json_response(body)
 
 
@@ -126,6 +131,9 @@ async def delete_namespace(request: web.Request, user: User) -> web.Response:
         ns = await load_namespace(conn, request)
         if not (await namespaces.rights(conn, user, ns)).admin:
             raise NotFound()
+        # Queued before the delete takes the webhooks with it; deliveries outlive them.
+        body = await full_json(conn, ns, api_url(request))
+        await webhooks.emit(conn, ns.id, "namespaces", {"action": "deleted", "namespace": body})
         await namespaces.delete(conn, ns)
     return web.Response(status=204)
 

@@ -31,7 +31,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import list_in_namespace, list_mine, readable, usable
+from api.resources import announce, list_in_namespace, list_mine, readable, usable
 from marid import mime, namespaces, objects
 from marid.uploads import check_file, stored
 from marid.users import User
@@ -79,6 +79,7 @@ async def create_object(request: web.Request, user: User) -> web.Response:
                 conn, user, ns, name, mime.detect(upload.content.head), blob
             )
             [body] = await objects.to_json(conn, [created], api_url(request))
+            await announce(conn, request, "objects", "created", created, objects.to_json, body)
     log.info("object %d created", created.id)
     return web.json_response(body, status=201)
 
@@ -101,6 +102,7 @@ async def show_object(request: web.Request, caller: Caller) -> web.StreamRespons
 async def delete_object(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         found = await usable(conn, request, user, objects.get)
+        await announce(conn, request, "objects", "deleted", found, objects.to_json)
         await objects.delete(conn, found)
     # Only after the commit: a rolled-back delete must still find its content.
     await request.config_dict[BLOBS].delete(found.blob_key)

@@ -16,7 +16,7 @@ from api.auth import Caller
 from api.http import Page, api_url, path_id, query
 from api.keys import POOL
 from api.namespaces import load_namespace
-from marid import namespaces
+from marid import namespaces, webhooks
 from marid.listing import Listing
 from marid.namespaces import Rights
 from marid.users import User
@@ -98,6 +98,26 @@ async def readable(
     found, rights = await load(conn, request, caller.user, get)
     caller.check_read(rights, *needed)
     return found
+
+
+async def announce(
+    conn: asyncpg.Connection,
+    request: web.Request,
+    event: str,
+    action: str,
+    found: T,
+    to_json: ToJson[T],
+    shown: dict[str, Any] | None = None,
+) -> None:
+    """Queue the webhook event `{"action": action, <subject>: entity}` (API.md §10.6) for the
+    resource's namespace, in the caller's transaction; `shown` is the entity if already
+    rendered, else it is rendered only when a webhook wants the event."""
+
+    async def payload() -> dict[str, Any]:
+        entity = shown if shown is not None else (await to_json(conn, [found], api_url(request)))[0]
+        return {"action": action, webhooks.SUBJECTS[event]: entity}
+
+    await webhooks.emit(conn, found.namespace_id, event, payload)
 
 
 async def usable(conn: asyncpg.Connection, request: web.Request, user: User, get: Get[T]) -> T:

@@ -30,7 +30,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import list_in_namespace, list_mine, readable, usable
+from api.resources import announce, list_in_namespace, list_mine, readable, usable
 from marid import keys
 from marid.keys import KeyForm
 from marid.users import User
@@ -53,6 +53,7 @@ async def create_key(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         key = await keys.create(conn, request.config_dict[CIPHER], user, form)
         [created] = await keys.to_json(conn, [key], api_url(request))
+        await announce(conn, request, "ssh_keys", "created", key, keys.to_json, created)
     return web.json_response(created, status=201)
 
 
@@ -75,6 +76,7 @@ async def update_key(request: web.Request, user: User) -> web.Response:
         body.errors.raise_if_any()
         key = await keys.update_config(conn, key, config)
         [updated] = await keys.to_json(conn, [key], api_url(request))
+        await announce(conn, request, "ssh_keys", "updated", key, keys.to_json, updated)
     return web.json_response(updated)
 
 
@@ -83,6 +85,7 @@ async def update_key(request: web.Request, user: User) -> web.Response:
 async def delete_key(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         key = await usable(conn, request, user, keys.get)
+        await announce(conn, request, "ssh_keys", "deleted", key, keys.to_json)
         await keys.delete(conn, key)
     return web.Response(status=204)
 

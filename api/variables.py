@@ -28,7 +28,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import list_in_namespace, list_mine, readable, usable
+from api.resources import announce, list_in_namespace, list_mine, readable, usable
 from marid import variables
 from marid.users import User
 from marid.variables import VariableForm
@@ -49,6 +49,7 @@ async def create_variable(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         variable = await variables.create(conn, request.config_dict[CIPHER], user, form)
         [created] = await variables.to_json(conn, [variable], api_url(request))
+        await announce(conn, request, "variables", "created", variable, variables.to_json, created)
     return web.json_response(created, status=201)
 
 
@@ -66,6 +67,7 @@ async def show_variable(request: web.Request, caller: Caller) -> web.Response:
 async def delete_variable(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         variable = await usable(conn, request, user, variables.get)
+        await announce(conn, request, "variables", "deleted", variable, variables.to_json)
         await variables.delete(conn, variable)
     return web.Response(status=204)
 

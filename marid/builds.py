@@ -261,9 +261,10 @@ async def set_pinned(conn: asyncpg.Connection, build: Build, pinned: bool) -> Bu
     return updated
 
 
-async def kill(conn: asyncpg.Connection, build: Build) -> None:
+async def kill(conn: asyncpg.Connection, build: Build) -> bool:
     """Kill a build (API.md §7.6): a queued one ends `killed` now without running; a running
-    one is flagged and its runner, woken by NOTIFY, stops it within a second."""
+    one is flagged and its runner, woken by NOTIFY, stops it within a second. Returns whether
+    the build ended here."""
     queued = await conn.fetchval(
         """
         UPDATE builds SET status = 'killed', finished_at = now()
@@ -279,7 +280,7 @@ async def kill(conn: asyncpg.Connection, build: Build) -> None:
             """,
             build.id,
         )
-        return
+        return True
     running = await conn.fetchval(
         """
         UPDATE builds SET kill_requested = true
@@ -289,6 +290,7 @@ async def kill(conn: asyncpg.Connection, build: Build) -> None:
     )
     if running:
         await conn.execute("SELECT pg_notify('marid_kill', $1)", str(build.id))
+    return False
 
 
 async def latest_in(conn: asyncpg.Connection, namespace_id: int) -> Build | None:

@@ -106,12 +106,13 @@ def parser() -> argparse.ArgumentParser:
     scheduler = commands.add_parser(
         "scheduler",
         parents=[common],
-        help="run cron jobs: submit a build for each due cron job",
+        help="run cron jobs and deliver webhooks",
         description="Claim the due cron jobs from the database, submit one build for each and "
         "move its next run on, in batches; check again at the earliest next run, and at least "
         "every cron.interval. Run as many as you like against "
         "one database: each run fires exactly once, even when a scheduler dies mid-batch. A run "
-        "missed while no scheduler was up fires once at the next check.",
+        "missed while no scheduler was up fires once at the next check. Also sends queued "
+        "webhook deliveries, retrying with backoff those that got no answer or a 5xx.",
     )
     scheduler.set_defaults(run=_scheduler)
 
@@ -241,7 +242,7 @@ async def run_runner(cfg: config.Config, stop: asyncio.Event) -> None:
 def _scheduler(args: argparse.Namespace) -> None:
     cfg = load_config(args)
     logs.configure(cfg.logging.level)
-    run_async(until_signal(lambda stop: _lazy("scheduler.loop").run(cfg, stop)))
+    run_async(until_signal(lambda stop: _lazy("scheduler.main").run(cfg, stop)))
 
 
 async def until_signal(work: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -133,6 +133,9 @@ class CronConfig:
 @dataclass(frozen=True)
 class WebhooksConfig:
     allow_loopback: bool = False
+    attempts: int = 6  # per event, the first included
+    retry_delay: Annotated[float, Duration] = 30.0  # before the 2nd attempt; x4 each time
+    concurrency: int = 16  # deliveries one scheduler sends at once
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,10 @@ def _finish(config: Config, source: str) -> Config:
     if config.crypto.key and len(config.crypto.key) < 32:
         raise ConfigError(f"{source}: crypto.key: must be at least 32 characters")
     _check_storage(config.storage, source)
+    hooks = config.webhooks
+    if hooks.attempts < 1 or hooks.concurrency < 1:
+        key = "attempts" if hooks.attempts < 1 else "concurrency"
+        raise ConfigError(f"{source}: webhooks.{key}: must be at least 1")
     return config
 
 

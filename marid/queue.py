@@ -65,6 +65,7 @@ async def renew(conn: asyncpg.Connection, claim: Claim, lease: float) -> bool | 
 @dataclass(frozen=True)
 class Recovered:
     build_ids: list[int]
+    killed: list[int]  # kill requested before the runner vanished: ended `killed` here
     stale_blobs: list[str]  # artifact content of the dead attempts: delete after commit
 
 
@@ -79,16 +80,18 @@ async def recover_expired(conn: asyncpg.Connection) -> Recovered:
         """
     )
     requeued: list[int] = []
+    killed: list[int] = []
     stale: list[str] = []
     for row in rows:
         if row["kill_requested"]:
             await finish_killed(conn, row["id"])
+            killed.append(row["id"])
             continue
         stale += await _reset(conn, row["id"], row["user_id"])
         requeued.append(row["id"])
     if requeued:
         await conn.execute("SELECT pg_notify($1, 'recovered')", QUEUE_CHANNEL)
-    return Recovered(requeued, stale)
+    return Recovered(requeued, killed, stale)
 
 
 async def _reset(conn: asyncpg.Connection, build_id: int, owner_id: int) -> list[str]:

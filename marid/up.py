@@ -113,14 +113,14 @@ def _write_effective_config(cfg: config.Config, path: Path) -> None:
 
 async def _serve(cfg: config.Config, stop: asyncio.Event, data_dir: Path) -> None:
     from api import server
-    from scheduler import loop
+    from scheduler import main as scheduler_main
 
     await cli.with_connection(cfg.database.dsn, db.migrate)
     admin = await cli.with_connection(cfg.database.dsn, _bootstrap_admin)
     cfg = await _choose_driver(cfg)
     api = await server.start(cfg)
     worker = asyncio.create_task(cli.run_runner(cfg, stop))
-    scheduler = asyncio.create_task(loop.run(cfg, stop))
+    scheduler = asyncio.create_task(scheduler_main.run(cfg, stop))
     try:
         _banner(cfg, data_dir, admin)
         await stop.wait()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
+from marid import webhooks
 from marid.blobs import BlobStore
 from marid.queue import Claim
 from runner.execute import JobSpec, ObjectSpec
@@ -30,8 +31,9 @@ class LostLease(Exception):
 
 
 class DbReporter:
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore, claim: Claim) -> None:
+    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore, claim: Claim, api_url: str) -> None:
         self.pool = pool
+        self.api_url = api_url  # for webhook payloads
         self.blobs = blobs
         self.claim = claim
         self.offsets: dict[int, int] = {}
@@ -176,7 +178,12 @@ class DbReporter:
 
     async def build_finished(self, status: str) -> None:
         await self.flush()
-        await self._fenced(
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._finish(conn, status)
+            await webhooks.emit_build(conn, self.claim.build_id, "build.finished", self.api_url)
+
+    async def _finish(self, conn: asyncpg.Connection, status: str) -> None:
+        result = await conn.execute(
             """
             UPDATE builds SET status = $3, finished_at = now(), lease_expires_at = NULL,
                 output = (SELECT string_agg(coalesce(j.output, ''), ''
@@ -185,8 +192,12 @@ class DbReporter:
                           WHERE j.build_id = $1)
             WHERE id = $1 AND attempt = $2 AND status = 'running'
             """,
+            self.claim.build_id,
+            self.claim.attempt,
             status,
         )
+        if result.endswith(" 0"):
+            raise LostLease()
 
 
 def artifacts_of(raw: str) -> list[tuple[str, str]]:

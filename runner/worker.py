@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from marid import keys, queue, variables
+from marid import keys, queue, variables, webhooks
 from marid.blobs import BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
@@ -49,6 +49,7 @@ class Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.docker: Any = None  # docker.DockerClient, made on first use
         self.instance = instance_of(config.database.dsn)
+        self.api_url = config.server.api_url  # for webhook payloads
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
@@ -82,6 +83,8 @@ class Worker:
     async def _recover(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             recovered = await queue.recover_expired(conn)
+            for build_id in recovered.killed:
+                await webhooks.emit_build(conn, build_id, "build.finished", self.api_url)
         for build_id in recovered.build_ids:
             log.warning("build %d: its runner's lease expired; requeued", build_id)
         for key in recovered.stale_blobs:
@@ -90,10 +93,11 @@ class Worker:
     async def _fill(self) -> None:
         """Claim builds while there is capacity."""
         while len(self.tasks) < self.config.runner.parallelism:
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire() as conn, conn.transaction():
                 claim = await queue.claim(conn, self.name, self.drivers, self.config.runner.lease)
-            if claim is None:
-                return
+                if claim is None:
+                    return
+                await webhooks.emit_build(conn, claim.build_id, "build.started", self.api_url)
             task = asyncio.create_task(self._execute(claim))
             self.tasks.add(task)
             task.add_done_callback(self._done)
@@ -104,7 +108,7 @@ class Worker:
 
     async def _execute(self, claim: Claim) -> None:
         log.info("build %d: attempt %d started", claim.build_id, claim.attempt)
-        reporter = DbReporter(self.pool, self.blobs, claim)
+        reporter = DbReporter(self.pool, self.blobs, claim, self.api_url)
         try:
             spec, driver = await self._load(claim)
             if claim.attempt > 1:

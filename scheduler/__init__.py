@@ -1,1 +1,1 @@
-"""The scheduler: creates builds for due cron jobs."""
+"""The scheduler: creates builds for due cron jobs and delivers webhooks."""

@@ -152,6 +152,14 @@ ROWS: list[Row] = [
     Row("GET", "/api/cron/{cron}/builds", "cron:read build:read", private(200)),
     Row("PATCH", "/api/cron/{cron}", "cron:write", private(200), {"schedule": "weekly"}),
     Row("DELETE", "/api/cron/{cron}", "cron:delete", private(204)),
+    # Webhooks (§10): owner and collaborators, whatever the visibility
+    Row("GET", N + "/-/webhooks", "webhook:read", private(200)),
+    Row("POST", N + "/-/webhooks", "webhook:write", private(201),
+        {"payload_url": "https://hooks.example.org/new/{role}"}),
+    Row("GET", N + "/-/webhooks/{webhook}", "webhook:read", private(200)),
+    Row("GET", N + "/-/webhooks/{webhook}/deliveries", "webhook:read", private(200)),
+    Row("PATCH", N + "/-/webhooks/{webhook}", "webhook:write", private(200), {"active": False}),
+    Row("DELETE", N + "/-/webhooks/{webhook}", "webhook:delete", private(204)),
 ]  # fmt: skip
 
 
@@ -231,6 +239,9 @@ async def make_resources(api: TestClient, w: World, role: str, token: str) -> No
         ),
         "cron": await created_id(
             api, token, "/api/cron", json={"name": f"cron_{role}", "manifest": MANIFEST}
+        ),
+        "webhook": await created_id(
+            api, token, N + "/-/webhooks", json={"payload_url": f"https://h.example.org/{role}"}
         ),
     }
     for name, value in ids.items():

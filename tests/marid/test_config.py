@@ -71,6 +71,7 @@ def test_sizes_durations_and_partial_sections(tmp_path: Path):
             "webhooks: {allow_loopback: yes please}\n",
             "webhooks.allow_loopback: must be true or false",
         ),
+        ("webhooks: {attempts: 0}\n", "webhooks.attempts: must be at least 1"),
         ("drivers: docker\n", "drivers: must be a list of strings"),
         ("drivers: [warp]\n", "drivers: unknown driver 'warp'"),
         (

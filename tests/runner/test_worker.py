@@ -214,7 +214,7 @@ async def test_dead_runner_is_recovered_and_its_late_writes_are_fenced(
         dead = await queue.claim(conn, "dead-runner", ["os"], 0.2)
     assert dead is not None and dead.attempt == 1
     job_id = await pool.fetchval("SELECT id FROM build_jobs WHERE name = 's.1'")
-    zombie = DbReporter(pool, open_store(os_config.storage), dead)
+    zombie = DbReporter(pool, open_store(os_config.storage), dead, os_config.server.api_url)
     await zombie.job_output(JobSpec("s.1", "", id=job_id), "from the dead attempt\n")
     await zombie.flush()
     await asyncio.sleep(0.3)  # the lease runs out
@@ -286,3 +286,31 @@ async def test_a_runner_runs_builds_in_parallel_up_to_its_limit(
     # parallelism 2: the first two overlap, the third starts only when one of them is done
     assert rows[1]["started_at"] < rows[0]["finished_at"]
     assert rows[2]["started_at"] >= min(rows[0]["finished_at"], rows[1]["finished_at"])
+
+
+async def test_a_build_run_sends_submitted_started_and_finished_events(
+    client: TestClient, token: MakeToken, worker: Worker, pool: asyncpg.Pool
+):
+    value = await token(SCOPE + " webhook:write")
+    resp = await client.post("/api/namespaces", headers=bearer(value), json={"name": "team"})
+    assert resp.status == 201
+    resp = await client.post(
+        "/api/n/alice/team/-/webhooks",
+        headers=bearer(value),
+        json={"payload_url": "https://hooks.example.org/ci"},
+    )
+    assert resp.status == 201, await resp.text()
+    manifest = "driver: {type: os}\nnamespace: team\njobs: [{commands: [echo hi]}]\n"
+    build = await submit(client, value, manifest)
+    done = await wait_for(client, value, build["url"], finished)
+    assert done["status"] == "passed"
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT event, body FROM webhook_deliveries ORDER BY id")
+    events = [(row["event"], json.loads(row["body"])) for row in rows]
+    assert [(event, body["status"]) for event, body in events] == [
+        ("build.submitted", "queued"),
+        ("build.started", "running"),
+        ("build.finished", "passed"),
+    ]
+    assert events[1][1]["started_at"] is not None and events[1][1]["finished_at"] is None
+    assert events[2][1] == done

@@ -1,0 +1,551 @@
+"""Webhooks (API.md §10): the entity, its validation, queuing events and the delivery records.
+
+An event is queued with `emit()` inside the transaction of the change that caused it, as one
+webhook_deliveries row per subscribed webhook; the scheduler's deliverer (scheduler/hooks.py)
+claims due rows, sends them and records each attempt here. This module does no HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from marid import builds, namespaces
+from marid.crypto import Cipher
+from marid.namespaces import Namespace
+from marid.times import rfc3339
+from marid.users import User
+from marid.validation import Body, Errors
+
+# In the order of API.md §10.6, which is also the order `events` is returned in.
+EVENTS = (
+    "build.submitted",
+    "build.started",
+    "build.finished",
+    "build.tagged",
+    "build.pinned",
+    "build.unpinned",
+    "invite.sent",
+    "invite.accepted",
+    "invite.rejected",
+    "namespaces",
+    "cron",
+    "images",
+    "objects",
+    "variables",
+    "ssh_keys",
+)
+# The payload key of the entity in `{"action": ..., <key>: entity}` events.
+SUBJECTS = {
+    "namespaces": "namespace",
+    "cron": "cron",
+    "images": "image",
+    "objects": "object",
+    "variables": "variable",
+    "ssh_keys": "key",
+}
+CHANNEL = "marid_hooks"  # NOTIFY'd when deliveries are queued; the deliverer LISTENs
+KEEP_RECORDS = timedelta(days=30)  # §10.7
+
+Payload = dict[str, Any] | Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Webhook:
+    id: int
+    user_id: int
+    author_id: int
+    namespace_id: int
+    payload_url: str
+    secret_sealed: bytes | None = field(repr=False)
+    ssl: bool
+    active: bool
+    events: list[str]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class LastResponse:
+    code: int | None
+    duration: int  # nanoseconds
+    error: str | None
+    created_at: datetime
+
+
+def _from_row(row: asyncpg.Record) -> Webhook:
+    """A `webhooks` row (its columns are Webhook's fields)."""
+    data = dict(row)
+    data["events"] = list(data["events"])
+    return Webhook(**data)
+
+
+def associated_data(webhook_id: int) -> bytes:
+    """What a webhook secret's blob is bound to: the webhook, whose id never changes (a
+    delivery keeps the id beside its copy of the blob)."""
+    return f"webhook:{webhook_id}".encode()
+
+
+def signature(secret: str, body: bytes) -> str:
+    """The `X-Djinn-CI-Signature` header value (§10.7)."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` (and names under it), 127.0.0.0/8, ::1, and the addresses that reach this
+    host just as well (0.0.0.0, ::, IPv4-mapped loopback)."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
+
+
+@dataclass
+class WebhookForm:
+    """A POST or PATCH N/-/webhooks body after its checks (§10.4, §10.5); None = not given."""
+
+    payload_url: str | None
+    secret: str | None
+    remove_secret: bool
+    ssl: bool | None
+    active: bool | None
+    events: list[str] | None  # [] is not kept: it means every event
+    errors: Errors = field(repr=False)
+
+    @classmethod
+    def parse(cls, body: Body, allow_loopback: bool, current: Webhook | None) -> WebhookForm:
+        """`current` is the webhook a PATCH changes (None for POST): its URL and `ssl` flag
+        take part in the checks when the body leaves them out."""
+        if current is None:
+            url = body.required_string("payload_url", "Payload URL")
+        else:
+            url = body.string("payload_url", "Payload URL") or None
+        secret = body.string("secret", "Secret")
+        remove = body.boolean("remove_secret", "Remove secret") if current else None
+        ssl = body.boolean("ssl", "SSL")
+        active = body.boolean("active", "Active")
+        events = body.strings("events", "Events")
+        for name in events or ():
+            if name not in EVENTS:
+                body.errors.add("events", f"Events unknown event {name}")
+        if events is not None:
+            chosen = set(events)
+            events = [name for name in EVENTS if name in chosen] or list(EVENTS)
+        if url is not None or (ssl and current is not None):
+            effective_ssl = ssl if ssl is not None else bool(current and current.ssl)
+            _check_url(url or (current.payload_url if current else ""), effective_ssl,
+                       allow_loopback, body.errors)  # fmt: skip
+        return cls(url, secret or None, bool(remove), ssl, active, events, body.errors)
+
+    def changes_secret(self) -> bool:
+        return self.secret is not None or self.remove_secret
+
+
+def _check_url(url: str, ssl: bool, allow_loopback: bool, errors: Errors) -> None:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        errors.add("payload_url", "Payload URL missing http or https scheme")
+        return
+    if parts.scheme not in ("http", "https"):
+        errors.add("payload_url", "Payload URL missing http or https scheme")
+    elif not host:
+        errors.add("payload_url", "Payload URL missing host")
+    elif not allow_loopback and is_loopback_host(host):
+        errors.add("payload_url", "Payload URL cannot be localhost")
+    elif ssl and parts.scheme != "https":
+        errors.add("payload_url", "Payload URL cannot use SSL for plain http URL")
+
+
+async def _url_taken(conn: asyncpg.Connection, ns_id: int, url: str, exclude: int) -> bool:
+    return await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM webhooks WHERE namespace_id = $1 AND payload_url = $2"
+        " AND id <> $3)",
+        ns_id,
+        url,
+        exclude,
+    )
+
+
+async def create(
+    conn: asyncpg.Connection, cipher: Cipher, author: User, ns: Namespace, form: WebhookForm
+) -> Webhook:
+    """Insert a webhook of `ns`; raises ValidationError. The caller owns the transaction."""
+    url = form.payload_url
+    checkable = url is not None and not form.errors.has("payload_url")
+    if checkable and await _url_taken(conn, ns.id, url or "", 0):
+        form.errors.add("payload_url", "Payload URL already exists")
+    form.errors.raise_if_any()
+    hook_id = await conn.fetchval("SELECT nextval('webhooks_id_seq')")
+    sealed = _seal(cipher, hook_id, form.secret)
+    # A concurrent create of the same URL waits on the unique index, then inserts nothing:
+    # a field error rather than a 500.
+    row = await conn.fetchrow(
+        """
+        INSERT INTO webhooks (id, user_id, author_id, namespace_id, payload_url, secret_sealed,
+                              ssl, active, events)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        ON CONFLICT (namespace_id, payload_url) DO NOTHING
+        RETURNING *
+        """,
+        hook_id,
+        ns.user_id,
+        author.id,
+        ns.id,
+        form.payload_url,
+        sealed,
+        bool(form.ssl),
+        form.active is not False,
+        form.events or list(EVENTS),
+    )
+    if row is None:
+        form.errors.add("payload_url", "Payload URL already exists")
+        form.errors.raise_if_any()
+    return _from_row(row)
+
+
+def _seal(cipher: Cipher, hook_id: int, secret: str | None) -> bytes | None:
+    if secret is None:
+        return None
+    return cipher.encrypt_text(secret, associated_data=associated_data(hook_id))
+
+
+def secret_of(cipher: Cipher, hook_id: int, sealed: bytes | None) -> str | None:
+    """The plaintext secret (for signing only); raises DecryptionError."""
+    if sealed is None:
+        return None
+    return cipher.decrypt_text(sealed, associated_data=associated_data(hook_id))
+
+
+async def update(
+    conn: asyncpg.Connection, cipher: Cipher, hook: Webhook, form: WebhookForm
+) -> Webhook:
+    """Apply a PATCH (§10.5); raises ValidationError. The caller owns the transaction."""
+    url = form.payload_url
+    taken = url is not None and not form.errors.has("payload_url")
+    if taken and await _url_taken(conn, hook.namespace_id, url or "", hook.id):
+        form.errors.add("payload_url", "Payload URL already exists")
+    form.errors.raise_if_any()
+    sealed = hook.secret_sealed
+    if form.secret is not None:
+        sealed = _seal(cipher, hook.id, form.secret)
+    elif form.remove_secret:
+        sealed = None
+    try:
+        row = await _update(conn, hook, url, sealed, form)
+    except asyncpg.UniqueViolationError:  # another request took the URL meanwhile
+        form.errors.add("payload_url", "Payload URL already exists")
+        form.errors.raise_if_any()
+        raise
+    return _from_row(row)
+
+
+async def _update(
+    conn: asyncpg.Connection,
+    hook: Webhook,
+    url: str | None,
+    sealed: bytes | None,
+    form: WebhookForm,
+) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """
+        UPDATE webhooks
+        SET payload_url = coalesce($2, payload_url), secret_sealed = $3,
+            ssl = coalesce($4, ssl), active = coalesce($5, active),
+            events = coalesce($6, events)
+        WHERE id = $1
+        RETURNING *
+        """,
+        hook.id,
+        url,
+        sealed,
+        form.ssl,
+        form.active,
+        form.events,
+    )
+
+
+async def get(conn: asyncpg.Connection, hook_id: int) -> Webhook | None:
+    row = await conn.fetchrow("SELECT * FROM webhooks WHERE id = $1", hook_id)
+    return _from_row(row) if row else None
+
+
+async def in_namespace(conn: asyncpg.Connection, ns_id: int) -> list[Webhook]:
+    rows = await conn.fetch("SELECT * FROM webhooks WHERE namespace_id = $1 ORDER BY id", ns_id)
+    return [_from_row(row) for row in rows]
+
+
+async def delete(conn: asyncpg.Connection, hook: Webhook) -> None:
+    """Remove the webhook with its deliveries, queued or done, and their attempts (§10.5)."""
+    await conn.execute("DELETE FROM webhook_deliveries WHERE webhook_id = $1", hook.id)
+    await conn.execute("DELETE FROM webhooks WHERE id = $1", hook.id)
+
+
+async def last_responses(conn: asyncpg.Connection, ids: list[int]) -> dict[int, LastResponse]:
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT ON (webhook_id) webhook_id, code, duration, error, created_at
+        FROM webhook_attempts WHERE webhook_id = ANY($1::bigint[])
+        ORDER BY webhook_id, id DESC
+        """,
+        ids,
+    )
+    return {
+        row["webhook_id"]: LastResponse(
+            row["code"], row["duration"], row["error"], row["created_at"]
+        )
+        for row in rows
+    }
+
+
+def to_json(
+    hook: Webhook, ns: Namespace, last: LastResponse | None, api_url: str
+) -> dict[str, Any]:
+    """The Webhook entity of API.md §10.1; the secret is never part of it."""
+    return {
+        "id": hook.id,
+        "user_id": hook.user_id,
+        "author_id": hook.author_id,
+        "namespace_id": hook.namespace_id,
+        "payload_url": hook.payload_url,
+        "ssl": hook.ssl,
+        "active": hook.active,
+        "events": hook.events,
+        "url": f"{ns.url(api_url)}/-/webhooks/{hook.id}",
+        "namespace": namespaces.to_json(ns, api_url),
+        "last_response": None
+        if last is None
+        else {
+            "code": last.code,
+            "duration": last.duration,
+            "error": last.error,
+            "created_at": rfc3339(last.created_at),
+        },
+    }
+
+
+async def emit(
+    conn: asyncpg.Connection, namespace_id: int | None, event: str, payload: Payload
+) -> int:
+    """Queue `event` for the active webhooks of exactly `namespace_id` subscribed to it (§10.6);
+    returns how many deliveries were queued. `payload` may be a function, called only when
+    some webhook wants the event. Runs in the caller's transaction: a rolled-back change sends
+    nothing, and the NOTIFY that wakes the deliverer is sent on commit."""
+    assert event in EVENTS, event
+    if namespace_id is None:
+        return 0
+    hooks = await conn.fetch(
+        """
+        SELECT id, payload_url, secret_sealed FROM webhooks
+        WHERE namespace_id = $1 AND active AND $2 = ANY(events)
+        ORDER BY id
+        """,
+        namespace_id,
+        event,
+    )
+    if not hooks:
+        return 0
+    document = payload if isinstance(payload, dict) else await payload()
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    await conn.execute(
+        """
+        INSERT INTO webhook_deliveries (webhook_id, payload_url, secret_sealed, event, body)
+        SELECT hook.id, hook.url, hook.secret, $4, $5
+        FROM unnest($1::bigint[], $2::text[], $3::bytea[]) AS hook (id, url, secret)
+        """,
+        [row["id"] for row in hooks],
+        [row["payload_url"] for row in hooks],
+        [row["secret_sealed"] for row in hooks],
+        event,
+        body,
+    )
+    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+    return len(hooks)
+
+
+async def emit_build(conn: asyncpg.Connection, build_id: int, event: str, api_url: str) -> int:
+    """Queue a build event whose payload is the Build as it is now (§10.6)."""
+    ns_id = await conn.fetchval("SELECT namespace_id FROM builds WHERE id = $1", build_id)
+
+    async def payload() -> dict[str, Any]:
+        build = await builds.get(conn, build_id)
+        assert build is not None
+        [rendered] = await builds.many_to_json(conn, [build], api_url)
+        return rendered
+
+    return await emit(conn, ns_id, event, payload)
+
+
+# Delivery records (§10.7), used by scheduler/hooks.py.
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    webhook_id: int
+    payload_url: str
+    secret_sealed: bytes | None = field(repr=False)
+    event: str
+    body: bytes
+    attempts: int  # including the one just claimed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int | None
+    duration: int  # nanoseconds
+    error: str | None
+
+    @property
+    def retry(self) -> bool:
+        """Worth another attempt: nothing answered, or a server error (issue 5 asks for
+        retries; any other response counts as delivered, as §10.7 says)."""
+        return self.code is None or self.code >= 500
+
+
+async def claim_due(
+    conn: asyncpg.Connection, now: datetime, limit: int, lease: timedelta
+) -> list[Delivery]:
+    """Claim up to `limit` due deliveries, counting the attempt now. A claim is held until
+    `now + lease`: a deliverer that dies mid-request leaves the delivery to be retried then."""
+    rows = await conn.fetch(
+        """
+        UPDATE webhook_deliveries AS d
+        SET attempts = d.attempts + 1, next_attempt_at = $2
+        FROM (
+            SELECT id FROM webhook_deliveries
+            WHERE state = 'pending' AND next_attempt_at <= $1
+            ORDER BY next_attempt_at, id
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED
+        ) AS due
+        WHERE d.id = due.id
+        RETURNING d.id, d.webhook_id, d.payload_url, d.secret_sealed, d.event, d.body, d.attempts
+        """,
+        now,
+        now + lease,
+        limit,
+    )
+    return sorted((Delivery(**dict(row)) for row in rows), key=lambda d: d.id)
+
+
+async def record(
+    conn: asyncpg.Connection,
+    delivery: Delivery,
+    outcome: Outcome,
+    at: datetime,
+    retry_at: datetime | None,
+) -> None:
+    """Log one attempt and settle the delivery: delivered, failed for good (`retry_at` None),
+    or pending again until `retry_at`."""
+    async with conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO webhook_attempts (delivery_id, webhook_id, event, attempt, code,
+                                          duration, error, created_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            """,
+            delivery.id,
+            delivery.webhook_id,
+            delivery.event,
+            delivery.attempts,
+            outcome.code,
+            outcome.duration,
+            outcome.error,
+            at,
+        )
+        if not outcome.retry:
+            state, when = "delivered", at
+        elif retry_at is None:
+            state, when = "failed", at
+        else:
+            state, when = "pending", retry_at
+        await conn.execute(
+            "UPDATE webhook_deliveries SET state = $2, next_attempt_at = $3 WHERE id = $1",
+            delivery.id,
+            state,
+            when,
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    id: int
+    delivery_id: int
+    event: str
+    attempt: int
+    code: int | None
+    duration: int
+    error: str | None
+    created_at: datetime
+    state: str  # the delivery's state now: pending (a retry is due), delivered or failed
+
+
+async def count_attempts(conn: asyncpg.Connection, hook: Webhook) -> int:
+    return await conn.fetchval(
+        "SELECT count(*) FROM webhook_attempts WHERE webhook_id = $1", hook.id
+    )
+
+
+async def attempts(
+    conn: asyncpg.Connection, hook: Webhook, offset: int, limit: int
+) -> list[Attempt]:
+    """The webhook's delivery log, newest first."""
+    rows = await conn.fetch(
+        """
+        SELECT a.id, a.delivery_id, a.event, a.attempt, a.code, a.duration, a.error,
+               a.created_at, d.state
+        FROM webhook_attempts AS a JOIN webhook_deliveries AS d ON d.id = a.delivery_id
+        WHERE a.webhook_id = $1
+        ORDER BY a.id DESC OFFSET $2 LIMIT $3
+        """,
+        hook.id,
+        offset,
+        limit,
+    )
+    return [Attempt(**dict(row)) for row in rows]
+
+
+def attempt_json(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "id": attempt.id,
+        "delivery_id": attempt.delivery_id,
+        "event": attempt.event,
+        "attempt": attempt.attempt,
+        "code": attempt.code,
+        "duration": attempt.duration,
+        "error": attempt.error,
+        "created_at": rfc3339(attempt.created_at),
+        "state": attempt.state,
+    }
+
+
+async def next_due(conn: asyncpg.Connection) -> datetime | None:
+    return await conn.fetchval(
+        "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'"
+    )
+
+
+async def purge(conn: asyncpg.Connection, now: datetime) -> None:
+    """Delete attempts and settled deliveries older than 30 days (§10.7)."""
+    cutoff = now - KEEP_RECORDS
+    await conn.execute("DELETE FROM webhook_attempts WHERE created_at < $1", cutoff)
+    await conn.execute(
+        "DELETE FROM webhook_deliveries WHERE state <> 'pending' AND created_at < $1", cutoff
+    )

@@ -1,0 +1,238 @@
+"""Webhook delivery (API.md §10.7): queued deliveries -> signed HTTP POSTs.
+
+Runs inside `marid scheduler` (and so inside `marid up`). Deliveries are claimed with
+FOR UPDATE SKIP LOCKED, so any number of schedulers share them; a claim is a lease, so one whose
+scheduler died mid-request is retried once the lease ends. A delivery that gets no answer, or a
+5xx, is retried with exponential backoff (`webhooks.attempts`, `webhooks.retry_delay`: issue 5
+asks for retries where §10.7 has none); any other response counts as delivered. Every attempt
+is recorded, and the records expire after 30 days.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+from marid import __version__, db, webhooks
+from marid.config import Config, WebhooksConfig
+from marid.crypto import Cipher, DecryptionError
+from marid.webhooks import Delivery, Outcome
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"marid-hook/{__version__}"
+TIMEOUT = 60.0  # §10.7
+LEASE = timedelta(seconds=TIMEOUT + 30)  # a claim outlives the longest request
+POLL = 5.0  # seconds between looks at the queue when no NOTIFY arrives
+PURGE_EVERY = 3600.0  # seconds between deletions of records older than 30 days
+ERROR_LIMIT = 500  # characters of a transport error kept in the log
+
+
+class LoopbackGuard(AbstractResolver):
+    """Refuses host names that resolve to this machine, so a name cannot smuggle in what
+    §10.4 refuses as a literal (and a DNS answer cannot change after the check)."""
+
+    def __init__(self) -> None:
+        self._resolver = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._resolver.resolve(host, port, family)
+        allowed = [r for r in found if not webhooks.is_loopback_host(r["host"])]
+        if not allowed:
+            raise OSError(f"{host} resolves to a loopback address, which webhooks may not use")
+        return allowed
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+def session(settings: WebhooksConfig) -> aiohttp.ClientSession:
+    """The HTTP client for deliveries: system trust store for https (aiohttp's default), no
+    cookies kept between receivers, loopback refused unless the config allows it."""
+    resolver = DefaultResolver() if settings.allow_loopback else LoopbackGuard()
+    connector = aiohttp.TCPConnector(resolver=resolver, limit=settings.concurrency)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+    )
+
+
+def retry_at(settings: WebhooksConfig, delivery: Delivery, now: datetime) -> datetime | None:
+    """When to try again after a failed attempt: retry_delay, then 4x longer each time; None
+    when the attempts are used up."""
+    if delivery.attempts >= settings.attempts:
+        return None
+    return now + timedelta(seconds=settings.retry_delay * 4 ** (delivery.attempts - 1))
+
+
+async def send(client: aiohttp.ClientSession, delivery: Delivery, secret: str | None) -> Outcome:
+    """POST the delivery once; never raises for the receiver's or the network's failures."""
+    headers = {
+        "Content-Type": "application/json; charset=utf-8",
+        "Accept": "*/*",
+        "User-Agent": USER_AGENT,
+        "X-Djinn-CI-Event": delivery.event,
+        "X-Djinn-CI-Hook-ID": str(delivery.webhook_id),
+    }
+    if secret is not None:
+        headers["X-Djinn-CI-Signature"] = webhooks.signature(secret, delivery.body)
+    started = time.perf_counter_ns()
+    try:
+        async with client.post(
+            delivery.payload_url, data=delivery.body, headers=headers, allow_redirects=False
+        ) as response:
+            code = response.status
+    except TimeoutError:
+        return Outcome(None, time.perf_counter_ns() - started, f"no response in {TIMEOUT:.0f}s")
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT]
+        return Outcome(None, time.perf_counter_ns() - started, error)
+    return Outcome(code, time.perf_counter_ns() - started, None)
+
+
+async def deliver(
+    pool: asyncpg.Pool,
+    client: aiohttp.ClientSession,
+    cipher: Cipher,
+    settings: WebhooksConfig,
+    delivery: Delivery,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Outcome:
+    """Send one claimed delivery and record the attempt."""
+    host = urlsplit(delivery.payload_url).hostname or ""
+    try:
+        secret = webhooks.secret_of(cipher, delivery.webhook_id, delivery.secret_sealed)
+    except DecryptionError:
+        # crypto.key changed: signing with no secret would mislead the receiver.
+        outcome = Outcome(None, 0, "the webhook secret cannot be decrypted (crypto.key changed?)")
+    else:
+        if not settings.allow_loopback and webhooks.is_loopback_host(host):
+            # Made while the config allowed it; aiohttp connects to literals unresolved.
+            outcome = Outcome(None, 0, f"{host} is a loopback address, which webhooks may not use")
+        else:
+            outcome = await send(client, delivery, secret)
+    now = clock()
+    again = retry_at(settings, delivery, now) if outcome.retry else None
+    async with pool.acquire() as conn:
+        await webhooks.record(conn, delivery, outcome, now, again)
+    log.info(
+        "webhook %d %s delivery %d attempt %d: %s%s",
+        delivery.webhook_id,
+        delivery.event,
+        delivery.id,
+        delivery.attempts,
+        outcome.code if outcome.code is not None else outcome.error,
+        f", retry at {again:%H:%M:%S}" if again else "",
+    )
+    return outcome
+
+
+async def deliver_due(
+    pool: asyncpg.Pool,
+    client: aiohttp.ClientSession,
+    cipher: Cipher,
+    settings: WebhooksConfig,
+    now: datetime,
+) -> int:
+    """Claim what is due at `now` (up to `webhooks.concurrency`), send it concurrently and
+    record each attempt at `now`; returns how many were sent. Tests drive retries with it."""
+    async with pool.acquire() as conn:
+        due = await webhooks.claim_due(conn, now, settings.concurrency, LEASE)
+    await asyncio.gather(*(deliver(pool, client, cipher, settings, d, lambda: now) for d in due))
+    return len(due)
+
+
+async def run(config: Config, stop: asyncio.Event) -> None:
+    """Deliver webhooks until `stop` is set: woken by NOTIFY when events are queued, and every
+    POLL seconds for retries; up to `webhooks.concurrency` requests in flight."""
+    pool = await db.create_pool(config.database.dsn, config.database.pool_size)
+    try:
+        await _serve(config, pool, stop)
+    finally:
+        await pool.close()
+
+
+async def _serve(config: Config, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    settings = config.webhooks
+    cipher = Cipher(config.crypto.key)
+    wake = asyncio.Event()
+    flying: set[asyncio.Task[Outcome]] = set()
+
+    def notified(*_: object) -> None:
+        wake.set()
+
+    def finished(task: asyncio.Task[Outcome]) -> None:
+        flying.discard(task)
+        wake.set()  # a slot is free
+
+    listener = await pool.acquire()
+    await listener.add_listener(webhooks.CHANNEL, notified)
+    purged = 0.0
+    try:
+        async with session(settings) as client:
+            while not stop.is_set():
+                wake.clear()
+                try:
+                    if time.monotonic() - purged >= PURGE_EVERY:
+                        async with pool.acquire() as conn:
+                            await webhooks.purge(conn, datetime.now(UTC))
+                        purged = time.monotonic()
+                    free = settings.concurrency - len(flying)
+                    due: list[Delivery] = []
+                    if free:
+                        async with pool.acquire() as conn:
+                            due = await webhooks.claim_due(conn, datetime.now(UTC), free, LEASE)
+                    for delivery in due:
+                        sending = deliver(pool, client, cipher, settings, delivery)
+                        task = asyncio.create_task(sending)
+                        flying.add(task)
+                        task.add_done_callback(finished)
+                    if due and len(due) == free:
+                        continue  # more may be due: claim again as slots free up
+                    wait = await _until_next(pool)
+                except (OSError, asyncpg.PostgresError):
+                    log.exception("webhook delivery failed; retrying in %ss", POLL)
+                    wait = POLL
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_either(wake, stop), wait)
+            # Stopping: requests in flight get a moment; the rest are retried after their lease.
+            if flying:
+                await asyncio.wait(flying, timeout=5)
+    finally:
+        for task in flying:
+            task.cancel()
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            await listener.remove_listener(webhooks.CHANNEL, notified)
+        await pool.release(listener)
+
+
+async def _until_next(pool: asyncpg.Pool) -> float:
+    """Seconds until the next pending delivery is due, between 0 and POLL."""
+    async with pool.acquire() as conn:
+        when = await webhooks.next_due(conn)
+    if when is None:
+        return POLL
+    return min(max((when - datetime.now(UTC)).total_seconds(), 0.0), POLL)
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(first.wait()), asyncio.create_task(second.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,257 @@
+"""Webhook delivery (API.md §10.7) to real receivers on loopback, with an injected clock for
+retries (issue 5: retried with backoff while the receiver is down, every attempt logged)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from marid import __version__
+from marid import config as config_module
+from marid.crypto import Cipher
+from scheduler import hooks
+from tests.api.helpers import create_namespace
+from tests.conftest import MakeToken, bearer
+
+ALL = "webhook:read,write,delete namespace:read,write variable:read,write,delete"
+HOOKS = "/api/n/alice/team/-/webhooks"
+VARIABLE = {"key": "K", "value": "v", "namespace": "team"}
+
+
+@dataclasses.dataclass
+class Receiver:
+    """A webhook receiver on 127.0.0.1: records what it gets, answers `statuses` in turn."""
+
+    url: str = ""
+    statuses: list[int] = dataclasses.field(default_factory=list)
+    got: list[tuple[dict[str, str], bytes]] = dataclasses.field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.got.append((dict(request.headers), await request.read()))
+        status = self.statuses.pop(0) if self.statuses else 200
+        headers = {"Location": self.url + "/elsewhere"} if 300 <= status < 400 else None
+        return web.Response(status=status, headers=headers)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", r.handle)
+    app.router.add_post("/hook/elsewhere", r.handle)
+    async with TestServer(app, host="127.0.0.1") as server:
+        r.url = str(server.make_url("/hook"))
+        yield r
+
+
+@pytest.fixture
+def config(config: config_module.Config) -> config_module.Config:
+    settings = config_module.WebhooksConfig(allow_loopback=True, attempts=3, retry_delay=30.0)
+    return dataclasses.replace(config, webhooks=settings)
+
+
+@pytest.fixture
+async def owner(api: TestClient, token: MakeToken) -> str:
+    value = await token(ALL)
+    await create_namespace(api, value, "team")
+    return value
+
+
+@pytest.fixture
+async def client(config: config_module.Config) -> AsyncIterator[aiohttp.ClientSession]:
+    async with hooks.session(config.webhooks) as session:
+        yield session
+
+
+async def hook(api: TestClient, token: str, url: str, **fields: Any) -> dict[str, Any]:
+    resp = await api.post(HOOKS, headers=bearer(token), json={"payload_url": url, **fields})
+    assert resp.status == 201, await resp.text()
+    return dict(await resp.json())
+
+
+async def deliver(
+    pool: asyncpg.Pool, client: aiohttp.ClientSession, config: config_module.Config, at: datetime
+) -> int:
+    cipher = Cipher(config.crypto.key)
+    return await hooks.deliver_due(pool, client, cipher, config.webhooks, at)
+
+
+async def log_of(api: TestClient, token: str, hook_id: int) -> list[dict[str, Any]]:
+    resp = await api.get(f"{HOOKS}/{hook_id}/deliveries", headers=bearer(token))
+    assert resp.status == 200
+    return list(await resp.json())
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_each_event_arrives_once_signed(
+    api: TestClient, owner: str, pool: asyncpg.Pool, receiver: Receiver, client: Any, config: Any
+):
+    created = await hook(api, owner, receiver.url, secret="s3cret")
+    resp = await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    variable = await resp.json()
+    await api.delete(f"/api/variables/{variable['id']}", headers=bearer(owner))
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    assert await deliver(pool, client, config, now) == 2
+    assert await deliver(pool, client, config, now + timedelta(days=1)) == 0  # once each
+    assert len(receiver.got) == 2
+    actions = []
+    for headers, body in receiver.got:
+        expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+        assert headers["X-Djinn-CI-Signature"] == f"sha256={expected}"
+        assert headers["X-Djinn-CI-Event"] == "variables"
+        assert headers["X-Djinn-CI-Hook-ID"] == str(created["id"])
+        assert headers["Content-Type"] == "application/json; charset=utf-8"
+        assert headers["Accept"] == "*/*"
+        assert headers["User-Agent"] == f"marid-hook/{__version__}"
+        payload = json.loads(body)
+        assert payload["variable"] == variable
+        actions.append(payload["action"])
+    assert sorted(actions) == ["created", "deleted"]
+    shown = await (await api.get(f"{HOOKS}/{created['id']}", headers=bearer(owner))).json()
+    last = shown["last_response"]
+    assert last["code"] == 200 and last["error"] is None and last["duration"] > 0
+    log = await log_of(api, owner, created["id"])
+    assert [(a["event"], a["attempt"], a["code"], a["state"]) for a in log] == [
+        ("variables", 1, 200, "delivered"),
+        ("variables", 1, 200, "delivered"),
+    ]
+
+
+async def test_no_secret_no_signature(
+    api: TestClient, owner: str, pool: asyncpg.Pool, receiver: Receiver, client: Any, config: Any
+):
+    await hook(api, owner, receiver.url)
+    await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    assert await deliver(pool, client, config, datetime.now(UTC) + timedelta(seconds=1)) == 1
+    [(headers, _)] = receiver.got
+    assert "X-Djinn-CI-Signature" not in headers
+
+
+async def test_a_receiver_that_is_down_is_retried_with_backoff_and_logged(
+    api: TestClient, owner: str, pool: asyncpg.Pool, client: Any, config: Any
+):
+    created = await hook(api, owner, f"http://127.0.0.1:{closed_port()}/hook")
+    await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    t0 = datetime.now(UTC) + timedelta(seconds=1)
+    assert await deliver(pool, client, config, t0) == 1
+    assert await deliver(pool, client, config, t0 + timedelta(seconds=29)) == 0  # not yet
+    assert await deliver(pool, client, config, t0 + timedelta(seconds=30)) == 1
+    assert await deliver(pool, client, config, t0 + timedelta(seconds=149)) == 0
+    assert await deliver(pool, client, config, t0 + timedelta(seconds=150)) == 1  # 30 s x 4
+    assert await deliver(pool, client, config, t0 + timedelta(days=1)) == 0  # 3 attempts: done
+    log = await log_of(api, owner, created["id"])
+    assert [(a["attempt"], a["code"], a["state"]) for a in log] == [
+        (3, None, "failed"),
+        (2, None, "failed"),
+        (1, None, "failed"),
+    ]
+    assert all("Connect" in a["error"] for a in log), log
+    times = [datetime.fromisoformat(a["created_at"]) for a in reversed(log)]
+    assert times == [t0, t0 + timedelta(seconds=30), t0 + timedelta(seconds=150)]
+    shown = await (await api.get(f"{HOOKS}/{created['id']}", headers=bearer(owner))).json()
+    assert shown["last_response"]["code"] is None
+    assert shown["last_response"]["error"] == log[0]["error"]
+
+
+async def test_a_server_error_is_retried_and_other_answers_are_final(
+    api: TestClient, owner: str, pool: asyncpg.Pool, receiver: Receiver, client: Any, config: Any
+):
+    created = await hook(api, owner, receiver.url)
+    receiver.statuses = [503, 404]
+    await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    t0 = datetime.now(UTC) + timedelta(seconds=1)
+    assert await deliver(pool, client, config, t0) == 1
+    assert await deliver(pool, client, config, t0 + timedelta(seconds=30)) == 1
+    assert await deliver(pool, client, config, t0 + timedelta(days=1)) == 0
+    log = await log_of(api, owner, created["id"])
+    assert [(a["attempt"], a["code"], a["error"]) for a in log] == [(2, 404, None), (1, 503, None)]
+    assert len(receiver.got) == 2
+    assert receiver.got[0][1] == receiver.got[1][1]  # the same bytes on every attempt
+
+
+async def test_redirects_are_not_followed(
+    api: TestClient, owner: str, pool: asyncpg.Pool, receiver: Receiver, client: Any, config: Any
+):
+    created = await hook(api, owner, receiver.url)
+    receiver.statuses = [302]
+    await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    assert await deliver(pool, client, config, datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert len(receiver.got) == 1
+    [attempt] = await log_of(api, owner, created["id"])
+    assert (attempt["code"], attempt["state"]) == (302, "delivered")
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+async def test_loopback_targets_are_refused_when_the_config_forbids_them(
+    api: TestClient, owner: str, pool: asyncpg.Pool, receiver: Receiver, config: Any, host: str
+):
+    """A webhook made while loopback was allowed, delivered by a scheduler that forbids it: a
+    name that resolves to loopback is refused by the resolver, a literal before connecting."""
+    port = receiver.url.split(":")[2].split("/")[0]
+    created = await hook(api, owner, f"http://{host}:{port}/hook")
+    await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    strict = dataclasses.replace(config.webhooks, allow_loopback=False)
+    async with hooks.session(strict) as guarded:
+        cipher = Cipher(config.crypto.key)
+        at = datetime.now(UTC) + timedelta(seconds=1)
+        assert await hooks.deliver_due(pool, guarded, cipher, strict, at) == 1
+    assert receiver.got == []
+    [attempt] = await log_of(api, owner, created["id"])
+    assert "loopback" in attempt["error"], attempt
+
+
+async def test_old_records_are_purged(
+    api: TestClient, owner: str, pool: asyncpg.Pool, receiver: Receiver, client: Any, config: Any
+):
+    from marid import webhooks
+
+    created = await hook(api, owner, receiver.url)
+    await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    await deliver(pool, client, config, now)
+    async with pool.acquire() as conn:
+        await webhooks.purge(conn, now + timedelta(days=29))
+        assert len(await log_of(api, owner, created["id"])) == 1
+        await conn.execute(
+            "UPDATE webhook_deliveries SET created_at = created_at - interval '31 days'"
+        )
+        await webhooks.purge(conn, now + timedelta(days=31))
+        assert await log_of(api, owner, created["id"]) == []
+        assert await conn.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
+
+
+async def test_the_running_service_delivers_when_an_event_is_queued(
+    api: TestClient, owner: str, receiver: Receiver, config: config_module.Config
+):
+    await hook(api, owner, receiver.url)
+    stop = asyncio.Event()
+    service = asyncio.create_task(hooks.run(config, stop))
+    try:
+        await asyncio.sleep(0.5)  # listening
+        await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+        for _ in range(100):  # woken by NOTIFY, well before the 5 s poll
+            if receiver.got:
+                break
+            await asyncio.sleep(0.05)
+        assert len(receiver.got) == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(service, 10)
