@@ -337,41 +337,57 @@ async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list
     return [Cron(**row) for row in rows]
 
 
-async def record_run(conn: asyncpg.Connection, cron: Cron) -> bool:
-    """Record that the run due at `cron.next_run` fires; False when it already has. The unique
-    (cron_id, scheduled_at) makes a run fire once whatever the locks did (issue 5)."""
-    return bool(
-        await conn.fetchval(
-            """
-            INSERT INTO cron_runs (cron_id, scheduled_at) VALUES ($1, $2)
-            ON CONFLICT ON CONSTRAINT cron_runs_cron_id_scheduled_at_key DO NOTHING
-            RETURNING true
-            """,
-            cron.id,
-            cron.next_run,
-        )
+async def record_runs(conn: asyncpg.Connection, due: list[Cron]) -> list[Cron]:
+    """Record that the runs due at each cron job's `next_run` fire; returns the cron jobs whose
+    run had not fired yet. The unique (cron_id, scheduled_at) makes a run fire once whatever
+    the locks did (issue 5)."""
+    rows = await conn.fetch(
+        """
+        INSERT INTO cron_runs (cron_id, scheduled_at)
+        SELECT * FROM unnest($1::bigint[], $2::timestamptz[])
+        ON CONFLICT ON CONSTRAINT cron_runs_cron_id_scheduled_at_key DO NOTHING
+        RETURNING cron_id
+        """,
+        [cron.id for cron in due],
+        [cron.next_run for cron in due],
+    )
+    fired = {row["cron_id"] for row in rows}
+    return [cron for cron in due if cron.id in fired]
+
+
+async def link_builds(conn: asyncpg.Connection, made: list[tuple[Cron, int]]) -> None:
+    """Record each (cron job, build id) as the build of the cron job's current run. The build's
+    own `cron_id` (§11.7) is set when it is submitted (Submission.cron_id)."""
+    await conn.execute(
+        """
+        UPDATE cron_runs r SET build_id = m.build_id
+        FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[])
+             AS m(cron_id, scheduled_at, build_id)
+        WHERE r.cron_id = m.cron_id AND r.scheduled_at = m.scheduled_at
+        """,
+        [cron.id for cron, _ in made],
+        [cron.next_run for cron, _ in made],
+        [build_id for _, build_id in made],
     )
 
 
-async def link_build(conn: asyncpg.Connection, cron: Cron, build_id: int) -> None:
-    """Mark the build as this cron job's (§11.7) and as the build of its current run."""
-    await conn.execute("UPDATE builds SET cron_id = $1 WHERE id = $2", cron.id, build_id)
+async def advance(conn: asyncpg.Connection, due: list[Cron], now: datetime) -> None:
+    """Set prev_run = now and next_run from now (§11.2) for each cron job: missed runs are not
+    replayed."""
+    after: dict[tuple[str, str], datetime] = {}  # one croniter walk per distinct schedule
+    for cron in due:
+        if (cron.schedule, cron.timezone) not in after:
+            when = schedules.next_run(cron.schedule, cron.timezone, now)
+            # A schedule accepted on creation always has a run within 5 years of then; one
+            # with none left from `now` is looked at again after the horizon rather than never.
+            after[cron.schedule, cron.timezone] = when or now + schedules.HORIZON
     await conn.execute(
-        "UPDATE cron_runs SET build_id = $3 WHERE cron_id = $1 AND scheduled_at = $2",
-        cron.id,
-        cron.next_run,
-        build_id,
-    )
-
-
-async def advance(conn: asyncpg.Connection, cron: Cron, now: datetime) -> None:
-    """Set prev_run = now and next_run from now (§11.2): missed runs are not replayed."""
-    when = schedules.next_run(cron.schedule, cron.timezone, now)
-    # A schedule accepted on creation always has a run within 5 years of then; one with none
-    # left from `now` is looked at again after the horizon rather than never.
-    await conn.execute(
-        "UPDATE crons SET prev_run = $2, next_run = $3 WHERE id = $1",
-        cron.id,
+        """
+        UPDATE crons c SET prev_run = $2, next_run = n.next_run
+        FROM unnest($1::bigint[], $3::timestamptz[]) AS n(id, next_run)
+        WHERE c.id = n.id
+        """,
+        [cron.id for cron in due],
         now,
-        when or now + schedules.HORIZON,
+        [after[cron.schedule, cron.timezone] for cron in due],
     )

@@ -1,23 +1,33 @@
-"""Submitting a build: numbering, its plan and its snapshot (MANIFEST.md §5, API.md §7.4).
+"""Submitting builds: numbering, their plans and their snapshots (MANIFEST.md §5, API.md §7.4).
 
-Everything runs in the caller's transaction; the NOTIFY that wakes runners is delivered
-only when it commits.
+`submit_many` creates a whole batch with a fixed number of statements, whatever its size (the
+scheduler fires hundreds of cron jobs at once, issue 5); `submit` is a batch of one, the path of
+POST /builds. Everything runs in the caller's transaction; the NOTIFY that wakes runners is
+delivered only when it commits.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
-from marid import builds, keys, manifest, variables
+from marid import builds, manifest
 from marid.builds import Build
 from marid.manifest import Manifest
 from marid.namespaces import Namespace
 from marid.users import User
 
 QUEUE_CHANNEL = "marid_builds"
+
+# Whose stored variables, keys and objects a build snapshots: (owner id, namespace id, whether
+# personal resources count).
+Context = tuple[int, int | None, bool]
+# A snapshot variable: (variable id or None for a manifest `env` entry, value, sealed, masked).
+Value = tuple[int | None, str | None, bytes | None, bool]
 
 
 @dataclass(frozen=True)
@@ -27,31 +37,184 @@ class Submission:
     namespace: Namespace | None
     manifest: Manifest
     comment: str = ""
-    tags: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # as the client sent them: invalid names are dropped (§7.1)
     trigger_type: str = "manual"
     trigger_data: dict[str, str] | None = None
+    # marid's own tags, added as they are: `cron:<name>` (§11.2) has a `:`, which no client
+    # tag may contain.
+    system_tags: tuple[str, ...] = ()
+    cron_id: int | None = None  # the cron job whose run this build is (§11.7)
+
+    @property
+    def context(self) -> Context:
+        # Personal resources count only when the submitter is the owner (MANIFEST.md §5.5).
+        ns_id = self.namespace.id if self.namespace else None
+        return (self.owner.id, ns_id, self.author.id == self.owner.id)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What a batch's builds freeze, read before any number is taken."""
+
+    variables: dict[Context, list[tuple[str, Value]]]  # stored ones, in §5.5 order
+    keys: dict[Context, list[asyncpg.Record]]
+    objects: list[list[int | None]]  # per submission, per manifest `objects` entry
 
 
 async def submit(conn: asyncpg.Connection, sub: Submission) -> Build:
     """Create the queued build of `sub` with its stages, jobs, artifacts and snapshot."""
-    number = await conn.fetchval(
+    [build] = await submit_many(conn, [sub])
+    return build
+
+
+async def submit_many(conn: asyncpg.Connection, subs: list[Submission]) -> list[Build]:
+    """Create the queued builds of `subs`, in order, in six or seven statements whatever their
+    number.
+
+    Numbers are taken per owner in `subs` order. The owners' counter rows stay locked until
+    the caller's transaction ends, so everything that only reads comes first."""
+    if not subs:
+        return []
+    snapshot = await _read_snapshot(conn, subs)
+    tags = [_tags(sub) for sub in subs]
+    numbers = await _numbers(conn, subs)
+    made = await _insert_builds(conn, subs, numbers, tags)
+    plans = [manifest.plan(sub.manifest, number) for sub, number in zip(subs, numbers, strict=True)]
+    await _insert_plans(conn, subs, made, plans)
+    await _insert_snapshots(conn, subs, made, tags, snapshot)
+    return made
+
+
+async def _read_snapshot(conn: asyncpg.Connection, subs: list[Submission]) -> _Snapshot:
+    """Stored variables and keys per distinct context, objects per manifest entry (§5.5)."""
+    contexts = list(dict.fromkeys(sub.context for sub in subs))
+    owners, spaces, personal = (list(column) for column in zip(*contexts, strict=True))
+    variables: dict[Context, list[tuple[str, Value]]] = {c: [] for c in contexts}
+    # The owner's un-namespaced variables (detached ones first), then those of the exact
+    # namespace, each by key: later entries win (variables.for_build, for many contexts).
+    for row in await conn.fetch(
         """
-        INSERT INTO build_counters (user_id, last_number) VALUES ($1, 1)
-        ON CONFLICT (user_id) DO UPDATE SET last_number = build_counters.last_number + 1
-        RETURNING last_number
+        SELECT c.i, v.id, v.key, v.value, v.value_sealed, v.masked
+        FROM unnest($1::bigint[], $2::bigint[], $3::boolean[])
+             WITH ORDINALITY AS c(owner_id, namespace_id, personal, i)
+        JOIN variables v ON (c.personal AND v.user_id = c.owner_id AND v.namespace_id IS NULL)
+                            OR v.namespace_id = c.namespace_id
+        ORDER BY c.i, v.namespace_id IS NOT NULL, v.key, NOT v.detached, v.id
         """,
-        sub.owner.id,
+        owners,
+        spaces,
+        personal,
+    ):
+        value = (row["id"], row["value"], row["value_sealed"], row["masked"])
+        variables[contexts[row["i"] - 1]].append((row["key"], value))
+    keys: dict[Context, list[asyncpg.Record]] = {c: [] for c in contexts}
+    # By name; a namespace key wins on the same name, then one not detached (keys.for_build).
+    for row in await conn.fetch(
+        """
+        SELECT c.i, k.id, k.name, k.key_sealed, k.config
+        FROM unnest($1::bigint[], $2::bigint[], $3::boolean[])
+             WITH ORDINALITY AS c(owner_id, namespace_id, personal, i),
+             LATERAL (SELECT DISTINCT ON (name) id, name, key_sealed, config FROM ssh_keys
+                      WHERE (c.personal AND user_id = c.owner_id AND namespace_id IS NULL)
+                            OR namespace_id = c.namespace_id
+                      ORDER BY name, namespace_id IS NULL, detached, id DESC) AS k
+        ORDER BY c.i, k.name
+        """,
+        owners,
+        spaces,
+        personal,
+    ):
+        keys[contexts[row["i"] - 1]].append(row)
+    return _Snapshot(variables, keys, await _find_objects(conn, subs))
+
+
+async def _find_objects(conn: asyncpg.Connection, subs: list[Submission]) -> list[list[int | None]]:
+    """Each manifest `objects` entry's stored object id: among the namespace's objects, then the
+    personal ones; None for an unknown name."""
+    entries = [(i, source) for i, sub in enumerate(subs) for source, _ in sub.manifest.objects]
+    found: list[list[int | None]] = [[] for _ in subs]
+    if not entries:
+        return found
+    contexts = [subs[i].context for i, _ in entries]
+    rows = await conn.fetch(
+        """
+        SELECT (SELECT id FROM objects
+                WHERE name = e.source AND (namespace_id = e.namespace_id
+                                           OR (e.personal AND user_id = e.owner_id
+                                               AND namespace_id IS NULL))
+                ORDER BY namespace_id IS NULL, detached, id DESC LIMIT 1) AS id
+        FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::boolean[])
+             WITH ORDINALITY AS e(source, owner_id, namespace_id, personal, i)
+        ORDER BY e.i
+        """,
+        [source for _, source in entries],
+        [c[0] for c in contexts],
+        [c[1] for c in contexts],
+        [c[2] for c in contexts],
     )
-    m = sub.manifest
-    data = sub.trigger_data or {"email": sub.author.email, "username": sub.author.username}
-    build_id = await conn.fetchval(
+    for (i, _), row in zip(entries, rows, strict=True):
+        found[i].append(row["id"])
+    return found
+
+
+async def _numbers(conn: asyncpg.Connection, subs: list[Submission]) -> list[int]:
+    """Each build's number, from its owner's counter (API.md §7.1).
+
+    One statement for every owner of the batch; it locks their counter rows in owner id order,
+    so concurrent batches sharing owners wait for each other instead of deadlocking."""
+    wanted = Counter(sub.owner.id for sub in subs)
+    owners = sorted(wanted)
+    rows = await conn.fetch(
+        """
+        INSERT INTO build_counters AS c (user_id, last_number)
+        SELECT * FROM unnest($1::bigint[], $2::integer[]) ORDER BY 1
+        ON CONFLICT (user_id) DO UPDATE SET last_number = c.last_number + excluded.last_number
+        RETURNING user_id, last_number
+        """,
+        owners,
+        [wanted[owner] for owner in owners],
+    )
+    last = {row["user_id"]: row["last_number"] - wanted[row["user_id"]] for row in rows}
+    numbers = []
+    for sub in subs:
+        last[sub.owner.id] += 1
+        numbers.append(last[sub.owner.id])
+    return numbers
+
+
+async def _insert_builds(
+    conn: asyncpg.Connection, subs: list[Submission], numbers: list[int], tags: list[list[str]]
+) -> list[Build]:
+    """The build rows, returned in `subs` order."""
+    rows = await conn.fetch(
         """
         INSERT INTO builds (user_id, author_id, namespace_id, number, manifest, driver,
                             trigger_type, trigger_comment, trigger_data, timeout_seconds,
-                            resources)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-        RETURNING id
+                            resources, cron_id)
+        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::integer[],
+                             $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[],
+                             $10::double precision[], $11::jsonb[], $12::bigint[])
+        RETURNING id, user_id, author_id, namespace_id, number, manifest, driver, status, output,
+                  pinned, trigger_type, trigger_comment, trigger_data, created_at, started_at,
+                  finished_at
         """,
+        *_columns([_build_values(sub, n) for sub, n in zip(subs, numbers, strict=True)], 12),
+    )
+    by_number = {(row["user_id"], row["number"]): row for row in rows}
+    made = []
+    for sub, number, names in zip(subs, numbers, tags, strict=True):
+        row = dict(by_number[sub.owner.id, number])
+        row["trigger_data"] = json.loads(row["trigger_data"])
+        row["tags"] = sorted(names, key=str.encode)  # as build_rows orders them
+        made.append(Build(**row))
+    return made
+
+
+def _build_values(sub: Submission, number: int) -> tuple[Any, ...]:
+    m = sub.manifest
+    data = sub.trigger_data or {"email": sub.author.email, "username": sub.author.username}
+    resources = {"memory": m.resources.memory, "cpus": m.resources.cpus, "pids": m.resources.pids}
+    return (
         sub.owner.id,
         sub.author.id,
         sub.namespace.id if sub.namespace else None,
@@ -62,106 +225,135 @@ async def submit(conn: asyncpg.Connection, sub: Submission) -> Build:
         sub.comment,
         json.dumps(data),
         m.timeout,
-        json.dumps(
-            {"memory": m.resources.memory, "cpus": m.resources.cpus, "pids": m.resources.pids}
-        ),
+        json.dumps(resources),
+        sub.cron_id,
     )
-    await _plan(conn, build_id, sub.owner, manifest.plan(m, number))
-    await _snapshot(conn, build_id, sub)
-    await builds.add_tags_by(conn, build_id, sub.author, builds.normalise_tags(list(sub.tags)))
-    await conn.execute("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, m.driver.type)
-    build = await builds.get(conn, build_id)
-    assert build is not None
-    return build
 
 
-async def _plan(conn: asyncpg.Connection, build_id: int, owner: User, plan: manifest.Plan) -> None:
-    job_ids: dict[str, int] = {}
-    for position, stage in enumerate(plan.stages):
-        stage_id = await conn.fetchval(
-            """
+def _tags(sub: Submission) -> list[str]:
+    """The client's valid tags, then marid's own, each once."""
+    if not sub.tags:
+        return list(dict.fromkeys(sub.system_tags))
+    return list(dict.fromkeys(builds.normalise_tags(list(sub.tags)) + list(sub.system_tags)))
+
+
+async def _insert_plans(
+    conn: asyncpg.Connection,
+    subs: list[Submission],
+    made: list[Build],
+    plans: list[manifest.Plan],
+) -> None:
+    """Stages, jobs and artifact records of every build (§5.1-§5.4), in one statement; ids
+    follow execution order within a build."""
+    stages: list[tuple[Any, ...]] = []
+    jobs: list[tuple[Any, ...]] = []
+    artifacts: list[tuple[Any, ...]] = []
+    for sub, build, plan in zip(subs, made, plans, strict=True):
+        for position, stage in enumerate(plan.stages):
+            stages.append((build.id, stage.name, stage.allow_failures, position))
+            for job_position, job in enumerate(stage.jobs):
+                pairs = json.dumps([list(pair) for pair in job.artifacts])
+                jobs.append(
+                    (build.id, position, job.name, job.commands, job_position, job.timeout, pairs)
+                )
+        artifacts += [(build.id, sub.owner.id, a.job, a.source, a.name) for a in plan.artifacts]
+    await conn.execute(
+        """
+        WITH stages AS (
             INSERT INTO build_stages (build_id, name, allow_failures, position)
-            VALUES ($1, $2, $3, $4) RETURNING id
-            """,
-            build_id,
-            stage.name,
-            stage.allow_failures,
-            position,
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::integer[])
+            RETURNING id, build_id, position
+        ), jobs AS (
+            INSERT INTO build_jobs (build_id, stage_id, name, commands, position,
+                                    timeout_seconds, artifacts)
+            SELECT j.build_id, s.id, j.name, j.commands, j.position, j.timeout, j.artifacts
+            FROM unnest($5::bigint[], $6::integer[], $7::text[], $8::text[], $9::integer[],
+                        $10::double precision[], $11::jsonb[])
+                 WITH ORDINALITY AS j(build_id, stage, name, commands, position, timeout,
+                                      artifacts, i)
+            JOIN stages s ON s.build_id = j.build_id AND s.position = j.stage
+            ORDER BY j.i
+            RETURNING id, build_id, name
         )
-        for job_position, job in enumerate(stage.jobs):
-            job_ids[job.name] = await conn.fetchval(
-                """
-                INSERT INTO build_jobs (build_id, stage_id, name, commands, position,
-                                        timeout_seconds, artifacts)
-                VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id
-                """,
-                build_id,
-                stage_id,
-                job.name,
-                job.commands,
-                job_position,
-                job.timeout,
-                json.dumps([list(pair) for pair in job.artifacts]),
-            )
-    await conn.executemany(
-        """
         INSERT INTO build_artifacts (build_id, user_id, job_id, source, name)
-        VALUES ($1, $2, $3, $4, $5)
+        SELECT a.build_id, a.user_id, jobs.id, a.source, a.name
+        FROM unnest($12::bigint[], $13::bigint[], $14::text[], $15::text[], $16::text[])
+             WITH ORDINALITY AS a(build_id, user_id, job, source, name, i)
+        JOIN jobs ON jobs.build_id = a.build_id AND jobs.name = a.job
+        ORDER BY a.i
         """,
-        [(build_id, owner.id, job_ids[a.job], a.source, a.name) for a in plan.artifacts],
+        *_columns(stages, 4),
+        *_columns(jobs, 7),
+        *_columns(artifacts, 5),
     )
 
 
-async def _snapshot(conn: asyncpg.Connection, build_id: int, sub: Submission) -> None:
-    """Freeze variables, keys and objects as they are now (MANIFEST.md §5.5)."""
-    # Personal resources count only when the submitter is the owner.
-    personal = sub.author.id == sub.owner.id
-    ns_id = sub.namespace.id if sub.namespace else None
-    final: dict[str, tuple[int | None, str | None, bytes | None, bool]] = {}
-    for var in await variables.for_build(conn, sub.owner.id, ns_id, personal):
-        final.pop(var.key, None)  # a later entry wins, and takes the later position
-        final[var.key] = (var.id, var.value, var.value_sealed, var.masked)
-    for key, value in sub.manifest.env:
+async def _insert_snapshots(
+    conn: asyncpg.Connection,
+    subs: list[Submission],
+    made: list[Build],
+    tags: list[list[str]],
+    snapshot: _Snapshot,
+) -> None:
+    """Variables, keys, objects and tags of every build, then one NOTIFY per driver."""
+    variables: list[tuple[Any, ...]] = []
+    keys: list[tuple[Any, ...]] = []
+    objects: list[tuple[Any, ...]] = []
+    tagged: list[tuple[Any, ...]] = []
+    for sub, build, names, found in zip(subs, made, tags, snapshot.objects, strict=True):
+        merged = _merge(snapshot.variables[sub.context], sub.manifest.env)
+        variables += [
+            (build.id, var_id, key, value, sealed, masked, position)
+            for position, (key, (var_id, value, sealed, masked)) in enumerate(merged.items())
+        ]
+        keys += [
+            (build.id, k["id"], k["name"], k["key_sealed"], k["config"], f"/root/.ssh/{k['name']}")
+            for k in snapshot.keys[sub.context]
+        ]
+        objects += [
+            (build.id, object_id, source, destination)
+            for object_id, (source, destination) in zip(found, sub.manifest.objects, strict=True)
+        ]
+        tagged += [(build.id, name, sub.author.id) for name in names]
+    await conn.execute(
+        """
+        WITH variables AS (
+            INSERT INTO build_variables
+                (build_id, variable_id, key, value, value_sealed, masked, position)
+            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[],
+                                 $5::bytea[], $6::boolean[], $7::integer[])
+        ), keys AS (
+            INSERT INTO build_keys (build_id, key_id, name, key_sealed, config, location)
+            SELECT * FROM unnest($8::bigint[], $9::bigint[], $10::text[], $11::bytea[],
+                                 $12::text[], $13::text[])
+        ), objects AS (
+            INSERT INTO build_objects (build_id, object_id, source, name)
+            SELECT * FROM unnest($14::bigint[], $15::bigint[], $16::text[], $17::text[])
+        ), tags AS (
+            INSERT INTO build_tags (build_id, name, user_id)
+            SELECT * FROM unnest($18::bigint[], $19::text[], $20::bigint[])
+        )
+        SELECT pg_notify($21, driver) FROM unnest($22::text[]) AS d(driver)
+        """,
+        *_columns(variables, 7),
+        *_columns(keys, 6),
+        *_columns(objects, 4),
+        *_columns(tagged, 3),
+        QUEUE_CHANNEL,
+        sorted({build.driver for build in made}),
+    )
+
+
+def _merge(stored: list[tuple[str, Value]], env: list[tuple[str, str]]) -> dict[str, Value]:
+    """Stored variables, then the manifest's `env`: a later entry wins, and takes the later
+    position (§5.5)."""
+    final: dict[str, Value] = {}
+    for key, value in [*stored, *((key, (None, text, None, False)) for key, text in env)]:
         final.pop(key, None)
-        final[key] = (None, value, None, False)
-    await conn.executemany(
-        """
-        INSERT INTO build_variables
-            (build_id, variable_id, key, value, value_sealed, masked, position)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
-        """,
-        [
-            (build_id, var_id, key, value, sealed, masked, position)
-            for position, (key, (var_id, value, sealed, masked)) in enumerate(final.items())
-        ],
-    )
-    await conn.executemany(
-        """
-        INSERT INTO build_keys (build_id, key_id, name, key_sealed, config, location)
-        VALUES ($1, $2, $3, $4, $5, $6)
-        """,
-        [
-            (build_id, key.id, key.name, key.key_sealed, key.config, f"/root/.ssh/{key.name}")
-            for key in await keys.for_build(conn, sub.owner.id, ns_id, personal)
-        ],
-    )
-    for source, destination in sub.manifest.objects:
-        object_id = await conn.fetchval(
-            """
-            SELECT id FROM objects
-            WHERE name = $1 AND (namespace_id = $2
-                                 OR ($3 AND user_id = $4 AND namespace_id IS NULL))
-            ORDER BY namespace_id IS NULL, detached, id DESC LIMIT 1
-            """,
-            source,
-            ns_id,
-            personal,
-            sub.owner.id,
-        )
-        await conn.execute(
-            "INSERT INTO build_objects (build_id, object_id, source, name) VALUES ($1, $2, $3, $4)",
-            build_id,
-            object_id,
-            source,
-            destination,
-        )
+        final[key] = value
+    return final
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as `width` column lists, for unnest()."""
+    return [[row[i] for row in rows] for i in range(width)]

@@ -1,9 +1,10 @@
 """The scheduler loop: due cron jobs -> builds (API.md §11.2, issue 5).
 
 Each tick claims a batch of due cron jobs with FOR UPDATE SKIP LOCKED, so several schedulers
-share the work, and in one transaction records each run, submits its build and moves next_run on.
-A scheduler killed mid-batch rolls the whole batch back; the unique (cron_id, scheduled_at) of
-cron_runs guarantees a run never makes a second build.
+share the work, and in one transaction records their runs, submits their builds and moves
+next_run on, each step one statement for the whole batch. A scheduler killed mid-batch rolls the
+whole batch back; the unique (cron_id, scheduled_at) of cron_runs guarantees a run never makes a
+second build.
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import asyncpg
 
-from marid import builds, crons, curator, db, manifest, namespaces, users
+from marid import crons, curator, db, manifest, namespaces, users
 from marid.blobs import open_store
 from marid.config import Config
 from marid.crons import Cron
-from marid.manifest import ManifestLimits
-from marid.submit import Submission, submit
+from marid.manifest import Manifest, ManifestLimits
+from marid.namespaces import Namespace
+from marid.submit import Submission, submit_many
+from marid.users import User
 from marid.validation import Errors, ValidationError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BATCH = 500
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -44,59 +50,92 @@ def tag_of(cron: Cron) -> str:
 async def tick(pool: asyncpg.Pool, now: datetime, batch: int, config: Config) -> int:
     """Fire up to `batch` due cron jobs in one transaction; returns how many were claimed
     (builds made or not), so a caller drains the backlog while it equals `batch`."""
-    limits = ManifestLimits.from_config(config)
+    resolver = _Resolver(ManifestLimits.from_config(config), config.drivers)
     async with pool.acquire() as conn, conn.transaction():
         due = await crons.claim_due(conn, now, batch)
-        # Each build locks its owner's number counter until commit: taking them in one order
-        # keeps concurrent schedulers from deadlocking on them.
-        for cron in sorted(due, key=lambda c: (c.user_id, c.id)):
-            if await crons.record_run(conn, cron):
-                await _fire(conn, cron, limits, config.drivers)
-            await crons.advance(conn, cron, now)
+        if not due:
+            return 0
+        fired = await crons.record_runs(conn, due)
+        await crons.advance(conn, due, now)
+        firing = await _submissions(conn, fired, resolver)
+        # Every owner's build counter stays locked until commit: submit_many takes them after
+        # all its reads and in owner order, so concurrent schedulers hold them briefly and
+        # never deadlock on them.
+        made = await submit_many(conn, [sub for _, sub in firing])
+        runs = [(cron, build.id) for (cron, _), build in zip(firing, made, strict=True)]
+        await crons.link_builds(conn, runs)
+        # webhooks: build.submitted for each of `made` (its Submission is beside it in `firing`)
+    for cron, build_id in runs:
+        log.info("cron %d (%s): build %d queued", cron.id, cron.name, build_id)
     return len(due)
 
 
-async def _fire(
-    conn: asyncpg.Connection, cron: Cron, limits: ManifestLimits, drivers: list[str]
-) -> None:
-    """Submit the cron job's build in a savepoint; a build that cannot be created (driver
-    disabled, namespace no longer usable) is logged and skipped (§11.2)."""
-    try:
-        async with conn.transaction():
-            sub = await _submission(conn, cron, limits, drivers)
-            build = await submit(conn, sub)
-            # Added here, not through Submission.tags: `:` is no character of a tag a client
-            # may send (API.md §7.1), yet §11.2 names the cron tag `cron:<name>`.
-            await builds.add_tags_by(conn, build.id, sub.author, [tag_of(cron)])
-            await crons.link_build(conn, cron, build.id)
-    except ValidationError as exc:
-        log.info("cron %d (%s): no build: %s", cron.id, cron.name, exc.errors)
-    else:
-        log.info("cron %d (%s): build %d queued", cron.id, cron.name, build.id)
+async def _submissions(
+    conn: asyncpg.Connection, fired: list[Cron], resolver: _Resolver
+) -> list[tuple[Cron, Submission]]:
+    """The build of each fired cron job, by owner then cron id (the order of their numbers).
+    One that cannot be created (driver disabled, namespace no longer usable) is logged and left
+    out, its run still recorded and its next_run still moved on (§11.2)."""
+    people = await users.by_ids(conn, {c.user_id for c in fired} | {c.author_id for c in fired})
+    firing = []
+    for cron in sorted(fired, key=lambda c: (c.user_id, c.id)):
+        author = people[cron.author_id]
+        try:
+            parsed = resolver.manifest(cron.manifest)
+            ns = await resolver.namespace(conn, author, parsed.namespace)
+        except ValidationError as exc:  # ManifestError included
+            log.info("cron %d (%s): no build: %s", cron.id, cron.name, exc.errors)
+            continue
+        owner = people[cron.user_id]
+        sub = Submission(
+            author=author,
+            owner=ns.owner if ns else author,
+            namespace=ns,
+            manifest=parsed,
+            comment=f"{cron.name}: Scheduled build, next run {comment_time(cron.next_run)}",
+            trigger_type="schedule",
+            trigger_data={"email": owner.email, "username": owner.username},
+            system_tags=(tag_of(cron),),
+            cron_id=cron.id,
+        )
+        firing.append((cron, sub))
+    return firing
 
 
-async def _submission(
-    conn: asyncpg.Connection, cron: Cron, limits: ManifestLimits, drivers: list[str]
-) -> Submission:
-    people = await users.by_ids(conn, {cron.user_id, cron.author_id})
-    author = people[cron.author_id]
-    parsed = manifest.parse(cron.manifest, limits, drivers)  # raises ManifestError
-    errors = Errors()
-    ns = await namespaces.resolve(conn, author, parsed.namespace, errors, "manifest", True)
-    errors.raise_if_any()
-    owner = ns.owner if ns else author
-    return Submission(
-        author=author,
-        owner=owner,
-        namespace=ns,
-        manifest=parsed,
-        comment=f"{cron.name}: Scheduled build, next run {comment_time(cron.next_run)}",
-        trigger_type="schedule",
-        trigger_data={
-            "email": people[cron.user_id].email,
-            "username": people[cron.user_id].username,
-        },
-    )
+@dataclass
+class _Resolver:
+    """One batch's manifests, each distinct text parsed once, and namespaces, each (author,
+    reference) resolved once; a failure is kept and raised again for the next cron job."""
+
+    limits: ManifestLimits
+    drivers: list[str]
+    manifests: dict[str, Manifest | ValidationError] = field(default_factory=dict)
+    spaces: dict[tuple[int, str], Namespace | ValidationError] = field(default_factory=dict)
+
+    def manifest(self, text: str) -> Manifest:
+        if text not in self.manifests:
+            try:
+                self.manifests[text] = manifest.parse(text, self.limits, self.drivers)
+            except ValidationError as exc:
+                self.manifests[text] = exc
+        return _or_raise(self.manifests[text])
+
+    async def namespace(
+        self, conn: asyncpg.Connection, author: User, reference: str | None
+    ) -> Namespace | None:
+        if not reference:
+            return None
+        if (author.id, reference) not in self.spaces:
+            errors = Errors()
+            ns = await namespaces.resolve(conn, author, reference, errors, "manifest", True)
+            self.spaces[author.id, reference] = ns or ValidationError(errors.by_field)
+        return _or_raise(self.spaces[author.id, reference])
+
+
+def _or_raise(outcome: T | ValidationError) -> T:
+    if isinstance(outcome, ValidationError):
+        raise outcome
+    return outcome
 
 
 async def run(config: Config, stop: asyncio.Event, batch: int = BATCH) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
 from marid import config as config_module
-from marid import crons
+from marid import crons, submit
+from marid.builds import Build
+from marid.submit import Submission
 from marid.users import User
 from scheduler import loop
 from tests.conftest import MakeToken, MakeUser, bearer
@@ -193,46 +196,51 @@ async def test_a_scheduler_killed_mid_batch_leaves_no_run_fired_twice_or_lost(
 ):
     alice = await make_user("alice")
     await add_crons(pool, alice, 100, datetime(2024, 3, 2, tzinfo=UTC))
-    fire = loop._fire
-    fired = 0
+    submit_many = loop.submit_many
 
-    async def fire_then_die(conn: asyncpg.Connection, *args: object) -> None:
-        nonlocal fired
-        await fire(conn, *args)  # type: ignore[arg-type]
-        fired += 1
-        if fired == 40:  # the backend dies as with kill -9 of the scheduler's connection
-            async with pool.acquire() as other:
-                await other.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
-            await conn.fetchval("SELECT 1")
+    async def submit_then_die(conn: asyncpg.Connection, subs: list[Submission]) -> list[Build]:
+        made = await submit_many(conn, subs)
+        assert len(made) == 100  # the builds exist in the transaction when the backend dies
+        async with pool.acquire() as other:  # as with kill -9 of the scheduler's connection
+            await other.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        await conn.fetchval("SELECT 1")
+        return made
 
-    monkeypatch.setattr(loop, "_fire", fire_then_die)
+    monkeypatch.setattr(loop, "submit_many", submit_then_die)
     with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
         await loop.tick(pool, NOW, 100, config)
     assert set((await builds_per_cron(pool)).values()) == {0}  # the batch rolled back
-    monkeypatch.setattr(loop, "_fire", fire)
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM cron_runs") == 0
+    monkeypatch.setattr(loop, "submit_many", submit_many)
     assert await drain(pool, config, NOW, 30) == 100
     assert set((await builds_per_cron(pool)).values()) == {1}
 
 
 async def test_a_cancelled_tick_then_a_rerun_fires_each_cron_once(
-    pool: asyncpg.Pool, config: config_module.Config, make_user: MakeUser
+    pool: asyncpg.Pool,
+    config: config_module.Config,
+    make_user: MakeUser,
+    monkeypatch: pytest.MonkeyPatch,
 ):
     alice = await make_user("alice")
     await add_crons(pool, alice, 200, datetime(2024, 3, 2, tzinfo=UTC))
+    insert_plans = submit._insert_plans
+    started = asyncio.Event()
+
+    async def announce_then_insert(*args: Any) -> None:
+        started.set()
+        await insert_plans(*args)
+
+    monkeypatch.setattr(submit, "_insert_plans", announce_then_insert)
     task = asyncio.create_task(loop.tick(pool, NOW, 200, config))
-    while True:  # cancel once the batch is under way
-        async with pool.acquire() as conn:
-            if (
-                await conn.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid'"
-                )
-                and not task.done()
-            ):
-                break
-        await asyncio.sleep(0)
+    # Cancelled while the stages and jobs are being inserted: numbers are taken, builds exist.
+    await started.wait()
+    assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    monkeypatch.setattr(submit, "_insert_plans", insert_plans)
     assert await drain(pool, config, NOW, 64) == 200
     assert set((await builds_per_cron(pool)).values()) == {1}
     # The builds were numbered 1..200 once: a rolled-back batch used no numbers.
