@@ -10,8 +10,10 @@ processes start against it (cron.interval 1s, the default batch). Two parts:
   build's delay after its own next_run (the firing delay of a scheduler that is keeping up).
 
 A build "exists" when this script sees it committed: it polls the builds table every POLL
-seconds, so delays are over-estimated by up to POLL. Then it checks exactly-once (one build and
-one cron_runs row per fired cron job), prints the figures, and removes everything it started.
+seconds, so delays are over-estimated by up to POLL. For each part it also reports the CPU time
+of the schedulers, of PostgreSQL (postmaster and backends) and of everything else on the machine.
+Then it checks exactly-once (one build and one cron_runs row per fired cron job), prints the
+figures, and removes everything it started.
 
     .venv/bin/python bench/scheduler.py [--crons N] [--due N] [--schedulers N]
 """
@@ -32,10 +34,15 @@ from common import (
     MACHINE_CPUS,
     Process,
     cpu_model,
+    cpu_time,
     create_database,
+    family_time,
     free_port,
     guarded,
+    machine_time,
     marid_argv,
+    postmaster_pid,
+    self_time,
     throwaway_cluster,
     write_marid_config,
 )
@@ -49,11 +56,37 @@ LEAD = 3.0  # seconds between making cron jobs due and their next_run
 
 
 @dataclass
+class Cpu:
+    """CPU seconds so far (wall clock for `wall`), from /proc."""
+
+    wall: float
+    schedulers: float
+    postgres: float
+    bench: float
+    machine: float  # every process on the machine, and time the hypervisor stole
+
+    @classmethod
+    def now(cls, procs: list[Process], postmaster: int) -> Cpu:
+        return cls(
+            time.time(),
+            sum(cpu_time(proc.pid) for proc in procs),
+            family_time(postmaster),
+            self_time(),
+            machine_time(),
+        )
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        pairs = zip(vars(self).values(), vars(other).values(), strict=True)
+        return Cpu(*(a - b for a, b in pairs))
+
+
+@dataclass
 class Result:
     name: str
     count: int
     total: float  # seconds from the first next_run until the last build was seen
     delays: list[float]  # seconds from each build's next_run until it was seen
+    cpu: Cpu | None = None  # over the part: from its first next_run until the last build
 
     def line(self) -> str:
         d = sorted(self.delays)
@@ -62,6 +95,17 @@ class Result:
             f"{self.name:7} {self.count:6d} builds  all in {self.total:6.2f} s "
             f"({self.count / self.total:7.0f}/s)  delay p50 {statistics.median(d) * 1000:7.1f} ms"
             f"  p99 {p99 * 1000:7.1f} ms  max {d[-1] * 1000:7.1f} ms"
+        )
+
+    def cpu_line(self) -> str:
+        assert self.cpu is not None
+        c = self.cpu
+        others = max(c.machine - c.schedulers - c.postgres - c.bench, 0.0)
+        return (
+            f"{'':7} CPU over {c.wall:5.2f} s: schedulers {c.schedulers:5.2f} s"
+            f" ({c.schedulers / self.count * 1e6:4.0f} us/build), PostgreSQL {c.postgres:5.2f} s"
+            f" ({c.postgres / self.count * 1e6:4.0f} us/build), bench {c.bench:5.2f} s,"
+            f" others {others:5.2f} s; machine busy {c.machine / c.wall / MACHINE_CPUS:4.0%}"
         )
 
 
@@ -136,22 +180,32 @@ async def watch(
     return Result("", len(due), max(seen.values()) - first, delays), low
 
 
-async def measure(dsn: str, args: argparse.Namespace, procs: list[Process]) -> list[Result]:
+async def cpu_at(when: datetime, procs: list[Process], postmaster: int) -> Cpu:
+    """The CPU counters at `when` (no build can exist before it)."""
+    await asyncio.sleep(max((when - datetime.now(UTC)).total_seconds(), 0.0))
+    return Cpu.now(procs, postmaster)
+
+
+async def measure(
+    dsn: str, args: argparse.Namespace, procs: list[Process], postmaster: int
+) -> list[Result]:
     conn = await asyncpg.connect(dsn)
     try:
         await asyncio.sleep(2)  # the schedulers connect and find nothing due
         t0 = datetime.now(UTC) + timedelta(seconds=LEAD)
         await conn.execute("UPDATE crons SET next_run = $2 WHERE id <= $1", args.due, t0)
+        before = await cpu_at(t0, procs, postmaster)
         burst, last_id = await watch(conn, dict.fromkeys(range(1, args.due + 1), t0), 0, procs)
-        burst.name = "burst"
+        burst.name, burst.cpu = "burst", Cpu.now(procs, postmaster) - before
         start = datetime.now(UTC) + timedelta(seconds=LEAD)
         stream = {
             args.due + 1 + i: start + timedelta(milliseconds=i * args.spacing)
             for i in range(args.stream)
         }
         await conn.executemany("UPDATE crons SET next_run = $2 WHERE id = $1", list(stream.items()))
+        before = await cpu_at(start, procs, postmaster)
         flow, _ = await watch(conn, stream, last_id, procs)
-        flow.name = "stream"
+        flow.name, flow.cpu = "stream", Cpu.now(procs, postmaster) - before
         builds, runs, crons = await conn.fetchrow(
             """
             SELECT (SELECT count(*) FROM builds), (SELECT count(*) FROM cron_runs),
@@ -183,7 +237,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Result]:
     for proc in procs:
         stack.callback(proc.stop)
         proc.start()
-    return asyncio.run(measure(dsn, args, procs))
+    return asyncio.run(measure(dsn, args, procs, postmaster_pid(cluster)))
 
 
 def main() -> None:
@@ -195,6 +249,7 @@ def main() -> None:
     )
     for result in results:
         print(result.line())
+        print(result.cpu_line())
     print("exactly once: one build and one cron_runs row per fired cron job")
 
 
