@@ -379,6 +379,20 @@ async def emit(
     return len(hooks)
 
 
+async def listening(conn: asyncpg.Connection, namespace_ids: set[int], event: str) -> set[int]:
+    """Those of `namespace_ids` with an active webhook subscribed to `event`: one query that
+    spares a batch (the scheduler's) a look per build."""
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT namespace_id FROM webhooks
+        WHERE namespace_id = ANY($1::bigint[]) AND active AND $2 = ANY(events)
+        """,
+        list(namespace_ids),
+        event,
+    )
+    return {row["namespace_id"] for row in rows}
+
+
 async def emit_build(conn: asyncpg.Connection, build_id: int, event: str, api_url: str) -> int:
     """Queue a build event whose payload is the Build as it is now (§10.6)."""
     ns_id = await conn.fetchval("SELECT namespace_id FROM builds WHERE id = $1", build_id)

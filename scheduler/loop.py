@@ -19,8 +19,9 @@ from typing import TypeVar
 
 import asyncpg
 
-from marid import crons, curator, db, manifest, namespaces, users
+from marid import builds, crons, curator, db, manifest, namespaces, users, webhooks
 from marid.blobs import open_store
+from marid.builds import Build
 from marid.config import Config
 from marid.crons import Cron
 from marid.manifest import Manifest, ManifestLimits
@@ -64,10 +65,25 @@ async def tick(pool: asyncpg.Pool, now: datetime, batch: int, config: Config) ->
         made = await submit_many(conn, [sub for _, sub in firing])
         runs = [(cron, build.id) for (cron, _), build in zip(firing, made, strict=True)]
         await crons.link_builds(conn, runs)
-        # webhooks: build.submitted for each of `made` (its Submission is beside it in `firing`)
+        await _announce(conn, firing, made, config.server.api_url)
     for cron, build_id in runs:
         log.info("cron %d (%s): build %d queued", cron.id, cron.name, build_id)
     return len(due)
+
+
+async def _announce(
+    conn: asyncpg.Connection,
+    firing: list[tuple[Cron, Submission]],
+    made: list[Build],
+    api_url: str,
+) -> None:
+    """Queue `build.submitted` (API.md §10.6) for the builds whose namespace wants it."""
+    spaces = {build.namespace_id for build in made if build.namespace_id is not None}
+    hooked = await webhooks.listening(conn, spaces, "build.submitted") if spaces else set()
+    for (_, sub), build in zip(firing, made, strict=True):
+        if build.namespace_id in hooked:
+            body = builds.to_json(build, sub.owner, sub.namespace, api_url)
+            await webhooks.emit(conn, build.namespace_id, "build.submitted", body)
 
 
 async def _submissions(

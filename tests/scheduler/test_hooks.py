@@ -255,3 +255,30 @@ async def test_the_running_service_delivers_when_an_event_is_queued(
     finally:
         stop.set()
         await asyncio.wait_for(service, 10)
+
+
+async def test_cron_builds_send_build_submitted(
+    api: TestClient, owner: str, pool: asyncpg.Pool, token: MakeToken, config: Any
+):
+    from scheduler import loop
+
+    value = await token("webhook:write namespace:write build:read cron:write")
+    await create_namespace(api, value, "other")
+    await hook(api, owner, "https://hooks.example.org/ci", events=["build.submitted"])
+    manifest = "driver: {type: docker, image: busybox, workspace: /w}\nnamespace: %s\n"
+    for name, space in (("team job", "team"), ("other job", "other")):
+        resp = await api.post(
+            "/api/cron", headers=bearer(value), json={"name": name, "manifest": manifest % space}
+        )
+        assert resp.status == 201, await resp.text()
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE crons SET next_run = now() - interval '1 minute'")
+    assert await loop.tick(pool, datetime.now(UTC), 10, config) == 2
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT event, body FROM webhook_deliveries")
+    [(event, body)] = [(row["event"], json.loads(row["body"])) for row in rows]
+    assert event == "build.submitted"
+    shown = await (await api.get(body["url"].removeprefix("https://ci.example.com"),
+                                 headers=bearer(value))).json()  # fmt: skip
+    assert body == shown
+    assert shown["namespace"]["path"] == "team" and "cron:team-job" in shown["tags"]
