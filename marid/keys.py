@@ -248,27 +248,6 @@ async def page(
     return [Key(**row) for row in rows]
 
 
-async def for_build(
-    conn: asyncpg.Connection, owner_id: int, namespace_id: int | None, personal: bool
-) -> list[Key]:
-    """A build's keys (MANIFEST.md §5.5): the owner's un-namespaced ones (when `personal`) and
-    those of the build's exact namespace, by name; a namespace key wins on the same name, then
-    a key that was not detached from a deleted namespace."""
-    rows = await conn.fetch(
-        """
-        SELECT DISTINCT ON (name) id, user_id, author_id, namespace_id, name, key_sealed,
-               config, created_at, updated_at
-        FROM ssh_keys
-        WHERE ($3 AND user_id = $1 AND namespace_id IS NULL) OR namespace_id = $2
-        ORDER BY name, namespace_id IS NULL, detached, id DESC
-        """,
-        owner_id,
-        namespace_id,
-        personal,
-    )
-    return [Key(**row) for row in rows]
-
-
 async def to_json(conn: asyncpg.Connection, found: list[Key], api_url: str) -> list[dict[str, Any]]:
     """Key entities (API.md §13.1); the private key is never part of one."""
     people = await users.by_ids(conn, {k.user_id for k in found} | {k.author_id for k in found})

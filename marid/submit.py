@@ -91,7 +91,7 @@ async def _read_snapshot(conn: asyncpg.Connection, subs: list[Submission]) -> _S
     owners, spaces, personal = (list(column) for column in zip(*contexts, strict=True))
     variables: dict[Context, list[tuple[str, Value]]] = {c: [] for c in contexts}
     # The owner's un-namespaced variables (detached ones first), then those of the exact
-    # namespace, each by key: later entries win (variables.for_build, for many contexts).
+    # namespace, each by key: later entries win.
     for row in await conn.fetch(
         """
         SELECT c.i, v.id, v.key, v.value, v.value_sealed, v.masked
@@ -108,7 +108,7 @@ async def _read_snapshot(conn: asyncpg.Connection, subs: list[Submission]) -> _S
         value = (row["id"], row["value"], row["value_sealed"], row["masked"])
         variables[contexts[row["i"] - 1]].append((row["key"], value))
     keys: dict[Context, list[asyncpg.Record]] = {c: [] for c in contexts}
-    # By name; a namespace key wins on the same name, then one not detached (keys.for_build).
+    # By name; a namespace key wins on the same name, then one not detached.
     for row in await conn.fetch(
         """
         SELECT c.i, k.id, k.name, k.key_sealed, k.config

@@ -226,26 +226,6 @@ async def page(
     return [Variable(**row) for row in rows]
 
 
-async def for_build(
-    conn: asyncpg.Connection, owner_id: int, namespace_id: int | None, personal: bool
-) -> list[Variable]:
-    """A build's variables in MANIFEST.md §5.5 order: the owner's un-namespaced ones (when
-    `personal`; detached ones first), then those of the build's exact namespace, each by key.
-    Later entries win."""
-    rows = await conn.fetch(
-        """
-        SELECT id, user_id, author_id, namespace_id, key, masked, value, value_sealed, created_at
-        FROM variables
-        WHERE ($3 AND user_id = $1 AND namespace_id IS NULL) OR namespace_id = $2
-        ORDER BY namespace_id IS NOT NULL, key, NOT detached, id
-        """,
-        owner_id,
-        namespace_id,
-        personal,
-    )
-    return [Variable(**row) for row in rows]
-
-
 async def to_json(
     conn: asyncpg.Connection, found: list[Variable], api_url: str
 ) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from marid import keys
 from marid.crypto import Cipher, DecryptionError
 from marid.users import User
 from tests.api.helpers import BASE, add_collaborator, create_namespace, user_json
-from tests.api.test_variables import embedded
+from tests.api.test_variables import embedded, snapshot
 from tests.conftest import MakeToken, MakeUser, bearer
 
 EVERYTHING = "key:read,write,delete namespace:read,write,delete invite:read,write"
@@ -480,24 +480,29 @@ async def test_deleting_a_namespace_detaches_its_keys(
     assert await pool.fetchval("SELECT count(*) FROM ssh_keys WHERE detached") == 2
 
 
-async def test_keys_for_a_build(
-    api: TestClient, alice: User, token: MakeToken, pool: asyncpg.Pool, config
+async def test_a_build_freezes_the_owners_and_the_namespaces_keys(
+    api: TestClient, token: MakeToken, pool: asyncpg.Pool, make_user: MakeUser, config
 ):
-    value = await token(EVERYTHING)
+    """MANIFEST.md §5.5: by name, a namespace's key wins over a personal one; personal keys
+    count only when the submitter owns the build."""
+    value = await token(EVERYTHING + " build:write")
     await create_key(api, value, name="b", config="personal b")
     await create_key(api, value, name="same", config="personal")
     await create_key(api, value, name="a", config="in acme", namespace="acme")
     await create_key(api, value, name="same", config="in acme", namespace="acme")
     await create_key(api, value, name="c", config="elsewhere", namespace="other")
-    ns_id = await pool.fetchval("SELECT id FROM namespaces WHERE path = 'acme'")
+    bob = await make_user("bob")
+    bob_token = await token(EVERYTHING + " build:write", user=bob)
+    await add_collaborator(api, value, "acme", "alice", bob_token, "bob")
     cipher = Cipher(config.crypto.key)
-    async with pool.acquire() as conn:
-        both = await keys.for_build(conn, alice.id, ns_id, personal=True)
-        only_ns = await keys.for_build(conn, alice.id, ns_id, personal=False)
-    assert [(k.name, k.config) for k in both] == [
-        ("a", "in acme"),
-        ("b", "personal b"),
-        ("same", "in acme"),
+    both = await snapshot(api, value, pool, "acme", "build_keys")
+    assert [(k["name"], k["config"], k["location"]) for k in both] == [
+        ("a", "in acme", "/root/.ssh/a"),
+        ("b", "personal b", "/root/.ssh/b"),
+        ("same", "in acme", "/root/.ssh/same"),
     ]
-    assert all(keys.private_key(cipher, k) == ed25519_key() for k in both)
-    assert [k.name for k in only_ns] == ["a", "same"]
+    alice_id = await pool.fetchval("SELECT id FROM users WHERE username = 'alice'")
+    for k in both:
+        assert keys.decrypt_key(cipher, alice_id, k["name"], k["key_sealed"]) == ed25519_key()
+    by_collaborator = await snapshot(api, bob_token, pool, "acme@alice", "build_keys")
+    assert [k["name"] for k in by_collaborator] == ["a", "same"]

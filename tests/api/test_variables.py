@@ -474,26 +474,51 @@ async def test_deleting_a_namespace_detaches_its_variables(
     assert await pool.fetchval("SELECT count(*) FROM variables WHERE detached") == 2
 
 
-async def test_variables_for_a_build(
-    api: TestClient, alice: User, token: MakeToken, pool: asyncpg.Pool, config
+async def snapshot(api: TestClient, token: str, pool: asyncpg.Pool, namespace: str | None,
+                   table: str) -> list[asyncpg.Record]:  # fmt: skip
+    """The rows of `table` (build_variables or build_keys) a new build froze, in order."""
+    manifest = "driver: {type: docker, image: busybox, workspace: /w}\n"
+    manifest += f"namespace: {namespace}\n" if namespace else ""
+    resp = await api.post("/api/builds", headers=bearer(token), json={"manifest": manifest})
+    assert resp.status == 201, await resp.text()
+    build_id = (await resp.json())["id"]
+    order = "position" if table == "build_variables" else "id"
+    return list(
+        await pool.fetch(f"SELECT * FROM {table} WHERE build_id = $1 ORDER BY {order}", build_id)
+    )
+
+
+async def test_a_build_freezes_the_owners_and_the_namespaces_variables(
+    api: TestClient, alice: User, token: MakeToken, pool: asyncpg.Pool, make_user: MakeUser, config
 ):
-    value = await token(EVERYTHING)
+    """MANIFEST.md §5.5: personal variables count only when the submitter owns the build; a
+    namespace's variable replaces a personal one of the same key, and takes its own place."""
+    value = await token(EVERYTHING + " build:write")
     await create_variable(api, value, key="B", value="personal b")
     await create_variable(api, value, key="SHARED", value="personal", mask=True)
     await create_variable(api, value, key="A", value="in acme", namespace="acme")
     await create_variable(api, value, key="SHARED", value="in acme", namespace="acme")
     await create_variable(api, value, key="C", value="elsewhere", namespace="other")
-    ns_id = await pool.fetchval("SELECT id FROM namespaces WHERE path = 'acme'")
+    bob = await make_user("bob")
+    bob_token = await token(EVERYTHING + " build:write", user=bob)
+    await add_collaborator(api, value, "acme", "alice", bob_token, "bob")
     cipher = Cipher(config.crypto.key)
-    async with pool.acquire() as conn:
-        both = await variables.for_build(conn, alice.id, ns_id, personal=True)
-        only_ns = await variables.for_build(conn, alice.id, ns_id, personal=False)
-        only_personal = await variables.for_build(conn, alice.id, None, personal=True)
-    assert [(v.key, variables.plaintext(cipher, v)) for v in both] == [
+
+    def plain(row: asyncpg.Record) -> tuple[str, str]:
+        if not row["masked"]:
+            return row["key"], row["value"]
+        assert row["value"] is None  # a masked value is kept sealed only
+        return row["key"], variables.decrypt_value(
+            cipher, alice.id, row["key"], row["value_sealed"]
+        )
+
+    both = await snapshot(api, value, pool, "acme", "build_variables")
+    assert [plain(row) for row in both] == [
         ("B", "personal b"),
-        ("SHARED", "personal"),
         ("A", "in acme"),
         ("SHARED", "in acme"),
     ]
-    assert [v.key for v in only_ns] == ["A", "SHARED"]
-    assert [v.key for v in only_personal] == ["B", "SHARED"]
+    personal = await snapshot(api, value, pool, None, "build_variables")
+    assert [plain(row) for row in personal] == [("B", "personal b"), ("SHARED", "personal")]
+    by_collaborator = await snapshot(api, bob_token, pool, "acme@alice", "build_variables")
+    assert [plain(row) for row in by_collaborator] == [("A", "in acme"), ("SHARED", "in acme")]
