@@ -178,6 +178,9 @@ async def _serve(config: Config, pool: asyncpg.Pool, stop: asyncio.Event) -> Non
     def finished(task: asyncio.Task[Outcome]) -> None:
         flying.discard(task)
         wake.set()  # a slot is free
+        if not task.cancelled() and task.exception() is not None:
+            # Not recorded (the database failed?): the claim's lease runs out and it is retried.
+            log.error("webhook delivery failed", exc_info=task.exception())
 
     listener = await pool.acquire()
     await listener.add_listener(webhooks.CHANNEL, notified)
