@@ -11,12 +11,22 @@ from aiohttp import web
 from api import downloads, errors
 from api.app_modules import MODULES, ROOT_MODULES
 from api.http import MAX_JSON_BODY
-from api.keys import API_MODULES, API_PREFIX, BLOBS, CIPHER, CONFIG, POOL, ROOT_MODULES_KEY
+from api.keys import (
+    API_MODULES,
+    API_PREFIX,
+    BLOBS,
+    CIPHER,
+    CONFIG,
+    HTTP_METRICS,
+    POOL,
+    ROOT_MODULES_KEY,
+)
 from api.live import live_context
 from marid.blobs import open_store
 from marid.config import Config
 from marid.crypto import Cipher
 from marid.db import create_pool
+from marid.metrics import Http
 
 
 def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Application:
@@ -31,6 +41,7 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     app[API_MODULES] = MODULES
     app[ROOT_MODULES_KEY] = ROOT_MODULES
     app[CIPHER] = Cipher(config.crypto.key)
+    app[HTTP_METRICS] = Http()
     # Contexts start in this order and stop in reverse: image downloads need the pool and the
     # blob store, so they stop first.
     if pool is None:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from aiohttp import web
 
-from api.keys import CONFIG
+from api.keys import API_PREFIX, CONFIG, HTTP_METRICS
 from marid.logs import REQUEST_ID
 from marid.validation import NotFound, RequestError, ValidationError
 
@@ -80,10 +80,31 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
         exc.headers["X-Request-Id"] = request_id
         raise
     finally:
-        elapsed = (time.perf_counter() - start) * 1000
+        elapsed = time.perf_counter() - start
         # The path only: query strings may carry secrets (OAuth codes, tokens).
-        access_log.info("%s %s %d %.1fms", request.method, request.path, status, elapsed)
+        access_log.info("%s %s %d %.1fms", request.method, request.path, status, elapsed * 1000)
+        metrics = request.config_dict.get(HTTP_METRICS)
+        if metrics is not None:
+            method = request.method if request.method in METHODS else "other"
+            metrics.observe(method, _route(request), status, elapsed)
         REQUEST_ID.reset(token)
+
+
+# Methods kept as metric labels; any other becomes "other", so clients cannot add label values.
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
+def _route(request: web.Request) -> str:
+    """The path template that matched, relative to the API base (`/b/{username}/{number}`);
+    "" when no route matched, so scanners cannot grow the metrics without bound."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return ""
+    template = resource.canonical
+    prefix = request.match_info.apps[-1].get(API_PREFIX, "")  # the app that owns the route
+    if prefix and template.startswith(prefix + "/"):
+        return template[len(prefix) :]
+    return template
 
 
 def _safe_id(value: str) -> bool:

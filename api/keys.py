@@ -10,11 +10,14 @@ from aiohttp import web
 from marid.blobs import BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
+from marid.metrics import Http
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 BLOBS = web.AppKey("blobs", BlobStore)
 CIPHER = web.AppKey("cipher", Cipher)
+# This process's HTTP figures for GET /metrics (EXTENSIONS.md f).
+HTTP_METRICS = web.AppKey("http_metrics", Http)
 # The path of the API base URL (e.g. "/api"), set on the app serving the API routes.
 API_PREFIX = web.AppKey("api_prefix", str)
 # The API modules served (and documented) by this app.

@@ -1,8 +1,9 @@
-"""The API root (API.md §5), health and the OpenAPI document (EXTENSIONS.md f)."""
+"""The API root (API.md §5), health, metrics and the OpenAPI document (EXTENSIONS.md f)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from types import ModuleType
 
 import asyncpg
@@ -10,9 +11,9 @@ from aiohttp import web
 
 from api import openapi
 from api.http import api_url
-from api.keys import API_MODULES, CONFIG, POOL, ROOT_MODULES_KEY
+from api.keys import API_MODULES, CONFIG, HTTP_METRICS, POOL, ROOT_MODULES_KEY
 from api.openapi import Operations, json_response, op, ref
-from marid import __version__
+from marid import __version__, metrics
 
 routes = web.RouteTableDef()
 HEALTH_TIMEOUT = 2.0
@@ -39,6 +40,25 @@ async def show_health(request: web.Request) -> web.Response:
     return web.json_response(body, status=status)
 
 
+@routes.get("/metrics")
+async def show_metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; a bearer `metrics.token` is required when one is configured."""
+    expected = request.config_dict[CONFIG].metrics.token
+    if expected is not None:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            return web.json_response({"message": "Unauthorized"}, status=401)
+    found: metrics.Totals | None
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            async with request.config_dict[POOL].acquire() as conn:
+                found = await metrics.totals(conn)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        found = None
+    text = metrics.render(request.config_dict[HTTP_METRICS], found)
+    return web.Response(body=text.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 @routes.get("/openapi.json")
 async def show_openapi(request: web.Request) -> web.Response:
     config = request.config_dict[CONFIG]
@@ -58,6 +78,18 @@ OPERATIONS: Operations = {
         {
             "200": json_response("Healthy", ref("Health")),
             "503": json_response("Database unavailable", ref("Health")),
+        },
+        security=[],
+        extension=True,
+    ),
+    ("get", "/metrics"): op(
+        "Prometheus metrics, text format 0.0.4 (bearer metrics.token when configured)",
+        {
+            "200": {
+                "description": "Metrics",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            "401": json_response("metrics.token required", ref("Message")),
         },
         security=[],
         extension=True,

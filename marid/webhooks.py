@@ -484,6 +484,13 @@ async def record(
             outcome.error,
             at,
         )
+        await conn.execute(
+            """
+            INSERT INTO metric_counters (name, label, value) VALUES ('webhook_deliveries', $1, 1)
+            ON CONFLICT (name, label) DO UPDATE SET value = metric_counters.value + 1
+            """,
+            "error" if outcome.code is None else "response",
+        )
         if not outcome.retry:
             state, when = "delivered", at
         elif retry_at is None:
