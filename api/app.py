@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from api import downloads, errors
+from api import downloads, errors, ratelimit
 from api.app_modules import MODULES, ROOT_MODULES
 from api.http import MAX_JSON_BODY
 from api.keys import (
@@ -19,6 +19,7 @@ from api.keys import (
     CONFIG,
     HTTP_METRICS,
     POOL,
+    RATE_LIMITER,
     ROOT_MODULES_KEY,
 )
 from api.live import live_context
@@ -27,6 +28,7 @@ from marid.config import Config
 from marid.crypto import Cipher
 from marid.db import create_pool
 from marid.metrics import Http
+from marid.ratelimit import Limiter
 
 
 def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Application:
@@ -35,7 +37,8 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     Without `pool` the app opens (and closes) its own from `database.dsn`.
     """
     app = web.Application(
-        middlewares=[errors.request_log, errors.errors], client_max_size=MAX_JSON_BODY
+        middlewares=[errors.request_log, errors.errors, ratelimit.rate_limit],
+        client_max_size=MAX_JSON_BODY,
     )
     app[CONFIG] = config
     app[API_MODULES] = MODULES
@@ -52,6 +55,9 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     app.cleanup_ctx.append(live_context)
     app.cleanup_ctx.append(downloads.context)
     prefix = urlsplit(config.server.api_url).path.rstrip("/")
+    if config.rate_limit.enabled:
+        app[RATE_LIMITER] = Limiter(config.rate_limit, prefix)
+        app.on_response_prepare.append(ratelimit.add_headers)
     api = web.Application(client_max_size=MAX_JSON_BODY) if prefix else app
     api[API_PREFIX] = prefix
     for module in MODULES:

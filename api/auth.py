@@ -54,6 +54,7 @@ class Caller:
 
 ANONYMOUS = Caller(None)
 CALLER = web.RequestKey("caller", Caller)
+BASIC = web.RequestKey("basic_caller", Caller)  # ANONYMOUS: no valid Basic credentials
 
 
 def _credentials(request: web.Request, scheme: str) -> str | None:
@@ -126,7 +127,7 @@ def basic_or_bearer(needed: str) -> Callable[[OptionalHandler], Handler]:
     def decorate(handler: OptionalHandler) -> Handler:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
-            caller = await _basic(request) or await bearer(request)
+            caller = await basic(request) or await bearer(request)
             if not caller.can(*needed.split(":")):
                 raise RequestError("Unauthorized", 401, UNAUTHORIZED)
             return await handler(request, caller)
@@ -135,6 +136,15 @@ def basic_or_bearer(needed: str) -> Callable[[OptionalHandler], Handler]:
         return wrapper
 
     return decorate
+
+
+async def basic(request: web.Request) -> Caller | None:
+    """The user of valid HTTP Basic credentials (full access), else None. Checked once per
+    request: the password hash is deliberately slow."""
+    if BASIC not in request:
+        request[BASIC] = await _basic(request) or ANONYMOUS
+    found = request[BASIC]
+    return found if found.user is not None else None
 
 
 async def _basic(request: web.Request) -> Caller | None:

@@ -11,6 +11,7 @@ from marid.blobs import BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
 from marid.metrics import Http
+from marid.ratelimit import Limiter
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -18,6 +19,8 @@ BLOBS = web.AppKey("blobs", BlobStore)
 CIPHER = web.AppKey("cipher", Cipher)
 # This process's HTTP figures for GET /metrics (EXTENSIONS.md f).
 HTTP_METRICS = web.AppKey("http_metrics", Http)
+# The per-process rate limiter (EXTENSIONS.md e); absent when rate_limit.enabled is false.
+RATE_LIMITER = web.AppKey("rate_limiter", Limiter)
 # The path of the API base URL (e.g. "/api"), set on the app serving the API routes.
 API_PREFIX = web.AppKey("api_prefix", str)
 # The API modules served (and documented) by this app.

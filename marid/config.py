@@ -7,6 +7,7 @@ whose message names the key; the command line prints it as one line and exits 2.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -255,6 +256,16 @@ def _finish(config: Config, source: str) -> Config:
     if config.crypto.key and len(config.crypto.key) < 32:
         raise ConfigError(f"{source}: crypto.key: must be at least 32 characters")
     _check_storage(config.storage, source)
+    limits = config.rate_limit
+    if limits.window <= 0:
+        raise ConfigError(f"{source}: rate_limit.window: must be longer than 0s")
+    for entry in limits.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: rate_limit.trusted_proxies: {entry!r} is no IP address or network"
+            ) from None
     hooks = config.webhooks
     if hooks.attempts < 1 or hooks.concurrency < 1:
         key = "attempts" if hooks.attempts < 1 else "concurrency"

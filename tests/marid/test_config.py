@@ -72,6 +72,11 @@ def test_sizes_durations_and_partial_sections(tmp_path: Path):
             "webhooks.allow_loopback: must be true or false",
         ),
         ("webhooks: {attempts: 0}\n", "webhooks.attempts: must be at least 1"),
+        (
+            "rate_limit: {trusted_proxies: [10.0.0.0/8, proxy]}\n",
+            "rate_limit.trusted_proxies: 'proxy' is no IP address or network",
+        ),
+        ("rate_limit: {window: 0s}\n", "rate_limit.window: must be longer than 0s"),
         ("drivers: docker\n", "drivers: must be a list of strings"),
         ("drivers: [warp]\n", "drivers: unknown driver 'warp'"),
         (

@@ -1,0 +1,71 @@
+"""Rate limiting (EXTENSIONS.md e): fixed windows per key, counted in this process.
+
+The key is the bearer token when it is valid, the user for valid Basic credentials, otherwise
+the client's address (the first X-Forwarded-For entry only when the peer is a trusted proxy).
+Both lookups are the ones the handler would do anyway, cached on the request, so limiting adds
+no query of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from api.auth import basic, bearer
+from api.keys import HTTP_METRICS, RATE_LIMITER
+from marid.ratelimit import Limiter, address
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HEADERS = web.RequestKey("rate_limit_headers", dict[str, str])
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer 429 past the key's limit; otherwise count the request and let `add_headers`
+    put the X-RateLimit headers on whatever response it gets (streamed ones too)."""
+    limiter = request.config_dict.get(RATE_LIMITER)
+    if limiter is None or (request.method == "GET" and request.path in limiter.uncounted):
+        return await handler(request)
+    settings = limiter.settings
+    caller = await basic(request) or await bearer(request)
+    if caller.token_id is not None:
+        key, limit = f"token:{caller.token_id}", settings.authenticated
+    elif caller.user is not None:
+        key, limit = f"user:{caller.user.id}", settings.authenticated
+    else:
+        key, limit = f"ip:{client(limiter, request)}", settings.anonymous
+    now = time.time()
+    allowed, remaining, reset = limiter.take(key, limit, now)
+    headers = {
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(reset),
+    }
+    request[HEADERS] = headers
+    if not allowed:
+        request.config_dict[HTTP_METRICS].rate_limited += 1
+        retry = {"Retry-After": str(max(1, math.ceil(reset - now)))}
+        return web.json_response({"message": "Rate limit exceeded"}, status=429, headers=retry)
+    return await handler(request)
+
+
+def client(limiter: Limiter, request: web.Request) -> str:
+    """The client's address: the first X-Forwarded-For entry when the peer is a trusted proxy
+    and the entry is an address, else the peer."""
+    peer = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if forwarded and limiter.trusted(peer):
+        first = forwarded.split(",")[0].strip()
+        if address(first) is not None:
+            return first
+    return peer
+
+
+async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the X-RateLimit headers of a counted request (EXTENSIONS.md e)."""
+    headers = request.get(HEADERS)
+    if headers is not None:
+        response.headers.update(headers)

@@ -1,0 +1,56 @@
+"""The arithmetic of rate limiting (EXTENSIONS.md e): fixed windows per key, in memory.
+
+A limiter belongs to one server process ("per server instance"); api/ratelimit.py decides the
+key of each request and answers 429.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass, field
+
+from marid.config import RateLimitConfig
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass
+class Limiter:
+    settings: RateLimitConfig
+    api_prefix: str  # the path of the API base URL, e.g. "/api"
+    window: int = -1  # the fixed window the counts belong to (time // settings.window)
+    counts: dict[str, int] = field(default_factory=dict)
+    proxies: tuple[Network, ...] = ()
+    uncounted: frozenset[str] = frozenset()  # paths of GET /health and GET /metrics
+
+    def __post_init__(self) -> None:
+        self.proxies = tuple(
+            ipaddress.ip_network(entry, strict=False) for entry in self.settings.trusted_proxies
+        )
+        self.uncounted = frozenset(self.api_prefix + path for path in ("/health", "/metrics"))
+
+    def take(self, key: str, limit: int, now: float) -> tuple[bool, int, int]:
+        """Count one request for `key` unless it is over `limit`; returns (allowed, remaining
+        after it, Unix time the window ends)."""
+        length = self.settings.window
+        window = int(now // length)
+        if window != self.window:  # a new window: every count starts again
+            self.window, self.counts = window, {}
+        used = self.counts.get(key, 0)
+        reset = math.ceil((window + 1) * length)
+        if used >= limit:
+            return False, 0, reset
+        self.counts[key] = used + 1
+        return True, limit - used - 1, reset
+
+    def trusted(self, peer: str) -> bool:
+        found = address(peer)
+        return found is not None and any(found in network for network in self.proxies)
+
+
+def address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
