@@ -19,6 +19,8 @@ from runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
 
 log = logging.getLogger(__name__)
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+DRAIN = 1.0  # seconds a job's output may stay open after its shell exited
+EXIT_POLL = 0.1  # seconds between looks at whether the shell exited
 READ_SIZE = 65536
 INHERITED = ("PATH", "LANG", "TZ")
 
@@ -109,10 +111,33 @@ class OsDriver(Driver):
             )
         except OSError as exc:
             raise DriverError(f"cannot start /bin/sh: {exc.strerror}") from None
-        assert self.process.stdout is not None
-        while chunk := await self.process.stdout.read(READ_SIZE):
+        process = self.process
+        reader = asyncio.create_task(self._pump(process, out))
+        try:
+            # Output until it ends or the shell exits. asyncio's wait() returns only once the
+            # output is closed too (Python 3.11), so the shell's exit is watched by polling.
+            while not await _finished(reader, EXIT_POLL) and process.returncode is None:
+                pass
+            if reader.done():
+                reader.result()  # the sink failed (e.g. a lost lease): raise it now
+            elif not await _finished(reader, DRAIN):
+                # The shell is gone and a background process (`server &`) still holds the
+                # output open: end the job's process group, as the end of a job's container
+                # would, rather than wait for the job's time limit.
+                log.info("job %s: killing what it left running in the background", job)
+                self._signal(process, signal.SIGKILL)
+                if not await _finished(reader, DRAIN):  # one that left the group keeps it open
+                    raise DriverError("a background process of the job keeps its output open")
+                reader.result()
+            return await process.wait()
+        finally:
+            reader.cancel()
+
+    @staticmethod
+    async def _pump(process: asyncio.subprocess.Process, out: OutputSink) -> None:
+        assert process.stdout is not None
+        while chunk := await process.stdout.read(READ_SIZE):
             await out(chunk)
-        return await self.process.wait()
 
     async def collect(self, source: str, destination: Path, max_size: int) -> None:
         path = self.inside(source)
@@ -151,3 +176,9 @@ class OsDriver(Driver):
         for directory in (self.workspace, self.scratch):
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _finished(task: asyncio.Task[None], seconds: float) -> bool:
+    """Whether `task` ends within `seconds` (it is not cancelled when it does not)."""
+    done, _ = await asyncio.wait((task,), timeout=seconds)
+    return bool(done)

@@ -187,3 +187,24 @@ async def test_workspace_is_removed(tmp_path: Path):
     _, rec, _ = await run(build)
     workspace = rec.output["a"].splitlines()[-1]
     assert not Path(workspace).exists()
+
+
+async def test_a_background_process_does_not_keep_the_job_running():
+    """The os driver ends what a job left running once its shell exits, as a container's end
+    would; before, the job ran on until its time limit."""
+    script = "sleep 30 &\necho $! > bg.pid\necho done\n"
+    build = spec(StageSpec("s", False, [JobSpec("a", script + "cat bg.pid\n")]), timeout=10.0)
+    status, rec, _ = await run(build)
+    assert status == "passed"  # not timed_out: it did not wait for the 30 s sleep
+    pid = int(rec.output["a"].splitlines()[-1])
+    assert "done" in rec.output["a"]
+    for _ in range(50):  # reaped by its parent, or at least no longer running
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            break
+        if stat.split()[2] == "Z":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"background process {pid} still runs")
