@@ -41,9 +41,13 @@ class DbReporter:
         self.flusher: asyncio.TimerHandle | None = None
         self.lock = asyncio.Lock()
 
-    async def _fenced(self, sql: str, *args: object) -> None:
-        """Run an UPDATE whose WHERE names $1 = build id and $2 = attempt."""
-        result = await self.pool.execute(sql, self.claim.build_id, self.claim.attempt, *args)
+    async def _fenced(
+        self, sql: str, *args: object, conn: asyncpg.Connection | None = None
+    ) -> None:
+        """Run an UPDATE whose WHERE names $1 = build id and $2 = attempt (on `conn` when
+        given, to share its transaction); LostLease when it matched nothing."""
+        run = conn.execute if conn is not None else self.pool.execute
+        result = await run(sql, self.claim.build_id, self.claim.attempt, *args)
         if result.endswith(" 0"):
             raise LostLease()
 
@@ -106,23 +110,28 @@ class DbReporter:
             await conn.execute("SELECT pg_notify($1, $2)", OUTPUT_CHANNEL, str(job_id))
 
     async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
+        """Store the job's whole output in its row and drop the live chunks it was made of
+        (readers of a finished job read the row)."""
         await self.flush()
-        await self._fenced(
-            """
-            UPDATE build_jobs j SET status = $4, finished_at = now(),
-                started_at = CASE WHEN $5 THEN coalesce(j.started_at, now()) END,
-                output = CASE WHEN $5 THEN coalesce(
-                    (SELECT string_agg(o.text, '' ORDER BY o.byte_offset)
-                     FROM build_job_output o WHERE o.job_id = j.id AND o.attempt = $2), '')
-                END
-            FROM builds b
-            WHERE b.id = $1 AND b.attempt = $2 AND b.status = 'running'
-              AND j.build_id = b.id AND j.id = $3
-            """,
-            job.id,
-            status,
-            ran,
-        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._fenced(
+                """
+                UPDATE build_jobs j SET status = $4, finished_at = now(),
+                    started_at = CASE WHEN $5 THEN coalesce(j.started_at, now()) END,
+                    output = CASE WHEN $5 THEN coalesce(
+                        (SELECT string_agg(o.text, '' ORDER BY o.byte_offset)
+                         FROM build_job_output o WHERE o.job_id = j.id AND o.attempt = $2), '')
+                    END
+                FROM builds b
+                WHERE b.id = $1 AND b.attempt = $2 AND b.status = 'running'
+                  AND j.build_id = b.id AND j.id = $3
+                """,
+                job.id,
+                status,
+                ran,
+                conn=conn,
+            )
+            await conn.execute("DELETE FROM build_job_output WHERE job_id = $1", job.id)
         await self.pool.execute("SELECT pg_notify($1, $2)", OUTPUT_CHANNEL, str(job.id))
 
     async def object_placed(self, obj: ObjectSpec) -> None:
@@ -179,25 +188,19 @@ class DbReporter:
     async def build_finished(self, status: str) -> None:
         await self.flush()
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._finish(conn, status)
+            await self._fenced(
+                """
+                UPDATE builds SET status = $3, finished_at = now(), lease_expires_at = NULL,
+                    output = (SELECT string_agg(coalesce(j.output, ''), ''
+                                                ORDER BY s.position, j.position)
+                              FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
+                              WHERE j.build_id = $1)
+                WHERE id = $1 AND attempt = $2 AND status = 'running'
+                """,
+                status,
+                conn=conn,
+            )
             await webhooks.emit_build(conn, self.claim.build_id, "build.finished", self.api_url)
-
-    async def _finish(self, conn: asyncpg.Connection, status: str) -> None:
-        result = await conn.execute(
-            """
-            UPDATE builds SET status = $3, finished_at = now(), lease_expires_at = NULL,
-                output = (SELECT string_agg(coalesce(j.output, ''), ''
-                                            ORDER BY s.position, j.position)
-                          FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
-                          WHERE j.build_id = $1)
-            WHERE id = $1 AND attempt = $2 AND status = 'running'
-            """,
-            self.claim.build_id,
-            self.claim.attempt,
-            status,
-        )
-        if result.endswith(" 0"):
-            raise LostLease()
 
 
 def artifacts_of(raw: str) -> list[tuple[str, str]]:

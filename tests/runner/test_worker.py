@@ -314,3 +314,20 @@ async def test_a_build_run_sends_submitted_started_and_finished_events(
     ]
     assert events[1][1]["started_at"] is not None and events[1][1]["finished_at"] is None
     assert events[2][1] == done
+
+
+async def test_a_finished_job_keeps_its_output_in_its_row_only(
+    client: TestClient, token: MakeToken, worker: Worker, pool: asyncpg.Pool
+):
+    value = await token(SCOPE)
+    manifest = "driver: {type: os}\nstages: [s]\njobs: [{stage: s, commands: ['seq 1 3000']}]\n"
+    build = await submit(client, value, manifest)
+    done = await wait_for(client, value, build["url"], finished)
+    assert done["status"] == "passed"
+    path = build["url"].removeprefix("https://ci.example.com") + "/jobs/s.1/output"
+    resp = await client.get(path, headers=bearer(value))
+    text = await resp.text()
+    assert text.splitlines()[-3000:] == [str(n) for n in range(1, 3001)]
+    assert resp.headers["X-Marid-Output-Length"] == str(len(text.encode()))
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM build_job_output") == 0
