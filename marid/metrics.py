@@ -72,8 +72,17 @@ async def totals(conn: asyncpg.Connection) -> Totals:
         " GROUP BY status",
         sorted(FINAL),
     )}  # fmt: skip
-    deliveries = {row["label"]: row["value"] for row in await conn.fetch(
-        "SELECT label, value FROM metric_counters WHERE name = 'webhook_deliveries'"
+    # Attempts still kept plus those purged (counted into metric_counters as they go).
+    deliveries = {row["result"]: row["n"] for row in await conn.fetch(
+        """
+        SELECT result, sum(n)::bigint AS n FROM (
+            SELECT CASE WHEN code IS NULL THEN 'error' ELSE 'response' END AS result,
+                   count(*) AS n
+            FROM webhook_attempts GROUP BY 1
+            UNION ALL
+            SELECT label, value FROM metric_counters WHERE name = 'webhook_deliveries'
+        ) AS counted GROUP BY result
+        """
     )}  # fmt: skip
     return Totals(builds, jobs, deliveries)
 

@@ -484,13 +484,6 @@ async def record(
             outcome.error,
             at,
         )
-        await conn.execute(
-            """
-            INSERT INTO metric_counters (name, label, value) VALUES ('webhook_deliveries', $1, 1)
-            ON CONFLICT (name, label) DO UPDATE SET value = metric_counters.value + 1
-            """,
-            "error" if outcome.code is None else "response",
-        )
         if not outcome.retry:
             state, when = "delivered", at
         elif retry_at is None:
@@ -566,7 +559,19 @@ async def next_due(conn: asyncpg.Connection) -> datetime | None:
 async def purge(conn: asyncpg.Connection, now: datetime) -> None:
     """Delete attempts and settled deliveries older than 30 days (§10.7)."""
     cutoff = now - KEEP_RECORDS
-    await conn.execute("DELETE FROM webhook_attempts WHERE created_at < $1", cutoff)
-    await conn.execute(
-        "DELETE FROM webhook_deliveries WHERE state <> 'pending' AND created_at < $1", cutoff
-    )
+    async with conn.transaction():
+        # What /metrics counts of the attempts deleted here (marid/metrics.py) is kept.
+        await conn.execute(
+            """
+            WITH gone AS (DELETE FROM webhook_attempts WHERE created_at < $1 RETURNING code)
+            INSERT INTO metric_counters (name, label, value)
+            SELECT 'webhook_deliveries', CASE WHEN code IS NULL THEN 'error' ELSE 'response' END,
+                   count(*)
+            FROM gone GROUP BY 2
+            ON CONFLICT (name, label) DO UPDATE SET value = metric_counters.value + excluded.value
+            """,
+            cutoff,
+        )
+        await conn.execute(
+            "DELETE FROM webhook_deliveries WHERE state <> 'pending' AND created_at < $1", cutoff
+        )

@@ -1,7 +1,8 @@
 -- Why: GET /metrics (EXTENSIONS.md f) reports installation-wide counters, whichever process
--- did the work. Most are counted from the rows themselves (builds, jobs); webhook delivery
--- attempts are deleted after 30 days (API.md §10.7), so their counter is kept here, bumped in
--- the transaction that records each attempt, and never goes down.
+-- did the work, counted from the rows themselves (builds, jobs, webhook attempts). Webhook
+-- attempts are deleted after 30 days (API.md §10.7): the purge adds what it deletes to a
+-- counter here, in its own transaction, so the total never goes down (and recording an
+-- attempt does not contend for a counter row).
 
 CREATE TABLE metric_counters (
     name text NOT NULL,
