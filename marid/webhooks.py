@@ -425,12 +425,18 @@ class Outcome:
     code: int | None
     duration: int  # nanoseconds
     error: str | None
+    final: bool = False  # refused before sending (another attempt would fare no better)
+
+    @property
+    def delivered(self) -> bool:
+        """Any response but a server error (§10.7 counts every response; issue 5 asks for
+        retries, and a 5xx is what a receiver that is down behind a proxy answers)."""
+        return self.code is not None and self.code < 500
 
     @property
     def retry(self) -> bool:
-        """Worth another attempt: nothing answered, or a server error (issue 5 asks for
-        retries; any other response counts as delivered, as §10.7 says)."""
-        return self.code is None or self.code >= 500
+        """Worth another attempt, if any are left."""
+        return not self.delivered and not self.final
 
 
 async def claim_due(
@@ -484,7 +490,7 @@ async def record(
             outcome.error,
             at,
         )
-        if not outcome.retry:
+        if outcome.delivered:
             state, when = "delivered", at
         elif retry_at is None:
             state, when = "failed", at

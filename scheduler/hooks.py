@@ -118,11 +118,13 @@ async def deliver(
         secret = webhooks.secret_of(cipher, delivery.webhook_id, delivery.secret_sealed)
     except DecryptionError:
         # crypto.key changed: signing with no secret would mislead the receiver.
-        outcome = Outcome(None, 0, "the webhook secret cannot be decrypted (crypto.key changed?)")
+        error = "the webhook secret cannot be decrypted (crypto.key changed?)"
+        outcome = Outcome(None, 0, error, final=True)
     else:
         if not settings.allow_loopback and webhooks.is_loopback_host(host):
             # Made while the config allowed it; aiohttp connects to literals unresolved.
-            outcome = Outcome(None, 0, f"{host} is a loopback address, which webhooks may not use")
+            error = f"{host} is a loopback address, which webhooks may not use"
+            outcome = Outcome(None, 0, error, final=True)
         else:
             outcome = await send(client, delivery, secret)
     now = clock()
