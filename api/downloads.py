@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 600.0  # seconds, the whole download (API.md §12.3)
 MAX_ATTEMPTS = 3
+LEASE = 30.0  # seconds a claimed download stays this process's without a renewal
+RENEW = LEASE / 3  # seconds between renewals while it runs
+RESUME_EVERY = LEASE  # seconds between looks for downloads whose process went away
 CHUNK_SIZE = 256 * 1024
 SFTP_PORT = 22
 SFTP_CONNECT_TIMEOUT = 60.0  # seconds, when the URL has no `timeout` query (API.md §12.3)
@@ -81,13 +84,15 @@ class Downloads:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def close(self) -> None:
-        """Cancel every download; each stays pending and is started again next time."""
+        """Cancel every download; each stays pending, its lease given up, and is started again
+        by the next process that looks."""
         for task in self._tasks.values():
             task.cancel()
         await self.join()
 
     async def resume(self) -> None:
-        """Start the downloads a previous run left pending; fail those tried too often."""
+        """Start the pending downloads no process holds (a previous run's, or those of a
+        process that died); fail those tried too often."""
         async with self.pool.acquire() as conn:
             pending = await images.pending_downloads(conn)
         for image_id, attempts in pending:
@@ -97,20 +102,52 @@ class Downloads:
                 log.info("image %d download resumed", image_id)
                 self.start(image_id)
 
+    async def resume_forever(self) -> None:
+        """Resume every RESUME_EVERY seconds until cancelled."""
+        while True:
+            await asyncio.sleep(RESUME_EVERY)
+            try:
+                await self.resume()
+            except (OSError, asyncpg.PostgresError):
+                log.exception("could not look for pending image downloads")
+
     async def _run(self, image_id: int) -> None:
         try:
             async with self.pool.acquire() as conn:
-                secret = await images.claim_download(conn, image_id)
-            if secret is None:  # deleted, or finished by another process
+                secret = await images.claim_download(conn, image_id, LEASE)
+            if secret is None:  # deleted, finished, or running in another process
                 return
+            renewing = asyncio.create_task(self._renew(image_id))
             try:
                 blob, error = await self._download(image_id, secret), None
             except DownloadFailed as exc:
                 blob, error = None, str(exc)
+            except asyncio.CancelledError:  # shutting down: the next start need not wait
+                await self._release(image_id)
+                raise
+            finally:
+                renewing.cancel()
             await self._finish(image_id, blob, error)
         except Exception:
             log.exception("image %d download crashed", image_id)
             await self._give_up(image_id)
+
+    async def _renew(self, image_id: int) -> None:
+        """Keep the download's lease while it runs; a failed renewal is tried again."""
+        while True:
+            await asyncio.sleep(RENEW)
+            try:
+                async with self.pool.acquire() as conn:
+                    await images.renew_download(conn, image_id, LEASE)
+            except (OSError, asyncpg.PostgresError):
+                log.warning("image %d: could not renew the download's lease", image_id)
+
+    async def _release(self, image_id: int) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                await images.renew_download(conn, image_id, 0.0)
+        except (OSError, asyncpg.PostgresError):
+            pass  # the lease runs out by itself
 
     async def _give_up(self, image_id: int) -> None:
         try:
@@ -271,7 +308,9 @@ async def context(app: web.Application) -> AsyncIterator[None]:
         )
         app[DOWNLOADS] = downloads
         await downloads.resume()
+        resuming = asyncio.create_task(downloads.resume_forever())
         try:
             yield
         finally:
+            resuming.cancel()
             await downloads.close()

@@ -370,18 +370,34 @@ async def to_json(
     return entities
 
 
-async def claim_download(conn: asyncpg.Connection, image_id: int) -> bytes | None:
-    """Mark a pending download started (again); its encrypted URL, or None when it is gone
-    or already finished."""
+async def claim_download(conn: asyncpg.Connection, image_id: int, lease: float) -> bytes | None:
+    """Mark a pending download started (again) for `lease` seconds; its encrypted URL, or None
+    when it is gone, finished, or running elsewhere under a lease."""
     secret: bytes | None = await conn.fetchval(
         """
-        UPDATE image_downloads SET started_at = now(), attempts = attempts + 1
+        UPDATE image_downloads
+        SET started_at = now(), attempts = attempts + 1,
+            lease_expires_at = now() + make_interval(secs => $2)
         WHERE image_id = $1 AND finished_at IS NULL
+          AND (lease_expires_at IS NULL OR lease_expires_at < now())
         RETURNING secret_url
         """,
         image_id,
+        lease,
     )
     return secret
+
+
+async def renew_download(conn: asyncpg.Connection, image_id: int, lease: float) -> None:
+    """Extend the download's lease to `lease` seconds from now (0 gives it up)."""
+    await conn.execute(
+        """
+        UPDATE image_downloads SET lease_expires_at = now() + make_interval(secs => $2)
+        WHERE image_id = $1 AND finished_at IS NULL
+        """,
+        image_id,
+        lease,
+    )
 
 
 async def finish_download(
@@ -391,7 +407,8 @@ async def finish_download(
     content (else the caller deletes it). The caller owns the transaction."""
     finished = await conn.fetchval(
         """
-        UPDATE image_downloads SET error = $2, finished_at = now(), secret_url = NULL
+        UPDATE image_downloads
+        SET error = $2, finished_at = now(), secret_url = NULL, lease_expires_at = NULL
         WHERE image_id = $1 AND finished_at IS NULL
         RETURNING image_id
         """,
@@ -415,9 +432,13 @@ async def finish_download(
 
 
 async def pending_downloads(conn: asyncpg.Connection) -> list[tuple[int, int]]:
-    """(image id, attempts so far) of every unfinished download."""
+    """(image id, attempts so far) of every unfinished download no process holds a lease on."""
     rows = await conn.fetch(
-        "SELECT image_id, attempts FROM image_downloads WHERE finished_at IS NULL ORDER BY image_id"
+        """
+        SELECT image_id, attempts FROM image_downloads
+        WHERE finished_at IS NULL AND (lease_expires_at IS NULL OR lease_expires_at < now())
+        ORDER BY image_id
+        """
     )
     return [(row["image_id"], row["attempts"]) for row in rows]
 

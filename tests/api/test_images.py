@@ -648,7 +648,7 @@ async def test_pending_downloads_are_resumed_or_failed_at_start_up(
     pool: asyncpg.Pool,
     config: Config,
 ):
-    # As a crashed server leaves them: started, never finished.
+    # As a crashed server leaves them: started, never finished, the lease run out.
     cipher = Cipher(config.crypto.key)
     url = origin.url("/disk.qcow2")
     ids = []
@@ -657,7 +657,8 @@ async def test_pending_downloads_are_resumed_or_failed_at_start_up(
             image_id = await images.create(conn, alice, None, "qemu", name, None)
             await images.add_download(conn, image_id, url, images.seal_url(cipher, image_id, url))
             await conn.execute(
-                "UPDATE image_downloads SET started_at = now(), attempts = $2 WHERE image_id = $1",
+                "UPDATE image_downloads SET started_at = now(), attempts = $2,"
+                " lease_expires_at = now() - interval '1 second' WHERE image_id = $1",
                 image_id,
                 attempts,
             )
@@ -672,6 +673,47 @@ async def test_pending_downloads_are_resumed_or_failed_at_start_up(
     resp = await api.get(f"/api/images/{ids[0]}", headers={**bearer(value), "Accept": QEMU_DISK})
     assert await resp.read() == QCOW2
     assert origin.authorizations == [None]
+
+
+async def test_a_download_runs_in_one_process_and_moves_when_that_one_dies(
+    make_client: MakeClient,
+    alice: User,
+    token: MakeToken,
+    origin: Origin,
+    pool: asyncpg.Pool,
+    config: Config,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Two API processes: the second does not start a download the first holds; when the
+    first goes (its lease runs out), the second takes it over without a restart."""
+    monkeypatch.setattr(downloads, "RESUME_EVERY", 0.2)
+    first, second = await make_client(), await make_client()
+    cipher = Cipher(config.crypto.key)
+    url = origin.url("/disk.qcow2")
+    async with pool.acquire() as conn:
+        image_id = await images.create(conn, alice, None, "qemu", "shared", None)
+        await images.add_download(conn, image_id, url, images.seal_url(cipher, image_id, url))
+    origin.gate.clear()
+    first.app[DOWNLOADS].start(image_id)
+    await origin.requested.wait()
+    second.app[DOWNLOADS].start(image_id)
+    await second.app[DOWNLOADS].join()  # claimed elsewhere: nothing to do
+    await asyncio.sleep(0.5)  # a few of the second's periodic looks
+    assert len(origin.authorizations) == 1
+    # The first dies mid-download without a word: its lease is all that is left of it.
+    first.app[DOWNLOADS]._tasks[image_id].cancel()
+    await first.app[DOWNLOADS].join()
+    await pool.execute("UPDATE image_downloads SET lease_expires_at = now() - interval '1 second'")
+    origin.gate.set()
+    for _ in range(100):  # the second's next periodic look (every 0.2 s here)
+        if await pool.fetchval("SELECT finished_at IS NOT NULL FROM image_downloads"):
+            break
+        await asyncio.sleep(0.1)
+    value = await token("image:read")
+    done = await finished(second, value, {"id": image_id})
+    assert done["download"]["error"] is None and done["download"]["finished_at"] is not None
+    assert len(origin.authorizations) == 2
+    assert await pool.fetchval("SELECT attempts FROM image_downloads") == 2
 
 
 async def test_deleting_an_image_cancels_its_download(
