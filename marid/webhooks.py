@@ -473,35 +473,32 @@ async def record(
     retry_at: datetime | None,
 ) -> None:
     """Log one attempt and settle the delivery: delivered, failed for good (`retry_at` None),
-    or pending again until `retry_at`."""
-    async with conn.transaction():
-        await conn.execute(
-            """
-            INSERT INTO webhook_attempts (delivery_id, webhook_id, event, attempt, code,
-                                          duration, error, created_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-            """,
-            delivery.id,
-            delivery.webhook_id,
-            delivery.event,
-            delivery.attempts,
-            outcome.code,
-            outcome.duration,
-            outcome.error,
-            at,
+    or pending again until `retry_at`. Nothing is logged for a delivery deleted meanwhile
+    (its webhook was)."""
+    if outcome.delivered:
+        state, when = "delivered", at
+    elif retry_at is None:
+        state, when = "failed", at
+    else:
+        state, when = "pending", retry_at
+    await conn.execute(
+        """
+        WITH settled AS (
+            UPDATE webhook_deliveries SET state = $2, next_attempt_at = $3 WHERE id = $1
+            RETURNING id, webhook_id, event, attempts
         )
-        if outcome.delivered:
-            state, when = "delivered", at
-        elif retry_at is None:
-            state, when = "failed", at
-        else:
-            state, when = "pending", retry_at
-        await conn.execute(
-            "UPDATE webhook_deliveries SET state = $2, next_attempt_at = $3 WHERE id = $1",
-            delivery.id,
-            state,
-            when,
-        )
+        INSERT INTO webhook_attempts (delivery_id, webhook_id, event, attempt, code,
+                                      duration, error, created_at)
+        SELECT id, webhook_id, event, attempts, $4, $5, $6, $7 FROM settled
+        """,
+        delivery.id,
+        state,
+        when,
+        outcome.code,
+        outcome.duration,
+        outcome.error,
+        at,
+    )
 
 
 @dataclass(frozen=True)

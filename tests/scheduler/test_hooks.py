@@ -284,3 +284,20 @@ async def test_cron_builds_send_build_submitted(
                                  headers=bearer(value))).json()  # fmt: skip
     assert body == shown
     assert shown["namespace"]["path"] == "team" and "cron:team-job" in shown["tags"]
+
+
+async def test_a_webhook_deleted_while_its_delivery_is_in_flight_logs_nothing(
+    api: TestClient, owner: str, pool: asyncpg.Pool
+):
+    from marid import webhooks
+
+    created = await hook(api, owner, "https://hooks.example.org/ci")
+    await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    async with pool.acquire() as conn:
+        [delivery] = await webhooks.claim_due(conn, now, 10, hooks.LEASE)
+    resp = await api.delete(f"{HOOKS}/{created['id']}", headers=bearer(owner))
+    assert resp.status == 204
+    async with pool.acquire() as conn:
+        await webhooks.record(conn, delivery, webhooks.Outcome(200, 5, None), now, None)
+        assert await conn.fetchval("SELECT count(*) FROM webhook_attempts") == 0
