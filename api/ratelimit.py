@@ -27,7 +27,7 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     """Answer 429 past the key's limit; otherwise count the request and let `add_headers`
     put the X-RateLimit headers on whatever response it gets (streamed ones too)."""
     limiter = request.config_dict.get(RATE_LIMITER)
-    if limiter is None or (request.method == "GET" and request.path in limiter.uncounted):
+    if limiter is None:
         return await handler(request)
     settings = limiter.settings
     caller = await basic(request) or await bearer(request)
@@ -38,7 +38,10 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     else:
         key, limit = f"ip:{client(limiter, request)}", settings.anonymous
     now = time.time()
-    allowed, remaining, reset = limiter.take(key, limit, now)
+    if request.method == "GET" and request.path in limiter.uncounted:  # health, metrics
+        allowed, remaining, reset = limiter.peek(key, limit, now)
+    else:
+        allowed, remaining, reset = limiter.take(key, limit, now)
     headers = {
         "X-RateLimit-Limit": str(limit),
         "X-RateLimit-Remaining": str(remaining),

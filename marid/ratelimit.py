@@ -33,16 +33,24 @@ class Limiter:
     def take(self, key: str, limit: int, now: float) -> tuple[bool, int, int]:
         """Count one request for `key` unless it is over `limit`; returns (allowed, remaining
         after it, Unix time the window ends)."""
-        length = self.settings.window
-        window = int(now // length)
-        if window != self.window:  # a new window: every count starts again
-            self.window, self.counts = window, {}
-        used = self.counts.get(key, 0)
-        reset = math.ceil((window + 1) * length)
+        used, reset = self._used(key, now)
         if used >= limit:
             return False, 0, reset
         self.counts[key] = used + 1
         return True, limit - used - 1, reset
+
+    def peek(self, key: str, limit: int, now: float) -> tuple[bool, int, int]:
+        """As `take` for a request that is not counted: always allowed, nothing counted."""
+        used, reset = self._used(key, now)
+        return True, max(0, limit - used), reset
+
+    def _used(self, key: str, now: float) -> tuple[int, int]:
+        """Requests counted for `key` in the window of `now`, and when that window ends."""
+        length = self.settings.window
+        window = int(now // length)
+        if window != self.window:  # a new window: every count starts again
+            self.window, self.counts = window, {}
+        return self.counts.get(key, 0), math.ceil((window + 1) * length)
 
     def trusted(self, peer: str) -> bool:
         found = address(peer)

@@ -58,9 +58,12 @@ async def test_a_token_gets_its_limit_then_429(limited, token: MakeToken):
     # Another token of the same user has its own count; health and metrics are not counted.
     other = await token("build:read")
     assert (await api.get("/api/user", headers=bearer(other))).status == 200
-    for path in ("/api/health", "/api/metrics"):
+    for path in ("/api/health", "/api/metrics"):  # answered, with the headers, not counted
         resp = await api.get(path, headers=bearer(value))
-        assert resp.status == 200 and "X-RateLimit-Limit" not in resp.headers
+        assert resp.status == 200
+        assert resp.headers["X-RateLimit-Remaining"] == "0"
+    resp = await api.get("/api/health", headers=bearer(other))
+    assert resp.headers["X-RateLimit-Remaining"] == "2"  # other's one counted request
     text = await (await api.get("/api/metrics")).text()
     assert "marid_rate_limited_total 1\n" in text
 
@@ -129,3 +132,5 @@ def test_windows_are_fixed_and_counts_start_again():
     assert limiter.take("k", 2, 179.99) == (False, 0, 180)
     assert limiter.take("k", 2, 180.0) == (True, 1, 240)
     assert limiter.counts == {"k": 1}  # keys of old windows are dropped
+    assert limiter.peek("k", 2, 181.0) == (True, 1, 240)
+    assert limiter.peek("k", 2, 182.0) == (True, 1, 240)  # peeking counts nothing
