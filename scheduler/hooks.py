@@ -197,18 +197,19 @@ async def _serve(config: Config, pool: asyncpg.Pool, stop: asyncio.Event) -> Non
                             await webhooks.purge(conn, datetime.now(UTC))
                         purged = time.monotonic()
                     free = settings.concurrency - len(flying)
-                    due: list[Delivery] = []
-                    if free:
+                    if not free:
+                        wait = POLL  # every slot is busy: the next to finish sets `wake`
+                    else:
                         async with pool.acquire() as conn:
                             due = await webhooks.claim_due(conn, datetime.now(UTC), free, LEASE)
-                    for delivery in due:
-                        sending = deliver(pool, client, cipher, settings, delivery)
-                        task = asyncio.create_task(sending)
-                        flying.add(task)
-                        task.add_done_callback(finished)
-                    if due and len(due) == free:
-                        continue  # more may be due: claim again as slots free up
-                    wait = await _until_next(pool)
+                        for delivery in due:
+                            sending = deliver(pool, client, cipher, settings, delivery)
+                            task = asyncio.create_task(sending)
+                            flying.add(task)
+                            task.add_done_callback(finished)
+                        if due and len(due) == free:
+                            continue  # more may be due: claim again as slots free up
+                        wait = await _until_next(pool)
                 except (OSError, asyncpg.PostgresError):
                     log.exception("webhook delivery failed; retrying in %ss", POLL)
                     wait = POLL

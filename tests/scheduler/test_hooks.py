@@ -38,9 +38,12 @@ class Receiver:
     url: str = ""
     statuses: list[int] = dataclasses.field(default_factory=list)
     got: list[tuple[dict[str, str], bytes]] = dataclasses.field(default_factory=list)
+    hold: asyncio.Event | None = None  # when set, requests wait for it before the answer
 
     async def handle(self, request: web.Request) -> web.Response:
         self.got.append((dict(request.headers), await request.read()))
+        if self.hold is not None:
+            await self.hold.wait()
         status = self.statuses.pop(0) if self.statuses else 200
         headers = {"Location": self.url + "/elsewhere"} if 300 <= status < 400 else None
         return web.Response(status=status, headers=headers)
@@ -301,3 +304,54 @@ async def test_a_webhook_deleted_while_its_delivery_is_in_flight_logs_nothing(
     async with pool.acquire() as conn:
         await webhooks.record(conn, delivery, webhooks.Outcome(200, 5, None), now, None)
         assert await conn.fetchval("SELECT count(*) FROM webhook_attempts") == 0
+
+
+async def test_with_every_slot_busy_the_service_waits_instead_of_polling(
+    api: TestClient,
+    owner: str,
+    receiver: Receiver,
+    config: config_module.Config,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """One slot, a receiver that holds the first request: the second event waits for the
+    slot without the service spinning on the queue meanwhile."""
+    from marid import webhooks
+
+    looks = 0
+    next_due = webhooks.next_due
+
+    async def counted(conn: asyncpg.Connection) -> datetime | None:
+        nonlocal looks
+        looks += 1
+        return await next_due(conn)
+
+    monkeypatch.setattr(webhooks, "next_due", counted)
+    release = receiver.hold = asyncio.Event()
+    one_slot = dataclasses.replace(
+        config, webhooks=dataclasses.replace(config.webhooks, concurrency=1)
+    )
+    await hook(api, owner, receiver.url)
+    stop = asyncio.Event()
+    service = asyncio.create_task(hooks.run(one_slot, stop))
+    try:
+        await asyncio.sleep(0.5)
+        await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+        await api.post("/api/variables", headers=bearer(owner), json={**VARIABLE, "key": "L"})
+        for _ in range(100):
+            if receiver.got:
+                break
+            await asyncio.sleep(0.02)
+        before = looks
+        await asyncio.sleep(1.0)  # the first request is held; the second event is due
+        assert len(receiver.got) == 1  # the second waits for the only slot
+        assert looks - before <= 2, looks - before
+        release.set()
+        for _ in range(100):
+            if len(receiver.got) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(receiver.got) == 2
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(service, 10)
