@@ -8,10 +8,10 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from api import downloads, errors, ratelimit
-from api.app_modules import MODULES, ROOT_MODULES
-from api.http import MAX_JSON_BODY
-from api.keys import (
+from marid.api import downloads, errors, ratelimit
+from marid.api.app_modules import MODULES, ROOT_MODULES
+from marid.api.http import MAX_JSON_BODY
+from marid.api.keys import (
     API_MODULES,
     API_PREFIX,
     BLOBS,
@@ -22,7 +22,7 @@ from api.keys import (
     RATE_LIMITER,
     ROOT_MODULES_KEY,
 )
-from api.live import live_context
+from marid.api.live import live_context
 from marid.blobs import open_store
 from marid.config import Config
 from marid.crypto import Cipher

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from api import (
+from marid.api import (
     apps,
     artifacts,
     builds,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.auth import Caller, basic_or_bearer
-from api.http import api_url, read_body
-from api.keys import POOL
-from api.openapi import (
+from marid import apps
+from marid.api.auth import Caller, basic_or_bearer
+from marid.api.http import api_url, read_body
+from marid.api.keys import POOL
+from marid.api.openapi import (
     BASIC_OR_BEARER,
     INVALID,
     NOT_FOUND,
@@ -22,7 +23,6 @@ from api.openapi import (
     path_param,
     ref,
 )
-from marid import apps
 from marid.validation import NotFound
 
 routes = web.RouteTableDef()

@@ -7,11 +7,12 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from api.auth import Caller, optional
-from api.builds import PARAMS, B, Loaded, readable_build
-from api.http import Page, api_url, query
-from api.keys import BLOBS, POOL
-from api.openapi import (
+from marid import builds, jobs, mime, users
+from marid.api.auth import Caller, optional
+from marid.api.builds import PARAMS, B, Loaded, readable_build
+from marid.api.http import Page, api_url, query
+from marid.api.keys import BLOBS, POOL
+from marid.api.openapi import (
     BOOL,
     INT,
     NOT_FOUND,
@@ -29,7 +30,6 @@ from api.openapi import (
     query_param,
     ref,
 )
-from marid import builds, jobs, mime, users
 from marid.times import rfc3339
 from marid.validation import NotFound
 

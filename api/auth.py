@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from api.keys import POOL
 from marid import scopes, tokens, users
+from marid.api.keys import POOL
 from marid.namespaces import Rights
 from marid.users import User
 from marid.validation import NotFound, RequestError

@@ -8,12 +8,13 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from api import idempotency, resources
-from api.auth import Caller, optional, requires
-from api.http import Page, api_url, query, query_flag, read_body, read_json
-from api.keys import CONFIG, POOL
-from api.namespaces import NS, NS_PARAMS, load_namespace
-from api.openapi import (
+from marid import builds, manifest, namespaces, objects, users, webhooks
+from marid.api import idempotency, resources
+from marid.api.auth import Caller, optional, requires
+from marid.api.http import Page, api_url, query, query_flag, read_body, read_json
+from marid.api.keys import CONFIG, POOL
+from marid.api.namespaces import NS, NS_PARAMS, load_namespace
+from marid.api.openapi import (
     BEARER,
     BOOL,
     INT,
@@ -33,7 +34,6 @@ from api.openapi import (
     query_param,
     ref,
 )
-from marid import builds, manifest, namespaces, objects, users, webhooks
 from marid.builds import Build, Filters, Listing
 from marid.manifest import ManifestLimits
 from marid.namespaces import Namespace, Rights

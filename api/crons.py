@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.auth import Caller, optional, requires
-from api.builds import FILTERS, page_of_builds
-from api.http import api_url, read_body
-from api.keys import CONFIG, POOL
-from api.openapi import (
+from marid import builds, crons
+from marid.api.auth import Caller, optional, requires
+from marid.api.builds import FILTERS, page_of_builds
+from marid.api.http import api_url, read_body
+from marid.api.keys import CONFIG, POOL
+from marid.api.openapi import (
     BEARER,
     INT,
     INVALID,
@@ -27,8 +28,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import announce, list_mine, readable, usable
-from marid import builds, crons
+from marid.api.resources import announce, list_mine, readable, usable
 from marid.crons import CronForm
 from marid.manifest import ManifestLimits
 from marid.users import User

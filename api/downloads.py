@@ -21,8 +21,8 @@ import asyncpg
 import asyncssh
 from aiohttp import web
 
-from api.keys import BLOBS, CIPHER, CONFIG, POOL
 from marid import images, webhooks
+from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL
 from marid.blobs import Blob, BlobStore, BlobTooLarge
 from marid.config import parse_duration
 from marid.crypto import Cipher, DecryptionError

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from aiohttp import web
 
-from api.keys import API_PREFIX, CONFIG, HTTP_METRICS
+from marid.api.keys import API_PREFIX, CONFIG, HTTP_METRICS
 from marid.logs import REQUEST_ID
 from marid.validation import NotFound, RequestError, ValidationError
 

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from api.keys import API_PREFIX, CONFIG
+from marid.api.keys import API_PREFIX, CONFIG
 from marid.validation import Body, NotFound, RequestError
 
 MAX_JSON_BODY = 1024 * 1024

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from aiohttp import web
 
-from api.keys import POOL
+from marid.api.keys import POOL
 from marid.users import User
 from marid.validation import RequestError, ValidationError
 

@@ -8,13 +8,14 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from api import uploads
-from api.auth import Caller, optional, requires
-from api.downloads import DOWNLOADS
-from api.http import api_url, read_body
-from api.keys import BLOBS, CIPHER, CONFIG, POOL
-from api.namespaces import NS, NS_PARAMS
-from api.openapi import (
+from marid import images, namespaces, webhooks
+from marid.api import uploads
+from marid.api.auth import Caller, optional, requires
+from marid.api.downloads import DOWNLOADS
+from marid.api.http import api_url, read_body
+from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL
+from marid.api.namespaces import NS, NS_PARAMS
+from marid.api.openapi import (
     BEARER,
     INT,
     INVALID,
@@ -34,8 +35,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import announce, list_in_namespace, list_mine, readable, usable
-from marid import images, namespaces, webhooks
+from marid.api.resources import announce, list_in_namespace, list_mine, readable, usable
 from marid.namespaces import Namespace
 from marid.uploads import stored
 from marid.users import User

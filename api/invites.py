@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.auth import requires
-from api.http import api_url, path_id, read_body
-from api.keys import POOL
-from api.namespaces import NS, NS_PARAMS, load_namespace
-from api.openapi import (
+from marid import invites, namespaces, users, webhooks
+from marid.api.auth import requires
+from marid.api.http import api_url, path_id, read_body
+from marid.api.keys import POOL
+from marid.api.namespaces import NS, NS_PARAMS, load_namespace
+from marid.api.openapi import (
     BEARER,
     INVALID,
     NOT_FOUND,
@@ -21,7 +22,6 @@ from api.openapi import (
     path_param,
     ref,
 )
-from marid import invites, namespaces, users, webhooks
 from marid.users import User
 from marid.validation import NotFound
 

@@ -10,12 +10,13 @@ import time
 import asyncpg
 from aiohttp import web
 
-from api.auth import Caller, optional
-from api.builds import PARAMS, B, readable_build
-from api.http import api_url, query
-from api.keys import POOL
-from api.live import LIVE
-from api.openapi import (
+from marid import builds, jobs, output
+from marid.api.auth import Caller, optional
+from marid.api.builds import PARAMS, B, readable_build
+from marid.api.http import api_url, query
+from marid.api.keys import POOL
+from marid.api.live import LIVE
+from marid.api.openapi import (
     INT,
     NOT_FOUND,
     OPTIONAL,
@@ -32,7 +33,6 @@ from api.openapi import (
     query_param,
     ref,
 )
-from marid import builds, jobs, output
 from marid.jobs import Job
 from marid.times import rfc3339
 from marid.validation import NotFound

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 from aiohttp import web
 
-from api.keys import CONFIG
+from marid.api.keys import CONFIG
 
 log = logging.getLogger(__name__)
 CHANNEL = "marid_output"

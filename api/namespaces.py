@@ -7,10 +7,11 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from api.auth import Caller, optional, requires
-from api.http import Page, api_url, query, read_body
-from api.keys import POOL
-from api.openapi import (
+from marid import builds, invites, namespaces, webhooks
+from marid.api.auth import Caller, optional, requires
+from marid.api.http import Page, api_url, query, read_body
+from marid.api.keys import POOL
+from marid.api.openapi import (
     BEARER,
     INVALID,
     NOT_FOUND,
@@ -24,7 +25,6 @@ from api.openapi import (
     ref,
     search_params,
 )
-from marid import builds, invites, namespaces, webhooks
 from marid.namespaces import Namespace, NamespaceForm
 from marid.users import User
 from marid.validation import NotFound

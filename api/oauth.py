@@ -14,9 +14,10 @@ from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import InsecureTransportError, InvalidClientError
 from multidict import MultiMapping
 
-from api.auth import bearer
-from api.keys import CONFIG, POOL
-from api.oauth_server import (
+from marid import apps, tokens, users
+from marid.api.auth import bearer
+from marid.api.keys import CONFIG, POOL
+from marid.api.oauth_server import (
     CodeGrant,
     Reply,
     RequestData,
@@ -25,8 +26,7 @@ from api.oauth_server import (
     denied_location,
     in_thread,
 )
-from api.openapi import BEARER, STRING, Operations, json_response, obj, query_param, ref
-from marid import apps, tokens, users
+from marid.api.openapi import BEARER, STRING, Operations, json_response, obj, query_param, ref
 from marid.users import User
 from marid.validation import NotFound, RequestError
 

@@ -6,12 +6,13 @@ import logging
 
 from aiohttp import web
 
-from api import uploads
-from api.auth import Caller, optional, requires
-from api.http import api_url
-from api.keys import BLOBS, CONFIG, POOL
-from api.namespaces import NS, NS_PARAMS
-from api.openapi import (
+from marid import mime, namespaces, objects
+from marid.api import uploads
+from marid.api.auth import Caller, optional, requires
+from marid.api.http import api_url
+from marid.api.keys import BLOBS, CONFIG, POOL
+from marid.api.namespaces import NS, NS_PARAMS
+from marid.api.openapi import (
     BEARER,
     INT,
     INVALID,
@@ -31,8 +32,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import announce, list_in_namespace, list_mine, readable, usable
-from marid import mime, namespaces, objects
+from marid.api.resources import announce, list_in_namespace, list_mine, readable, usable
 from marid.uploads import check_file, stored
 from marid.users import User
 from marid.validation import Errors

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from api.auth import basic, bearer
-from api.keys import HTTP_METRICS, RATE_LIMITER
+from marid.api.auth import basic, bearer
+from marid.api.keys import HTTP_METRICS, RATE_LIMITER
 from marid.ratelimit import Limiter, address
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

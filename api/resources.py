@@ -12,11 +12,11 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 from aiohttp import web
 
-from api.auth import Caller
-from api.http import Page, api_url, path_id, query
-from api.keys import POOL
-from api.namespaces import load_namespace
 from marid import namespaces, webhooks
+from marid.api.auth import Caller
+from marid.api.http import Page, api_url, path_id, query
+from marid.api.keys import POOL
+from marid.api.namespaces import load_namespace
 from marid.listing import Listing
 from marid.namespaces import Rights
 from marid.users import User

@@ -9,11 +9,11 @@ from types import ModuleType
 import asyncpg
 from aiohttp import web
 
-from api import openapi
-from api.http import api_url
-from api.keys import API_MODULES, CONFIG, HTTP_METRICS, POOL, ROOT_MODULES_KEY
-from api.openapi import Operations, json_response, op, ref
 from marid import __version__, metrics
+from marid.api import openapi
+from marid.api.http import api_url
+from marid.api.keys import API_MODULES, CONFIG, HTTP_METRICS, POOL, ROOT_MODULES_KEY
+from marid.api.openapi import Operations, json_response, op, ref
 
 routes = web.RouteTableDef()
 HEALTH_TIMEOUT = 2.0

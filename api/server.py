@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from api.app import create_app
+from marid.api.app import create_app
 from marid.config import Config
 
 log = logging.getLogger(__name__)

@@ -7,11 +7,12 @@ import asyncio
 
 from aiohttp import web
 
-from api.auth import Caller, optional, requires
-from api.http import api_url, read_body
-from api.keys import CIPHER, POOL
-from api.namespaces import NS, NS_PARAMS
-from api.openapi import (
+from marid import keys
+from marid.api.auth import Caller, optional, requires
+from marid.api.http import api_url, read_body
+from marid.api.keys import CIPHER, POOL
+from marid.api.namespaces import NS, NS_PARAMS
+from marid.api.openapi import (
     BEARER,
     INT,
     INVALID,
@@ -30,8 +31,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import announce, list_in_namespace, list_mine, readable, usable
-from marid import keys
+from marid.api.resources import announce, list_in_namespace, list_mine, readable, usable
 from marid.keys import KeyForm
 from marid.users import User
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.auth import Caller, basic_or_bearer
-from api.http import api_url, path_id, read_body
-from api.keys import POOL
-from api.openapi import (
+from marid import tokens
+from marid.api.auth import Caller, basic_or_bearer
+from marid.api.http import api_url, path_id, read_body
+from marid.api.keys import POOL
+from marid.api.openapi import (
     BASIC_OR_BEARER,
     INT,
     INVALID,
@@ -24,7 +25,6 @@ from api.openapi import (
     path_param,
     ref,
 )
-from marid import tokens
 from marid.validation import NotFound
 
 routes = web.RouteTableDef()

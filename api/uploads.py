@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
 
-from api.http import query
+from marid.api.http import query
 from marid.blobs import BlobNotFound, BlobStore
 from marid.logs import REQUEST_ID
 from marid.uploads import Content, spool

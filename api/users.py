@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.auth import requires
-from api.openapi import BEARER, NOT_FOUND, Operations, json_response, op, ref
 from marid import users
+from marid.api.auth import requires
+from marid.api.openapi import BEARER, NOT_FOUND, Operations, json_response, op, ref
 from marid.users import User
 
 routes = web.RouteTableDef()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.auth import Caller, optional, requires
-from api.http import api_url, read_body
-from api.keys import CIPHER, POOL
-from api.namespaces import NS, NS_PARAMS
-from api.openapi import (
+from marid import variables
+from marid.api.auth import Caller, optional, requires
+from marid.api.http import api_url, read_body
+from marid.api.keys import CIPHER, POOL
+from marid.api.namespaces import NS, NS_PARAMS
+from marid.api.openapi import (
     BEARER,
     BOOL,
     INT,
@@ -28,8 +29,7 @@ from api.openapi import (
     ref,
     search_params,
 )
-from api.resources import announce, list_in_namespace, list_mine, readable, usable
-from marid import variables
+from marid.api.resources import announce, list_in_namespace, list_mine, readable, usable
 from marid.users import User
 from marid.variables import VariableForm
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
-from api.auth import requires
-from api.http import Page, api_url, path_id, read_body
-from api.keys import CIPHER, CONFIG, POOL
-from api.namespaces import NS, NS_PARAMS, load_namespace
-from api.openapi import (
+from marid import namespaces, webhooks
+from marid.api.auth import requires
+from marid.api.http import Page, api_url, path_id, read_body
+from marid.api.keys import CIPHER, CONFIG, POOL
+from marid.api.namespaces import NS, NS_PARAMS, load_namespace
+from marid.api.openapi import (
     BEARER,
     BOOL,
     INT,
@@ -28,7 +29,6 @@ from api.openapi import (
     query_param,
     ref,
 )
-from marid import namespaces, webhooks
 from marid.namespaces import Namespace
 from marid.users import User
 from marid.validation import NotFound

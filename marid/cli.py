@@ -208,13 +208,13 @@ async def with_connection(dsn: str, work: Callable[[asyncpg.Connection], Awaitab
 def _serve(args: argparse.Namespace) -> None:
     cfg = load_config(args)
     logs.configure(cfg.logging.level)
-    server = _lazy("api.server")
+    server = _lazy("marid.api.server")
     run_async(until_signal(lambda stop: server.serve_until(cfg, stop)))
 
 
 def _run_offline(args: argparse.Namespace) -> None:
     logs.configure("warning")
-    status = _lazy("runner.offline").main(args)
+    status = _lazy("marid.runner.offline").main(args)
     if status:
         raise Failure(status)
 
@@ -228,7 +228,7 @@ def _runner(args: argparse.Namespace) -> None:
 async def run_runner(cfg: config.Config, stop: asyncio.Event) -> None:
     """A runner with its own pool and blob store, until `stop` is set."""
     from marid.blobs import open_store
-    from runner.worker import Worker
+    from marid.runner.worker import Worker
 
     pool = await db.create_pool(cfg.database.dsn, cfg.database.pool_size)
     blobs = open_store(cfg.storage)
@@ -242,7 +242,7 @@ async def run_runner(cfg: config.Config, stop: asyncio.Event) -> None:
 def _scheduler(args: argparse.Namespace) -> None:
     cfg = load_config(args)
     logs.configure(cfg.logging.level)
-    run_async(until_signal(lambda stop: _lazy("scheduler.main").run(cfg, stop)))
+    run_async(until_signal(lambda stop: _lazy("marid.scheduler.main").run(cfg, stop)))
 
 
 async def until_signal(work: Callable[[asyncio.Event], Awaitable[None]]) -> None:

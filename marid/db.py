@@ -9,7 +9,7 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).parent / "migrations"  # package data (marid/migrations)
 # Any fixed number works; it only has to be the same for every `marid migrate`.
 MIGRATE_LOCK = 0x6D61726964  # "marid"
 
@@ -34,6 +34,9 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS) -> lis
     An advisory lock serialises concurrent runs, so the second waits and then finds
     nothing to do.
     """
+    files = migration_files(directory)
+    if not files:  # never report "up to date" from an installation that lost its SQL files
+        raise FileNotFoundError(f"no migrations in {directory}: this installation is incomplete")
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK)
     try:
         await conn.execute(
@@ -46,7 +49,7 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS) -> lis
         )
         done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
         applied = []
-        for path in migration_files(directory):
+        for path in files:
             if path.name in done:
                 continue
             async with conn.transaction():

@@ -112,8 +112,8 @@ def _write_effective_config(cfg: config.Config, path: Path) -> None:
 
 
 async def _serve(cfg: config.Config, stop: asyncio.Event, data_dir: Path) -> None:
-    from api import server
-    from scheduler import main as scheduler_main
+    from marid.api import server
+    from marid.scheduler import main as scheduler_main
 
     await cli.with_connection(cfg.database.dsn, db.migrate)
     admin = await cli.with_connection(cfg.database.dsn, _bootstrap_admin)

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from marid.manifest import script
 from marid.output import Masker
-from runner.drivers.base import Driver, DriverError, SshKey
+from marid.runner.drivers.base import Driver, DriverError, SshKey
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from marid import manifest
 from marid.manifest import DEFAULT_LIMITS, Manifest
+from marid.runner.drivers.base import Driver, Limits
+from marid.runner.drivers.os import OsDriver
+from marid.runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
 from marid.validation import ValidationError
-from runner.drivers.base import Driver, Limits
-from runner.drivers.os import OsDriver
-from runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_MANIFESTS = (".marid.yml", ".djinn.yml")
@@ -117,7 +117,7 @@ def driver_for(parsed: Manifest) -> Driver:
     limits = Limits(r.memory, r.cpus, r.pids)
     if parsed.driver.type == "os":
         return OsDriver(limits, inherit_env=True)
-    from runner.drivers import docker
+    from marid.runner.drivers import docker
 
     async def nothing_uploaded(_name: str) -> None:
         return None

@@ -18,7 +18,7 @@ import asyncpg
 from marid import webhooks
 from marid.blobs import BlobStore
 from marid.queue import Claim
-from runner.execute import JobSpec, ObjectSpec
+from marid.runner.execute import JobSpec, ObjectSpec
 
 log = logging.getLogger(__name__)
 FLUSH_BYTES = 32 * 1024

@@ -26,10 +26,10 @@ from marid.blobs import BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
 from marid.queue import Claim
-from runner.drivers.base import Driver, Limits, SshKey
-from runner.drivers.os import OsDriver
-from runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
-from runner.reporter import DbReporter, LostLease, artifacts_of
+from marid.runner.drivers.base import Driver, Limits, SshKey
+from marid.runner.drivers.os import OsDriver
+from marid.runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
+from marid.runner.reporter import DbReporter, LostLease, artifacts_of
 
 log = logging.getLogger(__name__)
 POLL = 5.0  # seconds between queue checks when no NOTIFY arrives
@@ -168,7 +168,7 @@ class Worker:
         if kind == "os":
             return OsDriver(limits)
         from marid import manifest
-        from runner.drivers import docker
+        from marid.runner.drivers import docker
 
         config = manifest.parse(manifest_text).driver.config
         if self.docker is None:  # one client per runner: connecting costs a round trip
@@ -188,7 +188,7 @@ class Worker:
 
     async def _uploaded_image(self, build_id: int, name: str) -> Any:
         from marid import images
-        from runner.drivers.docker import UploadedImage
+        from marid.runner.drivers.docker import UploadedImage
 
         async with self.pool.acquire() as conn:
             build = await conn.fetchrow(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from marid.config import Config
-from scheduler import hooks, loop
+from marid.scheduler import hooks, loop
 
 
 async def run(config: Config, stop: asyncio.Event) -> None:

@@ -15,9 +15,9 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
 from marid import config as config_module
 from marid import db, scopes, tokens, users
+from marid.api.app import create_app
 from marid.pgcluster import Cluster, free_port, new_password
 
 # Fixture modules contributed by other parts of the suite (e.g. the S3 server).

@@ -28,7 +28,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
 
-from runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
+from marid.runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
 
 log = logging.getLogger(__name__)
 

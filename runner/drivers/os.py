@@ -15,7 +15,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
+from marid.runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
 
 log = logging.getLogger(__name__)
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL

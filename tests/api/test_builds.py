@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
+from marid.api.app import create_app
 from marid.config import Config
 from marid.users import User
 from tests.api.helpers import BASE, user_json

@@ -9,10 +9,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 
-from api.app import create_app
-from api.http import Page
-from api.keys import API_PREFIX, CONFIG
 from marid import db
+from marid.api.app import create_app
+from marid.api.http import Page
+from marid.api.keys import API_PREFIX, CONFIG
 from marid.config import Config
 from marid.users import User
 from tests.api.test_tokens import basic

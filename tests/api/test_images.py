@@ -24,11 +24,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from api import downloads
-from api.app import create_app
-from api.downloads import DOWNLOADS
 from marid import config as config_module
 from marid import images
+from marid.api import downloads
+from marid.api.app import create_app
+from marid.api.downloads import DOWNLOADS
 from marid.config import Config
 from marid.crypto import Cipher
 from marid.users import User

@@ -117,7 +117,7 @@ async def test_webhook_attempts_are_counted_and_survive_the_purge(
 async def test_a_metrics_token_is_required_when_configured(
     aiohttp_client, config: config_module.Config, pool: asyncpg.Pool
 ):
-    from api.app import create_app
+    from marid.api.app import create_app
 
     guarded = dataclasses.replace(config, metrics=config_module.MetricsConfig(token="scrape-me"))
     api = await aiohttp_client(create_app(guarded, pool))

@@ -15,9 +15,9 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
 from marid import config as config_module
 from marid import objects
+from marid.api.app import create_app
 from marid.config import Config
 from marid.users import User
 from tests.api.helpers import BASE, add_collaborator, create_namespace, user_json

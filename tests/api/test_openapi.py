@@ -5,7 +5,7 @@ import re
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
+from marid.api.app import create_app
 from marid.config import Config
 
 

@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
 from marid import config as config_module
+from marid.api.app import create_app
 from marid.config import RateLimitConfig
 from marid.ratelimit import Limiter
 from marid.users import User

@@ -155,7 +155,7 @@ async def test_payload_url_is_unique_per_namespace(api: TestClient, owner: str):
 async def test_loopback_is_allowed_when_the_config_says_so(
     aiohttp_client: Any, config: config_module.Config, pool: asyncpg.Pool, token: MakeToken
 ):
-    from api.app import create_app
+    from marid.api.app import create_app
 
     allowing = dataclasses.replace(
         config, webhooks=config_module.WebhooksConfig(allow_loopback=True)

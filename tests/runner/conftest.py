@@ -14,7 +14,7 @@ import docker
 import pytest
 from docker.errors import DockerException
 
-from runner.drivers.docker import docker_client
+from marid.runner.drivers.docker import docker_client
 
 ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = "marid-test/busybox:latest"

@@ -16,10 +16,10 @@ import docker
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
+from marid.api.app import create_app
 from marid.blobs import open_store
 from marid.config import Config
-from runner.worker import Worker, instance_of
+from marid.runner.worker import Worker, instance_of
 from tests.conftest import MakeToken, bearer
 from tests.runner.conftest import ROOT
 from tests.runner.test_worker import finished, submit, wait_for

@@ -20,8 +20,8 @@ import docker
 import pytest
 from docker.errors import ImageNotFound
 
-from runner.drivers.base import DriverError, Limits, SshKey
-from runner.drivers.docker import (
+from marid.runner.drivers.base import DriverError, Limits, SshKey
+from marid.runner.drivers.docker import (
     CACHE_REPOSITORY,
     LABEL_BUILD,
     DockerDriver,

@@ -6,9 +6,9 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.drivers.base import Limits, SshKey
-from runner.drivers.os import OsDriver
-from runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
+from marid.runner.drivers.base import Limits, SshKey
+from marid.runner.drivers.os import OsDriver
+from marid.runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
 
 
 @dataclass

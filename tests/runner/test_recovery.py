@@ -17,10 +17,10 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
+from marid.api.app import create_app
 from marid.blobs import open_store
 from marid.config import Config
-from runner.worker import Worker
+from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
 from tests.runner.test_worker import finished, submit, wait_for
 

@@ -14,13 +14,13 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
 from marid import queue
+from marid.api.app import create_app
 from marid.blobs import open_store
 from marid.config import Config
-from runner.execute import JobSpec
-from runner.reporter import DbReporter, LostLease
-from runner.worker import Worker
+from marid.runner.execute import JobSpec
+from marid.runner.reporter import DbReporter, LostLease
+from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
 
 SCOPE = "build:read,write,delete variable:write object:write namespace:read,write"

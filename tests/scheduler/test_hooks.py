@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from marid import __version__
 from marid import config as config_module
 from marid.crypto import Cipher
-from scheduler import hooks
+from marid.scheduler import hooks
 from tests.api.helpers import create_namespace
 from tests.conftest import MakeToken, bearer
 
@@ -265,7 +265,7 @@ async def test_the_running_service_delivers_when_an_event_is_queued(
 async def test_cron_builds_send_build_submitted(
     api: TestClient, owner: str, pool: asyncpg.Pool, token: MakeToken, config: Any
 ):
-    from scheduler import loop
+    from marid.scheduler import loop
 
     value = await token("webhook:write namespace:write build:read cron:write")
     await create_namespace(api, value, "other")

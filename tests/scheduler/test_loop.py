@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient
 from marid import config as config_module
 from marid import crons, submit
 from marid.builds import Build
+from marid.scheduler import loop
 from marid.submit import Submission
 from marid.users import User
-from scheduler import loop
 from tests.conftest import MakeToken, MakeUser, bearer
 
 MANIFEST = "driver: {type: docker, image: busybox, workspace: /w}\n"

@@ -11,8 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from marid import config as config_module
+from marid.scheduler import loop
 from marid.users import User
-from scheduler import loop
 from tests.api.helpers import add_collaborator, create_namespace
 from tests.conftest import MakeToken, MakeUser, bearer
 
