@@ -144,6 +144,10 @@ class _Screen:
         if not self.flow and _KEY_COLON.match(line, end):
             self._open(start)
 
+    def _indicator(self, after: str) -> bool:
+        """Whether a `:` followed by `after` separates a key from its value."""
+        return after in ("", " ", "\t") or (self.flow > 0 and after in ",[]{}")
+
     def _scan(self, line: str, pos: int, node: bool) -> None:
         """Follow one line from `pos`; `node`: a node may start there."""
         while pos < len(line):
@@ -165,9 +169,7 @@ class _Screen:
                 self.flow -= 1
                 pos += 1
                 node = False
-            elif char == "," and self.flow or char == ":" and (
-                after in ("", " ", "\t") or self.flow and after in ",[]{}"
-            ):
+            elif (char == "," and self.flow) or (char == ":" and self._indicator(after)):
                 pos += 1
                 node = True
             elif node and char in "'\"":
