@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from aiohttp import web
 
@@ -11,6 +12,7 @@ from marid.api.app import create_app
 from marid.config import Config
 
 log = logging.getLogger(__name__)
+BACKLOG = 128  # aiohttp's default for the sites it binds itself
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -19,18 +21,58 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def start(config: Config) -> web.AppRunner:
-    """Start serving on `server.listen`; the caller calls `runner.cleanup()` to stop."""
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address of `host` (as aiohttp's own TCP site would bind);
+    raises OSError, e.g. when the port is taken.
+
+    Bound before anything else starts, so a taken port is reported before any state is
+    created, and handed to `start` itself, so nothing can take the port in between
+    (docs/architecture.md, `marid up`).
+    """
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # A restart must not wait out the previous run's TIME_WAIT connections; a port
+            # another socket listens on still fails with EADDRINUSE.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            sock.listen(BACKLOG)  # listening, the port is ours: no other bind can share it
+            port = sock.getsockname()[1]  # with port 0, every address gets the first one's
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def address(sock: socket.socket) -> str:
+    """`host:port` of a bound socket, an IPv6 host in brackets."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+async def start(config: Config, sockets: list[socket.socket] | None = None) -> web.AppRunner:
+    """Serve on `sockets` (default: bind `server.listen`); the caller calls `runner.cleanup()`
+    to stop."""
+    sockets = sockets or bind(*split_listen(config.server.listen))
     runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
     await runner.setup()
-    host, port = split_listen(config.server.listen)
-    await web.TCPSite(runner, host, port).start()
-    log.info("API listening on %s:%d, base URL %s", host, port, config.server.api_url)
+    for sock in sockets:
+        await web.SockSite(runner, sock, backlog=BACKLOG).start()
+    where = ", ".join(address(sock) for sock in sockets)
+    log.info("API listening on %s, base URL %s", where, config.server.api_url)
     return runner
 
 
-async def serve_until(config: Config, stop: asyncio.Event) -> None:
-    runner = await start(config)
+async def serve_until(
+    config: Config, stop: asyncio.Event, sockets: list[socket.socket] | None = None
+) -> None:
+    runner = await start(config, sockets)
     try:
         await stop.wait()
     finally:

@@ -2,14 +2,18 @@
 
 Exit status: 0 success · 1 validation error or unknown user · 2 usage or configuration
 error · 3 database error (EXTENSIONS.md c; issue 2 puts configuration errors at 2).
+A port that cannot be listened on, or a data directory another `marid up` holds, is a
+usage error (2); `marid up` ends with 1 when it cannot write its banner to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
@@ -205,11 +209,29 @@ async def with_connection(dsn: str, work: Callable[[asyncpg.Connection], Awaitab
         await conn.close()
 
 
+def listen(host: str, port: int, port_option: str, host_option: str) -> list[socket.socket]:
+    """The API's listening sockets, bound now; else one line saying why and what to change
+    (`port_option`/`host_option` name the setting, e.g. `--port` or `server.listen`)."""
+    server = _lazy("marid.api.server")
+    try:
+        return list(server.bind(host, port))
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = exc.strerror or str(exc)
+        taken = exc.errno in (errno.EADDRINUSE, errno.EACCES)
+        hint = f"choose another with {port_option}" if taken else f"check {host_option}"
+        raise Failure(
+            EXIT_USAGE, f"marid: cannot listen on {where}: {reason[:1].lower()}{reason[1:]}; {hint}"
+        ) from None
+
+
 def _serve(args: argparse.Namespace) -> None:
     cfg = load_config(args)
     logs.configure(cfg.logging.level)
     server = _lazy("marid.api.server")
-    run_async(until_signal(lambda stop: server.serve_until(cfg, stop)))
+    host, port = server.split_listen(cfg.server.listen)
+    sockets = listen(host, port, "server.listen", "server.listen")
+    run_async(until_signal(lambda stop: server.serve_until(cfg, stop, sockets)))
 
 
 def _run_offline(args: argparse.Namespace) -> None:
