@@ -2,17 +2,24 @@
 
 Without `database.dsn` it runs a private PostgreSQL cluster in the data directory (kept
 between starts), generates a crypto key there once, migrates, creates the `admin` user on
-the first start and prints the API URL and a token.
+the first start and prints the API URL, a token and the admin password. Credentials a start
+could not show are replaced by new ones at the next start. One `marid up` per data
+directory: it holds an flock on `up.lock` there while it runs (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
+import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -24,20 +31,87 @@ from marid.pgcluster import Cluster, ClusterError, free_port, new_password
 
 log = logging.getLogger(__name__)
 FILLED = ("server.url", "database.dsn", "crypto.key")
+LOCK = "up.lock"  # in the data directory: {"pid", "url"} of the `marid up` holding it
+# The admin token keeps this name until the banner showing it has been written: a start
+# that finds it knows its credentials were never seen and replaces them.
+UNSHOWN, SHOWN = "marid-up (not shown yet)", "marid-up"
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """The admin's password and full-scope token, known only to the start that made them."""
+
+    password: str
+    token: str
+    token_id: int
+    replaced: bool  # an earlier start made credentials it never showed; these replace them
 
 
 def run(args: argparse.Namespace) -> None:
     data_dir: Path = args.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     cfg = cli.load_config(args, optional=FILLED)
-    logs.configure(cfg.logging.level)
+    # Order matters (docs/architecture.md, `marid up`): a `marid up` already running on this
+    # data directory is named before its port is found taken, and a taken port is reported
+    # before anything is created.
+    with contextlib.ExitStack() as held:
+        lock = _lock(data_dir, held, create=False)
+        sockets = cli.listen(args.host, args.port, "--port", "--host")
+        for sock in sockets:
+            held.enter_context(sock)
+        if lock is None:
+            lock = _lock(data_dir, held, create=True)
+        assert lock is not None
+        cfg = _fill_server(cfg, args.host, sockets[0].getsockname()[1])
+        os.pwrite(lock, json.dumps({"pid": os.getpid(), "url": cfg.server.api_url}).encode(), 0)
+        logs.configure(cfg.logging.level)
+        _run_locked(cfg, data_dir, sockets)
+
+
+def _lock(data_dir: Path, held: contextlib.ExitStack, create: bool) -> int | None:
+    """Lock the data directory for the life of the process (an flock, which the OS releases
+    however the process ends, kill -9 included); the open lock file, or None when `create`
+    is false and there is none yet. Raises cli.Failure when another process holds it."""
+    path = data_dir / LOCK
+    try:
+        if create:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and not create:
+            return None
+        raise cli.Failure(cli.EXIT_USAGE, f"marid: cannot use {data_dir}: {exc.strerror}") from None
+    held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise cli.Failure(
+            cli.EXIT_USAGE,
+            f"marid: {data_dir} is in use by another marid up ({_holder(fd)}); "
+            "stop it first, or choose another --data-dir",
+        ) from None
+    os.ftruncate(fd, 0)  # what an earlier holder wrote is stale now
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock on `fd`, as they wrote it."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {int(holder['pid'])}, {holder['url']}"
+    except (ValueError, KeyError, TypeError):
+        return "starting"  # it has not written itself down yet
+
+
+def _run_locked(cfg: config.Config, data_dir: Path, sockets: list[socket.socket]) -> None:
+    """Start the cluster, then everything else, until a signal; stop the cluster last.
+    Only the holder of the data directory's lock may call this."""
     cluster = None
     try:
         if not cfg.database.dsn:
             cluster = _embedded_cluster(data_dir / "postgres")
-        cfg = _fill(cfg, args, data_dir, cluster)
+        cfg = _fill(cfg, data_dir, cluster)
         _write_effective_config(cfg, data_dir / "marid.yml")
-        cli.run_async(cli.until_signal(lambda stop: _serve(cfg, stop, data_dir)))
+        cli.run_async(cli.until_signal(lambda stop: _serve(cfg, stop, data_dir, sockets)))
     except ClusterError as exc:
         raise cli.Failure(cli.EXIT_DATABASE, f"marid: PostgreSQL: {exc}") from None
     finally:
@@ -59,19 +133,24 @@ def _embedded_cluster(directory: Path) -> Cluster:
         cluster.init()
         state.write_text(json.dumps({"port": cluster.port, "password": cluster.password}))
         state.chmod(0o600)
-    cluster.stop()  # a previous `marid up` killed hard may have left it running
+    # A `marid up` killed hard may have left it running; we hold the data directory's lock,
+    # so no live `marid up` uses it.
+    cluster.stop()
     cluster.start()
     return cluster
 
 
-def _fill(
-    cfg: config.Config, args: argparse.Namespace, data_dir: Path, cluster: Cluster | None
-) -> config.Config:
-    server = cfg.server
+def _fill_server(cfg: config.Config, host: str, port: int) -> config.Config:
+    """The server section for the socket bound on `host`:`port`."""
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server = dataclasses.replace(cfg.server, listen=listen)
     if not server.url:
-        url = f"http://{args.host}:{args.port}"
+        url = f"http://{listen}"
         server = dataclasses.replace(server, url=url, api_url=url + "/api")
-    server = dataclasses.replace(server, listen=f"{args.host}:{args.port}")
+    return dataclasses.replace(cfg, server=server)
+
+
+def _fill(cfg: config.Config, data_dir: Path, cluster: Cluster | None) -> config.Config:
     database = cfg.database
     if cluster is not None:
         database = dataclasses.replace(database, dsn=cluster.dsn())
@@ -81,9 +160,7 @@ def _fill(
     storage = cfg.storage
     if storage.backend == "fs" and storage.path == config.StorageConfig.path:
         storage = dataclasses.replace(storage, path=str(data_dir / "blobs"))  # keep it all together
-    return dataclasses.replace(
-        cfg, server=server, database=database, crypto=crypto, storage=storage
-    )
+    return dataclasses.replace(cfg, database=database, crypto=crypto, storage=storage)
 
 
 def _crypto_key(path: Path) -> str:
@@ -111,38 +188,43 @@ def _write_effective_config(cfg: config.Config, path: Path) -> None:
     )
 
 
-async def _serve(cfg: config.Config, stop: asyncio.Event, data_dir: Path) -> None:
+async def _serve(
+    cfg: config.Config, stop: asyncio.Event, data_dir: Path, sockets: list[socket.socket]
+) -> None:
     from marid.api import server
     from marid.scheduler import main as scheduler_main
 
     await cli.with_connection(cfg.database.dsn, db.migrate)
-    admin = await cli.with_connection(cfg.database.dsn, _bootstrap_admin)
-    cfg = await _choose_driver(cfg)
-    api = await server.start(cfg)
+    admin = await cli.with_connection(cfg.database.dsn, _admin_credentials)
+    cfg, driver_note = await _choose_driver(cfg)
+    api = await server.start(cfg, sockets)
     worker = asyncio.create_task(cli.run_runner(cfg, stop))
     scheduler = asyncio.create_task(scheduler_main.run(cfg, stop))
     try:
-        _banner(cfg, data_dir, admin)
+        _banner(cfg, data_dir, admin, driver_note)
+        if admin is not None:
+            token_id = admin.token_id
+            await cli.with_connection(cfg.database.dsn, lambda conn: _mark_shown(conn, token_id))
         await stop.wait()
     finally:
+        stop.set()  # after a failure above too: the runner and scheduler end with it
         await worker
         await scheduler
         await api.cleanup()
 
 
-async def _choose_driver(cfg: config.Config) -> config.Config:
+async def _choose_driver(cfg: config.Config) -> tuple[config.Config, str | None]:
     """With the default `drivers`, run builds in Docker when an engine answers, else as local
-    processes (os driver, no isolation) — and say which."""
+    processes (os driver, no isolation); returns the configuration and a line saying which
+    (written with the banner, so stdout is written once)."""
     if cfg.drivers != config.Config().drivers:
-        return cfg  # the configuration decides
+        return cfg, None  # the configuration decides
     if await asyncio.to_thread(_docker_answers, cfg.docker.host):
-        print(f"runner: Docker engine at {cfg.docker.host}: builds run in containers")
-        return cfg
-    print(
+        return cfg, f"runner: Docker engine at {cfg.docker.host}: builds run in containers"
+    return dataclasses.replace(cfg, drivers=["os"]), (
         f"runner: no Docker engine at {cfg.docker.host}: builds use the os driver "
         "(local processes, no isolation); manifests need `driver: {type: os}`"
     )
-    return dataclasses.replace(cfg, drivers=["os"])
 
 
 def _docker_answers(host: str) -> bool:
@@ -158,33 +240,90 @@ def _docker_answers(host: str) -> bool:
         return False
 
 
-async def _bootstrap_admin(conn: asyncpg.Connection) -> tuple[str, str] | None:
-    """On an empty database, create `admin` and a full-scope token; returns (password, token)."""
+async def _admin_credentials(conn: asyncpg.Connection) -> Credentials | None:
+    """The admin credentials to show: on an empty database, a new `admin` with a full-scope
+    token; when an earlier start made them but never showed them (it died first, or could
+    not write to stdout), a new password and token, the unshown token revoked. None when
+    they were shown before."""
     async with conn.transaction():
-        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
-            return None
         password = secrets.token_urlsafe(12)
-        admin = await users.create(conn, "admin", "admin@localhost", password)
-        _, token = await tokens.create(conn, admin, "marid-up", scopes.FULL)
-        return password, token
+        replaced = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)")
+        if not replaced:
+            admin = await users.create(conn, "admin", "admin@localhost", password)
+        else:
+            admin_id = await conn.fetchval(
+                """
+                DELETE FROM tokens t USING users u
+                WHERE u.username = 'admin' AND t.user_id = u.id AND t.name = $1
+                RETURNING u.id
+                """,
+                UNSHOWN,
+            )
+            if admin_id is None:
+                return None
+            await conn.execute(
+                "UPDATE users SET password_hash = $2 WHERE id = $1",
+                admin_id,
+                users.hash_password(password),
+            )
+            found = await users.get_by_username(conn, "admin")
+            assert found is not None
+            admin = found
+        token, value = await tokens.create(conn, admin, UNSHOWN, scopes.FULL)
+        return Credentials(password, value, token.id, replaced)
 
 
-def _banner(cfg: config.Config, data_dir: Path, admin: tuple[str, str] | None) -> None:
+async def _mark_shown(conn: asyncpg.Connection, token_id: int) -> None:
+    """Give the admin token its usual name, now that the banner showing it is written."""
+    for name in (SHOWN, f"{SHOWN} {token_id}"):  # the second if someone took the first
+        try:
+            await conn.execute(
+                "UPDATE tokens SET name = $2 WHERE id = $1 AND name = $3", token_id, name, UNSHOWN
+            )
+            return
+        except asyncpg.UniqueViolationError:
+            continue
+
+
+def _banner(
+    cfg: config.Config, data_dir: Path, admin: Credentials | None, note: str | None
+) -> None:
+    """Write the banner (after `note`) to stdout and flush it; raises cli.Failure when that
+    fails (the credentials in it then count as never shown)."""
     config_path = data_dir / "marid.yml"
-    lines = ["", "marid is up", f"  API:     {cfg.server.api_url}"]
+    lines = [*([note] if note else []), "", "marid is up", f"  API:     {cfg.server.api_url}"]
     if admin is not None:
-        password, token = admin
         lines += [
-            f"  token:   {token}",
-            f"  admin:   username admin, password {password}",
+            f"  token:   {admin.token}",
+            f"  admin:   username admin, password {admin.password}",
             "  (shown only now: marid keeps hashes, not these values)",
         ]
+        if admin.replaced:
+            lines += ["  (an earlier start never showed its admin credentials: these replace them)"]
     else:
-        lines += ["  the admin token was printed at first start; make another with:"]
+        lines += ["  the admin credentials were shown at an earlier start; make a token with:"]
     lines += [
         f'  more tokens: marid --config {config_path} token create --user admin --scope "..."',
         f"  try:     curl -H 'Authorization: Bearer <token>' {cfg.server.api_url}/user",
         "  stop:    Ctrl-C",
         "",
     ]
-    print("\n".join(lines), flush=True)
+    try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "standard output is closed")
+        print("\n".join(lines), file=sys.stdout, flush=True)
+    except OSError as exc:
+        _discard_stdout()
+        raise cli.Failure(
+            1,
+            f"marid: cannot write to standard output ({exc.strerror}); the admin credentials "
+            "were not shown, so the next start shows new ones",
+        ) from None
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so what is left in its buffer cannot fail again at exit."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
