@@ -1,9 +1,12 @@
-"""`marid up` end to end: embedded PostgreSQL, admin token, clean Ctrl-C, data kept."""
+"""`marid up` end to end: embedded PostgreSQL, admin token, clean Ctrl-C, data kept; a taken
+port, a second `marid up` on one data directory and credentials that could not be shown."""
 
 import asyncio
+import base64
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,15 +20,22 @@ import pytest
 from marid.pgcluster import free_port
 
 
+def up_command(data_dir: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "marid", "up", "--data-dir", str(data_dir), "--port", str(port)]
+
+
+def up_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "MARID_CONFIG"}
+
+
 def start_up(data_dir: Path, port: int, cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
-    env = {k: v for k, v in os.environ.items() if k != "MARID_CONFIG"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "marid", "up", "--data-dir", str(data_dir), "--port", str(port)],
+        up_command(data_dir, port),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=cwd,
-        env=env,
+        env=up_env(),
     )
     lines: list[str] = []
     deadline = time.monotonic() + 120
@@ -49,6 +59,44 @@ def stop(proc: subprocess.Popen[str]) -> int:
     finally:
         if proc.stdout:
             proc.stdout.close()
+
+
+def run_up(data_dir: Path, port: int, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`marid up` expected to end on its own."""
+    return subprocess.run(
+        up_command(data_dir, port), capture_output=True, text=True, cwd=cwd, env=up_env(),
+        timeout=120,
+    )  # fmt: skip
+
+
+def run_up_unread(data_dir: Path, cwd: Path) -> tuple[int, str]:
+    """`marid up` whose stdout is a pipe nobody reads (its read end closed): its exit status
+    and stderr."""
+    with (cwd / "stderr").open("w+") as stderr:
+        proc = subprocess.Popen(
+            up_command(data_dir, 0), stdout=subprocess.PIPE, stderr=stderr, cwd=cwd, env=up_env()
+        )
+        assert proc.stdout is not None
+        proc.stdout.close()
+        status = proc.wait(timeout=300)
+        stderr.seek(0)
+        return status, stderr.read()
+
+
+def banner_value(lines: list[str], label: str) -> str:
+    """The last word of the banner line starting with `label`, e.g. `token:`."""
+    return next(line.split()[-1] for line in lines if line.strip().startswith(label))
+
+
+async def token_names(url: str, authorization: str) -> list[str]:
+    """The names of the admin's tokens, through GET /api/tokens."""
+    headers = {"Authorization": authorization}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/tokens", headers=headers) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        return [token["name"] for token in await resp.json()]
 
 
 async def get_user(url: str, token: str) -> tuple[int, dict]:
@@ -130,3 +178,87 @@ def test_unreachable_data_dir_is_a_clear_error(tmp_path: Path):
     )
     assert result.returncode == 3
     assert "cannot reach" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_taken_port_is_one_line_and_creates_nothing(tmp_path: Path):
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_up(data_dir, port, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"marid: cannot listen on 127.0.0.1:{port}: address already in use; "
+        "choose another with --port"
+    ]
+    assert not data_dir.exists()
+
+
+async def test_second_up_on_a_data_dir_refuses_and_leaves_the_first_alone(reachable_dir: Path):
+    data_dir = reachable_dir / "data"
+    proc, lines = start_up(data_dir, 0, reachable_dir)
+    try:
+        url, token = banner_value(lines, "API:"), banner_value(lines, "token:")
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        for second_port in (port, 0):  # `scripts/up` twice, and on another port
+            result = run_up(data_dir, second_port, reachable_dir)
+            assert result.returncode == 2
+            assert result.stderr.splitlines() == [
+                f"marid: {data_dir} is in use by another marid up (pid {proc.pid}, {url}); "
+                "stop it first, or choose another --data-dir"
+            ]
+            status, body = await get_user(url, token)
+            assert status == 200 and body["username"] == "admin"
+    finally:
+        assert stop(proc) == 0
+
+
+async def test_up_killed_hard_leaves_nothing_in_the_way(reachable_dir: Path):
+    data_dir = reachable_dir / "data"
+    proc, lines = start_up(data_dir, 0, reachable_dir)
+    url, token = banner_value(lines, "API:"), banner_value(lines, "token:")
+    # The start records that it showed the banner just after writing it; wait for that.
+    for _ in range(600):
+        if await token_names(url, f"Bearer {token}") == ["marid-up"]:
+            break
+        await asyncio.sleep(0.1)
+    proc.kill()  # its lock goes with it; its PostgreSQL keeps running
+    proc.wait(timeout=60)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert (data_dir / "postgres" / "data" / "postmaster.pid").exists()
+
+    proc, lines = start_up(data_dir, 0, reachable_dir)
+    try:
+        assert not any(line.strip().startswith("token:") for line in lines)
+        status, body = await get_user(banner_value(lines, "API:"), token)
+        assert status == 200 and body["username"] == "admin"
+    finally:
+        assert stop(proc) == 0
+
+
+async def test_credentials_a_start_could_not_show_are_replaced_at_the_next(reachable_dir: Path):
+    data_dir = reachable_dir / "data"
+    # Writing the banner fails after `admin` exists: a real fault, no stand-in.
+    status, stderr = run_up_unread(data_dir, reachable_dir)
+    assert status == 1
+    assert "marid: cannot write to standard output" in stderr
+
+    proc, lines = start_up(data_dir, 0, reachable_dir)
+    try:
+        url, token = banner_value(lines, "API:"), banner_value(lines, "token:")
+        password = banner_value(lines, "admin:")
+        status, body = await get_user(url, token)
+        assert status == 200 and body["username"] == "admin"
+        basic = "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()
+        # The first start's token is revoked: only the one shown now is left.
+        assert await token_names(url, basic) in (["marid-up"], ["marid-up (not shown yet)"])
+    finally:
+        assert stop(proc) == 0
+
+    proc, lines = start_up(data_dir, 0, reachable_dir)
+    try:
+        assert not any(line.strip().startswith("token:") for line in lines)  # shown now
+    finally:
+        assert stop(proc) == 0
