@@ -16,6 +16,7 @@ from marid import manifest, namespaces, schedules, users
 from marid.listing import Listing
 from marid.manifest import Manifest, ManifestLimits
 from marid.namespaces import Namespace
+from marid.queue import CRON_CHANNEL
 from marid.times import rfc3339
 from marid.users import User
 from marid.validation import Body, Errors, ValidationError
@@ -117,7 +118,7 @@ async def create(
         errors.add("name", "Name already exists")
     errors.raise_if_any()
     assert form.name and form.schedule and form.manifest and form.timezone and when
-    return await _write(
+    cron = await _write(
         conn,
         """
         INSERT INTO crons (user_id, author_id, namespace_id, name, schedule, timezone, manifest,
@@ -135,6 +136,8 @@ async def create(
         form.manifest,
         when,
     )
+    await _wake_schedulers(conn, cron.next_run)
+    return cron
 
 
 async def update(
@@ -146,8 +149,8 @@ async def update(
     now: datetime,
 ) -> Cron:
     """Apply a PATCH (§11.8): the manifest's namespace is re-resolved and `next_run`
-    recomputed from `now` when the schedule or time zone changes. The caller owns the
-    transaction."""
+    recomputed from `now` when the schedule or time zone changes (the schedulers are told).
+    The caller owns the transaction."""
     errors = form.errors
     user_id, namespace_id = cron.user_id, cron.namespace_id
     if form.manifest is not None:
@@ -162,7 +165,7 @@ async def update(
     if not errors.has("manifest") and await _taken(conn, user_id, namespace_id, name, cron.id):
         errors.add("name", "Name already exists")
     errors.raise_if_any()
-    return await _write(
+    updated = await _write(
         conn,
         """
         UPDATE crons SET user_id = $2, namespace_id = $3, name = $4, schedule = $5,
@@ -180,6 +183,16 @@ async def update(
         form.manifest or cron.manifest,
         when,
     )
+    if updated.next_run != cron.next_run:
+        await _wake_schedulers(conn, updated.next_run)
+    return updated
+
+
+async def _wake_schedulers(conn: asyncpg.Connection, next_run: datetime) -> None:
+    """Tell the schedulers of a new or moved next_run, so that a sleeping one wakes for it
+    rather than up to `cron.interval` late (docs/architecture.md). NOTIFY is delivered on
+    commit: a rolled-back write wakes nobody."""
+    await conn.execute("SELECT pg_notify($1, $2)", CRON_CHANNEL, next_run.isoformat())
 
 
 async def _write(conn: asyncpg.Connection, sql: str, *args: Any) -> Cron:

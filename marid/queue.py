@@ -14,6 +14,9 @@ import asyncpg
 from marid.submit import QUEUE_CHANNEL
 
 KILL_CHANNEL = "marid_kill"
+# NOTIFY'd, payload the new next_run (ISO 8601), when a request writes a cron job's next_run;
+# schedulers LISTEN so that it fires on time the first time (docs/architecture.md).
+CRON_CHANNEL = "marid_crons"
 
 
 @dataclass(frozen=True)

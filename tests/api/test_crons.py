@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from marid import crons
+from marid import config as config_module
+from marid import crons, queue
 from marid.users import User
 from tests.api.helpers import BASE, add_collaborator, create_namespace, user_json
 from tests.conftest import MakeToken, MakeUser, bearer
@@ -166,6 +169,43 @@ async def test_patch_changes_given_fields_and_recomputes_next_run(
         400,
         {"schedule": ["Schedule has no upcoming run"]},
     )
+
+
+async def test_writes_that_set_next_run_notify_the_schedulers_with_it(
+    api: TestClient, token: MakeToken, config: config_module.Config
+):
+    """docs/architecture.md: the scheduler LISTENs so that a new or moved next_run fires on time;
+    a change that leaves next_run alone (a rename, a move to a namespace) wakes nobody."""
+    got: asyncio.Queue[str] = asyncio.Queue()
+    listening = await asyncpg.connect(config.database.dsn)
+    try:
+        await listening.add_listener(queue.CRON_CHANNEL, lambda *args: got.put_nowait(args[3]))
+        value = await token(ALL)
+        _, cron = await post(api, value, name="c", manifest=MANIFEST)
+        assert (await post(api, value, name="c", manifest=MANIFEST))[0] == 400  # name taken
+        await create_namespace(api, value, "team")
+        url = f"/api/cron/{cron['id']}"
+        statuses = []
+        for change in (
+            {"name": "renamed"},
+            {"manifest": MANIFEST + "namespace: team\n"},
+            {"schedule": "weekly"},
+            {"timezone": "Europe/Berlin"},
+        ):
+            resp = await api.patch(url, headers=bearer(value), json=change)
+            statuses.append(resp.status)
+        assert statuses == [200] * 4
+        await listening.execute("SELECT pg_notify($1, 'end')", queue.CRON_CHANNEL)
+        async with asyncio.timeout(30):
+            payloads = [await got.get() for _ in range(4)]  # in commit order
+    finally:
+        await listening.close()
+    assert payloads == [
+        "2024-03-02T00:00:00+00:00",  # created
+        "2024-03-04T00:00:00+00:00",  # weekly: Monday
+        "2024-03-03T23:00:00+00:00",  # Monday in Berlin
+        "end",
+    ]
 
 
 async def test_patch_name_uniqueness_ignores_the_cron_itself(api: TestClient, token: MakeToken):
