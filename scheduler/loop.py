@@ -5,27 +5,32 @@ share the work, and in one transaction records their runs, submits their builds 
 next_run on, each step one statement for the whole batch. A scheduler killed mid-batch rolls the
 whole batch back; the unique (cron_id, scheduled_at) of cron_runs guarantees a run never makes a
 second build.
+
+Between ticks the loop sleeps until the earliest next_run; a request that writes an earlier one
+NOTIFYs marid_crons, which wakes every scheduler (Alarm; the connection is scheduler/listener.py),
+and the claims above still let only one of them fire it (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import asyncpg
 
-from marid import builds, crons, curator, db, manifest, namespaces, users, webhooks
+from marid import builds, crons, curator, db, manifest, namespaces, queue, users, webhooks
 from marid.blobs import open_store
 from marid.builds import Build
 from marid.config import Config
 from marid.crons import Cron
 from marid.manifest import Manifest, ManifestLimits
 from marid.namespaces import Namespace
+from marid.scheduler.listener import LOST, Listener
 from marid.submit import Submission, submit_many
 from marid.users import User
 from marid.validation import Errors, ValidationError
@@ -154,38 +159,116 @@ def _or_raise(outcome: T | ValidationError) -> T:
     return outcome
 
 
-async def run(config: Config, stop: asyncio.Event, batch: int = BATCH) -> None:
+class Alarm:
+    """When the loop looks at the cron jobs next: the earliest next_run it read, at most
+    `cron.interval` away, brought forward by a NOTIFY on CRON_CHANNEL (a request wrote an
+    earlier next_run) or by the LISTEN connection coming (back) up (docs/architecture.md)."""
+
+    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.clock = clock
+        self.connections = 0  # how often the LISTEN connection came up
+        self._ring = asyncio.Event()
+        self._deadline: datetime | None = None  # while asleep: when it wakes unless rung
+        self._soonest: datetime | None = None  # while awake: the earliest next_run notified
+
+    @property
+    def sleeping_until(self) -> datetime | None:
+        """The planned end of the current sleep; None while awake or about to wake."""
+        return None if self._ring.is_set() else self._deadline
+
+    def notified(self, payload: str) -> None:
+        """A NOTIFY on CRON_CHANNEL, whose payload is the new next_run (queue.py)."""
+        try:
+            when = datetime.fromisoformat(payload)
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            log.warning("%s: unreadable payload %r; looking now", queue.CRON_CHANNEL, payload)
+            self.wake()
+        else:
+            self._wake_by(when)
+
+    def connected(self) -> None:
+        """The LISTEN connection came up: what was written before it is only in the table."""
+        self.connections += 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Look at the table now."""
+        self._wake_by(self.clock())
+
+    def _wake_by(self, when: datetime) -> None:
+        if self._deadline is None:  # awake: the table may have been read already
+            self._soonest = when if self._soonest is None else min(self._soonest, when)
+        elif when < self._deadline:
+            self._ring.set()  # the loop reads the table again, then sleeps until the new run
+
+    async def sleep(self, deadline: datetime, stop: asyncio.Event) -> None:
+        """Until `deadline`, an earlier next_run notified since the last sleep, or `stop`."""
+        if self._soonest is not None:
+            deadline = min(deadline, self._soonest)
+        self._deadline = deadline
+        self._ring.clear()
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self._ring, stop)]
+        try:
+            timeout = max((deadline - self.clock()).total_seconds(), 0.0)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            self._deadline = self._soonest = None
+
+
+async def run(
+    config: Config,
+    stop: asyncio.Event,
+    batch: int = BATCH,
+    alarm: Alarm | None = None,
+) -> None:
     """Fire due cron jobs until `stop` is set: drain the backlog, then sleep until the earliest
-    next_run, at most `cron.interval` (which also bounds how late a cron job created or
-    changed meanwhile fires)."""
+    next_run, at most `cron.interval`. A cron job created or changed meanwhile wakes the loop
+    through LISTEN (Alarm); while that connection is down, `cron.interval` bounds how late it
+    fires. Tests pass their own `alarm` (and its clock) to watch the loop sleep."""
+    alarm = alarm or Alarm()
     pool = await db.create_pool(config.database.dsn, config.database.pool_size)
     blobs = open_store(config.storage)
+    listener = Listener(config.database.dsn, queue.CRON_CHANNEL, alarm.notified, alarm.connected)
+    listening = asyncio.create_task(listener.run(), name="cron LISTEN")
+    listening.add_done_callback(lambda _: alarm.wake())  # to re-raise its failure below
     cleaned = 0.0  # when the artifact curator last ran (time.monotonic)
+    failing = False  # the last tick failed: the outage is logged already
     try:
         while not stop.is_set():
-            wait = config.cron.interval
+            deadline = alarm.clock() + timedelta(seconds=config.cron.interval)
             try:
-                while await tick(pool, datetime.now(UTC), batch, config) == batch:
+                while await tick(pool, alarm.clock(), batch, config) == batch:
                     if stop.is_set():
                         return
                 if time.monotonic() - cleaned >= config.cron.interval:
                     # Artifact retention (MANIFEST.md §6.7) runs here too (DESIGN.md).
                     await curator.run(pool, blobs, config.artifacts.cleanup_threshold)
                     cleaned = time.monotonic()
-                wait = await _until_next(pool, wait)
-            except (OSError, asyncpg.PostgresError):
-                log.exception("scheduler tick failed; retrying after cron.interval")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+                deadline = await _next_look(pool, deadline)
+            except LOST:
+                if not failing:
+                    log.exception("scheduler tick failed; retrying within cron.interval")
+                failing = True
+            else:
+                if failing:
+                    log.info("scheduler tick succeeded again")
+                failing = False
+            await alarm.sleep(deadline, stop)
+            if listening.done():
+                listening.result()  # a bug, not an outage: fail loudly
     finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
         await blobs.close()
         await pool.close()
 
 
-async def _until_next(pool: asyncpg.Pool, interval: float) -> float:
-    """Seconds until the earliest next_run, between 0 and `interval`."""
+async def _next_look(pool: asyncpg.Pool, latest: datetime) -> datetime:
+    """The earliest next_run, or `latest` if that is sooner."""
     async with pool.acquire() as conn:
         earliest = await conn.fetchval("SELECT min(next_run) FROM crons")
-    if earliest is None:
-        return interval
-    return min(max((earliest - datetime.now(UTC)).total_seconds(), 0.0), interval)
+    return latest if earliest is None else min(earliest, latest)

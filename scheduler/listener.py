@@ -1,0 +1,103 @@
+"""A LISTEN connection that outlives database restarts (docs/architecture.md).
+
+It is a connection of its own, not one of the pool's, held for as long as the process runs.
+When it is lost (the database restarted, or an idle connection stopped answering a heartbeat),
+it is opened again with capped exponential backoff and the outage is logged once: a warning when
+it starts, a line when it ends. Notifications sent while it was away are lost, so every
+(re)connection calls `connected`, which tells the owner to look at the table again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+FIRST_RETRY = 0.5  # seconds before the first reconnection attempt, doubled after each failure
+MAX_RETRY = 30.0
+CONNECT_TIMEOUT = 10.0
+HEARTBEAT = 30.0  # seconds between checks that the idle connection still answers
+# What losing the database looks like: refused or reset sockets, timeouts, "the database system
+# is starting up", "terminating connection due to administrator command", a closed connection.
+LOST = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class Listener:
+    """LISTEN `channel` on `dsn` until cancelled, calling `notified(payload)` for each
+    notification and `connected()` after each (re)connection."""
+
+    def __init__(
+        self,
+        dsn: str,
+        channel: str,
+        notified: Callable[[str], None],
+        connected: Callable[[], None],
+        first_retry: float = FIRST_RETRY,
+        max_retry: float = MAX_RETRY,
+    ) -> None:
+        self.dsn = dsn
+        self.channel = channel
+        self.notified = notified
+        self.connected = connected
+        self.first_retry = first_retry
+        self.max_retry = max_retry
+        self.failures = 0  # connections lost or refused since the last one that worked
+        self.pid: int | None = None  # the listening backend's process id while connected
+
+    async def run(self) -> None:
+        """Listen, reconnecting whenever the connection is lost; returns only by cancellation."""
+        delay = self.first_retry
+        while True:
+            try:
+                await self._listen()
+            except LOST as exc:
+                if self.failures == 0:
+                    log.warning(
+                        "LISTEN %s: %s; reconnecting with backoff (up to %gs)",
+                        self.channel,
+                        _describe(exc),
+                        self.max_retry,
+                    )
+                    delay = self.first_retry
+                self.failures += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_retry)
+
+    async def _listen(self) -> None:
+        """Connect and LISTEN, then watch the connection; raises once it is lost."""
+        conn = await asyncpg.connect(
+            self.dsn,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"application_name": f"marid LISTEN {self.channel}"},
+        )
+        try:
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _: lost.set())
+            await conn.add_listener(self.channel, self._notified)
+            if self.failures:
+                log.info("LISTEN %s: reconnected after %d failures", self.channel, self.failures)
+            self.failures = 0
+            self.pid = conn.get_server_pid()
+            self.connected()
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), HEARTBEAT)
+                if lost.is_set() or conn.is_closed():
+                    raise ConnectionResetError("the connection was closed")
+                await asyncio.wait_for(conn.execute("SELECT 1"), CONNECT_TIMEOUT)
+        finally:
+            self.pid = None
+            with contextlib.suppress(*LOST):
+                await conn.close(timeout=CONNECT_TIMEOUT)
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.notified(payload)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
