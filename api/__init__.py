@@ -1,1 +1,1 @@
-"""The aiohttp REST API (spec/API.md)."""
+"""The aiohttp REST API (docs/api.md)."""

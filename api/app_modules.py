@@ -2,7 +2,7 @@
 OpenAPI operations) and optionally `SCHEMAS`. Add a module here to serve and document it.
 
 MODULES serve under the API base URL (`server.api_url`); ROOT_MODULES under the server root
-(`server.url`), like the OAuth pages of API.md §16."""
+(`server.url`), like the OAuth pages of docs/api.md §16."""
 
 from __future__ import annotations
 

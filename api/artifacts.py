@@ -1,4 +1,5 @@
-"""A build's artifacts and its snapshot of objects, variables and keys (API.md §7.10 to §7.14)."""
+"""A build's artifacts and its snapshot of objects, variables and keys (docs/api.md §7.10 to
+§7.14)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def build_url(loaded: Loaded, base: str) -> str:
 async def artifacts_json(
     conn: asyncpg.Connection, rows: list[asyncpg.Record], loaded: Loaded, base: str
 ) -> list[dict[str, Any]]:
-    """Artifact entities (API.md §7.1) with their user, build and job embedded."""
+    """Artifact entities (docs/api.md §7.1) with their user, build and job embedded."""
     build = loaded.json(base)
     found = {job.id: job for job in await jobs.list_for(conn, loaded.build.id)}
     url = build_url(loaded, base)
@@ -118,7 +119,7 @@ async def show_artifact(request: web.Request, caller: Caller) -> web.StreamRespo
 
 
 async def download(request: web.Request, key: str, size: int) -> web.StreamResponse:
-    """Stream a blob with its sniffed type (API.md §7.11)."""
+    """Stream a blob with its sniffed type (docs/api.md §7.11)."""
     chunks = await request.config_dict[BLOBS].open(key)
     first = b""
     async for chunk in chunks:

@@ -1,4 +1,4 @@
-"""Authentication and scope checks (API.md §1.5, §1.6, §2; EXTENSIONS.md b.2).
+"""Authentication and scope checks (docs/api.md §1.5, §1.6, §2; docs/api.md §18.2).
 
 Djinn-compatible endpoints answer 404 for every authentication or scope failure; only the
 marid endpoints that accept HTTP Basic (`/tokens`, `/apps`) answer 401.

@@ -1,4 +1,4 @@
-"""Builds: list, submit, show, kill, pin and tags (API.md §7.3 to §7.7, §7.15 to §7.18)."""
+"""Builds: list, submit, show, kill, pin and tags (docs/api.md §7.3 to §7.7, §7.15 to §7.18)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def filters_of(request: web.Request) -> Filters:
 async def page_of_builds(
     request: web.Request, conn: asyncpg.Connection, listing: Listing
 ) -> web.Response:
-    """A paginated build listing with the build filters of API.md §1.8."""
+    """A paginated build listing with the build filters of docs/api.md §1.8."""
     filters = filters_of(request)
     page = Page(request, await builds.count(conn, listing, filters))
     found = await builds.page(conn, listing, filters, page.offset, page.limit)
@@ -121,7 +121,7 @@ async def list_builds(request: web.Request, user: User) -> web.Response:
 async def parse_submission(
     conn: asyncpg.Connection, request: web.Request, user: User
 ) -> Submission:
-    """The POST /builds body (API.md §7.4) checked in one pass; raises ValidationError."""
+    """The POST /builds body (docs/api.md §7.4) checked in one pass; raises ValidationError."""
     body = await read_body(request)
     text = body.string("manifest", "Manifest")
     comment = body.string("comment", "Comment")
@@ -179,7 +179,7 @@ async def list_namespace_builds(request: web.Request, caller: Caller) -> web.Res
 @routes.get(r"/objects/{id:\d+}/builds")
 @optional
 async def list_object_builds(request: web.Request, caller: Caller) -> web.Response:
-    """Builds that declared the object (API.md §14.5): object:read and build:read."""
+    """Builds that declared the object (docs/api.md §14.5): object:read and build:read."""
     async with request.config_dict[POOL].acquire() as conn:
         found = await resources.readable(
             conn, request, caller, objects.get, "object:read", "build:read"
@@ -198,7 +198,8 @@ async def show_build(request: web.Request, caller: Caller) -> web.Response:
 @routes.delete(B)
 @requires("build:delete")
 async def kill_build(request: web.Request, user: User) -> web.Response:
-    """Kill (API.md §7.6): a queued build never runs; a running one is stopped by its runner."""
+    """Kill (docs/api.md §7.6): a queued build never runs; a running one is stopped by its
+    runner."""
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, user)
         if await builds.kill(conn, loaded.build):

@@ -1,4 +1,4 @@
-"""Cron jobs (API.md §11, EXTENSIONS.md a) and the builds each submitted."""
+"""Cron jobs (docs/api.md §11, docs/api.md §17) and the builds each submitted."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image downloads (API.md §12.3), run in the background of the API process.
+"""Image downloads (docs/api.md §12.3), run in the background of the API process.
 
 `POST /images` with a `download_url` records a pending download and starts it here once its
 transaction has committed. Every step is recorded in `image_downloads`, so a download left
@@ -30,14 +30,14 @@ from marid.uploads import size_text
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 600.0  # seconds, the whole download (API.md §12.3)
+TIMEOUT = 600.0  # seconds, the whole download (docs/api.md §12.3)
 MAX_ATTEMPTS = 3
 LEASE = 30.0  # seconds a claimed download stays this process's without a renewal
 RENEW = LEASE / 3  # seconds between renewals while it runs
 RESUME_EVERY = LEASE  # seconds between looks for downloads whose process went away
 CHUNK_SIZE = 256 * 1024
 SFTP_PORT = 22
-SFTP_CONNECT_TIMEOUT = 60.0  # seconds, when the URL has no `timeout` query (API.md §12.3)
+SFTP_CONNECT_TIMEOUT = 60.0  # seconds, when the URL has no `timeout` query (docs/api.md §12.3)
 
 
 class DownloadFailed(Exception):
@@ -201,7 +201,7 @@ class Downloads:
             return await self.store.put(chunks, self.max_size)
 
     async def _fetch_sftp(self, parts: SplitResult) -> Blob:
-        """Password login to host[:port], then the file at the URL path (API.md §12.3)."""
+        """Password login to host[:port], then the file at the URL path (docs/api.md §12.3)."""
         path = unquote(parts.path)
         conn = await _sftp_connect(parts)
         try:

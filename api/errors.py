@@ -1,4 +1,4 @@
-"""The one place where exceptions become HTTP responses (API.md §1.4)."""
+"""The one place where exceptions become HTTP responses (docs/api.md §1.4)."""
 
 from __future__ import annotations
 

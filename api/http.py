@@ -1,4 +1,4 @@
-"""Request conventions of API.md §1.2 and §1.7: JSON bodies, query values, pagination."""
+"""Request conventions of docs/api.md §1.2 and §1.7: JSON bodies, query values, pagination."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def absolute_url(request: web.Request, **params: str) -> str:
 
 
 class Page:
-    """One page of a paginated listing (API.md §1.7)."""
+    """One page of a paginated listing (docs/api.md §1.7)."""
 
     def __init__(self, request: web.Request, total: int) -> None:
         self.last = max(1, math.ceil(total / PAGE_SIZE))

@@ -1,4 +1,4 @@
-"""Idempotent build submission (EXTENSIONS.md g): a retried POST replays the first 201."""
+"""Idempotent build submission (docs/api.md §22): a retried POST replays the first 201."""
 
 from __future__ import annotations
 

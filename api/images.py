@@ -1,4 +1,5 @@
-"""Images: qemu disks and docker archives (API.md §12, EXTENSIONS.md h.2), `N/-/images` (§8.8)."""
+"""Images: qemu disks and docker archives (docs/api.md §12, docs/manifest.md §9.2), `N/-/images`
+(§8.8)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ async def list_images(request: web.Request, user: User) -> web.Response:
 @routes.post("/images")
 @requires("image:write")
 async def create_image(request: web.Request, user: User) -> web.Response:
-    """Three forms (API.md §12.3): a JSON body downloads, anything else is an upload."""
+    """Three forms (docs/api.md §12.3): a JSON body downloads, anything else is an upload."""
     if request.content_type == "application/json":
         body = await _create_download(request, user)
     else:
@@ -147,7 +148,7 @@ async def _entity(conn: asyncpg.Connection, image_id: int, base: str) -> dict[st
 @routes.get(r"/images/{id:\d+}")
 @optional
 async def show_image(request: web.Request, caller: Caller) -> web.StreamResponse:
-    """The Image entity, or its content for the driver's `Accept` type (API.md §12.4)."""
+    """The Image entity, or its content for the driver's `Accept` type (docs/api.md §12.4)."""
     async with request.config_dict[POOL].acquire() as conn:
         found = await readable(conn, request, caller, images.get, "image:read")
         content_type = images.CONTENT_TYPES[found.driver]

@@ -1,4 +1,4 @@
-"""Invites to a namespace tree (API.md §8.11, §8.12, §9)."""
+"""Invites to a namespace tree (docs/api.md §8.11, §8.12, §9)."""
 
 from __future__ import annotations
 

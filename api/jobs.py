@@ -1,4 +1,4 @@
-"""A build's jobs (API.md §7.8, §7.9) and their live output (EXTENSIONS.md d)."""
+"""A build's jobs (docs/api.md §7.8, §7.9) and their live output (docs/api.md §19)."""
 
 from __future__ import annotations
 

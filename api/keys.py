@@ -17,9 +17,9 @@ CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 BLOBS = web.AppKey("blobs", BlobStore)
 CIPHER = web.AppKey("cipher", Cipher)
-# This process's HTTP figures for GET /metrics (EXTENSIONS.md f).
+# This process's HTTP figures for GET /metrics (docs/api.md §21).
 HTTP_METRICS = web.AppKey("http_metrics", Http)
-# The per-process rate limiter (EXTENSIONS.md e); absent when rate_limit.enabled is false.
+# The per-process rate limiter (docs/api.md §20); absent when rate_limit.enabled is false.
 RATE_LIMITER = web.AppKey("rate_limiter", Limiter)
 # The path of the API base URL (e.g. "/api"), set on the app serving the API routes.
 API_PREFIX = web.AppKey("api_prefix", str)

@@ -1,4 +1,4 @@
-"""Namespaces, their children, collaborators and badge (API.md §8)."""
+"""Namespaces, their children, collaborators and badge (docs/api.md §8)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from marid.validation import NotFound
 
 routes = web.RouteTableDef()
 
-# A namespace path in a URL: 1 to 20 segments; the segment `-` ends it (API.md §1.1).
+# A namespace path in a URL: 1 to 20 segments; the segment `-` ends it (docs/api.md §1.1).
 NS = r"/n/{username}/{path:[A-Za-z0-9]+(?:/[A-Za-z0-9]+)*}"
 
 
@@ -81,12 +81,12 @@ async def many_json(
 
 
 def _build_json(build: builds.Build | None, ns: Namespace, base: str) -> dict[str, Any] | None:
-    # The embedded build's own namespace is null (API.md §8.1).
+    # The embedded build's own namespace is null (docs/api.md §8.1).
     return builds.to_json(build, ns.owner, None, base) if build else None
 
 
 async def full_json(conn: asyncpg.Connection, ns: Namespace, base: str) -> dict[str, object]:
-    """A namespace with its parent and latest build embedded (API.md §8.4)."""
+    """A namespace with its parent and latest build embedded (docs/api.md §8.4)."""
     parent = await namespaces.get(conn, ns.parent_id) if ns.parent_id else None
     latest = await builds.latest_in(conn, ns.id)
     return namespaces.to_json(
@@ -173,7 +173,7 @@ async def delete_collaborator(request: web.Request, user: User) -> web.Response:
     return web.Response(status=204)
 
 
-# Badge colours and texts by build status (API.md §8.7).
+# Badge colours and texts by build status (docs/api.md §8.7).
 BADGES = {
     None: ("unknown", "#6a7393"),
     "queued": ("queued", "#272b39"),

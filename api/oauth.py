@@ -1,4 +1,4 @@
-"""The OAuth authorization-code flow at the server root (API.md §16), on authlib
+"""The OAuth authorization-code flow at the server root (docs/api.md §16), on authlib
 (`api.oauth_server`): the consent page, the authorize and token endpoints, and revocation."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ PAGE_HEADERS = {
 
 
 def _first_values(values: MultiMapping[Any]) -> dict[str, str]:
-    """One value per name, the first (API.md §1.2); file parts are ignored."""
+    """One value per name, the first (docs/api.md §1.2); file parts are ignored."""
     found: dict[str, str] = {}
     for name, value in values.items():
         if isinstance(value, str):
@@ -224,17 +224,17 @@ SCHEMAS = {
 
 OPERATIONS: Operations = {
     ("get", "/login/oauth/authorize"): {
-        "summary": "The consent page: names the app and scope, with a login form (API.md §16.1)",
+        "summary": "The consent page: the app, the scope and a login form (docs/api.md §16.1)",
         "parameters": [
             query_param("client_id", "the application's client id"),
             query_param("redirect_uri", "must equal the registered one; defaults to it"),
-            query_param("scope", "the requested scope (API.md §2.2)"),
+            query_param("scope", "the requested scope (docs/api.md §2.2)"),
             query_param("state", "echoed back"),
         ],
         "responses": {"200": {"description": "HTML page", "content": HTML}, **AUTHORIZE_ERRORS},
     },
     ("post", "/login/oauth/authorize"): {
-        "summary": "Grant or deny: redirects with code or error=access_denied (API.md §16.2)",
+        "summary": "Grant or deny: redirects with code or error=access_denied (docs/api.md §16.2)",
         "requestBody": _form_body(
             obj(
                 {f: STRING for f in (*AUTHORIZE_FIELDS, "handle", "password", "authorize")},
@@ -248,7 +248,7 @@ OPERATIONS: Operations = {
         },
     },
     ("post", "/login/oauth/token"): {
-        "summary": "Exchange a code for a token (API.md §16.3)",
+        "summary": "Exchange a code for a token (docs/api.md §16.3)",
         "security": [{"basic": []}, {}],
         "requestBody": _form_body(
             obj(
@@ -269,7 +269,7 @@ OPERATIONS: Operations = {
         },
     },
     ("post", "/logout/oauth/revoke"): {
-        "summary": "Revoke the bearer token of the request (API.md §16.4)",
+        "summary": "Revoke the bearer token of the request (docs/api.md §16.4)",
         "security": BEARER,
         "responses": {"204": {"description": "Revoked (or already unknown)"}},
     },

@@ -1,4 +1,4 @@
-"""authlib's OAuth 2.0 authorization server, adapted to aiohttp and asyncpg (API.md §16).
+"""authlib's OAuth 2.0 authorization server, adapted to aiohttp and asyncpg (docs/api.md §16).
 
 authlib is synchronous and framework-agnostic: it asks its subclass to build an OAuth2Request
 (`create_oauth2_request`), to render (`handle_response`) and to reach storage (`query_client`,

@@ -1,4 +1,4 @@
-"""Objects: uploaded files for build environments (API.md §14) and `N/-/objects` (§8.8)."""
+"""Objects: uploaded files for build environments (docs/api.md §14) and `N/-/objects` (§8.8)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ async def create_object(request: web.Request, user: User) -> web.Response:
 @routes.get(r"/objects/{id:\d+}")
 @optional
 async def show_object(request: web.Request, caller: Caller) -> web.StreamResponse:
-    """The Object entity, or its content when `Accept` is exactly its type (API.md §14.4)."""
+    """The Object entity, or its content when `Accept` is exactly its type (docs/api.md §14.4)."""
     async with request.config_dict[POOL].acquire() as conn:
         found = await readable(conn, request, caller, objects.get, "object:read")
         if request.headers.get("Accept") != found.type:

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document (EXTENSIONS.md f): one operation per route that exists.
+"""The OpenAPI 3.1 document (docs/api.md §21): one operation per route that exists.
 
 Each issue that adds endpoints adds their operations to OPERATIONS and their entities to
 SCHEMAS; tests/api/test_openapi.py checks the document against the app's router.
@@ -38,7 +38,7 @@ SCHEMAS: dict[str, Schema] = {
     "ValidationErrors": {
         "type": "object",
         "additionalProperties": {"type": "array", "items": STRING},
-        "description": "Field-keyed validation messages (API.md §1.4)",
+        "description": "Field-keyed validation messages (docs/api.md §1.4)",
     },
     "Root": obj(
         {
@@ -108,7 +108,7 @@ SCHEMAS: dict[str, Schema] = {
 
 NOT_FOUND = {
     "404": {
-        "description": "Not Found (API.md §1.6)",
+        "description": "Not Found (docs/api.md §1.6)",
         "content": {"application/json": {"schema": ref("Message")}},
     }
 }
@@ -173,7 +173,7 @@ def query_param(name: str, description: str, schema: Schema = STRING) -> dict[st
 
 
 def search_params() -> list[dict[str, Any]]:
-    """`search` and `page` of paginated listings (API.md §1.7, §1.8)."""
+    """`search` and `page` of paginated listings (docs/api.md §1.7, §1.8)."""
     return [
         query_param("search", "case-insensitive substring filter"),
         query_param("page", "page number, 25 items a page", INT),

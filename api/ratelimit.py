@@ -1,4 +1,4 @@
-"""Rate limiting (EXTENSIONS.md e): fixed windows per key, counted in this process.
+"""Rate limiting (docs/api.md §20): fixed windows per key, counted in this process.
 
 The key is the bearer token when it is valid, the user for valid Basic credentials, otherwise
 the client's address (the first X-Forwarded-For entry only when the peer is a trusted proxy).
@@ -68,7 +68,7 @@ def client(limiter: Limiter, request: web.Request) -> str:
 
 
 async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: the X-RateLimit headers of a counted request (EXTENSIONS.md e)."""
+    """on_response_prepare: the X-RateLimit headers of a counted request (docs/api.md §20)."""
     headers = request.get(HEADERS)
     if headers is not None:
         response.headers.update(headers)

@@ -1,6 +1,6 @@
 """Handler logic shared by the namespaced resources: variables, keys, objects and images.
 
-Each is owned by a user, optionally in a namespace (API.md §3.1); the caller's rights on one
+Each is owned by a user, optionally in a namespace (docs/api.md §3.1); the caller's rights on one
 follow from those two (§3.2), and it is listed as "mine" (§3.3) or per namespace (§8.8).
 """
 
@@ -24,7 +24,7 @@ from marid.validation import NotFound
 
 
 class Namespaced(Protocol):
-    """What the caller's rights on a resource follow from (API.md §3.2)."""
+    """What the caller's rights on a resource follow from (docs/api.md §3.2)."""
 
     @property
     def user_id(self) -> int: ...
@@ -44,7 +44,7 @@ ToJson = Callable[[asyncpg.Connection, list[T], str], Awaitable[list[dict[str, A
 async def list_mine(
     request: web.Request, user: User, count: Count, page: PageOf[T], to_json: ToJson[T]
 ) -> web.Response:
-    """GET /<resources>: the caller's own and those of their namespaces (API.md §3.3)."""
+    """GET /<resources>: the caller's own and those of their namespaces (docs/api.md §3.3)."""
     search = query(request, "search") or ""
     async with request.config_dict[POOL].acquire() as conn:
         listing = Listing(visible_to=user.id)
@@ -54,7 +54,7 @@ async def list_mine(
 async def list_in_namespace(
     request: web.Request, caller: Caller, count: Count, page: PageOf[T], to_json: ToJson[T]
 ) -> web.Response:
-    """GET N/-/<resources>: those of exactly the namespace (API.md §8.8; namespace:read,
+    """GET N/-/<resources>: those of exactly the namespace (docs/api.md §8.8; namespace:read,
     waived when public)."""
     search = query(request, "search") or ""  # a bad value is a 400 before any 404
     async with request.config_dict[POOL].acquire() as conn:
@@ -73,7 +73,7 @@ async def page_of(
     page: PageOf[T],
     to_json: ToJson[T],
 ) -> web.Response:
-    """A paginated listing (API.md §1.7) of the resources of `listing` matching `search`."""
+    """A paginated listing (docs/api.md §1.7) of the resources of `listing` matching `search`."""
     current = Page(request, await count(conn, listing, search))
     found = await page(conn, listing, search, current.offset, current.limit)
     return current.response(await to_json(conn, found, api_url(request)))
@@ -109,7 +109,7 @@ async def announce(
     to_json: ToJson[T],
     shown: dict[str, Any] | None = None,
 ) -> None:
-    """Queue the webhook event `{"action": action, <subject>: entity}` (API.md §10.6) for the
+    """Queue the webhook event `{"action": action, <subject>: entity}` (docs/api.md §10.6) for the
     resource's namespace, in the caller's transaction; `shown` is the entity if already
     rendered, else it is rendered only when a webhook wants the event."""
 

@@ -1,4 +1,4 @@
-"""The API root (API.md §5), health, metrics and the OpenAPI document (EXTENSIONS.md f)."""
+"""The API root (docs/api.md §5), health, metrics and the OpenAPI document (docs/api.md §21)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SSH keys (API.md §13) and a namespace's keys (§8.8). Named sshkeys so it does not clash with
+"""SSH keys (docs/api.md §13) and a namespace's keys (§8.8). Named sshkeys so it does not clash with
 api/keys.py (the application's typed keys). No endpoint ever returns a private key."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Personal access tokens (EXTENSIONS.md b)."""
+"""Personal access tokens (docs/api.md §18)."""
 
 from __future__ import annotations
 

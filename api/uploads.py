@@ -1,5 +1,5 @@
 """Files in and out of the API: uploads read from raw or multipart bodies, stored content
-streamed back (API.md §12.3, §12.4, §14.3, §14.4).
+streamed back (docs/api.md §12.3, §12.4, §14.3, §14.4).
 
 Both directions stream: the app's 1 MiB `client_max_size` bounds JSON bodies only, so files
 are read from `request.content` or the multipart reader chunk by chunk, never with

@@ -1,4 +1,4 @@
-"""The authenticated user (API.md §6)."""
+"""The authenticated user (docs/api.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Variables (API.md §15) and a namespace's variables (§8.8)."""
+"""Variables (docs/api.md §15) and a namespace's variables (§8.8)."""
 
 from __future__ import annotations
 

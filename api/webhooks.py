@@ -1,4 +1,4 @@
-"""A namespace's webhooks (API.md §10): owner or collaborator only, whatever the visibility."""
+"""A namespace's webhooks (docs/api.md §10): owner or collaborator only, whatever the visibility."""
 
 from __future__ import annotations
 

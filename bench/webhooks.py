@@ -1,4 +1,4 @@
-"""Benchmark of webhook delivery (API.md §10.7): how fast queued events reach a receiver.
+"""Benchmark of webhook delivery (docs/api.md §10.7): how fast queued events reach a receiver.
 
 A throwaway PostgreSQL cluster (durable settings) holds one migrated database with a user, a
 namespace and one webhook (with a secret) whose payload URL is a receiver in this script on

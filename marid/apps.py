@@ -1,4 +1,4 @@
-"""OAuth applications (EXTENSIONS.md i): registration, lookup by client id, deletion.
+"""OAuth applications (docs/api.md §23): registration, lookup by client id, deletion.
 
 Client secrets are shown once and stored as SHA-256 digests, like token values.
 """
@@ -97,7 +97,7 @@ def digest(secret: str) -> str:
 
 
 def to_json(app: App, api_url: str) -> dict[str, Any]:
-    """The App entity of EXTENSIONS.md i (without the secret)."""
+    """The App entity of docs/api.md §23 (without the secret)."""
     return {
         "client_id": app.client_id,
         "name": app.name,

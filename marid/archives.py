@@ -1,4 +1,5 @@
-"""Content checks for image uploads: qemu disks (API.md §12.3), docker archives (EXTENSIONS h.2).
+"""Content checks for image uploads: qemu disks (docs/api.md §12.3), docker archives
+(docs/manifest.md §9.2).
 
 Uploaded archives are untrusted: nothing here extracts to disk, reads more than a capped
 manifest into memory, or raises on a malformed file.

@@ -1,4 +1,4 @@
-"""Builds: the entity, listings with build filters, tags, pins and kills (API.md §7)."""
+"""Builds: the entity, listings with build filters, tags, pins and kills (docs/api.md §7)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from marid.users import User
 STATUSES = ("queued", "running", "passed", "passed_with_failures", "failed", "killed", "timed_out")
 FINAL = frozenset(STATUSES[2:])
 LINKS = ("objects", "variables", "jobs", "artifacts", "tags")
-# Tag names: Unicode letters, ASCII digits, - _ . / (API.md §7.1).
+# Tag names: Unicode letters, ASCII digits, - _ . / (docs/api.md §7.1).
 _TAG_CHAR = re.compile(r"[0-9\-_./]|[^\W\d_]")
 
 
@@ -61,7 +61,7 @@ def normalise_tags(names: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Filters:
-    """The build filters of API.md §1.8 (page is handled by the caller)."""
+    """The build filters of docs/api.md §1.8 (page is handled by the caller)."""
 
     tag: str | None = None
     search: str | None = None
@@ -73,7 +73,7 @@ class Filters:
 class Listing:
     """Which builds a listing covers; set exactly one field."""
 
-    visible_to: int | None = None  # "my" builds of API.md §3.3 for this user id
+    visible_to: int | None = None  # "my" builds of docs/api.md §3.3 for this user id
     namespace_id: int | None = None  # builds in this exact namespace (§8.8)
     object_id: int | None = None  # builds that declared this object (§14.5)
     cron_id: int | None = None  # builds submitted by this cron job (§11.7)
@@ -86,7 +86,7 @@ def url(build: Build, owner: User, api_url: str) -> str:
 def to_json(
     build: Build, owner: User, ns: Namespace | None, api_url: str, embed_namespace: bool = True
 ) -> dict[str, Any]:
-    """The Build entity of API.md §7.1."""
+    """The Build entity of docs/api.md §7.1."""
     base = url(build, owner, api_url)
     return {
         "id": build.id,
@@ -170,7 +170,7 @@ async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) ->
 async def page(
     conn: asyncpg.Connection, listing: Listing, filters: Filters, offset: int, limit: int
 ) -> list[Build]:
-    """One page of the builds of `listing` matching `filters`, newest first (API.md §7.3)."""
+    """One page of the builds of `listing` matching `filters`, newest first (docs/api.md §7.3)."""
     rows = await conn.fetch(
         """
         SELECT * FROM build_rows b
@@ -262,7 +262,7 @@ async def set_pinned(conn: asyncpg.Connection, build: Build, pinned: bool) -> Bu
 
 
 async def kill(conn: asyncpg.Connection, build: Build) -> bool:
-    """Kill a build (API.md §7.6): a queued one ends `killed` now without running; a running
+    """Kill a build (docs/api.md §7.6): a queued one ends `killed` now without running; a running
     one is flagged and its runner, woken by NOTIFY, stops it within a second. Returns whether
     the build ended here."""
     queued = await conn.fetchval(
@@ -294,7 +294,7 @@ async def kill(conn: asyncpg.Connection, build: Build) -> bool:
 
 
 async def latest_in(conn: asyncpg.Connection, namespace_id: int) -> Build | None:
-    """The most recently created build of this exact namespace (API.md §8.1, §8.7)."""
+    """The most recently created build of this exact namespace (docs/api.md §8.1, §8.7)."""
     row = await conn.fetchrow(
         """
         SELECT * FROM build_rows WHERE namespace_id = $1

@@ -1,7 +1,7 @@
 """The `marid` command line: the composition root that starts every process.
 
 Exit status: 0 success · 1 validation error or unknown user · 2 usage or configuration
-error · 3 database error (EXTENSIONS.md c; issue 2 puts configuration errors at 2).
+error · 3 database error (docs/configuration.md §2).
 A port that cannot be listened on, or a data directory another `marid up` holds, is a
 usage error (2); `marid up` ends with 1 when it cannot write its banner to stdout.
 """

@@ -1,4 +1,4 @@
-"""Cron jobs: manifests submitted on a schedule (API.md §11, EXTENSIONS.md a).
+"""Cron jobs: manifests submitted on a schedule (docs/api.md §11, docs/api.md §17).
 
 The scheduler's side (claiming due cron jobs and recording their runs) is here too; the loop that
 drives it is scheduler/loop.py.
@@ -39,7 +39,7 @@ class Cron:
 
 @dataclass(frozen=True)
 class CronForm:
-    """A POST or PATCH /cron body after its shape checks (API.md §11.5, §11.8); None = not
+    """A POST or PATCH /cron body after its shape checks (docs/api.md §11.5, §11.8); None = not
     given (or unusable: the error is in `errors`)."""
 
     name: str | None
@@ -272,7 +272,7 @@ async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
 async def page(
     conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Cron]:
-    """One page of the cron jobs of `listing` (API.md §11.4) whose name contains `search`, by
+    """One page of the cron jobs of `listing` (docs/api.md §11.4) whose name contains `search`, by
     name."""
     rows = await conn.fetch(
         """
@@ -300,7 +300,7 @@ async def page(
 async def to_json(
     conn: asyncpg.Connection, found: list[Cron], api_url: str
 ) -> list[dict[str, Any]]:
-    """Cron entities (API.md §11.1 with EXT a's `timezone`)."""
+    """Cron entities (docs/api.md §11.1 with EXT a's `timezone`)."""
     people = await users.by_ids(conn, {c.user_id for c in found} | {c.author_id for c in found})
     spaces = await namespaces.by_ids(conn, {c.namespace_id for c in found if c.namespace_id})
     return [
@@ -353,7 +353,7 @@ async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list
 async def record_runs(conn: asyncpg.Connection, due: list[Cron]) -> list[Cron]:
     """Record that the runs due at each cron job's `next_run` fire; returns the cron jobs whose
     run had not fired yet. The unique (cron_id, scheduled_at) makes a run fire once whatever
-    the locks did (issue 5)."""
+    the locks did (docs/architecture.md)."""
     rows = await conn.fetch(
         """
         INSERT INTO cron_runs (cron_id, scheduled_at)

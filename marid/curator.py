@@ -1,4 +1,4 @@
-"""Artifact retention (MANIFEST.md §6.7): per owner, the artifacts of unpinned, finished
+"""Artifact retention (docs/manifest.md §6.7): per owner, the artifacts of unpinned, finished
 builds are kept newest first up to `artifacts.cleanup_threshold` bytes; older ones are
 deleted. Pinned builds' artifacts are neither deleted nor counted. Runs in the scheduler."""
 

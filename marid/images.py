@@ -1,4 +1,5 @@
-"""Images: qemu disks and docker image archives for the drivers (API.md §12, EXTENSIONS.md h.2).
+"""Images: qemu disks and docker image archives for the drivers (docs/api.md §12, docs/manifest.md
+§9.2).
 
 An image's content lives in the blob store under `blob_key`: at once for an upload, once its
 download has finished for a download (§12.3), whose progress `image_downloads` records.
@@ -27,10 +28,10 @@ from marid.users import User
 from marid.validation import Errors, ValidationError
 
 DRIVERS = ("qemu", "docker")
-# What `GET /images/:id` serves each driver's content as (API.md §12.4).
+# What `GET /images/:id` serves each driver's content as (docs/api.md §12.4).
 CONTENT_TYPES = {"qemu": "application/x-qemu-disk", "docker": "application/x-tar"}
 QEMU_NAME = re.compile(r"[A-Za-z0-9_-]+")
-# A docker reference (EXTENSIONS.md h.2): lowercase components separated by `.`, `_` or `-`,
+# A docker reference (docs/manifest.md §9.2): lowercase components separated by `.`, `_` or `-`,
 # joined by `/`, then an optional tag.
 _COMPONENT = r"[a-z0-9]+(?:[._-][a-z0-9]+)*"
 DOCKER_NAME = re.compile(
@@ -39,7 +40,7 @@ DOCKER_NAME = re.compile(
 UNIQUE_NAME = ("images_user_id_name_key", "images_namespace_id_name_key")
 DOWNLOAD_SCHEMES = ("http", "https", "sftp")
 REDACTED = "xxxxx"
-# Download errors (API.md §12.3 fixes the first).
+# Download errors (docs/api.md §12.3 fixes the first).
 NOT_QCOW2 = "not a valid qcow2 file"
 INTERRUPTED = "download interrupted by server restarts"
 
@@ -145,7 +146,7 @@ async def check_content(
 
 
 def check_download_url(url: str, driver: str | None, errors: Errors) -> None:
-    """The `download_url` rules (API.md §12.3, EXTENSIONS.md h.2)."""
+    """The `download_url` rules (docs/api.md §12.3, docs/manifest.md §9.2)."""
     if driver == "docker":
         errors.add("download_url", "Download URL is not supported for docker images")
         return
@@ -307,7 +308,7 @@ async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
 async def page(
     conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Image]:
-    """One page of the images of `listing` (API.md §12.2, §8.8) whose name contains
+    """One page of the images of `listing` (docs/api.md §12.2, §8.8) whose name contains
     `search`, ordered by name."""
     rows = await conn.fetch(
         """
@@ -345,7 +346,7 @@ def download_json(download: Download | None) -> dict[str, Any] | None:
 async def to_json(
     conn: asyncpg.Connection, found: list[Image], api_url: str
 ) -> list[dict[str, Any]]:
-    """Image entities (API.md §12.1), their users and namespaces loaded in two queries."""
+    """Image entities (docs/api.md §12.1), their users and namespaces loaded in two queries."""
     people = await users.by_ids(conn, {i.user_id for i in found} | {i.author_id for i in found})
     spaces = await namespaces.by_ids(conn, {i.namespace_id for i in found if i.namespace_id})
     entities = []
@@ -446,7 +447,7 @@ async def pending_downloads(conn: asyncpg.Connection) -> list[tuple[int, int]]:
 async def find_docker_image(
     conn: asyncpg.Connection, owner_id: int, namespace_id: int | None, name: str
 ) -> DockerArchive | None:
-    """EXTENSIONS.md h.2 image resolution, step 1, for the runner: the `docker` image named
+    """docs/manifest.md §9.2 image resolution, step 1, for the runner: the `docker` image named
     exactly `name` in the build's namespace or, for a build without one, among its owner's
     personal (un-namespaced, not detached) images."""
     row = await conn.fetchrow(

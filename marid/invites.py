@@ -1,4 +1,4 @@
-"""Invites and collaborators of a namespace tree (API.md §8.9 to §8.12, §9).
+"""Invites and collaborators of a namespace tree (docs/api.md §8.9 to §8.12, §9).
 
 Both are stored against the tree's root: a collaborator of the root may use every
 namespace of the tree.
@@ -67,7 +67,8 @@ async def list_for_invitee(conn: asyncpg.Connection, user: User) -> list[Invite]
 
 
 async def send(conn: asyncpg.Connection, ns: Namespace, inviter: User, handle: str) -> Invite:
-    """Invite `handle` to the tree of `ns`; raises RequestError with API.md §8.12's messages."""
+    """Invite `handle` to the tree of `ns`; raises RequestError with docs/api.md §8.12's
+    messages."""
     invitee = await users.get_by_handle(conn, handle)
     if invitee is None:
         raise RequestError("No such user")
@@ -117,7 +118,7 @@ async def delete(conn: asyncpg.Connection, invite: Invite) -> None:
 async def to_json(
     conn: asyncpg.Connection, found: list[Invite], api_url: str
 ) -> list[dict[str, Any]]:
-    """Invite entities (API.md §9.1) with their users and root namespaces embedded."""
+    """Invite entities (docs/api.md §9.1) with their users and root namespaces embedded."""
     people = await users.by_ids(conn, {i.invitee_id for i in found} | {i.inviter_id for i in found})
     roots = await namespaces.by_ids(conn, {i.namespace_id for i in found})
     return [
@@ -154,7 +155,7 @@ async def collaborators(conn: asyncpg.Connection, ns: Namespace) -> list[Collabo
 
 
 def collaborator_json(collaborator: Collaborator, ns: Namespace, api_url: str) -> dict[str, Any]:
-    """The Collaborator entity of API.md §8.1."""
+    """The Collaborator entity of docs/api.md §8.1."""
     user = collaborator.user
     return {
         "id": user.id,

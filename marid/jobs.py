@@ -1,4 +1,4 @@
-"""Jobs of a build (API.md §7.1, §7.8, §7.9) and their output (EXTENSIONS.md d)."""
+"""Jobs of a build (docs/api.md §7.1, §7.8, §7.9) and their output (docs/api.md §19)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SSH keys: private keys placed into builds (API.md §13, MANIFEST.md §5.5, §6.5).
+"""SSH keys: private keys placed into builds (docs/api.md §13, docs/manifest.md §5.5, §6.5).
 
 The private key is stored only as an AES-GCM blob bound to its owner and name, and no entity
 carries it. `private_key()`/`decrypt_key()` are for the runner: never put their result in a
@@ -64,13 +64,13 @@ def private_key(cipher: Cipher, key: Key) -> str:
 
 
 def normalise_name(name: str) -> str:
-    """API.md §13.3: each run of whitespace becomes `_`, before validation and storage."""
+    """docs/api.md §13.3: each run of whitespace becomes `_`, before validation and storage."""
     return WHITESPACE.sub("_", name)
 
 
 @dataclass(frozen=True)
 class KeyForm:
-    """A POST /keys body after its shape checks (API.md §13.3).
+    """A POST /keys body after its shape checks (docs/api.md §13.3).
 
     `name` and `key` are None when missing or malformed; `errors` holds what failed so far and
     is raised by create() together with the rules that need the database. parse() parses the
@@ -109,7 +109,7 @@ class KeyForm:
 
 
 def check_config(body: Body) -> str | None:
-    """The optional `config` string (API.md §13.3, §13.5)."""
+    """The optional `config` string (docs/api.md §13.3, §13.5)."""
     return body.string("config", "Config")
 
 
@@ -181,7 +181,8 @@ async def get(conn: asyncpg.Connection, key_id: int) -> Key | None:
 
 
 async def update_config(conn: asyncpg.Connection, key: Key, config: str | None) -> Key:
-    """PATCH /keys/:id (API.md §13.5): a new `config` unless None or ""; always `updated_at`."""
+    """PATCH /keys/:id (docs/api.md §13.5): a new `config` unless None or ""; always
+    `updated_at`."""
     row = await conn.fetchrow(
         """
         UPDATE ssh_keys SET config = coalesce($2, config), updated_at = now()
@@ -223,7 +224,7 @@ async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
 async def page(
     conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Key]:
-    """One page of the keys of `listing` (API.md §13.2, §8.8) whose name contains `search`,
+    """One page of the keys of `listing` (docs/api.md §13.2, §8.8) whose name contains `search`,
     by name."""
     rows = await conn.fetch(
         """
@@ -249,7 +250,7 @@ async def page(
 
 
 async def to_json(conn: asyncpg.Connection, found: list[Key], api_url: str) -> list[dict[str, Any]]:
-    """Key entities (API.md §13.1); the private key is never part of one."""
+    """Key entities (docs/api.md §13.1); the private key is never part of one."""
     people = await users.by_ids(conn, {k.user_id for k in found} | {k.author_id for k in found})
     spaces = await namespaces.by_ids(conn, {k.namespace_id for k in found if k.namespace_id})
     return [

@@ -1,4 +1,4 @@
-"""Build manifests (MANIFEST.md, EXTENSIONS.md §h.1): parse, validate, plan a build.
+"""Build manifests (docs/manifest.md, docs/manifest.md §9.1): parse, validate, plan a build.
 
 Pure code, no I/O. Rule 15 (namespace usable) needs the database: the caller passes
 `Manifest.namespace` to `namespaces.resolve(..., manifest=True)`.
@@ -159,7 +159,7 @@ class Plan:
 def parse(
     text: str, limits: ManifestLimits | None = None, drivers: list[str] | None = None
 ) -> Manifest:
-    """The validated manifest; raises ManifestError, a ValidationError (MANIFEST.md §4).
+    """The validated manifest; raises ManifestError, a ValidationError (docs/manifest.md §4).
 
     `limits` None: defaults of an empty config, no caps. `drivers` None: rule 17 is skipped.
     """

@@ -1,4 +1,4 @@
-"""Metrics for `GET /metrics` (EXTENSIONS.md f) in the Prometheus text format 0.0.4.
+"""Metrics for `GET /metrics` (docs/api.md §21) in the Prometheus text format 0.0.4.
 
 Two kinds of figures: those of this API process (HTTP requests, kept in memory by `Http`), and
 those of the whole installation, read from PostgreSQL at scrape time (builds, jobs, webhook

@@ -1,4 +1,4 @@
-"""MIME type sniffing for objects (API.md §14.1 `type`).
+"""MIME type sniffing for objects (docs/api.md §14.1 `type`).
 
 A port of Go's `net/http.DetectContentType` (src/net/http/sniff.go, the WHATWG MIME Sniffing
 algorithm as Go implements it). Djinn CI stores that function's output, so the signature table,

@@ -1,4 +1,4 @@
-"""Namespaces: the tree model, access rights and `path[@owner]` references (API.md §3, §8)."""
+"""Namespaces: the tree model, access rights and `path[@owner]` references (docs/api.md §3, §8)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class Namespace:
 
 @dataclass(frozen=True)
 class Rights:
-    """What a caller may do with a namespace or a resource (API.md §3.2)."""
+    """What a caller may do with a namespace or a resource (docs/api.md §3.2)."""
 
     see: bool
     use: bool
@@ -87,7 +87,7 @@ def to_json(
     parent: dict[str, Any] | None = None,
     build: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The Namespace entity of API.md §8.1; `parent` and `build` are embedded when given."""
+    """The Namespace entity of docs/api.md §8.1; `parent` and `build` are embedded when given."""
     url = ns.url(api_url)
     return {
         "id": ns.id,
@@ -165,7 +165,7 @@ async def resource_rights(
 
 
 def check_path(path: str) -> list[str]:
-    """Syntax problems of a namespace path (API.md §3.4 rule 1) as message reasons."""
+    """Syntax problems of a namespace path (docs/api.md §3.4 rule 1) as message reasons."""
     segments = path.split("/")
     problems = []
     if any(not SEGMENT.fullmatch(segment) for segment in segments):
@@ -185,7 +185,7 @@ async def resolve(
     key: str = "namespace",
     manifest: bool = False,
 ) -> Namespace | None:
-    """Resolve a `path[@owner]` reference (API.md §3.4), creating missing namespaces.
+    """Resolve a `path[@owner]` reference (docs/api.md §3.4), creating missing namespaces.
 
     Failures are added to `errors` under `key` (manifest wording when `manifest`); the caller
     owns the transaction, so namespaces created for a request that then fails are rolled back.
@@ -250,7 +250,7 @@ class NamespaceForm:
 
     @classmethod
     def parse(cls, body: Body) -> NamespaceForm:
-        """Shape checks of POST /namespaces (API.md §8.3); raises ValidationError."""
+        """Shape checks of POST /namespaces (docs/api.md §8.3); raises ValidationError."""
         name = body.required_string("name", "Name")
         if name is not None:
             if not 3 <= len(name) <= 32:
@@ -281,7 +281,7 @@ def check_visibility(body: Body) -> str | None:
 
 
 async def create(conn: asyncpg.Connection, user: User, form: NamespaceForm) -> Namespace:
-    """Create a namespace for `user` (API.md §8.3); raises ValidationError."""
+    """Create a namespace for `user` (docs/api.md §8.3); raises ValidationError."""
     parent = None
     if form.parent is not None:
         parent = await get_by_path(conn, user.username, form.parent)
@@ -317,7 +317,7 @@ async def create(conn: asyncpg.Connection, user: User, form: NamespaceForm) -> N
 async def update(
     conn: asyncpg.Connection, ns: Namespace, description: str | None, visibility: str | None
 ) -> Namespace:
-    """Apply PATCH (API.md §8.5): a root's visibility applies to its whole tree."""
+    """Apply PATCH (docs/api.md §8.5): a root's visibility applies to its whole tree."""
     if description:
         await conn.execute(
             "UPDATE namespaces SET description = $2 WHERE id = $1", ns.id, description
@@ -337,7 +337,7 @@ async def delete(conn: asyncpg.Connection, ns: Namespace) -> None:
 
 
 async def count_mine(conn: asyncpg.Connection, user: User, search: str) -> int:
-    """How many namespaces `user` owns or collaborates on match `search` (API.md §8.2)."""
+    """How many namespaces `user` owns or collaborates on match `search` (docs/api.md §8.2)."""
     return int(
         await conn.fetchval(
             """
@@ -385,7 +385,7 @@ async def count_children(conn: asyncpg.Connection, ns: Namespace, search: str) -
 async def list_children(
     conn: asyncpg.Connection, ns: Namespace, search: str, offset: int, limit: int
 ) -> list[Namespace]:
-    """One page of the direct children of `ns` (API.md §8.8), ordered by path."""
+    """One page of the direct children of `ns` (docs/api.md §8.8), ordered by path."""
     rows = await conn.fetch(
         """
         SELECT * FROM namespaces_with_owner

@@ -1,4 +1,5 @@
-"""Authorization codes of the OAuth flow (API.md §16): single use, 10 minutes, stored hashed."""
+"""Authorization codes of the OAuth flow (docs/api.md §16): single use, 10 minutes, stored
+hashed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Objects: files placed into build environments (API.md §14, MANIFEST.md §6.4).
+"""Objects: files placed into build environments (docs/api.md §14, docs/manifest.md §6.4).
 
 The content lives in the blob store under `blob_key`; the row holds what the API shows.
 """
@@ -40,7 +40,7 @@ class Object:
 
 
 def check_name(name: str | None, errors: Errors) -> None:
-    """The shape rules of `name` (API.md §14.3)."""
+    """The shape rules of `name` (docs/api.md §14.3)."""
     if not name:
         errors.add("name", "Name field required")
     elif not NAME.fullmatch(name):
@@ -143,7 +143,7 @@ async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
 async def page(
     conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Object]:
-    """One page of the objects of `listing` (API.md §14.2, §8.8) whose name contains
+    """One page of the objects of `listing` (docs/api.md §14.2, §8.8) whose name contains
     `search`, ordered by name."""
     rows = await conn.fetch(
         """
@@ -171,7 +171,7 @@ async def page(
 async def to_json(
     conn: asyncpg.Connection, found: list[Object], api_url: str
 ) -> list[dict[str, Any]]:
-    """Object entities (API.md §14.1), their users and namespaces loaded in two queries."""
+    """Object entities (docs/api.md §14.1), their users and namespaces loaded in two queries."""
     people = await users.by_ids(conn, {o.user_id for o in found} | {o.author_id for o in found})
     spaces = await namespaces.by_ids(conn, {o.namespace_id for o in found if o.namespace_id})
     entities = []

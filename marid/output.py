@@ -1,4 +1,4 @@
-"""Job output: raw bytes in, masked text out (MANIFEST.md §6.12, EXTENSIONS.md §d).
+"""Job output: raw bytes in, masked text out (docs/manifest.md §6.12, docs/api.md §19).
 
 The runner feeds a job's bytes to a `Masker` as they arrive and stores/streams what comes back.
 Decoding is UTF-8 with invalid sequences replaced by U+FFFD; NUL characters become the three
@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 MASK = "xxxxxx"
 NUL = "NUL"
-CHUNK_LIMIT = 65536  # EXTENSIONS.md §d: an SSE output chunk is at most 64 KiB
+CHUNK_LIMIT = 65536  # docs/api.md §19: an SSE output chunk is at most 64 KiB
 
 
 class _Values:

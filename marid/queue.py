@@ -73,7 +73,7 @@ class Recovered:
 
 
 async def recover_expired(conn: asyncpg.Connection) -> Recovered:
-    """Requeue builds whose runner's lease ran out (MANIFEST.md §6.13); a build whose kill
+    """Requeue builds whose runner's lease ran out (docs/manifest.md §6.13); a build whose kill
     was requested ends `killed` instead. The caller owns the transaction."""
     rows = await conn.fetch(
         """

@@ -1,4 +1,4 @@
-"""The arithmetic of rate limiting (EXTENSIONS.md e): fixed windows per key, in memory.
+"""The arithmetic of rate limiting (docs/api.md §20): fixed windows per key, in memory.
 
 A limiter belongs to one server process ("per server instance"); api/ratelimit.py decides the
 key of each request and answers 429.

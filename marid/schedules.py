@@ -1,4 +1,4 @@
-"""Cron schedules: named schedules and 5-field expressions in an IANA time zone (EXTENSIONS.md a).
+"""Cron schedules: named schedules and 5-field expressions in an IANA time zone (docs/api.md §17).
 
 croniter does the matching on naive local wall-clock times; this module owns the syntax it
 accepts (croniter allows more: seconds, `L`, `W`, `#`, `?`, macros) and the daylight-saving rules:

@@ -1,11 +1,11 @@
-"""The scope model of API.md §2 and EXTENSIONS.md §0.1: parse, format and check."""
+"""The scope model of docs/api.md §2 and docs/api.md §2.1: parse, format and check."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 
-# Canonical order (API.md §2.1, EXT §0.1: token and app follow webhook).
+# Canonical order (docs/api.md §2.1, EXT §0.1: token and app follow webhook).
 RESOURCES = (
     "build",
     "invite",
@@ -23,7 +23,7 @@ PERMISSIONS = ("read", "write", "delete")
 
 
 class ScopeError(ValueError):
-    """A scope string that does not parse; str() is the API.md §2.2 error text."""
+    """A scope string that does not parse; str() is the docs/api.md §2.2 error text."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ EMPTY = Scope(frozenset())
 
 @lru_cache(maxsize=1024)
 def parse(text: str) -> Scope:
-    """Parse a scope string (API.md §2.2); raises ScopeError."""
+    """Parse a scope string (docs/api.md §2.2); raises ScopeError."""
     grants: set[tuple[str, str]] = set()
     for item in text.split():
         resource, colon, perms = item.partition(":")

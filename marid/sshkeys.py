@@ -1,4 +1,4 @@
-"""SSH private key checks for `POST /keys` (API.md §13.3)."""
+"""SSH private key checks for `POST /keys` (docs/api.md §13.3)."""
 
 from __future__ import annotations
 

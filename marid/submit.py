@@ -1,7 +1,8 @@
-"""Submitting builds: numbering, their plans and their snapshots (MANIFEST.md §5, API.md §7.4).
+"""Submitting builds: numbering, their plans and their snapshots (docs/manifest.md §5, docs/api.md
+§7.4).
 
 `submit_many` creates a whole batch with a fixed number of statements, whatever its size (the
-scheduler fires hundreds of cron jobs at once, issue 5); `submit` is a batch of one, the path of
+scheduler fires hundreds of cron jobs at once); `submit` is a batch of one, the path of
 POST /builds. Everything runs in the caller's transaction; the NOTIFY that wakes runners is
 delivered only when it commits.
 """
@@ -47,7 +48,7 @@ class Submission:
 
     @property
     def context(self) -> Context:
-        # Personal resources count only when the submitter is the owner (MANIFEST.md §5.5).
+        # Personal resources count only when the submitter is the owner (docs/manifest.md §5.5).
         ns_id = self.namespace.id if self.namespace else None
         return (self.owner.id, ns_id, self.author.id == self.owner.id)
 
@@ -158,7 +159,7 @@ async def _find_objects(conn: asyncpg.Connection, subs: list[Submission]) -> lis
 
 
 async def _numbers(conn: asyncpg.Connection, subs: list[Submission]) -> list[int]:
-    """Each build's number, from its owner's counter (API.md §7.1).
+    """Each build's number, from its owner's counter (docs/api.md §7.1).
 
     One statement for every owner of the batch; it locks their counter rows in owner id order,
     so concurrent batches sharing owners wait for each other instead of deadlocking."""

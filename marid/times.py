@@ -1,4 +1,4 @@
-"""Timestamps as API.md §1.3 wants them: RFC 3339, UTC, `Z` suffix."""
+"""Timestamps as docs/api.md §1.3 wants them: RFC 3339, UTC, `Z` suffix."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Access tokens (EXTENSIONS.md b): values shown once, stored as SHA-256 digests."""
+"""Access tokens (docs/api.md §18): values shown once, stored as SHA-256 digests."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class Token:
     scope: str
     created_at: datetime
     last_used_at: datetime | None
-    # The app a token was issued to through OAuth (API.md §16); None for personal tokens.
+    # The app a token was issued to through OAuth (docs/api.md §16); None for personal tokens.
     app_client_id: str | None = None
     app_name: str | None = None
 
@@ -49,7 +49,7 @@ def digest(value: str) -> str:
 
 
 def to_json(token: Token, api_url: str) -> dict[str, Any]:
-    """The Token entity of EXTENSIONS.md b.1 (without the value)."""
+    """The Token entity of docs/api.md §18.1 (without the value)."""
     return {
         "id": token.id,
         "name": token.name,
@@ -120,7 +120,7 @@ async def replace_for_app(
     conn: asyncpg.Connection, user: User, app_id: int, app_name: str, scope: str, value: str
 ) -> None:
     """Store `value` as `user`'s one token for the app (named after it); an earlier one is
-    overwritten, so its value stops working (API.md §16.3). The caller owns the transaction."""
+    overwritten, so its value stops working (docs/api.md §16.3). The caller owns the transaction."""
     await conn.execute(
         """
         INSERT INTO tokens (user_id, name, scope, digest, app_id) VALUES ($1, $2, $3, $4, $5)

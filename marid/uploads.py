@@ -1,4 +1,4 @@
-"""Uploaded content for objects and images (API.md §12.3, §14.3), independent of HTTP.
+"""Uploaded content for objects and images (docs/api.md §12.3, §14.3), independent of HTTP.
 
 An upload is spooled to a temporary file while it arrives (never held in memory), refusing to
 grow past the resource's limit; it reaches the blob store only once its checks pass, and a

@@ -1,4 +1,5 @@
-"""Users: creation rules (EXTENSIONS.md c), password hashing and the User entity (API.md §6)."""
+"""Users: creation rules (docs/configuration.md §2), password hashing and the User entity
+(docs/api.md §6)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class User:
 
 
 def to_json(user: User) -> dict[str, Any]:
-    """The User entity of API.md §6.1."""
+    """The User entity of docs/api.md §6.1."""
     return {"email": user.email, "username": user.username, "created_at": rfc3339(user.created_at)}
 
 
@@ -56,7 +57,8 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 def check_new_user(username: str | None, email: str | None, password: str | None) -> Errors:
-    """The shape rules of `user create` (EXTENSIONS.md c); uniqueness is checked on insert."""
+    """The shape rules of `user create` (docs/configuration.md §2); uniqueness is checked on
+    insert."""
     errors = Errors()
     if not email:
         errors.add("email", "Email field required")

@@ -27,7 +27,7 @@ class RequestError(Exception):
 
 
 class NotFound(Exception):
-    """Rendered as 404 {"message": "Not Found"} (API.md §1.6: never 401/403)."""
+    """Rendered as 404 {"message": "Not Found"} (docs/api.md §1.6: never 401/403)."""
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Errors:
 
 
 class Body:
-    """A JSON object body whose typed readers record API.md §1.2 type errors.
+    """A JSON object body whose typed readers record docs/api.md §1.2 type errors.
 
     Absent and null both mean "not given" and read as None.
     """

@@ -1,4 +1,5 @@
-"""Variables: environment variables placed into builds (API.md §15, MANIFEST.md §5.5, §6.3).
+"""Variables: environment variables placed into builds (docs/api.md §15, docs/manifest.md §5.5,
+§6.3).
 
 An unmasked value is stored as text. A masked value is stored only as an AES-GCM blob whose
 associated data binds it to its owner and key, so a blob copied onto another row does not
@@ -42,8 +43,9 @@ class Variable:
 
 
 def associated_data(owner_id: int, key: str) -> bytes:
-    """What a masked value's blob is bound to: its owner (the namespace owner for a namespaced
-    variable, API.md §3.1) and its key. Neither changes, not even when a namespace is deleted."""
+    """What a masked value's blob is bound to: its owner (the namespace owner for a
+    namespaced variable, docs/api.md §3.1) and its key. Neither changes, not even when a
+    namespace is deleted."""
     return f"variable:{owner_id}:{key}".encode()
 
 
@@ -71,7 +73,7 @@ def plaintext(cipher: Cipher, variable: Variable) -> str:
 
 @dataclass(frozen=True)
 class VariableForm:
-    """A POST /variables body after its shape checks (API.md §15.3).
+    """A POST /variables body after its shape checks (docs/api.md §15.3).
 
     `key` and `value` are None when missing or malformed; `errors` holds what failed so far and
     is raised by create() together with the rules that need the database.
@@ -202,7 +204,7 @@ async def count(conn: asyncpg.Connection, listing: Listing, search: str) -> int:
 async def page(
     conn: asyncpg.Connection, listing: Listing, search: str, offset: int, limit: int
 ) -> list[Variable]:
-    """One page of the variables of `listing` (API.md §15.2, §8.8) whose key contains
+    """One page of the variables of `listing` (docs/api.md §15.2, §8.8) whose key contains
     `search`, by key."""
     rows = await conn.fetch(
         """
@@ -229,7 +231,7 @@ async def page(
 async def to_json(
     conn: asyncpg.Connection, found: list[Variable], api_url: str
 ) -> list[dict[str, Any]]:
-    """Variable entities (API.md §15.1): a masked value is always `xxxxxx`."""
+    """Variable entities (docs/api.md §15.1): a masked value is always `xxxxxx`."""
     people = await users.by_ids(conn, {v.user_id for v in found} | {v.author_id for v in found})
     spaces = await namespaces.by_ids(conn, {v.namespace_id for v in found if v.namespace_id})
     return [

@@ -1,4 +1,4 @@
-"""Webhooks (API.md §10): the entity, its validation, queuing events and the delivery records.
+"""Webhooks (docs/api.md §10): the entity, its validation, queuing events and the delivery records.
 
 An event is queued with `emit()` inside the transaction of the change that caused it, as one
 webhook_deliveries row per subscribed webhook; the scheduler's deliverer (scheduler/hooks.py)
@@ -26,7 +26,7 @@ from marid.times import rfc3339
 from marid.users import User
 from marid.validation import Body, Errors
 
-# In the order of API.md §10.6, which is also the order `events` is returned in.
+# In the order of docs/api.md §10.6, which is also the order `events` is returned in.
 EVENTS = (
     "build.submitted",
     "build.started",
@@ -317,7 +317,7 @@ async def last_responses(conn: asyncpg.Connection, ids: list[int]) -> dict[int, 
 def to_json(
     hook: Webhook, ns: Namespace, last: LastResponse | None, api_url: str
 ) -> dict[str, Any]:
-    """The Webhook entity of API.md §10.1; the secret is never part of it."""
+    """The Webhook entity of docs/api.md §10.1; the secret is never part of it."""
     return {
         "id": hook.id,
         "user_id": hook.user_id,
@@ -429,8 +429,8 @@ class Outcome:
 
     @property
     def delivered(self) -> bool:
-        """Any response but a server error (§10.7 counts every response; issue 5 asks for
-        retries, and a 5xx is what a receiver that is down behind a proxy answers)."""
+        """Any response but a server error (docs/api.md §10.7: a 5xx or no answer is
+        retried, and a 5xx is what a receiver that is down behind a proxy answers)."""
         return self.code is not None and self.code < 500
 
     @property

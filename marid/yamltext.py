@@ -1,4 +1,4 @@
-"""YAML read as literal text, safely (MANIFEST.md §1, §4 rules 1-2).
+"""YAML read as literal text, safely (docs/manifest.md §1, §4 rules 1-2).
 
 Scalars keep their source text (`1.10`, `yes`, `010` stay as written; null is None), merge
 keys work, and hostile input is refused: oversized documents, deep nesting, too many aliases

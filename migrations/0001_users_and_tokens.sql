@@ -1,5 +1,5 @@
 -- Why: users and their access tokens are what every request is authenticated against
--- (API.md §6, EXTENSIONS.md b). Tokens are stored only as SHA-256 digests.
+-- (docs/api.md §6, docs/api.md §18). Tokens are stored only as SHA-256 digests.
 
 CREATE TABLE users (
     id bigserial PRIMARY KEY,

@@ -1,4 +1,4 @@
--- Why: namespaces group resources and carry visibility and collaborators (API.md §3, §8, §9).
+-- Why: namespaces group resources and carry visibility and collaborators (docs/api.md §3, §8, §9).
 -- A tree shares one owner; collaborators and invites are stored against its root.
 
 CREATE TABLE namespaces (
@@ -36,7 +36,7 @@ CREATE TABLE invites (
 CREATE INDEX invites_invitee_id_idx ON invites (invitee_id);
 
 -- Every namespace with each user who may use it: its owner and its root's collaborators.
--- "My resources" listings (API.md §3.3) and the "use" right (§3.2) both read this.
+-- "My resources" listings (docs/api.md §3.3) and the "use" right (§3.2) both read this.
 CREATE VIEW namespace_members AS
     SELECT n.id AS namespace_id, n.user_id FROM namespaces n
     UNION ALL

@@ -1,5 +1,5 @@
 -- Why: variables and SSH keys are stored per user or per namespace and placed into builds
--- (API.md §13, §15; MANIFEST.md §5.5). Secrets never sit in plain text: a masked value and a
+-- (docs/api.md §13, §15; docs/manifest.md §5.5). Secrets never sit in plain text: a masked value and a
 -- private key are kept only as AES-GCM blobs (marid/crypto.py); the CHECK on variables makes
 -- a plain-text masked value impossible to store.
 
@@ -35,7 +35,7 @@ BEGIN
     RETURN OLD;
 END;
 $$;
--- Deleting a namespace keeps its variables, detached (API.md §8.6); a cascaded delete of a
+-- Deleting a namespace keeps its variables, detached (docs/api.md §8.6); a cascaded delete of a
 -- child namespace fires this too.
 CREATE TRIGGER variables_detach BEFORE DELETE ON namespaces
     FOR EACH ROW EXECUTE FUNCTION variables_detach();

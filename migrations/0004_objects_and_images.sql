@@ -1,5 +1,5 @@
--- Why: objects (files placed into builds, API.md §14) and images (qemu disks and docker image
--- archives, §12 and EXTENSIONS.md h.2) keep their content in the blob store under `blob_key`.
+-- Why: objects (files placed into builds, docs/api.md §14) and images (qemu disks and docker image
+-- archives, §12 and docs/manifest.md §9.2) keep their content in the blob store under `blob_key`.
 -- Image downloads (§12.3) run in the API process and record their progress here, so a
 -- restarted server can resume or fail the ones it left pending.
 
@@ -32,7 +32,7 @@ BEGIN
     RETURN OLD;
 END;
 $$;
--- Deleting a namespace keeps its objects, detached (API.md §8.6); a cascaded delete of a
+-- Deleting a namespace keeps its objects, detached (docs/api.md §8.6); a cascaded delete of a
 -- child namespace fires this too.
 CREATE TRIGGER objects_detach BEFORE DELETE ON namespaces
     FOR EACH ROW EXECUTE FUNCTION objects_detach();
@@ -48,7 +48,7 @@ CREATE TABLE images (
     -- The content: NULL until a download has finished (never NULL for an upload).
     blob_key text,
     size bigint,
-    sha256 text,  -- the runner caches loaded docker archives by it (EXTENSIONS.md h.2)
+    sha256 text,  -- the runner caches loaded docker archives by it (docs/manifest.md §9.2)
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE UNIQUE INDEX images_user_id_name_key ON images (user_id, name)
@@ -68,7 +68,7 @@ CREATE TRIGGER images_detach BEFORE DELETE ON namespaces
 
 CREATE TABLE image_downloads (
     image_id bigint PRIMARY KEY REFERENCES images (id) ON DELETE CASCADE,
-    -- The URL as shown (API.md §12.1): any password replaced by `xxxxx`.
+    -- The URL as shown (docs/api.md §12.1): any password replaced by `xxxxx`.
     source text NOT NULL,
     -- The URL itself, encrypted with crypto.key (it may hold a password); kept only until the
     -- download finishes, so a restarted server can run it again.
@@ -81,7 +81,7 @@ CREATE TABLE image_downloads (
 );
 CREATE INDEX image_downloads_pending_idx ON image_downloads (image_id) WHERE finished_at IS NULL;
 
--- Images with their download, which every Image entity embeds (API.md §12.1).
+-- Images with their download, which every Image entity embeds (docs/api.md §12.1).
 CREATE VIEW images_with_download AS
     SELECT i.id, i.user_id, i.author_id, i.namespace_id, i.detached, i.driver, i.name,
            i.blob_key, i.size, i.sha256, i.created_at,

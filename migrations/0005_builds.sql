@@ -1,4 +1,4 @@
--- Why: builds, their snapshot and their execution state (API.md §7, MANIFEST.md §5–§6), with
+-- Why: builds, their snapshot and their execution state (docs/api.md §7, docs/manifest.md §5–§6), with
 -- PostgreSQL as the queue: runners claim builds with FOR UPDATE SKIP LOCKED and hold a lease
 -- they renew; every runner write is fenced by the attempt number it claimed.
 
@@ -76,7 +76,7 @@ CREATE TABLE build_jobs (
 );
 CREATE INDEX build_jobs_build_id_position_idx ON build_jobs (build_id, position);
 
--- Live output: masked text appended in chunks while a job runs (EXTENSIONS.md d). `attempt`
+-- Live output: masked text appended in chunks while a job runs (docs/api.md §19). `attempt`
 -- fences a dead runner's late writes; `byte_offset` counts UTF-8 bytes of the job's output.
 CREATE TABLE build_job_output (
     job_id bigint NOT NULL REFERENCES build_jobs (id) ON DELETE CASCADE,
@@ -136,7 +136,7 @@ CREATE TABLE build_artifacts (
     CONSTRAINT build_artifacts_build_id_name_key UNIQUE (build_id, name)
 );
 
--- EXTENSIONS.md g: a 201 outcome of POST /builds kept for 24 h per (user, key).
+-- docs/api.md §22: a 201 outcome of POST /builds kept for 24 h per (user, key).
 CREATE TABLE idempotency_keys (
     user_id bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     key text NOT NULL,
@@ -147,7 +147,7 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (user_id, key)
 );
 
--- A build as the API shows it: its columns plus its tags in byte order (API.md §7.1).
+-- A build as the API shows it: its columns plus its tags in byte order (docs/api.md §7.1).
 CREATE VIEW build_rows AS
     SELECT b.id, b.user_id, b.author_id, b.namespace_id, b.number, b.manifest, b.driver,
            b.status, b.output, b.pinned, b.trigger_type, b.trigger_comment, b.trigger_data,
@@ -156,7 +156,7 @@ CREATE VIEW build_rows AS
                      FROM build_tags t WHERE t.build_id = b.id), '{}') AS tags
     FROM builds b;
 
--- The build filters of API.md §1.8, in one place for every build listing. NULL = no filter.
+-- The build filters of docs/api.md §1.8, in one place for every build listing. NULL = no filter.
 CREATE FUNCTION build_matches(b build_rows, tag text, search text, status text, pinned boolean)
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT (tag IS NULL OR tag = ANY(b.tags))

@@ -1,7 +1,7 @@
--- Why: cron jobs submit builds on a schedule (API.md §11, EXTENSIONS.md a). Each run is recorded
+-- Why: cron jobs submit builds on a schedule (docs/api.md §11, docs/api.md §17). Each run is recorded
 -- in cron_runs under a unique (cron_id, scheduled_at), so a scheduled run produces at most one
 -- build even when several schedulers race or one dies mid-batch: the constraint, not only the
--- row locks, is the exactly-once guarantee (issue 5). Cron jobs go with their namespace (§8.6);
+-- row locks, is the exactly-once guarantee. Cron jobs go with their namespace (§8.6);
 -- the builds they created are kept.
 
 CREATE TABLE crons (

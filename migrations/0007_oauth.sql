@@ -1,5 +1,5 @@
--- Why: third-party applications (EXTENSIONS.md i) obtain tokens through the OAuth
--- authorization-code flow (API.md §16). Client secrets, codes and tokens are stored only as
+-- Why: third-party applications (docs/api.md §23) obtain tokens through the OAuth
+-- authorization-code flow (docs/api.md §16). Client secrets, codes and tokens are stored only as
 -- SHA-256 digests. OAuth tokens live in `tokens` (so GET /tokens lists them) tagged with their
 -- app, at most one per user and app, and die with the app.
 

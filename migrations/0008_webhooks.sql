@@ -1,4 +1,4 @@
--- Why: webhooks (API.md §10, issue 5) tell other systems what happened in a namespace. An event
+-- Why: webhooks (docs/api.md §10) tell other systems what happened in a namespace. An event
 -- is queued as webhook_deliveries rows in the transaction of the change that caused it (an
 -- outbox: no event for a rolled-back change, none lost when the process dies after commit), and
 -- `marid scheduler` sends them in the background, retrying with backoff when the receiver cannot

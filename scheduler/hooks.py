@@ -1,10 +1,10 @@
-"""Webhook delivery (API.md §10.7): queued deliveries -> signed HTTP POSTs.
+"""Webhook delivery (docs/api.md §10.7): queued deliveries -> signed HTTP POSTs.
 
 Runs inside `marid scheduler` (and so inside `marid up`). Deliveries are claimed with
 FOR UPDATE SKIP LOCKED, so any number of schedulers share them; a claim is a lease, so one whose
 scheduler died mid-request is retried once the lease ends. A delivery that gets no answer, or a
-5xx, is retried with exponential backoff (`webhooks.attempts`, `webhooks.retry_delay`: issue 5
-asks for retries where §10.7 has none); any other response counts as delivered. Every attempt
+5xx, is retried with exponential backoff (`webhooks.attempts`, `webhooks.retry_delay`,
+docs/configuration.md §1); any other response counts as delivered. Every attempt
 is recorded, and the records expire after 30 days.
 """
 

@@ -1,4 +1,4 @@
-"""The scheduler loop: due cron jobs -> builds (API.md §11.2, issue 5).
+"""The scheduler loop: due cron jobs -> builds (docs/api.md §11.2).
 
 Each tick claims a batch of due cron jobs with FOR UPDATE SKIP LOCKED, so several schedulers
 share the work, and in one transaction records their runs, submits their builds and moves
@@ -82,7 +82,7 @@ async def _announce(
     made: list[Build],
     api_url: str,
 ) -> None:
-    """Queue `build.submitted` (API.md §10.6) for the builds whose namespace wants it."""
+    """Queue `build.submitted` (docs/api.md §10.6) for the builds whose namespace wants it."""
     spaces = {build.namespace_id for build in made if build.namespace_id is not None}
     hooked = await webhooks.listening(conn, spaces, "build.submitted") if spaces else set()
     for (_, sub), build in zip(firing, made, strict=True):
@@ -245,7 +245,7 @@ async def run(
                     if stop.is_set():
                         return
                 if time.monotonic() - cleaned >= config.cron.interval:
-                    # Artifact retention (MANIFEST.md §6.7) runs here too (DESIGN.md).
+                    # Artifact retention (docs/manifest.md §6.7) runs here too (DESIGN.md).
                     await curator.run(pool, blobs, config.artifacts.cleanup_threshold)
                     cleaned = time.monotonic()
                 deadline = await _next_look(pool, deadline)

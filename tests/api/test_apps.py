@@ -1,4 +1,4 @@
-"""OAuth application registration (EXTENSIONS.md i)."""
+"""OAuth application registration (docs/api.md §23)."""
 
 import hashlib
 import re

@@ -1,4 +1,4 @@
-"""Builds over HTTP (API.md §7, EXTENSIONS.md g), without a runner: submission, listing,
+"""Builds over HTTP (docs/api.md §7, docs/api.md §22), without a runner: submission, listing,
 tags, pins, kills of queued builds and idempotency."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""API.md §1 conventions: errors, bodies, routing, pagination, health, request ids."""
+"""docs/api.md §1 conventions: errors, bodies, routing, pagination, health, request ids."""
 
 import io
 import logging

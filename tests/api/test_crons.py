@@ -1,4 +1,4 @@
-"""Cron jobs through the API (API.md §11, EXTENSIONS.md a), with an injected clock."""
+"""Cron jobs through the API (docs/api.md §11, docs/api.md §17), with an injected clock."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Images (API.md §12, EXTENSIONS.md h.2, §8.8): qemu and docker uploads, background
+"""Images (docs/api.md §12, docs/manifest.md §9.2, §8.8): qemu and docker uploads, background
 downloads from a local HTTP server, access, detaching, and the runner's docker lookup."""
 
 from __future__ import annotations

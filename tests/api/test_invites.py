@@ -1,4 +1,4 @@
-"""Invites (API.md §8.11, §8.12, §9)."""
+"""Invites (docs/api.md §8.11, §8.12, §9)."""
 
 import asyncpg
 from aiohttp.test_utils import TestClient

@@ -1,4 +1,4 @@
-"""SSH keys (API.md §13, §8.8): private keys are sealed at rest and never returned."""
+"""SSH keys (docs/api.md §13, §8.8): private keys are sealed at rest and never returned."""
 
 from __future__ import annotations
 
@@ -483,7 +483,7 @@ async def test_deleting_a_namespace_detaches_its_keys(
 async def test_a_build_freezes_the_owners_and_the_namespaces_keys(
     api: TestClient, token: MakeToken, pool: asyncpg.Pool, make_user: MakeUser, config
 ):
-    """MANIFEST.md §5.5: by name, a namespace's key wins over a personal one; personal keys
+    """docs/manifest.md §5.5: by name, a namespace's key wins over a personal one; personal keys
     count only when the submitter owns the build."""
     value = await token(EVERYTHING + " build:write")
     await create_key(api, value, name="b", config="personal b")

@@ -1,4 +1,4 @@
-"""GET /metrics (EXTENSIONS.md f): this process's HTTP figures and the installation's totals."""
+"""GET /metrics (docs/api.md §21): this process's HTTP figures and the installation's totals."""
 
 from __future__ import annotations
 

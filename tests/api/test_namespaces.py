@@ -1,4 +1,4 @@
-"""Namespaces (API.md §8): create, show, update, delete, listings, collaborators, badge."""
+"""Namespaces (docs/api.md §8): create, show, update, delete, listings, collaborators, badge."""
 
 from typing import Any
 

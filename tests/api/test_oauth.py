@@ -1,4 +1,4 @@
-"""The OAuth authorization-code flow (API.md §16), driven like a third-party client would."""
+"""The OAuth authorization-code flow (docs/api.md §16), driven like a third-party client would."""
 
 import logging
 import re

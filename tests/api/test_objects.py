@@ -1,4 +1,4 @@
-"""Objects (API.md §14, §8.8): streamed uploads, raw downloads, access, detaching."""
+"""Objects (docs/api.md §14, §8.8): streamed uploads, raw downloads, access, detaching."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ NAME_RULE = "Name can only have letters, numbers, dots, dashes, and underscores"
 
 
 def embedded(ns: dict[str, Any]) -> dict[str, Any]:
-    """A namespace as a resource embeds it: without its own `parent` (API.md §1.3)."""
+    """A namespace as a resource embeds it: without its own `parent` (docs/api.md §1.3)."""
     return {**ns, "parent": None, "build": None}
 
 

@@ -1,4 +1,4 @@
-"""The OpenAPI document describes exactly the routes that exist (EXTENSIONS.md f)."""
+"""The OpenAPI document describes exactly the routes that exist (docs/api.md §21)."""
 
 import re
 
@@ -31,7 +31,7 @@ async def test_openapi_document_matches_the_router(api: TestClient, config: Conf
     assert doc["info"] == {"title": "marid", "version": "0.1.0"}
     assert doc["servers"] == [{"url": "https://ci.example.com/api"}]
     documented = {
-        # Root operations (the OAuth pages, API.md §16) name the server root in `servers`.
+        # Root operations (the OAuth pages, docs/api.md §16) name the server root in `servers`.
         (method, path if "servers" in op else "/api" + path)
         for path, ops in doc["paths"].items()
         for method, op in ops.items()

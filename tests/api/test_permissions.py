@@ -52,18 +52,18 @@ class Row:
 
 
 def private(ok: int) -> tuple[int, int, int, int, int]:
-    """Owner and collaborators may: the "use" right of API.md §3.2."""
+    """Owner and collaborators may: the "use" right of docs/api.md §3.2."""
     return (404, 404, 404, ok, ok)
 
 
 def owner_only(ok: int) -> tuple[int, int, int, int, int]:
-    """Only the namespace owner may: the "administer" right of API.md §3.2."""
+    """Only the namespace owner may: the "administer" right of docs/api.md §3.2."""
     return (404, 404, 404, 404, ok)
 
 
 def created(ok: int = 201) -> tuple[int, int, int, int, int]:
     """Creating in alice's tree: a stranger names a namespace they cannot use, a field error
-    (API.md §1.6)."""
+    (docs/api.md §1.6)."""
     return (404, 404, 400, ok, ok)
 
 
@@ -96,7 +96,7 @@ ROWS: list[Row] = [
     # the inviter may withdraw it.
     Row("PATCH", "/api/invites/{invite}", "invite:write", (404, 404, 404, 404, 404)),
     Row("DELETE", "/api/invites/{invite}", "invite:delete", owner_only(204)),
-    # Variables (API.md §15)
+    # Variables (docs/api.md §15)
     Row("GET", "/api/variables", "variable:read", mine()),
     Row("POST", "/api/variables", "variable:write", created(),
         {"key": "K_{role}", "value": "v", "namespace": TEAM}),

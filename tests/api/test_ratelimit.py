@@ -1,4 +1,4 @@
-"""Rate limiting (EXTENSIONS.md e) on a real server application, with small limits."""
+"""Rate limiting (docs/api.md §20) on a real server application, with small limits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Variables (API.md §15, §8.8): masked values are sealed at rest and never shown."""
+"""Variables (docs/api.md §15, §8.8): masked values are sealed at rest and never shown."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ EVERYTHING = "variable:read,write,delete namespace:read,write,delete invite:read
 
 
 def embedded(ns: dict[str, Any]) -> dict[str, Any]:
-    """A namespace as a resource embeds it: without its own `parent` (API.md §1.3)."""
+    """A namespace as a resource embeds it: without its own `parent` (docs/api.md §1.3)."""
     return {**ns, "parent": None, "build": None}
 
 
@@ -249,7 +249,7 @@ async def test_key_is_unique_per_owner_and_per_namespace(
             "key": ["Key already exists"],
             "value": ["Value cannot be shorter than 6 characters in length"],
         }
-    # Uniqueness is not checked when the namespace rule failed (API.md §1.4).
+    # Uniqueness is not checked when the namespace rule failed (docs/api.md §1.4).
     resp = await api.post(
         "/api/variables",
         headers=bearer(value),
@@ -491,7 +491,7 @@ async def snapshot(api: TestClient, token: str, pool: asyncpg.Pool, namespace: s
 async def test_a_build_freezes_the_owners_and_the_namespaces_variables(
     api: TestClient, alice: User, token: MakeToken, pool: asyncpg.Pool, make_user: MakeUser, config
 ):
-    """MANIFEST.md §5.5: personal variables count only when the submitter owns the build; a
+    """docs/manifest.md §5.5: personal variables count only when the submitter owns the build; a
     namespace's variable replaces a personal one of the same key, and takes its own place."""
     value = await token(EVERYTHING + " build:write")
     await create_variable(api, value, key="B", value="personal b")

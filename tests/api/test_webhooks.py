@@ -1,4 +1,4 @@
-"""Webhooks through the API (API.md §10): the entity, its rules, and the events queued."""
+"""Webhooks through the API (docs/api.md §10): the entity, its rules, and the events queued."""
 
 from __future__ import annotations
 

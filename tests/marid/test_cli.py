@@ -1,4 +1,5 @@
-"""`marid user create` and `marid token create` (EXTENSIONS.md c), run as real processes."""
+"""`marid user create` and `marid token create` (docs/configuration.md §2), run as real
+processes."""
 
 import json
 import re
@@ -29,7 +30,7 @@ def config_file(tmp_path: Path, db_dsn: str) -> Path:
 
 
 def marid(config_file: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    # --config after the sub-command, as EXTENSIONS.md c allows.
+    # --config after the sub-command, as docs/configuration.md §2 allows.
     return subprocess.run(
         [sys.executable, "-m", "marid", *args, "--config", str(config_file)],
         input=stdin,

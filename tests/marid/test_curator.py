@@ -1,4 +1,4 @@
-"""Artifact retention against a real database and blob store (MANIFEST.md §6.7)."""
+"""Artifact retention against a real database and blob store (docs/manifest.md §6.7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`path[@owner]` references (API.md §3.4), resolved against a real database."""
+"""`path[@owner]` references (docs/api.md §3.4), resolved against a real database."""
 
 import asyncpg
 import pytest

@@ -1,4 +1,4 @@
-"""Schedules and time zones (EXTENSIONS.md a)."""
+"""Schedules and time zones (docs/api.md §17)."""
 
 from datetime import UTC, datetime
 

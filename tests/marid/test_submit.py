@@ -1,5 +1,5 @@
-"""submit_many: a batch of builds in a fixed number of statements (issue 5); submit is a batch
-of one (MANIFEST.md §5, API.md §7.4)."""
+"""submit_many: a batch of builds in a fixed number of statements; submit is a batch
+of one (docs/manifest.md §5, docs/api.md §7.4)."""
 
 from __future__ import annotations
 

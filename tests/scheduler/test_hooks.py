@@ -1,5 +1,5 @@
-"""Webhook delivery (API.md §10.7) to real receivers on loopback, with an injected clock for
-retries (issue 5: retried with backoff while the receiver is down, every attempt logged)."""
+"""Webhook delivery (docs/api.md §10.7) to real receivers on loopback, with an injected clock for
+retries (retried with backoff while the receiver is down, every attempt logged)."""
 
 from __future__ import annotations
 

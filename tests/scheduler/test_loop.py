@@ -1,4 +1,4 @@
-"""The scheduler loop with an injected clock (API.md §11.2, issue 5): exactly one build per run."""
+"""The scheduler loop with an injected clock (docs/api.md §11.2): exactly one build per run."""
 
 from __future__ import annotations
 

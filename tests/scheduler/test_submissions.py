@@ -1,5 +1,5 @@
-"""A cron job's build is the build POST /builds makes of the same manifest (MANIFEST.md §5),
-apart from its trigger and its `cron:` tag (API.md §11.2)."""
+"""A cron job's build is the build POST /builds makes of the same manifest (docs/manifest.md §5),
+apart from its trigger and its `cron:` tag (docs/api.md §11.2)."""
 
 from __future__ import annotations
 
