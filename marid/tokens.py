@@ -176,3 +176,20 @@ async def delete(conn: asyncpg.Connection, user: User, token_id: int) -> bool:
         "DELETE FROM tokens WHERE id = $1 AND user_id = $2", token_id, user.id
     )
     return bool(result == "DELETE 1")
+
+
+async def delete_named(conn: asyncpg.Connection, user: User, name: str) -> bool:
+    """Revoke `user`'s token called `name`; False when they have none of that name."""
+    result = await conn.execute(
+        "DELETE FROM tokens WHERE user_id = $1 AND name = $2", user.id, name
+    )
+    return bool(result == "DELETE 1")
+
+
+async def rename(conn: asyncpg.Connection, token_id: int, old: str, new: str) -> bool:
+    """Rename a token that is still called `old`; raises UniqueViolationError when its user
+    has another token called `new`."""
+    result = await conn.execute(
+        "UPDATE tokens SET name = $3 WHERE id = $1 AND name = $2", token_id, old, new
+    )
+    return bool(result == "UPDATE 1")

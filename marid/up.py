@@ -247,28 +247,15 @@ async def _admin_credentials(conn: asyncpg.Connection) -> Credentials | None:
     they were shown before."""
     async with conn.transaction():
         password = secrets.token_urlsafe(12)
-        replaced = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)")
+        replaced = await users.any_exist(conn)
         if not replaced:
             admin = await users.create(conn, "admin", "admin@localhost", password)
         else:
-            admin_id = await conn.fetchval(
-                """
-                DELETE FROM tokens t USING users u
-                WHERE u.username = 'admin' AND t.user_id = u.id AND t.name = $1
-                RETURNING u.id
-                """,
-                UNSHOWN,
-            )
-            if admin_id is None:
-                return None
-            await conn.execute(
-                "UPDATE users SET password_hash = $2 WHERE id = $1",
-                admin_id,
-                users.hash_password(password),
-            )
             found = await users.get_by_username(conn, "admin")
-            assert found is not None
+            if found is None or not await tokens.delete_named(conn, found, UNSHOWN):
+                return None
             admin = found
+            await users.set_password(conn, admin, password)
         token, value = await tokens.create(conn, admin, UNSHOWN, scopes.FULL)
         return Credentials(password, value, token.id, replaced)
 
@@ -277,9 +264,7 @@ async def _mark_shown(conn: asyncpg.Connection, token_id: int) -> None:
     """Give the admin token its usual name, now that the banner showing it is written."""
     for name in (SHOWN, f"{SHOWN} {token_id}"):  # the second if someone took the first
         try:
-            await conn.execute(
-                "UPDATE tokens SET name = $2 WHERE id = $1 AND name = $3", token_id, name, UNSHOWN
-            )
+            await tokens.rename(conn, token_id, UNSHOWN, name)
             return
         except asyncpg.UniqueViolationError:
             continue

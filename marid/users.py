@@ -101,6 +101,16 @@ async def create(conn: asyncpg.Connection, username: str, email: str, password: 
     return User(**row)
 
 
+async def set_password(conn: asyncpg.Connection, user: User, password: str) -> None:
+    await conn.execute(
+        "UPDATE users SET password_hash = $2 WHERE id = $1", user.id, hash_password(password)
+    )
+
+
+async def any_exist(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)"))
+
+
 async def get_by_handle(conn: asyncpg.Connection, handle: str) -> User | None:
     """The user whose username or email is exactly `handle`."""
     row = await conn.fetchrow(
