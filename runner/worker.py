@@ -130,10 +130,14 @@ class Worker:
             self.running.pop(claim.build_id, None)
 
     async def _heartbeat(self, claim: Claim, execution: Execution) -> None:
-        """Renew the lease; notice kill requests; give up when the lease is gone."""
+        """Renew the lease; notice kill requests; give up when the lease is gone.
+
+        The first renewal comes at once: a kill NOTIFY that arrived before the execution was
+        in `self.running` (while the build was loaded) found nothing to kill, and the
+        request must not wait a renewal period to be seen (docs/architecture.md).
+        """
         lease = self.config.runner.lease
         while True:
-            await asyncio.sleep(min(1.0, lease / 3))
             async with self.pool.acquire() as conn:
                 killed = await queue.renew(conn, claim, lease)
             if killed is None:
@@ -142,6 +146,7 @@ class Worker:
                 return
             if killed:
                 execution.kill.set()
+            await asyncio.sleep(min(1.0, lease / 3))
 
     async def _load(self, claim: Claim) -> tuple[BuildSpec, Driver]:
         async with self.pool.acquire() as conn:

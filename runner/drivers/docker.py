@@ -122,6 +122,10 @@ class DockerDriver(Driver):
         self._running: Any = None
         self._stopped = False
         self._start_lock = asyncio.Lock()  # orders a container start against stop()
+        self._making: set[asyncio.Future[Any]] = set()  # see _make
+        # Output streams of job containers not closed yet: run() closes its own, destroy() any
+        # left by a run() that was cancelled before it had the stream in hand.
+        self._streams: list[Any] = []
 
     @property
     def volume(self) -> str:
@@ -135,9 +139,7 @@ class DockerDriver(Driver):
     async def create(self, out: OutputSink) -> None:
         """Resolve the image (h.2), then create the workspace volume."""
         self._image_id = await self._resolve_image(out)
-        await asyncio.to_thread(
-            _engine, self._client.volumes.create, self.volume, labels=self._labels
-        )
+        await self._make(self._client.volumes.create, self.volume, labels=self._labels)
         log.info("build %d: created volume %s", self.build_id, self.volume)
 
     async def place_object(self, content: Path, destination: str) -> str:
@@ -164,11 +166,8 @@ class DockerDriver(Driver):
             await self._remove(previous)
             return STOPPED_STATUS
         # The previous container goes while the next is made: job overhead is engine time.
-        _, self._last = await asyncio.gather(
-            self._remove(previous),
-            asyncio.to_thread(self._create_job, job, script.encode(), env),
-        )
-        stream = await asyncio.to_thread(_engine, self._last.attach, stream=True)
+        made = self._make(self._create_job, job, script.encode(), env)
+        _, (self._last, stream) = await asyncio.gather(self._remove(previous), made)
         try:
             if not await self._start(self._last):
                 return STOPPED_STATUS
@@ -176,7 +175,7 @@ class DockerDriver(Driver):
             result = await asyncio.to_thread(_engine, self._last.wait)
         finally:
             self._running = None
-            await asyncio.to_thread(_close_stream, stream)
+            await asyncio.to_thread(self._close_streams)
         log.info("build %d: job %s exited with %s", self.build_id, job, result["StatusCode"])
         return int(result["StatusCode"])
 
@@ -201,8 +200,12 @@ class DockerDriver(Driver):
             log.warning("build %d: stopping %s failed: %s", self.build_id, container.name, exc)
 
     async def destroy(self) -> None:
-        """Remove this attempt's containers and volume (by label). Never raises."""
+        """Remove this attempt's containers and volume (by label), once every engine call that
+        makes one has returned. Never raises."""
         self._stopped = True
+        while self._making:  # calls a kill or timeout cancelled the caller of (see _make)
+            await asyncio.wait(set(self._making))
+        await asyncio.to_thread(self._close_streams)
         labels = [f"{key}={value}" for key, value in self._labels.items()]
         await asyncio.to_thread(_remove_labelled, self._client, labels)
         self._last = self._helper = None
@@ -279,7 +282,7 @@ class DockerDriver(Driver):
     async def _place(self, file: _File) -> str:
         """Write `file` into the volume, or check it in the helper and keep it for every job."""
         if self._helper is None:
-            self._helper = await asyncio.to_thread(self._create_helper)
+            self._helper = await self._make(self._create_helper)
         await asyncio.to_thread(_engine, self._helper.put_archive, "/", _tar([file]))
         if not self._in_workspace(file.path):
             self._extra_files.append(file)
@@ -296,8 +299,9 @@ class DockerDriver(Driver):
             volumes={self.volume: {"bind": self._workspace, "mode": "rw"}},
         )
 
-    def _create_job(self, job: str, script: bytes, env: dict[str, str]) -> Any:
-        """A created job container holding the script and the files kept for every job."""
+    def _create_job(self, job: str, script: bytes, env: dict[str, str]) -> tuple[Any, Any]:
+        """A created job container holding the script and the files kept for every job, and
+        the stream of its output (attached before it starts, so none is missed)."""
         self._jobs += 1
         network = {} if self._network is None else {"network_mode": self._network}
         inline = len(script) <= INLINE_SCRIPT_MAX
@@ -329,7 +333,9 @@ class DockerDriver(Driver):
             files.append(_File(SCRIPT_PATH, script, 0o644))
         if files:
             _engine(container.put_archive, "/", _tar(files))
-        return container
+        stream = _engine(container.attach, stream=True)
+        self._streams.append(stream)
+        return container, stream
 
     def _collect(self, source: str, destination: Path, max_size: int) -> None:
         chunks = self._archive(source)
@@ -359,9 +365,34 @@ class DockerDriver(Driver):
         async with self._start_lock:
             if self._stopped:
                 return False
-            await asyncio.to_thread(_engine, container.start)
+            await self._make(container.start)
             self._running = container
         return True
+
+    async def _make(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`call(*args, **kwargs)` in a worker thread, for the calls that create or start a
+        container or the volume.
+
+        A kill or timeout cancels the job's task (docs/architecture.md), but not a thread: the
+        engine call goes on, and what it makes would appear after destroy() had looked for it,
+        never to be removed. So these calls are tracked until they return, and destroy() waits
+        for them.
+        """
+        future = asyncio.ensure_future(asyncio.to_thread(_engine, call, *args, **kwargs))
+        self._making.add(future)
+        future.add_done_callback(self._making.discard)
+        future.add_done_callback(_retrieve)
+        return await asyncio.shield(future)
+
+    def _close_streams(self) -> None:
+        """Close the output streams still open (in a worker thread: run() and destroy() may
+        both be closing)."""
+        while True:
+            try:
+                stream = self._streams.pop()
+            except IndexError:
+                return
+            _close_stream(stream)
 
     async def _remove(self, container: Any) -> None:
         """Remove a finished job's container, if any (its artifacts are collected by now)."""
@@ -418,6 +449,13 @@ async def _pump(stream: Iterator[bytes], out: OutputSink, name: str) -> None:
 
     threading.Thread(target=read, name=f"{name}-output", daemon=True).start()
     await done
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an engine call's error as seen: when its caller was cancelled, it is nobody's to
+    report (destroy() removes what the call made)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _close_stream(stream: Any) -> None:

@@ -4,15 +4,19 @@ MARID_REQUIRE_DOCKER=1 (CI), where a missing engine fails them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import docker
 import pytest
 from docker.errors import DockerException
+from docker.models.containers import Container, ContainerCollection
+from docker.models.volumes import Volume, VolumeCollection
 
 from marid.runner.drivers.docker import docker_client
 
@@ -48,3 +52,65 @@ def _unavailable(reason: str) -> NoReturn:
     if os.environ.get("MARID_REQUIRE_DOCKER") == "1":
         pytest.fail(f"MARID_REQUIRE_DOCKER=1 but no Docker engine: {reason}", pytrace=False)
     pytest.skip(f"no Docker engine: {reason}")
+
+
+class Gate:
+    """Holds one engine call of a GatedClient in its worker thread until the test releases
+    it, so that a test can act (kill, cancel) at an exact moment of a build:
+
+    - "volume": the workspace volume is being created (create-driver, before any container);
+    - "container": the first job container is being created;
+    - "created": the first job container exists but has not been started.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.reached = asyncio.Event()  # the call is at the gate
+        self._loop = asyncio.get_running_loop()
+        self._released = threading.Event()
+        self._used = False
+
+    def hold(self, where: str) -> None:
+        """In the engine call's thread: wait for release(), the first time `where` matches."""
+        if where != self.where or self._used:
+            return
+        self._used = True
+        self._loop.call_soon_threadsafe(self.reached.set)
+        self._released.wait(timeout=120)  # a test that fails before release() still ends
+
+    async def wait(self) -> None:
+        async with asyncio.timeout(60):
+            await self.reached.wait()
+
+    def release(self) -> None:
+        self._released.set()
+
+
+class GatedClient(docker.DockerClient):
+    """A client of the real engine (as docker_client() makes) whose calls pass `gate`."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__(base_url=os.environ.get("DOCKER_HOST", DEFAULT_HOST))
+        self.gate = gate
+
+    @property
+    def containers(self) -> ContainerCollection:
+        return _GatedContainers(client=self)
+
+    @property
+    def volumes(self) -> VolumeCollection:
+        return _GatedVolumes(client=self)
+
+
+class _GatedContainers(ContainerCollection):
+    def create(self, image: Any, command: Any = None, **kwargs: Any) -> Container:
+        self.client.gate.hold("container")
+        container = super().create(image, command, **kwargs)
+        self.client.gate.hold("created")
+        return container
+
+
+class _GatedVolumes(VolumeCollection):
+    def create(self, name: Any = None, **kwargs: Any) -> Volume:
+        self.client.gate.hold("volume")
+        return super().create(name, **kwargs)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,9 +19,10 @@ from aiohttp.test_utils import TestClient
 from marid.api.app import create_app
 from marid.blobs import open_store
 from marid.config import Config
+from marid.runner.drivers.docker import STOP_TIMEOUT
 from marid.runner.worker import Worker, instance_of
 from tests.conftest import MakeToken, bearer
-from tests.runner.conftest import ROOT
+from tests.runner.conftest import ROOT, Gate, GatedClient
 from tests.runner.test_worker import finished, submit, wait_for
 
 pytestmark = pytest.mark.docker
@@ -213,7 +214,40 @@ jobs:
     assert "version one\nversion two\n" in build["output"]
 
 
-async def test_delete_kills_a_running_container_build_within_two_seconds(
+SLEEPER = (
+    "driver: {type: docker, image: 'marid-test/busybox:latest', workspace: /w}\n"
+    "stages: [s]\njobs:\n- stage: s\n  commands: [echo up, sleep 60]\n"
+)
+
+
+async def kill(client: TestClient, token: str, build: dict) -> None:
+    resp = await client.delete(f"/api/b/alice/{build['number']}", headers=bearer(token))
+    assert resp.status == 204
+
+
+async def job_output(client: TestClient, token: str, build: dict, job: str) -> str:
+    """What a user reads at GET /b/:username/:number/jobs/:name/output."""
+    url = f"/api/b/alice/{build['number']}/jobs/{job}/output"
+    resp = await client.get(url, headers=bearer(token))
+    assert resp.status == 200, await resp.text()
+    return await resp.text()
+
+
+async def until_output(client: TestClient, token: str, build: dict, job: str, text: str) -> None:
+    """Return once the job's live output (Server-Sent Events) holds `text`."""
+    url = f"/api/b/alice/{build['number']}/jobs/{job}/output"
+    headers = {**bearer(token), "Accept": "text/event-stream"}
+    seen = ""
+    async with asyncio.timeout(60), client.get(url, headers=headers) as resp:
+        async for line in resp.content:
+            if line.startswith(b"data:") and "text" in (data := json.loads(line[5:])):
+                seen += data["text"]
+                if text in seen:
+                    return
+    raise AssertionError(f"{job} ended without {text!r} in its output: {seen!r}")
+
+
+async def test_delete_kills_a_running_container_build(
     client: TestClient,
     token: MakeToken,
     worker: Worker,
@@ -221,22 +255,45 @@ async def test_delete_kills_a_running_container_build_within_two_seconds(
     db_dsn: str,
 ):
     value = await token(SCOPE)
-    manifest = (
-        "driver: {type: docker, image: 'marid-test/busybox:latest', workspace: /w}\n"
-        "stages: [s]\njobs:\n- stage: s\n  commands: [echo up, sleep 60]\n"
-    )
-    build = await submit(client, value, manifest)
-    await wait_for(
-        client,
-        value,
-        build["url"] + "/jobs/s.1",
-        lambda job: "up\n" in (job["output"] or "") or job["status"] == "running",
-    )
-    started = time.monotonic()
-    assert (
-        await client.delete(f"/api/b/alice/{build['number']}", headers=bearer(value))
-    ).status == 204
-    done = await wait_for(client, value, build["url"], finished)
-    assert time.monotonic() - started < 2.0
+    build = await submit(client, value, SLEEPER)
+    await until_output(client, value, build, "s.1", "up\n")
+    await kill(client, value, build)
+    # Sooner than the SIGKILL that follows SIGTERM after STOP_TIMEOUT: the shell got SIGTERM.
+    async with asyncio.timeout(STOP_TIMEOUT - 1):
+        done = await wait_for(client, value, build["url"], finished)
     assert done["status"] == "killed"
+    assert leftovers(docker_engine, build["id"], db_dsn) == []
+
+
+@pytest.mark.parametrize(
+    ("where", "job"),
+    [("volume", "create-driver"), ("container", "s.1"), ("created", "s.1")],
+    ids=["while-the-volume-is-made", "while-the-container-is-made", "before-the-container-starts"],
+)
+async def test_a_kill_while_the_engine_creates_ends_killed_and_leaves_nothing(
+    client: TestClient,
+    token: MakeToken,
+    worker: Worker,
+    docker_engine: docker.DockerClient,
+    db_dsn: str,
+    where: str,
+    job: str,
+):
+    """The engine call is held at a gate while the kill lands, and released only once the
+    runner has reported the job killed: the container or volume it then makes is removed
+    with the rest, and a created container never starts."""
+    gate = Gate(where)
+    worker.docker = GatedClient(gate)  # what the worker's first docker build uses
+    value = await token(SCOPE)
+    build = await submit(client, value, SLEEPER)
+    try:
+        await gate.wait()
+        await kill(client, value, build)
+        url = build["url"] + f"/jobs/{job}"
+        await wait_for(client, value, url, lambda body: body["status"] == "killed")
+    finally:
+        gate.release()
+    done = await wait_for(client, value, build["url"], finished)
+    assert done["status"] == "killed"
+    assert "up\n" not in done["output"]
     assert leftovers(docker_engine, build["id"], db_dsn) == []

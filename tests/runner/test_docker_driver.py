@@ -28,7 +28,7 @@ from marid.runner.drivers.docker import (
     UploadedImage,
     remove_leftovers,
 )
-from tests.runner.conftest import BUSYBOX
+from tests.runner.conftest import BUSYBOX, Gate, GatedClient
 
 pytestmark = pytest.mark.docker
 
@@ -258,6 +258,71 @@ async def test_no_job_starts_after_stop(driver: DockerDriver) -> None:
 
     assert await driver.run("late", "echo ran", {}, out) == 137
     assert out.text == ""
+
+
+@pytest.fixture
+async def gated_driver(docker_engine: docker.DockerClient) -> AsyncIterator[Callable[..., Any]]:
+    """`gated_driver(gate)` -> a driver whose engine calls pass `gate`; destroyed afterwards."""
+    made: list[tuple[Gate, DockerDriver]] = []
+
+    def make(gate: Gate) -> DockerDriver:
+        client = GatedClient(gate)
+        driver = DockerDriver(
+            client, next(_build_ids), 1, BUSYBOX, WORKSPACE, LIMITS, "none", False,
+            nothing_uploaded,
+        )  # fmt: skip
+        made.append((gate, driver))
+        return driver
+
+    yield make
+    for gate, driver in made:
+        gate.release()
+        await driver.destroy()
+        driver._client.close()
+
+
+async def test_a_stop_while_the_container_is_made_keeps_the_job_from_starting(
+    gated_driver: Callable[[Gate], DockerDriver], docker_engine: docker.DockerClient
+) -> None:
+    gate = Gate("created")
+    driver = gated_driver(gate)
+    await driver.create(Output())
+    out = Output()
+    job = asyncio.create_task(driver.run("late", "echo ran", {}, out))
+    await gate.wait()
+
+    await driver.stop()
+    gate.release()
+
+    assert await job == 137
+    assert out.text == ""
+    (container,) = docker_engine.containers.list(
+        all=True, filters={"label": f"{LABEL_BUILD}={driver.build_id}"}
+    )
+    assert container.status == "created"  # never started
+
+
+async def test_destroy_waits_for_a_container_whose_caller_was_cancelled(
+    gated_driver: Callable[[Gate], DockerDriver], docker_engine: docker.DockerClient
+) -> None:
+    """A kill or timeout cancels the job's task while the engine makes its container: the
+    container appears after the cancellation, and destroy() removes it all the same."""
+    gate = Gate("container")
+    driver = gated_driver(gate)
+    await driver.create(Output())
+    job = asyncio.create_task(driver.run("late", "echo ran", {}, Output()))
+    await gate.wait()
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    destroying = asyncio.create_task(driver.destroy())
+    done, _ = await asyncio.wait({destroying}, timeout=0.5)
+    assert not done  # waiting for the container the engine is still making
+    gate.release()
+    await destroying
+
+    assert labelled(docker_engine, driver.build_id) == []
 
 
 async def test_a_container_that_cannot_be_created_is_a_driver_error(
