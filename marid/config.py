@@ -112,10 +112,20 @@ class LimitsConfig:
     max: Limits = field(default_factory=lambda: Limits(memory=4 * 1024**3, cpus=2.0, pids=4096))
 
 
+class PullPolicy:
+    """Marks docker.pull: one of PULL_POLICIES (docs/configuration.md)."""
+
+
+PULL_POLICIES = ("never", "if-not-present", "always")
+# What docker.pull's booleans meant before it was a policy: true pulled the images the engine
+# lacked, false pulled nothing. A file written then keeps its behaviour.
+PULL_BOOLEANS = {True: "if-not-present", False: "never"}
+
+
 @dataclass(frozen=True)
 class DockerConfig:
     host: str = "unix:///var/run/docker.sock"
-    pull: bool = False
+    pull: Annotated[str, PullPolicy] = "if-not-present"
     network: str | None = None  # job containers' network; None = the engine's default
 
 
@@ -335,6 +345,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         return _parsed(parse_duration, value, key, "a duration such as 90s or 1h30m")
     if marker is Url:
         return _url(value, key)
+    if marker is PullPolicy:
+        return _pull_policy(value, key)
     if typing.get_origin(hint) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: must be a list of strings")
@@ -367,6 +379,14 @@ def _parsed(parse: typing.Callable[[str], Any], value: Any, key: str, kind: str)
         return parse(value)
     except ValueError:
         raise ConfigError(f"{key}: must be {kind}, not {value!r}") from None
+
+
+def _pull_policy(value: Any, key: str) -> str:
+    if isinstance(value, bool):
+        return PULL_BOOLEANS[value]
+    if not isinstance(value, str) or value not in PULL_POLICIES:
+        raise ConfigError(f"{key}: must be one of {', '.join(PULL_POLICIES)}, not {value!r}")
+    return value
 
 
 def _url(value: Any, key: str) -> str:

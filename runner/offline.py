@@ -130,7 +130,7 @@ def driver_for(parsed: Manifest) -> Driver:
         workspace=parsed.driver.config["workspace"],
         limits=limits,
         network=None,
-        pull=False,
+        pull="never",  # images the engine has, as `docker.pull: never` (docs/configuration.md)
         uploaded=nothing_uploaded,
     )
 

@@ -79,6 +79,9 @@ def config(db_dsn: str, tmp_path: Path) -> config_module.Config:
             "database": {"dsn": db_dsn},
             "crypto": {"key": "test-crypto-key-" + "0" * 32},
             "storage": {"backend": "fs", "path": str(tmp_path / "blobs")},
+            # Tests never reach a registry: a missing image must not send the engine to Docker
+            # Hub. Pull tests set another policy with a registry on loopback.
+            "docker": {"pull": "never"},
             # Tests make requests faster than any client should; tests/api/test_ratelimit.py
             # turns it on.
             "rate_limit": {"enabled": False},

@@ -27,6 +27,7 @@ from typing import IO, Any
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
+from requests import RequestException
 
 from marid.runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
 
@@ -49,6 +50,7 @@ STOPPED_STATUS = 128 + 9  # what `run` returns for a job that a stop() kept from
 NOT_FOUND = (
     "image {} not found: upload it with POST /images (driver docker) or load it on the runner"
 )
+NEVER_PULLED = " (this runner pulls no images: docker.pull is never)"
 SSH_DIR = "/root/.ssh"
 SSH_CONFIG_HEAD = "\nStrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n\n"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -93,7 +95,7 @@ class DockerDriver(Driver):
         workspace: str,
         limits: Limits,
         network: str | None,
-        pull: bool,
+        pull: str,
         uploaded: Callable[[str], Awaitable[UploadedImage | None]],
         instance: str = "",
     ) -> None:
@@ -104,7 +106,7 @@ class DockerDriver(Driver):
         self._workspace = _absolute(workspace)
         self._limits = limits
         self._network = network
-        self._pull = pull
+        self._pull = pull  # docker.pull: never, if-not-present or always (docs/configuration.md)
         self._uploaded = uploaded
         self._labels = {
             LABEL_BUILD: str(build_id),
@@ -216,15 +218,17 @@ class DockerDriver(Driver):
         upload = await self._uploaded(name)
         if upload is not None:
             return await self._use_upload(upload, out)
-        image = await asyncio.to_thread(self._find_image, name)
-        if image is None and self._pull:
-            await out(f"Pulling image {name}\n".encode())
-            try:
-                image = await asyncio.to_thread(self._client.images.pull, name)
-            except DockerException as exc:
-                raise DriverError(f"image {name} could not be pulled: {_reason(exc)}") from exc
+        # docker.pull (docs/configuration.md): `always` pulls even an image the engine has.
+        image: Any = None
+        if self._pull != "always":
+            image = await asyncio.to_thread(self._find_image, name)
+        if image is None and self._pull == "never":
+            raise DriverError(NOT_FOUND.format(name) + NEVER_PULLED)
         if image is None:
-            raise DriverError(NOT_FOUND.format(name))
+            await out(f"Pulling image {name} (docker.pull is {self._pull})\n".encode())
+            image, status = await asyncio.to_thread(_pull, self._client, name)
+            if status:
+                await out(f"{status}\n".encode())
         await out(f"Using image {name} ({image.id})\n".encode())
         return str(image.id)
 
@@ -456,6 +460,22 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     report (destroy() removes what the call made)."""
     if not future.cancelled():
         future.exception()
+
+
+def _pull(client: docker.DockerClient, name: str) -> tuple[Any, str]:
+    """Pull `name`; returns the image and the engine's last status line ("Status: Downloaded
+    newer image for ..."). Raises DriverError with the engine's reason."""
+    status = ""
+    try:
+        for event in client.api.pull(name, stream=True, decode=True):
+            if event.get("error"):  # failures after the pull began come in the stream
+                raise DriverError(f"image {name} could not be pulled: {event['error']}")
+            status = event.get("status", status)
+        image = client.images.get(name)
+    except (DockerException, RequestException) as exc:
+        reason = _reason(exc) if isinstance(exc, DockerException) else str(exc)
+        raise DriverError(f"image {name} could not be pulled: {reason}") from exc
+    return image, status
 
 
 def _close_stream(stream: Any) -> None:

@@ -33,6 +33,23 @@ def test_minimal_file_gets_documented_defaults(tmp_path: Path):
     assert cfg.limits.max.memory == 4 * 1024**3 and cfg.limits.max.pids == 4096
     assert cfg.cron.interval == 60
     assert cfg.webhooks.allow_loopback is False
+    assert cfg.docker.pull == "if-not-present"
+
+
+@pytest.mark.parametrize(
+    ("value", "policy"),
+    [
+        ("never", "never"),
+        ("if-not-present", "if-not-present"),
+        ("always", "always"),
+        # The key's old booleans keep their meaning: true pulled images the engine lacked.
+        ("true", "if-not-present"),
+        ("false", "never"),
+    ],
+)
+def test_docker_pull_is_a_pull_policy(tmp_path: Path, value: str, policy: str):
+    cfg = config.load(write(tmp_path, VALID + f"docker: {{pull: {value}}}\n"))
+    assert cfg.docker.pull == policy
 
 
 def test_example_file_loads_and_matches_the_defaults():
@@ -78,6 +95,11 @@ def test_sizes_durations_and_partial_sections(tmp_path: Path):
         ),
         ("rate_limit: {window: 0s}\n", "rate_limit.window: must be longer than 0s"),
         ("drivers: docker\n", "drivers: must be a list of strings"),
+        (
+            "docker: {pull: sometimes}\n",
+            "docker.pull: must be one of never, if-not-present, always, not 'sometimes'",
+        ),
+        ("docker: {pull: 1}\n", "docker.pull: must be one of never, if-not-present, always, not 1"),
         ("drivers: [warp]\n", "drivers: unknown driver 'warp'"),
         (
             "database: {dsn: x, pool_size: -1}\n",

@@ -5,8 +5,15 @@ MARID_REQUIRE_DOCKER=1 (CI), where a missing engine fails them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
+import hashlib
+import http.server
+import io
+import json
 import os
 import subprocess
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +21,7 @@ from typing import Any, NoReturn
 
 import docker
 import pytest
-from docker.errors import DockerException
+from docker.errors import DockerException, ImageNotFound
 from docker.models.containers import Container, ContainerCollection
 from docker.models.volumes import Volume, VolumeCollection
 
@@ -24,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = "marid-test/busybox:latest"
 DEFAULT_HOST = "unix:///var/run/docker.sock"  # config docker.host's default
 SETUP = (["scripts/docker-up"], ["scripts/test-images", "--only", "busybox"])
+MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
+LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +124,90 @@ class _GatedVolumes(VolumeCollection):
     def create(self, name: Any = None, **kwargs: Any) -> Volume:
         self.client.gate.hold("volume")
         return super().create(name, **kwargs)
+
+
+class LoopbackRegistry:
+    """A read-only Docker registry (HTTP API v2) on 127.0.0.1 serving one image, for pulls
+    that succeed without leaving the machine. `docker save` gives the config and layers;
+    the layers are served gzipped, as registries do."""
+
+    def __init__(self, engine: docker.DockerClient, image: str, repository: str) -> None:
+        self.blobs: dict[str, bytes] = {}
+        saved = io.BytesIO(b"".join(engine.images.get(image).save(named=False)))
+        with tarfile.open(fileobj=saved) as tar:
+
+            def read(path: str) -> bytes:
+                member = tar.extractfile(path)
+                assert member is not None, path
+                return member.read()
+
+            (entry,) = json.loads(read("manifest.json"))
+            config = self._blob(read(entry["Config"]))
+            layers = [self._blob(gzip.compress(read(path), mtime=0)) for path in entry["Layers"]]
+        self.manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_TYPE,
+                "config": {"mediaType": CONFIG_TYPE, **config},
+                "layers": [{"mediaType": LAYER_TYPE, **layer} for layer in layers],
+            }
+        ).encode()
+        self.repository = repository
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _blob(self, data: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        return {"digest": digest, "size": len(data)}
+
+    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        registry = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:
+                self.do_GET(body=False)
+
+            def do_GET(self, body: bool = True) -> None:
+                prefix = f"/v2/{registry.repository}/"
+                content, kind = b"{}", "application/json"
+                if self.path.startswith(prefix + "manifests/"):
+                    content, kind = registry.manifest, MANIFEST_TYPE
+                elif self.path.startswith(prefix + "blobs/"):
+                    content = registry.blobs.get(self.path.removeprefix(prefix + "blobs/"), b"")
+                    kind = "application/octet-stream"
+                elif self.path != "/v2/":
+                    content = b""
+                if not content:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(content)))
+                self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+                digest = "sha256:" + hashlib.sha256(content).hexdigest()
+                self.send_header("Docker-Content-Digest", digest)
+                self.end_headers()
+                if body:
+                    self.wfile.write(content)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def loopback_registry(docker_engine: docker.DockerClient) -> Iterator[LoopbackRegistry]:
+    """A registry on loopback serving busybox as `marid-pulled`; what was pulled from it is
+    removed afterwards."""
+    registry = LoopbackRegistry(docker_engine, BUSYBOX, "marid-pulled")
+    yield registry
+    registry.close()
+    with contextlib.suppress(ImageNotFound):
+        docker_engine.images.remove(f"{registry.address}/marid-pulled:latest")

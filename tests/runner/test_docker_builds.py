@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -19,10 +19,11 @@ from aiohttp.test_utils import TestClient
 from marid.api.app import create_app
 from marid.blobs import open_store
 from marid.config import Config
+from marid.pgcluster import free_port
 from marid.runner.drivers.docker import STOP_TIMEOUT
 from marid.runner.worker import Worker, instance_of
 from tests.conftest import MakeToken, bearer
-from tests.runner.conftest import ROOT, Gate, GatedClient
+from tests.runner.conftest import BUSYBOX, ROOT, Gate, GatedClient, LoopbackRegistry
 from tests.runner.test_worker import finished, submit, wait_for
 
 pytestmark = pytest.mark.docker
@@ -31,11 +32,17 @@ GIT_IMAGE = "marid-test/git:latest"
 
 
 @pytest.fixture
-def docker_config(config: Config, docker_engine: docker.DockerClient) -> Config:
+def pull() -> str:
+    """docker.pull for the test's runner; the pull tests parametrize it."""
+    return "never"
+
+
+@pytest.fixture
+def docker_config(config: Config, docker_engine: docker.DockerClient, pull: str) -> Config:
     return dataclasses.replace(
         config,
         drivers=["docker"],
-        docker=dataclasses.replace(config.docker, network="none"),
+        docker=dataclasses.replace(config.docker, network="none", pull=pull),
         runner=dataclasses.replace(config.runner, lease=5.0),
     )
 
@@ -297,3 +304,109 @@ async def test_a_kill_while_the_engine_creates_ends_killed_and_leaves_nothing(
     assert done["status"] == "killed"
     assert "up\n" not in done["output"]
     assert leftovers(docker_engine, build["id"], db_dsn) == []
+
+
+# --- docker.pull ------------------------------------------------------------------------------
+# Every image named here lives on a "registry" on loopback where nothing listens: a pull the
+# engine attempts is refused at once, and no traffic leaves the machine.
+
+
+def refusing_registry() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def present_image(docker_engine: docker.DockerClient) -> Iterator[str]:
+    """busybox under a second name, on the refusing registry: pulling it would fail."""
+    repository = f"{refusing_registry()}/marid-present"
+    docker_engine.images.get(BUSYBOX).tag(repository, "latest")
+    yield f"{repository}:latest"
+    docker_engine.images.remove(f"{repository}:latest")  # the tag only
+
+
+def on(image: str) -> str:
+    return (
+        f"driver: {{type: docker, image: '{image}', workspace: /w}}\n"
+        "stages: [s]\njobs:\n- stage: s\n  commands: [echo ran]\n"
+    )
+
+
+@pytest.mark.parametrize("pull", ["if-not-present"])
+async def test_if_not_present_uses_an_image_the_engine_has_without_pulling(
+    client: TestClient, token: MakeToken, worker: Worker, present_image: str
+):
+    value = await token(SCOPE)
+    build = await submit(client, value, on(present_image))
+    done = await wait_for(client, value, build["url"], finished)
+
+    assert done["status"] == "passed", done["output"]  # a pull would have been refused
+    output = await job_output(client, value, build, "create-driver")
+    assert output.startswith(f"Using image {present_image} (sha256:")
+    assert "Pulling" not in output
+
+
+@pytest.mark.parametrize("pull", ["never"])
+async def test_never_names_the_missing_image_and_the_policy(
+    client: TestClient, token: MakeToken, worker: Worker
+):
+    value = await token(SCOPE)
+    missing = f"{refusing_registry()}/marid-missing:latest"
+    build = await submit(client, value, on(missing))
+    done = await wait_for(client, value, build["url"], finished)
+
+    assert done["status"] == "failed"
+    assert await job_output(client, value, build, "create-driver") == (
+        f"error: image {missing} not found: upload it with POST /images (driver docker) or load"
+        " it on the runner (this runner pulls no images: docker.pull is never)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("pull", "present"), [("if-not-present", False), ("always", True)], ids=["missing", "present"]
+)
+async def test_a_refused_pull_fails_the_build_with_the_engines_reason(
+    client: TestClient,
+    token: MakeToken,
+    worker: Worker,
+    request: pytest.FixtureRequest,
+    pull: str,
+    present: bool,
+):
+    """`always` pulls even an image the engine has; a pull that fails ends the build, the
+    engine's reason in the create-driver job's output."""
+    image = (
+        request.getfixturevalue("present_image")
+        if present
+        else f"{refusing_registry()}/marid-missing:latest"
+    )
+    value = await token(SCOPE)
+    build = await submit(client, value, on(image))
+    done = await wait_for(client, value, build["url"], finished)
+
+    assert done["status"] == "failed"
+    pulling, error = (await job_output(client, value, build, "create-driver")).splitlines()
+    assert pulling == f"Pulling image {image} (docker.pull is {pull})"
+    # The engine's words: 'Get "http://127.0.0.1:<port>/v2/": dial tcp ... connection refused'
+    assert error.startswith(f"error: image {image} could not be pulled: Get ")
+    assert error.endswith(f"dial tcp {image.split('/')[0]}: connect: connection refused")
+
+
+@pytest.mark.parametrize("pull", ["if-not-present", "always"])
+async def test_a_missing_image_is_pulled_from_a_registry(
+    client: TestClient,
+    token: MakeToken,
+    worker: Worker,
+    loopback_registry: LoopbackRegistry,
+    pull: str,
+):
+    image = f"{loopback_registry.address}/marid-pulled:latest"
+    value = await token(SCOPE)
+    build = await submit(client, value, on(image))
+    done = await wait_for(client, value, build["url"], finished)
+
+    assert done["status"] == "passed", done["output"]
+    pulling, status, using = (await job_output(client, value, build, "create-driver")).splitlines()
+    assert pulling == f"Pulling image {image} (docker.pull is {pull})"
+    assert status == f"Status: Downloaded newer image for {image}"
+    assert using.startswith(f"Using image {image} (sha256:")
+    assert "ran\n" in done["output"]

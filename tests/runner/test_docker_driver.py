@@ -97,7 +97,7 @@ async def make_driver(docker_engine: docker.DockerClient) -> AsyncIterator[MakeD
             workspace=workspace,
             limits=limits,
             network="none",
-            pull=False,
+            pull="never",
             uploaded=uploaded,
         )
         drivers.append(driver)
@@ -268,7 +268,7 @@ async def gated_driver(docker_engine: docker.DockerClient) -> AsyncIterator[Call
     def make(gate: Gate) -> DockerDriver:
         client = GatedClient(gate)
         driver = DockerDriver(
-            client, next(_build_ids), 1, BUSYBOX, WORKSPACE, LIMITS, "none", False,
+            client, next(_build_ids), 1, BUSYBOX, WORKSPACE, LIMITS, "none", "never",
             nothing_uploaded,
         )  # fmt: skip
         made.append((gate, driver))
@@ -642,7 +642,7 @@ async def test_an_unknown_image_is_a_driver_error(make_driver: MakeDriver) -> No
 
     assert str(raised.value) == (
         "image marid-test/nowhere:1 not found: upload it with POST /images (driver docker)"
-        " or load it on the runner"
+        " or load it on the runner (this runner pulls no images: docker.pull is never)"
     )
 
 
@@ -720,7 +720,7 @@ async def test_remove_leftovers_spares_other_installations(
             WORKSPACE,
             LIMITS,
             "none",
-            False,
+            "never",
             nothing_uploaded,
             instance=name,
         )
