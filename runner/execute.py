@@ -62,7 +62,11 @@ class BuildSpec:
     objects: list[ObjectSpec]
     keys: list[SshKey]
     timeout: float
-    artifact_max_size: int
+    artifact_max_size: int  # bytes; 0: no limit
+    # An artifact that cannot be collected fails its job, as a non-zero exit would (the offline
+    # runner: the files are what its caller ran it for). The server's runners leave the job's
+    # status alone and only say so in its output (docs/manifest.md, artifacts).
+    artifacts_required: bool = False
 
 
 class Reporter(Protocol):
@@ -79,7 +83,12 @@ class Reporter(Protocol):
     async def key_placed(self, name: str, location: str) -> None: ...
 
     async def artifact_collected(self, job: JobSpec, source: str, name: str, path: Path) -> None:
-        """The artifact's content is in the local file `path` (removed afterwards)."""
+        """The artifact's content is in the local file `path` (removed afterwards). Raises
+        ArtifactError when it cannot be kept."""
+
+
+class ArtifactError(Exception):
+    """A collected artifact the reporter could not keep; reported as an artifact error."""
 
 
 def worst(statuses: list[str]) -> str:
@@ -192,7 +201,9 @@ class Execution:
         elif status == "failed" and stage.allow_failures:
             status = "passed_with_failures"  # the job could not start, in an allowed stage
         if status in ("passed", "passed_with_failures", "failed"):
-            await self._collect(job)
+            collected = await self._collect(job)
+            if not collected and status == "passed" and self.spec.artifacts_required:
+                status = "passed_with_failures" if stage.allow_failures else "failed"
         await self._flush(job)
         await self.reporter.job_finished(job, status, ran=True)
         return status
@@ -223,18 +234,21 @@ class Execution:
             await task
         return status
 
-    async def _collect(self, job: JobSpec) -> None:
-        """Collect the job's artifacts, whatever its exit status (MANIFEST.md §6.7)."""
+    async def _collect(self, job: JobSpec) -> bool:
+        """Collect the job's artifacts, whatever its exit status (MANIFEST.md §6.7); returns
+        whether every one was."""
+        collected = True
         for source, name in job.artifacts:
             await self._emit(job, f"Collecting artifact {source} => {name}\n".encode())
             with tempfile.TemporaryDirectory(prefix="marid-artifact-") as scratch:
                 local = Path(scratch) / "content"
                 try:
                     await self.driver.collect(source, local, self.spec.artifact_max_size)
-                except DriverError as exc:
+                    await self.reporter.artifact_collected(job, source, name, local)
+                except (DriverError, ArtifactError) as exc:
                     await self._emit(job, f"artifact error: {exc}\n".encode())
-                    continue
-                await self.reporter.artifact_collected(job, source, name, local)
+                    collected = False
+        return collected
 
     def _remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()

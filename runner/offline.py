@@ -16,7 +16,14 @@ from marid import manifest
 from marid.manifest import DEFAULT_LIMITS, Manifest
 from marid.runner.drivers.base import Driver, Limits
 from marid.runner.drivers.os import OsDriver
-from marid.runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
+from marid.runner.execute import (
+    ArtifactError,
+    BuildSpec,
+    Execution,
+    JobSpec,
+    ObjectSpec,
+    StageSpec,
+)
 from marid.validation import ValidationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -55,10 +62,12 @@ class ConsoleReporter:
     async def artifact_collected(self, job: JobSpec, source: str, name: str, path: Path) -> None:
         target = (self.artifacts / name).resolve()
         if self.artifacts.resolve() not in target.parents:
-            print(f"artifact error: {name}: outside {self.artifacts}", file=sys.stderr)
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+            raise ArtifactError(f"{name}: outside {self.artifacts}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        except OSError as exc:
+            raise ArtifactError(f"{name}: cannot write {target}: {exc.strerror}") from None
 
 
 def load(path: Path | None) -> Manifest:
@@ -98,7 +107,8 @@ def build_spec(parsed: Manifest, stage: str | None, objects: Path) -> BuildSpec:
         objects=[ObjectSpec(src, dest, _reader(objects / src)) for src, dest in parsed.objects],
         keys=[],
         timeout=parsed.timeout,
-        artifact_max_size=0,
+        artifact_max_size=0,  # no limit: they go to the caller's own disk
+        artifacts_required=True,
     )
 
 
@@ -117,13 +127,20 @@ def driver_for(parsed: Manifest) -> Driver:
     limits = Limits(r.memory, r.cpus, r.pids)
     if parsed.driver.type == "os":
         return OsDriver(limits, inherit_env=True)
+    from docker.errors import DockerException
+
     from marid.runner.drivers import docker
 
     async def nothing_uploaded(_name: str) -> None:
         return None
 
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        client = docker.docker_client(host)
+    except DockerException as exc:
+        raise Failure(EXIT_FAILED, f"no Docker engine at {host}: {exc}") from None
     return docker.DockerDriver(
-        client=docker.docker_client(os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")),
+        client=client,
         build_id=0,
         attempt=uuid.uuid4().int % 10**9,
         image=parsed.driver.config["image"],

@@ -62,7 +62,7 @@ class Driver(ABC):
     async def collect(self, source: str, destination: Path, max_size: int) -> None:
         """Copy artifact `source` (relative to the workspace, or absolute) from the last job's
         environment to the local file `destination`. Raises DriverError with the reason when it
-        is missing, unreadable, a directory, or larger than `max_size` bytes."""
+        is missing, unreadable, a directory, or larger than `max_size` bytes (0: no limit)."""
 
     @abstractmethod
     async def stop(self) -> None:

@@ -519,7 +519,7 @@ def _artifact(source: str, tar: tarfile.TarFile, max_size: int) -> IO[bytes]:
     content = tar.extractfile(member) if member.isfile() else None
     if content is None:
         raise DriverError(f"{source}: not a regular file")
-    if member.size > max_size:
+    if max_size and member.size > max_size:
         raise DriverError(f"{source} exceeds the maximum artifact size of {max_size} bytes")
     return content
 

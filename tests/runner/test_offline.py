@@ -1,10 +1,15 @@
-"""`marid run` (EXTENSIONS.md h.4): a manifest executed locally, no server, real processes."""
+"""`marid run` (EXTENSIONS.md h.4): a manifest executed locally, no server; real processes and
+the real Docker engine."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
+
+import docker
+import pytest
 
 MANIFEST = """\
 driver:
@@ -73,3 +78,91 @@ def test_invalid_manifest_and_usage_exit_2(tmp_path: Path):
     )
     bad.write_text("driver: {type: qemu, image: x}\n")
     assert "cannot run offline" in marid_run(tmp_path, "--manifest", str(bad)).stderr
+
+
+def run_in(tmp_path: Path, manifest: str, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / ".marid.yml").write_text(manifest)
+    return marid_run(tmp_path, *args)
+
+
+DOCKER = "driver: {type: docker, image: 'marid-test/busybox:latest', workspace: /work}\n"
+OS = "driver: {type: os}\n"
+PACKAGE = """\
+stages: [package]
+jobs:
+- stage: package
+  commands:
+  - mkdir -p out
+  - echo built > out/notes.txt
+  - head -c 300000 /dev/urandom > /tmp/app.bin
+  - sha256sum /tmp/app.bin
+  artifacts:
+  - out/notes.txt => notes.txt
+  - /tmp/app.bin => dist/app.bin
+"""
+
+
+def labelled_offline(engine: docker.DockerClient) -> set[str]:
+    """Containers and volumes of offline runs (build id 0) on the engine."""
+    label = {"label": "marid.build=0"}
+    containers = engine.containers.list(all=True, filters=label)
+    return {c.name for c in containers} | {v.name for v in engine.volumes.list(filters=label)}
+
+
+@pytest.mark.docker
+def test_docker_jobs_artifacts_are_written_to_the_artifacts_directory(
+    tmp_path: Path, docker_engine: docker.DockerClient
+):
+    before = labelled_offline(docker_engine)
+    result = run_in(tmp_path, DOCKER + PACKAGE, "--artifacts", "collected")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    collected = tmp_path / "collected"
+    assert (collected / "notes.txt").read_text() == "built\n"
+    content = (collected / "dist" / "app.bin").read_bytes()
+    assert len(content) == 300000
+    assert f"{hashlib.sha256(content).hexdigest()}  /tmp/app.bin\n" in result.stdout
+    assert "artifact error" not in result.stdout
+    assert labelled_offline(docker_engine) <= before  # the run removed what it made
+
+
+MISSING = """\
+stages: [package, after]
+jobs:
+- stage: package
+  commands: [echo made > made.txt]
+  artifacts:
+  - made.txt
+  - missing.txt => dist/missing.txt
+- stage: after
+  commands: [echo never runs]
+"""
+
+
+@pytest.mark.parametrize("driver", [pytest.param(DOCKER, marks=pytest.mark.docker), OS])
+def test_an_artifact_that_cannot_be_collected_fails_the_job_and_the_run(
+    tmp_path: Path, request: pytest.FixtureRequest, driver: str
+):
+    if driver == DOCKER:
+        request.getfixturevalue("docker_engine")
+    result = run_in(tmp_path, driver + MISSING, "--artifacts", "collected")
+
+    assert result.returncode == 1
+    assert "Collecting artifact missing.txt => dist/missing.txt\n" in result.stdout
+    assert "artifact error: missing.txt: no such file\n" in result.stdout
+    assert "<== package.1: failed\n" in result.stderr
+    assert "<== after.1: failed (not run)\n" in result.stderr
+    assert result.stderr.endswith("build failed\n")
+    assert (tmp_path / "collected" / "made.txt").read_text() == "made\n"  # the others still are
+
+
+def test_an_artifact_named_outside_the_artifacts_directory_fails_the_job(tmp_path: Path):
+    manifest = OS + (
+        "stages: [s]\njobs:\n- stage: s\n  commands: [echo x > x.txt]\n"
+        "  artifacts: [x.txt => ../x.txt]\n"
+    )
+    result = run_in(tmp_path, manifest, "--artifacts", "collected")
+
+    assert result.returncode == 1
+    assert "artifact error: ../x.txt: outside collected\n" in result.stdout
+    assert not (tmp_path / "x.txt").exists()
