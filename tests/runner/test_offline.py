@@ -139,7 +139,10 @@ jobs:
 """
 
 
-@pytest.mark.parametrize("driver", [pytest.param(DOCKER, marks=pytest.mark.docker), OS])
+@pytest.mark.parametrize(
+    "driver",
+    [pytest.param(DOCKER, marks=pytest.mark.docker, id="docker"), pytest.param(OS, id="os")],
+)
 def test_an_artifact_that_cannot_be_collected_fails_the_job_and_the_run(
     tmp_path: Path, request: pytest.FixtureRequest, driver: str
 ):
