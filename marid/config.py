@@ -1,4 +1,4 @@
-"""Configuration: one YAML file (EXTENSIONS.md §0.2) loaded into frozen dataclasses.
+"""Configuration: one YAML file (docs/configuration.md §1) loaded into frozen dataclasses.
 
 `load()` rejects unknown keys, wrong types and missing required keys with a ConfigError
 whose message names the key; the command line prints it as one line and exits 2.

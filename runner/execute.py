@@ -1,4 +1,4 @@
-"""The execution engine: runs a build's stages and jobs with a driver (MANIFEST.md §6).
+"""The execution engine: runs a build's stages and jobs with a driver (docs/manifest.md §6).
 
 It knows nothing of the database: what happens is told to a Reporter (the queue worker's
 writes to PostgreSQL, or the offline runner's stdout), so `marid runner` and `marid run`
@@ -22,7 +22,7 @@ from marid.runner.drivers.base import Driver, DriverError, SshKey
 
 log = logging.getLogger(__name__)
 
-CREATE_DRIVER_LIMIT = 5 * 60.0  # MANIFEST.md §6.11
+CREATE_DRIVER_LIMIT = 5 * 60.0  # docs/manifest.md §6.11
 SEVERITY = ("passed", "passed_with_failures", "failed", "killed", "timed_out")
 
 
@@ -76,7 +76,8 @@ class Reporter(Protocol):
         """Masked output text, in order, as it is produced."""
 
     async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
-        """Final status; `ran` is False for jobs that never started (MANIFEST.md §6.1.6)."""
+        """Final status; `ran` is False for jobs that never started (docs/manifest.md §6.1,
+        step 6)."""
 
     async def object_placed(self, obj: ObjectSpec) -> None: ...
 
@@ -92,7 +93,7 @@ class ArtifactError(Exception):
 
 
 def worst(statuses: list[str]) -> str:
-    """The most severe status (MANIFEST.md §6.9); `passed` for none."""
+    """The most severe status (docs/manifest.md §6.9); `passed` for none."""
     return max(statuses, key=SEVERITY.index, default="passed")
 
 
@@ -144,7 +145,7 @@ class Execution:
             await self.reporter.job_output(job, text)
 
     async def _create(self, job: JobSpec) -> str:
-        """The create-driver job: environment, objects and keys (MANIFEST.md §6.1.2)."""
+        """The create-driver job: environment, objects and keys (docs/manifest.md §6.1, step 2)."""
         await self.reporter.job_started(job)
 
         async def out(data: bytes) -> None:
@@ -235,7 +236,7 @@ class Execution:
         return status
 
     async def _collect(self, job: JobSpec) -> bool:
-        """Collect the job's artifacts, whatever its exit status (MANIFEST.md §6.7); returns
+        """Collect the job's artifacts, whatever its exit status (docs/manifest.md §6.7); returns
         whether every one was."""
         collected = True
         for source, name in job.artifacts:

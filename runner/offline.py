@@ -1,4 +1,4 @@
-"""`marid run`: execute a manifest locally, without server or database (EXTENSIONS.md h.4)."""
+"""`marid run`: execute a manifest locally, without server or database (docs/manifest.md §9.4)."""
 
 from __future__ import annotations
 

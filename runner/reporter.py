@@ -3,7 +3,7 @@
 Every statement names the (build, attempt) the runner claimed and changes nothing once the
 build has moved on (recovered by another runner, or finished): a vanished runner's late
 writes are harmless. Output is buffered briefly and appended in chunks, with a NOTIFY so
-live readers (EXTENSIONS.md d) wake up.
+live readers (docs/api.md §19) wake up.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`marid runner`: claims queued builds and executes them, up to `runner.parallelism` at once.
 
 Runners sleep on LISTEN marid_builds (a bounded poll is the fallback), hold a lease on each
-build they run and renew it; any runner requeues builds whose lease expired (MANIFEST.md
+build they run and renew it; any runner requeues builds whose lease expired (docs/manifest.md
 §6.13). A kill request arrives by NOTIFY marid_kill and is also seen at each renewal.
 """
 

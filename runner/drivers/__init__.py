@@ -1,1 +1,1 @@
-"""Execution drivers: where a build's jobs run (EXTENSIONS.md h)."""
+"""Execution drivers: where a build's jobs run (docs/manifest.md §9)."""

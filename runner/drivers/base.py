@@ -50,8 +50,8 @@ class Driver(ABC):
 
     @abstractmethod
     async def write_keys(self, keys: list[SshKey]) -> dict[str, str]:
-        """Write each key (mode 0600) and an SSH config (MANIFEST.md §6.5; os driver:
-        EXTENSIONS.md h.3). Returns {key name: location}. Raises DriverError."""
+        """Write each key (mode 0600) and an SSH config (docs/manifest.md §6.5; os driver:
+        docs/manifest.md §9.3). Returns {key name: location}. Raises DriverError."""
 
     @abstractmethod
     async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> int:

@@ -1,4 +1,4 @@
-"""The docker driver (EXTENSIONS.md h.2): one volume per build, one container per job.
+"""The docker driver (docs/manifest.md §9.2): one volume per build, one container per job.
 
 The docker SDK is blocking: every call runs in a worker thread (`asyncio.to_thread`), except
 the output stream of a running job, which gets a thread of its own (see `_pump`).
@@ -45,7 +45,7 @@ SCRIPT_PATH = "/.marid/job.sh"  # outside any sensible workspace
 # (put_archive) costs the engine ~50 ms of CPU per job (bench/README.md). Linux caps one
 # argument at 128 KiB, so larger scripts are still copied in.
 INLINE_SCRIPT_MAX = 64 * 1024
-STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL (MANIFEST.md §6.10)
+STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL (docs/manifest.md §6.10)
 STOPPED_STATUS = 128 + 9  # what `run` returns for a job that a stop() kept from starting
 NOT_FOUND = (
     "image {} not found: upload it with POST /images (driver docker) or load it on the runner"
@@ -150,7 +150,7 @@ class DockerDriver(Driver):
         return await self._place(_File(self._path(destination), data, 0o644))
 
     async def write_keys(self, keys: list[SshKey]) -> dict[str, str]:
-        """Write each key and the SSH config (MANIFEST.md §6.5) for every job container."""
+        """Write each key and the SSH config (docs/manifest.md §6.5) for every job container."""
         if not keys:
             return {}
         ordered = sorted(keys, key=lambda key: key.name)
@@ -213,7 +213,7 @@ class DockerDriver(Driver):
         self._last = self._helper = None
 
     async def _resolve_image(self, out: OutputSink) -> str:
-        """The ID of the image to run, following EXTENSIONS.md h.2 resolution."""
+        """The ID of the image to run, following docs/manifest.md §9.2 resolution."""
         name = self._image
         upload = await self._uploaded(name)
         if upload is not None:
@@ -510,7 +510,7 @@ class _ChunkReader(io.RawIOBase):
 
 def _artifact(source: str, tar: tarfile.TarFile, max_size: int) -> IO[bytes]:
     """The content of the first member, checked on its header before any of it is read;
-    otherwise the DriverError of MANIFEST.md §6.7."""
+    otherwise the DriverError of docs/manifest.md §6.7."""
     member = tar.next()
     if member is None:
         raise DriverError(f"{source}: no such file")

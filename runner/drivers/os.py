@@ -1,4 +1,4 @@
-"""The `os` driver (EXTENSIONS.md h.3): jobs as local processes in a temporary workspace.
+"""The `os` driver (docs/manifest.md §9.3): jobs as local processes in a temporary workspace.
 
 No isolation: for development, tests, trusted runners and the offline runner.
 """
@@ -26,7 +26,7 @@ INHERITED = ("PATH", "LANG", "TZ")
 
 
 def ssh_config(keys: list[SshKey], directory: str) -> str:
-    """MANIFEST.md §6.5's config text, `/root/.ssh/` pointing at `directory` instead."""
+    """docs/manifest.md §6.5's config text, `/root/.ssh/` pointing at `directory` instead."""
     text = "\nStrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n\n"
     text += "".join(key.config + "\n" for key in sorted(keys, key=lambda k: k.name))
     return text.replace("/root/.ssh/", directory.rstrip("/") + "/")

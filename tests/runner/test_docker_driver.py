@@ -1,4 +1,4 @@
-"""The docker driver against the real engine (EXTENSIONS.md h.2, MANIFEST.md §6)."""
+"""The docker driver against the real engine (docs/manifest.md §9.2, docs/manifest.md §6)."""
 
 from __future__ import annotations
 

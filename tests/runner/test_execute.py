@@ -1,4 +1,4 @@
-"""The execution engine with the real os driver (local processes): MANIFEST.md §6."""
+"""The execution engine with the real os driver (local processes): docs/manifest.md §6."""
 
 from __future__ import annotations
 

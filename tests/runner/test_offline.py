@@ -1,4 +1,4 @@
-"""`marid run` (EXTENSIONS.md h.4): a manifest executed locally, no server; real processes and
+"""`marid run` (docs/manifest.md §9.4): a manifest executed locally, no server; real processes and
 the real Docker engine."""
 
 from __future__ import annotations

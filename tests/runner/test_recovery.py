@@ -1,5 +1,5 @@
 """kill -9 of a real `marid runner` process mid-build: another runner recovers the build
-after the lease expires, and nothing of the dead attempt survives (MANIFEST.md §6.13)."""
+after the lease expires, and nothing of the dead attempt survives (docs/manifest.md §6.13)."""
 
 from __future__ import annotations
 
