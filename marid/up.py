@@ -270,6 +270,12 @@ async def _mark_shown(conn: asyncpg.Connection, token_id: int) -> None:
             continue
 
 
+def _program() -> str:
+    """How this `marid` was run (.venv/bin/marid from scripts/up), so the banner's commands
+    work as printed; plain `marid` when it was run some other way (python -m marid)."""
+    return sys.argv[0] if Path(sys.argv[0]).name == "marid" else "marid"
+
+
 def _banner(
     cfg: config.Config, data_dir: Path, admin: Credentials | None, note: str | None
 ) -> None:
@@ -288,7 +294,8 @@ def _banner(
     else:
         lines += ["  the admin credentials were shown at an earlier start; make a token with:"]
     lines += [
-        f'  more tokens: marid --config {config_path} token create --user admin --scope "..."',
+        f"  more tokens: {_program()} --config {config_path} token create --user admin"
+        ' --scope "build:read,write"',
         f"  try:     curl -H 'Authorization: Bearer <token>' {cfg.server.api_url}/user",
         "  stop:    Ctrl-C",
         "",
