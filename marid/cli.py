@@ -133,6 +133,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", help="run only the setup stage and this stage")
     run.add_argument("--objects", type=Path, default=Path("."), help="default: .")
     run.add_argument("--artifacts", type=Path, default=Path("."), help="default: .")
+    run.add_argument(
+        "--pull",
+        choices=config.PULL_POLICIES,
+        default="if-not-present",
+        help="docker driver: pull the image if the engine lacks it (default), always, or never",
+    )
     run.set_defaults(run=_run_offline)
 
     migrate = commands.add_parser(

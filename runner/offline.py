@@ -122,7 +122,7 @@ def _reader(path: Path) -> Callable[[Path], Awaitable[None]] | None:
     return fetch
 
 
-def driver_for(parsed: Manifest) -> Driver:
+def driver_for(parsed: Manifest, pull: str = "if-not-present") -> Driver:
     r = parsed.resources
     limits = Limits(r.memory, r.cpus, r.pids)
     if parsed.driver.type == "os":
@@ -147,15 +147,16 @@ def driver_for(parsed: Manifest) -> Driver:
         workspace=parsed.driver.config["workspace"],
         limits=limits,
         network=None,
-        pull="never",  # images the engine has, as `docker.pull: never` (docs/configuration.md)
+        pull=pull,  # --pull, as docker.pull on a server (docs/configuration.md §2.9)
         uploaded=nothing_uploaded,
+        pull_setting="--pull",
     )
 
 
 async def execute(args: argparse.Namespace) -> int:
     parsed = load(args.manifest)
     spec = build_spec(parsed, args.stage, args.objects)
-    execution = Execution(spec, driver_for(parsed), ConsoleReporter(args.artifacts))
+    execution = Execution(spec, driver_for(parsed, args.pull), ConsoleReporter(args.artifacts))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, execution.kill.set)  # Ctrl-C kills the build cleanly

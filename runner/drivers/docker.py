@@ -50,7 +50,7 @@ STOPPED_STATUS = 128 + 9  # what `run` returns for a job that a stop() kept from
 NOT_FOUND = (
     "image {} not found: upload it with POST /images (driver docker) or load it on the runner"
 )
-NEVER_PULLED = " (this runner pulls no images: docker.pull is never)"
+NEVER_PULLED = " (this runner pulls no images: {} is never)"
 SSH_DIR = "/root/.ssh"
 SSH_CONFIG_HEAD = "\nStrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n\n"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -98,6 +98,7 @@ class DockerDriver(Driver):
         pull: str,
         uploaded: Callable[[str], Awaitable[UploadedImage | None]],
         instance: str = "",
+        pull_setting: str = "docker.pull",
     ) -> None:
         self._client = client
         self._instance = instance
@@ -107,6 +108,7 @@ class DockerDriver(Driver):
         self._limits = limits
         self._network = network
         self._pull = pull  # docker.pull: never, if-not-present or always (docs/configuration.md)
+        self._pull_setting = pull_setting  # where the policy came from, for the messages
         self._uploaded = uploaded
         self._labels = {
             LABEL_BUILD: str(build_id),
@@ -223,9 +225,9 @@ class DockerDriver(Driver):
         if self._pull != "always":
             image = await asyncio.to_thread(self._find_image, name)
         if image is None and self._pull == "never":
-            raise DriverError(NOT_FOUND.format(name) + NEVER_PULLED)
+            raise DriverError(NOT_FOUND.format(name) + NEVER_PULLED.format(self._pull_setting))
         if image is None:
-            await out(f"Pulling image {name} (docker.pull is {self._pull})\n".encode())
+            await out(f"Pulling image {name} ({self._pull_setting} is {self._pull})\n".encode())
             image, status = await asyncio.to_thread(_pull, self._client, name)
             if status:
                 await out(f"{status}\n".encode())

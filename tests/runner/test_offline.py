@@ -169,3 +169,20 @@ def test_an_artifact_named_outside_the_artifacts_directory_fails_the_job(tmp_pat
     assert result.returncode == 1
     assert "artifact error: ../x.txt: outside collected\n" in result.stdout
     assert not (tmp_path / "x.txt").exists()
+
+
+@pytest.mark.docker
+def test_pull_never_runs_only_images_the_engine_has(
+    tmp_path: Path, docker_engine: docker.DockerClient
+):
+    # `never`: an image the engine lacks is an error at once (nothing is asked of a registry).
+    missing = "driver: {type: docker, image: 'marid-test/absent:none', workspace: /w}\n"
+    job = "stages: [s]\njobs:\n- stage: s\n  commands: [true]\n"
+    result = run_in(tmp_path, missing + job, "--pull", "never")
+
+    assert result.returncode == 1
+    assert "marid-test/absent:none not found" in result.stdout
+    assert "(this runner pulls no images: --pull is never)" in result.stdout
+    assert "Pulling" not in result.stdout
+    assert run_in(tmp_path, DOCKER + job, "--pull", "never").returncode == 0
+    assert run_in(tmp_path, DOCKER + job, "--pull", "sometimes").returncode == 2
