@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -170,22 +169,19 @@ async def test_three_stage_build_runs_and_reports(
     assert raw.headers["Content-Type"] == "application/octet-stream"
 
 
-async def test_kill_ends_a_running_build_within_two_seconds(
-    client: TestClient, token: MakeToken, worker: Worker
-):
+async def test_kill_ends_a_running_build(client: TestClient, token: MakeToken, worker: Worker):
     value = await token(SCOPE)
     manifest = (
-        "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: ['echo up', 'sleep 60']\n"
+        "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n"
+        "  commands: ['echo up', 'sleep 3600']\n"
     )
     build = await submit(client, value, manifest)
     await wait_for(
         client, value, build["url"] + "/jobs/s.1", lambda job: job["status"] == "running"
     )
-    started = time.monotonic()
     resp = await client.delete(f"/api/b/alice/{build['number']}", headers=bearer(value))
     assert resp.status == 204
-    killed = await wait_for(client, value, build["url"], finished)
-    assert time.monotonic() - started < 2.0
+    killed = await wait_for(client, value, build["url"], finished)  # 20 s at most, not an hour
     assert killed["status"] == "killed"
 
 
@@ -238,19 +234,22 @@ async def test_dead_runner_is_recovered_and_its_late_writes_are_fenced(
 
 
 async def test_live_output_arrives_while_the_job_runs(
-    client: TestClient, token: MakeToken, worker: Worker
+    client: TestClient, token: MakeToken, worker: Worker, tmp_path: Path
 ):
     value = await token(SCOPE)
+    gate = tmp_path / "gate"  # the job waits for it after line 1; the test opens it on reading it
     manifest = (
         "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands:\n"
-        "  - for i in 1 2 3; do echo line $i; sleep 0.5; done\n"
+        f"  - echo line 1; until [ -e {gate} ]; do sleep 0.05; done; echo line 2\n"
     )
     build = await submit(client, value, manifest)
     url = f"/api/b/alice/{build['number']}/jobs/s.1/output"
     resp = await client.get(url, headers={**bearer(value), "Accept": "text/event-stream"})
     assert resp.headers["Content-Type"] == "text/event-stream"
-    events, texts, first_line_at, status_at = [], [], None, None
-    async for raw in resp.content:
+    events, texts = [], []
+    async with asyncio.timeout(60):  # line 1 can only come while the job runs: it waits for us
+        lines = [raw async for raw in _opening_the_gate(resp.content, gate)]
+    for raw in lines:
         line = raw.decode().rstrip("\n")
         if line.startswith("event:"):
             events.append(line.split(": ", 1)[1])
@@ -258,20 +257,25 @@ async def test_live_output_arrives_while_the_job_runs(
             data = json.loads(line.split(": ", 1)[1])
             if events[-1] == "output":
                 texts.append(data["text"])
-                if "line 1" in "".join(texts) and first_line_at is None:
-                    first_line_at = time.monotonic()
             else:
-                status_at = time.monotonic()
                 assert data["status"] == "passed"
     assert events[-1] == "status"
-    assert first_line_at is not None and status_at is not None
-    assert status_at - first_line_at > 0.7  # line 1 came a second before the end
+    assert "".join(texts).startswith("+ echo line 1\nline 1\n")
+    assert "".join(texts).endswith("+ echo line 2\nline 2\n")
     job = await (await client.get(url.removesuffix("/output"), headers=bearer(value))).json()
     assert "".join(texts) == job["output"]
     plain = await client.get(url, headers=bearer(value))
     assert await plain.text() == job["output"]
     assert plain.headers["X-Marid-Job-Status"] == "passed"
     assert plain.headers["X-Marid-Output-Length"] == str(len(job["output"].encode()))
+
+
+async def _opening_the_gate(content: AsyncIterator[bytes], gate: Path) -> AsyncIterator[bytes]:
+    """The event stream's lines; `gate` is created once a line holding `line 1` went by."""
+    async for raw in content:
+        if b"line 1" in raw and not gate.exists():
+            gate.touch()
+        yield raw
 
 
 async def test_a_runner_runs_builds_in_parallel_up_to_its_limit(
