@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from marid.manifest import script
+from marid.manifest import format_duration, script
 from marid.output import Masker
-from marid.runner.drivers.base import Driver, DriverError, SshKey
+from marid.runner.drivers.base import Driver, DriverError, Exit, SshKey
 
 log = logging.getLogger(__name__)
 
 CREATE_DRIVER_LIMIT = 5 * 60.0  # docs/manifest.md §6.11
 SEVERITY = ("passed", "passed_with_failures", "failed", "killed", "timed_out")
+KILLED_ON_REQUEST = "killed on request"  # docs/manifest.md §6.8
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,13 @@ class Execution:
         self.driver = driver
         self.reporter = reporter
         self.kill = asyncio.Event()
+        # The last line of the job a kill stops (docs/manifest.md §6.8): a runner stopping a
+        # job for a reason of its own sets it before setting `kill`.
+        self.kill_reason = KILLED_ON_REQUEST
         self.masker = Masker(spec.secrets)
         self.deadline = 0.0
         self.statuses: list[str] = []
+        self.line_start = True  # the job's output so far ends with a line break (or is empty)
 
     async def run(self) -> str:
         """Run every stage in order and return the build's final status."""
@@ -135,9 +140,15 @@ class Execution:
         return final
 
     async def _emit(self, job: JobSpec, data: bytes) -> None:
+        if data:
+            self.line_start = data.endswith(b"\n")
         text = self.masker.feed(data)
         if text:
             await self.reporter.job_output(job, text)
+
+    async def _say(self, job: JobSpec, line: str) -> None:
+        """Write one of marid's own lines to the job's output, on a line of its own."""
+        await self._emit(job, ("" if self.line_start else "\n").encode() + f"{line}\n".encode())
 
     async def _flush(self, job: JobSpec) -> None:
         text = self.masker.finish()
@@ -147,6 +158,7 @@ class Execution:
     async def _create(self, job: JobSpec) -> str:
         """The create-driver job: environment, objects and keys (docs/manifest.md §6.1, step 2)."""
         await self.reporter.job_started(job)
+        self.line_start = True
 
         async def out(data: bytes) -> None:
             await self._emit(job, data)
@@ -158,8 +170,9 @@ class Execution:
                 for name, location in (await self.driver.write_keys(self.spec.keys)).items():
                     await self.reporter.key_placed(name, location)
 
-        limit = min(CREATE_DRIVER_LIMIT, self._remaining())
-        status = await self._guard(job, setup(), limit)
+        status, reason = await self._guard(setup(), *self._limit(CREATE_DRIVER_LIMIT))
+        if reason:
+            await self._say(job, reason)
         await self._flush(job)
         await self.reporter.job_finished(job, status, ran=True)
         return status
@@ -167,8 +180,7 @@ class Execution:
     async def _place_objects(self, job: JobSpec) -> None:
         with tempfile.TemporaryDirectory(prefix="marid-object-") as scratch:
             for obj in self.spec.objects:
-                line = f"Placing object {obj.source} => {obj.destination}\n"
-                await self._emit(job, line.encode())
+                await self._say(job, f"Placing object {obj.source} => {obj.destination}")
                 try:
                     if obj.fetch is None:
                         raise DriverError(f"{obj.source}: no such object")
@@ -176,12 +188,13 @@ class Execution:
                     await obj.fetch(local)
                     await self.driver.place_object(local, obj.destination)
                 except (DriverError, OSError) as exc:
-                    await self._emit(job, f"object error: {exc}\n".encode())
+                    await self._say(job, f"object error: {exc}")
                     continue  # placement failures never fail the build (§6.4)
                 await self.reporter.object_placed(obj)
 
     async def _job(self, job: JobSpec, stage: StageSpec) -> str:
         await self.reporter.job_started(job)
+        self.line_start = True
         if not job.commands:
             await self.reporter.job_finished(job, "passed", ran=True)
             return "passed"
@@ -189,31 +202,36 @@ class Execution:
         async def out(data: bytes) -> None:
             await self._emit(job, data)
 
-        exit_codes: list[int] = []
+        exits: list[Exit] = []
 
         async def run() -> None:
             text = script([job.commands])
-            exit_codes.append(await self.driver.run(job.name, text, self.spec.env, out))
+            exits.append(await self.driver.run(job.name, text, self.spec.env, out))
 
-        limit = self._remaining() if job.timeout is None else min(job.timeout, self._remaining())
-        status = await self._guard(job, run(), limit)
-        if status == "passed" and exit_codes[0] != 0:
+        status, reason = await self._guard(run(), *self._limit(job.timeout))
+        if status == "passed" and exits[0].reason:
             status = "passed_with_failures" if stage.allow_failures else "failed"
+            reason = exits[0].reason
         elif status == "failed" and stage.allow_failures:
             status = "passed_with_failures"  # the job could not start, in an allowed stage
         if status in ("passed", "passed_with_failures", "failed"):
             collected = await self._collect(job)
             if not collected and status == "passed" and self.spec.artifacts_required:
                 status = "passed_with_failures" if stage.allow_failures else "failed"
+        if reason:  # the last line says why the job ended, when not with exit status 0
+            await self._say(job, reason)
         await self._flush(job)
         await self.reporter.job_finished(job, status, ran=True)
         return status
 
-    async def _guard(self, job: JobSpec, work: Awaitable[None], limit: float) -> str:
+    async def _guard(
+        self, work: Awaitable[None], limit: float, limit_reason: str
+    ) -> tuple[str, str]:
         """Run `work` until it ends, the kill event fires, or `limit` seconds pass.
 
-        Returns `passed` when it ended (the caller checks its result), `failed` when it raised
-        DriverError (reported as `error: <reason>`), else `killed` or `timed_out`.
+        Returns (status, the line saying why): (`passed`, "") when it ended (the caller checks
+        its result), (`failed`, `error: <reason>`) when it raised DriverError, else (`killed`,
+        the kill's reason) or (`timed_out`, `limit_reason`).
         """
         task = asyncio.ensure_future(work)
         killed = asyncio.ensure_future(self.kill.wait())
@@ -225,31 +243,38 @@ class Execution:
             try:
                 task.result()
             except DriverError as exc:
-                await self._emit(job, f"error: {exc}\n".encode())
-                return "failed"
-            return "passed"
-        status = "killed" if self.kill.is_set() else "timed_out"
+                return "failed", f"error: {exc}"
+            return "passed", ""
+        ending = ("killed", self.kill_reason) if self.kill.is_set() else ("timed_out", limit_reason)
         await self.driver.stop()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, DriverError):
             await task
-        return status
+        return ending
 
     async def _collect(self, job: JobSpec) -> bool:
         """Collect the job's artifacts, whatever its exit status (docs/manifest.md §6.7); returns
         whether every one was."""
         collected = True
         for source, name in job.artifacts:
-            await self._emit(job, f"Collecting artifact {source} => {name}\n".encode())
+            await self._say(job, f"Collecting artifact {source} => {name}")
             with tempfile.TemporaryDirectory(prefix="marid-artifact-") as scratch:
                 local = Path(scratch) / "content"
                 try:
                     await self.driver.collect(source, local, self.spec.artifact_max_size)
                     await self.reporter.artifact_collected(job, source, name, local)
                 except (DriverError, ArtifactError) as exc:
-                    await self._emit(job, f"artifact error: {exc}\n".encode())
+                    await self._say(job, f"artifact error: {exc}")
                     collected = False
         return collected
+
+    def _limit(self, own: float | None) -> tuple[float, str]:
+        """The seconds a job may take, its own limit or what is left of the build's, and the
+        line saying which was reached (docs/manifest.md §6.11)."""
+        remaining = self._remaining()
+        if own is not None and own <= remaining:
+            return own, f"time limit {format_duration(own)} reached"
+        return remaining, f"build time limit {format_duration(self.spec.timeout)} reached"
 
     def _remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()

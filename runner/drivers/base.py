@@ -9,6 +9,7 @@ timeout) and must make a running `run()` return promptly.
 
 from __future__ import annotations
 
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,34 @@ OutputSink = Callable[[bytes], Awaitable[None]]
 
 class DriverError(Exception):
     """A failure the engine reports in the job output (`str(exc)` is the reason)."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a job's script ended: its exit status, and the line saying why when it was not a
+    plain exit 0 (docs/manifest.md §6.8)."""
+
+    status: int | None  # None: the driver could not learn it (the container vanished)
+    reason: str = ""  # "" for exit status 0, and only then
+
+
+def exited(status: int) -> Exit:
+    """The Exit of a shell that returned `status`. A signal N comes as -N (Python's
+    returncode) or as 128 + N, as the shell's `$?` and docker's init report it."""
+    number = -status if status < 0 else status - 128 if 128 < status < 128 + signal.NSIG else 0
+    if number:
+        return Exit(status, signalled(number))
+    return Exit(status, f"exit status {status}" if status else "")
+
+
+def signalled(number: int) -> str:
+    """`killed by signal 9 (SIGKILL)`, `terminated by signal 15 (SIGTERM)`."""
+    try:
+        name = f" ({signal.Signals(number).name})"
+    except ValueError:  # a real-time signal has no name of its own
+        name = ""
+    verb = "killed" if number == signal.SIGKILL else "terminated"
+    return f"{verb} by signal {number}{name}"
 
 
 @dataclass(frozen=True)
@@ -54,9 +83,10 @@ class Driver(ABC):
         docs/manifest.md §9.3). Returns {key name: location}. Raises DriverError."""
 
     @abstractmethod
-    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> int:
+    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> Exit:
         """Run the job script with /bin/sh in the workspace with `env`, streaming output to
-        `out`; returns the exit status. Raises DriverError if the job cannot be started."""
+        `out`; returns how it ended. Raises DriverError if the job cannot be started. When it
+        returns or is cancelled, all the output it passes on has reached `out`."""
 
     @abstractmethod
     async def collect(self, source: str, destination: Path, max_size: int) -> None:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,7 +30,16 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
 from requests import RequestException
 
-from marid.runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
+from marid.manifest import format_size
+from marid.runner.drivers.base import (
+    Driver,
+    DriverError,
+    Exit,
+    Limits,
+    OutputSink,
+    SshKey,
+    exited,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,12 @@ SCRIPT_PATH = "/.marid/job.sh"  # outside any sensible workspace
 INLINE_SCRIPT_MAX = 64 * 1024
 STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL (docs/manifest.md §6.10)
 STOPPED_STATUS = 128 + 9  # what `run` returns for a job that a stop() kept from starting
+# A job's output still arriving after it was stopped is passed on for this long (seconds).
+DRAIN = 1.0
+# `docker stop` logs its `stop` event just after the container's `die`: how long past the
+# container's end (seconds) its events are read for one (see _stopped_from_outside).
+STOP_EVENT_GRACE = 2
+REMOVED = "container removed by someone else"  # docs/manifest.md §6.8
 NOT_FOUND = (
     "image {} not found: upload it with POST /images (driver docker) or load it on the runner"
 )
@@ -163,25 +179,80 @@ class DockerDriver(Driver):
             await self._place(file)
         return {key.name: f"{SSH_DIR}/{key.name}" for key in ordered}
 
-    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> int:
-        """Run `script` in a new container, streaming its output; returns the exit status."""
+    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> Exit:
+        """Run `script` in a new container, streaming its output; returns how it ended."""
         previous, self._last = self._last, None
         if self._stopped:
             await self._remove(previous)
-            return STOPPED_STATUS
+            return exited(STOPPED_STATUS)
         # The previous container goes while the next is made: job overhead is engine time.
         made = self._make(self._create_job, job, script.encode(), env)
         _, (self._last, stream) = await asyncio.gather(self._remove(previous), made)
         try:
             if not await self._start(self._last):
-                return STOPPED_STATUS
-            await _pump(stream, out, name=self._last.name)
-            result = await asyncio.to_thread(_engine, self._last.wait)
+                return exited(STOPPED_STATUS)
+            await _pump(stream, out, self._last.name, self._close_streams)
+            ending = await asyncio.to_thread(self._ending, self._last)
         finally:
             self._running = None
             await asyncio.to_thread(self._close_streams)
-        log.info("build %d: job %s exited with %s", self.build_id, job, result["StatusCode"])
-        return int(result["StatusCode"])
+        if ending.reason == REMOVED:
+            self._last = None  # nothing left to collect artifacts from
+        log.info("build %d: job %s: %s", self.build_id, job, ending.reason or "exit status 0")
+        return ending
+
+    def _ending(self, container: Any) -> Exit:
+        """How the job in `container` ended, once it has (docs/manifest.md §6.8)."""
+        try:
+            status = int(container.wait()["StatusCode"])
+            attrs = self._client.api.inspect_container(container.id)
+        except NotFound:
+            return Exit(None, REMOVED)
+        except DockerException as exc:
+            raise DriverError(_reason(exc)) from exc
+        state = attrs["State"]
+        if state["Status"] in ("removing", "dead"):  # `docker rm -f` sets it before its kill
+            return Exit(None, REMOVED)  # as when it is gone already: the status is its kill's
+        if state["OOMKilled"]:
+            return Exit(status, f"out of memory (limit {format_size(self._limits.memory)})")
+        if status > 128 and not self._stopped and self._stopped_from_outside(container, state):
+            return Exit(status, f"container stopped from outside (exit {status})")
+        return exited(status)
+
+    def _stopped_from_outside(self, container: Any, state: dict[str, Any]) -> bool:
+        """Whether `docker stop` (or the engine API's stop) ended `container`, which only the
+        engine's events tell: a stop sends signals (`kill` events), and logs `stop` just after
+        the container's `die`. So events are read until a `die` that no `kill` came before, a
+        `stop`, or STOP_EVENT_GRACE seconds past the container's end. Best effort: the engine
+        replays only its last 256 events."""
+        try:
+            events = self._client.events(
+                since=_seconds(state["StartedAt"]),
+                until=_seconds(state["FinishedAt"]) + 1 + STOP_EVENT_GRACE,
+                filters={"type": "container", "container": container.id},
+                decode=True,
+            )
+        except DockerException as exc:
+            log.warning(
+                "build %d: reading the events of %s: %s", self.build_id, container.name, exc
+            )
+            return False
+        killed = False
+        try:
+            for event in events:
+                action = event.get("Action")
+                if action == "stop":
+                    return True
+                if action == "die" and not killed:
+                    return False  # signalled from inside the container, not by the engine
+                killed = killed or action == "kill"
+        except (DockerException, RequestException) as exc:
+            log.warning(
+                "build %d: reading the events of %s: %s", self.build_id, container.name, exc
+            )
+        finally:
+            _close_stream(events)
+        return False
 
     async def collect(self, source: str, destination: Path, max_size: int) -> None:
         """Copy the regular file `source` out of the last job's container."""
@@ -422,19 +493,24 @@ class DockerDriver(Driver):
         return self._image_id
 
 
-async def _pump(stream: Iterator[bytes], out: OutputSink, name: str) -> None:
+async def _pump(
+    stream: Iterator[bytes], out: OutputSink, name: str, close: Callable[[], None]
+) -> None:
     """Hand each chunk of `stream` to `out` as it arrives, until the stream ends.
 
     The blocking read gets a thread of its own rather than one of asyncio's default workers:
     a job holds it for its whole run, and concurrent builds would otherwise starve the pool
     that every other SDK call (stop() included) needs.
+
+    Cancelled (a kill or time limit, once the container was stopped), it still passes on what
+    the stream holds for up to DRAIN seconds, then `close`s it; either way no output reaches
+    `out` after it returns, so the line saying why the job ended comes last (docs/manifest.md
+    §6.8).
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
     def finish(exc: BaseException | None) -> None:
-        if done.done():  # the awaiting task was cancelled
-            return
         if exc is None:
             done.set_result(None)
         else:
@@ -454,7 +530,15 @@ async def _pump(stream: Iterator[bytes], out: OutputSink, name: str) -> None:
             loop.call_soon_threadsafe(finish, None)
 
     threading.Thread(target=read, name=f"{name}-output", daemon=True).start()
-    await done
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait({done}, timeout=DRAIN)
+        if not done.done():
+            await asyncio.to_thread(close)
+            await asyncio.wait({done})
+        done.exception()  # a read that failed on the closed stream is expected
+        raise
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -571,6 +655,11 @@ def _untagged_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str)
 def _sha256(path: Path) -> str:
     with path.open("rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _seconds(timestamp: str) -> int:
+    """Whole seconds since the epoch of an engine timestamp (`2024-05-01T12:00:00.123456789Z`)."""
+    return int(datetime.fromisoformat(timestamp).timestamp())
 
 
 def _absolute(path: str) -> str:

@@ -15,7 +15,15 @@ import signal
 import tempfile
 from pathlib import Path
 
-from marid.runner.drivers.base import Driver, DriverError, Limits, OutputSink, SshKey
+from marid.runner.drivers.base import (
+    Driver,
+    DriverError,
+    Exit,
+    Limits,
+    OutputSink,
+    SshKey,
+    exited,
+)
 
 log = logging.getLogger(__name__)
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL
@@ -93,7 +101,7 @@ class OsDriver(Driver):
             resource.setrlimit(resource.RLIMIT_AS, (self.limits.memory, self.limits.memory))
             resource.setrlimit(resource.RLIMIT_NPROC, (self.limits.pids, self.limits.pids))
 
-    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> int:
+    async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> Exit:
         assert self.workspace is not None and self.scratch is not None
         path = self.scratch / "job.sh"
         path.write_text(script)
@@ -129,9 +137,18 @@ class OsDriver(Driver):
                 if not await _finished(reader, DRAIN):  # one that left the group keeps it open
                     raise DriverError("a background process of the job keeps its output open")
                 reader.result()
-            return await process.wait()
+            return exited(await process.wait())
+        except asyncio.CancelledError:
+            # stop() ended the job: what it wrote last is still passed on, for up to DRAIN
+            # seconds, and nothing after run() ends (docs/manifest.md §6.8: the line saying why
+            # the job ended comes last).
+            await _finished(reader, DRAIN)
+            raise
         finally:
             reader.cancel()
+            await asyncio.wait((reader,))
+            if not reader.cancelled():
+                reader.exception()  # raised above already, or a sink failing while draining
 
     @staticmethod
     async def _pump(process: asyncio.subprocess.Process, out: OutputSink) -> None:

@@ -20,7 +20,7 @@ import docker
 import pytest
 from docker.errors import ImageNotFound
 
-from marid.runner.drivers.base import DriverError, Limits, SshKey
+from marid.runner.drivers.base import DriverError, Exit, Limits, SshKey
 from marid.runner.drivers.docker import (
     CACHE_REPOSITORY,
     LABEL_BUILD,
@@ -120,7 +120,7 @@ async def run(driver: DockerDriver, script: str, env: dict[str, str] | None = No
     """Run `script` as a job that must pass; returns its output."""
     out = Output()
     status = await driver.run("test", script, env or {}, out)
-    assert status == 0, out.text
+    assert status == Exit(0), out.text
     return out
 
 
@@ -135,7 +135,7 @@ def labelled(client: docker.DockerClient, build_id: int) -> list[str]:
 # --- run -------------------------------------------------------------------------------------
 
 
-async def gated(driver: DockerDriver, before: str, after: str, out: Output, tmp: Path) -> int:
+async def gated(driver: DockerDriver, before: str, after: str, out: Output, tmp: Path) -> Exit:
     """Run a job that prints `before`, waits until the test opens a gate (a file it places in
     the workspace), then prints `after`. `before` must reach `out` while the job waits: a
     driver that passed output on only at the end would never let the test open the gate."""
@@ -151,22 +151,24 @@ async def gated(driver: DockerDriver, before: str, after: str, out: Output, tmp:
 
 async def test_output_is_streamed_while_the_job_runs(driver: DockerDriver, tmp_path: Path) -> None:
     out = Output()
-    assert await gated(driver, "echo 'first'", "echo second", out, tmp_path) == 0
+    assert await gated(driver, "echo 'first'", "echo second", out, tmp_path) == Exit(0)
     assert out.text == "first\nsecond\n"
 
 
 async def test_partial_lines_are_streamed_too(driver: DockerDriver, tmp_path: Path) -> None:
     out = Output()
-    assert await gated(driver, "printf 'no line break'", "echo .", out, tmp_path) == 0
+    assert await gated(driver, "printf 'no line break'", "echo .", out, tmp_path) == Exit(0)
     assert out.text == "no line break.\n"
 
 
 async def test_run_returns_the_exit_status(driver: DockerDriver) -> None:
     out = Output()
 
-    assert await driver.run("fails", "echo to stderr >&2; exit 3", {}, out) == 3
+    assert await driver.run("fails", "echo to stderr >&2; exit 3", {}, out) == Exit(
+        3, "exit status 3"
+    )
     assert out.text == "to stderr\n"  # stderr is merged into the output
-    assert await driver.run("passes", "true", {}, Output()) == 0
+    assert await driver.run("passes", "true", {}, Output()) == Exit(0)
 
 
 async def test_env_is_passed_literally(driver: DockerDriver) -> None:
@@ -220,14 +222,15 @@ async def test_limits_are_set_on_the_job_container(
 
 
 async def test_memory_limit_kills_a_memory_hog(make_driver: MakeDriver) -> None:
-    driver = make_driver(limits=Limits(memory=16 * 1024**2, cpus=1.0, pids=64))
+    driver = make_driver(limits=Limits(memory=32 * 1024**2, cpus=1.0, pids=64))
     await driver.create(Output())
     out = Output()
 
-    # dd fills a 64 MiB buffer: four times the limit, and no swap to spill into.
+    # dd fills a 64 MiB buffer: twice the limit, and no swap to spill into.
     status = await driver.run("hog", "set -e; dd if=/dev/zero of=/dev/null bs=64M count=1", {}, out)
 
-    assert status != 0
+    # The shell survives its killed command and exits 128 + 9; the engine saw the OOM kill.
+    assert status == Exit(137, "out of memory (limit 32m)")
     assert "Killed" in out.text
 
 
@@ -240,7 +243,7 @@ async def test_pids_limit_stops_a_fork_bomb(make_driver: MakeDriver) -> None:
     # The background sleeps die with the container when the shell ends: no hour-long wait.
     status = await asyncio.wait_for(driver.run("forks", script, {}, out), timeout=120)
 
-    assert status != 0
+    assert status.status != 0
     assert "can't fork" in out.text
     assert "all started" not in out.text
 
@@ -253,7 +256,9 @@ async def test_stop_ends_a_running_job_promptly(driver: DockerDriver) -> None:
     await asyncio.gather(driver.stop(), driver.stop())  # concurrent calls are fine
     status = await asyncio.wait_for(job, timeout=5)
 
-    assert status == 128 + 15  # SIGTERM reached the shell: it was not the SIGKILL 10 s later
+    # SIGTERM reached the shell: it was not the SIGKILL 10 s later. The engine says why the
+    # job ended (a kill or a time limit), not the driver.
+    assert status == Exit(128 + 15, "terminated by signal 15 (SIGTERM)")
     await driver.stop()  # idempotent
 
 
@@ -261,7 +266,7 @@ async def test_no_job_starts_after_stop(driver: DockerDriver) -> None:
     await driver.stop()
     out = Output()
 
-    assert await driver.run("late", "echo ran", {}, out) == 137
+    assert (await driver.run("late", "echo ran", {}, out)).status == 137
     assert out.text == ""
 
 
@@ -299,7 +304,7 @@ async def test_a_stop_while_the_container_is_made_keeps_the_job_from_starting(
     await driver.stop()
     gate.release()
 
-    assert await job == 137
+    assert (await job).status == 137
     assert out.text == ""
     (container,) = docker_engine.containers.list(
         all=True, filters={"label": f"{LABEL_BUILD}={driver.build_id}"}
@@ -348,6 +353,67 @@ async def test_a_container_that_cannot_be_started_is_a_driver_error(
 
     with pytest.raises(DriverError, match="not a directory"):
         await driver.run("unmountable", "true", {}, Output())
+
+
+# --- how a job ended (docs/manifest.md §6.8) -------------------------------------------------
+
+
+def job_container(client: docker.DockerClient, driver: DockerDriver, job: str) -> Any:
+    """The container the driver runs `job` in, found by the labels it sets."""
+    labels = [f"{LABEL_BUILD}={driver.build_id}", f"marid.job={job}"]
+    (container,) = client.containers.list(all=True, filters={"label": labels})
+    return container
+
+
+@pytest.mark.parametrize(
+    ("act", "ending"),
+    [
+        (lambda c: c.kill(), Exit(137, "killed by signal 9 (SIGKILL)")),
+        (lambda c: c.kill(signal="TERM"), Exit(143, "terminated by signal 15 (SIGTERM)")),
+        (lambda c: c.stop(), Exit(143, "container stopped from outside (exit 143)")),
+        (lambda c: c.remove(force=True), Exit(None, "container removed by someone else")),
+    ],
+    ids=["docker-kill", "docker-kill-TERM", "docker-stop", "docker-rm-f"],
+)
+async def test_a_container_ended_from_outside_says_how(
+    driver: DockerDriver,
+    docker_engine: docker.DockerClient,
+    act: Callable[[Any], None],
+    ending: Exit,
+) -> None:
+    out = Output()
+    job = asyncio.create_task(driver.run("victim", "echo ready; sleep 60", {}, out))
+    await out.wait_for("ready")
+
+    await asyncio.to_thread(act, job_container(docker_engine, driver, "victim"))
+
+    assert await asyncio.wait_for(job, timeout=60) == ending
+    assert out.text == "ready\n"
+
+
+async def test_a_shell_killed_from_inside_reports_the_signal(driver: DockerDriver) -> None:
+    """No engine call stopped it: the exit status 128 + 9 alone says what happened."""
+    out = Output()
+
+    assert await driver.run("self", "echo ready; kill -9 $$", {}, out) == Exit(
+        137, "killed by signal 9 (SIGKILL)"
+    )
+    assert out.text == "ready\n"
+
+
+async def test_nothing_is_collected_from_a_removed_container(
+    driver: DockerDriver, docker_engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    out = Output()
+    job = asyncio.create_task(
+        driver.run("victim", "echo ready > file; cat file; sleep 60", {}, out)
+    )
+    await out.wait_for("ready")
+    await asyncio.to_thread(job_container(docker_engine, driver, "victim").remove, force=True)
+    assert (await asyncio.wait_for(job, timeout=60)).reason == "container removed by someone else"
+
+    with pytest.raises(DriverError, match="file: no job container to collect from"):
+        await driver.collect("file", tmp_path / "artifact", max_size=1024)
 
 
 # --- objects and keys ------------------------------------------------------------------------
@@ -663,7 +729,7 @@ async def _succeed(driver: DockerDriver, tmp_path: Path) -> None:
 
 async def _fail(driver: DockerDriver, tmp_path: Path) -> None:
     await driver.create(Output())
-    assert await driver.run("fails", "exit 1", {}, Output()) == 1
+    assert await driver.run("fails", "exit 1", {}, Output()) == Exit(1, "exit status 1")
 
 
 async def _stop(driver: DockerDriver, tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from marid.runner.drivers.base import Limits, SshKey
 from marid.runner.drivers.os import OsDriver
 from marid.runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
@@ -21,12 +23,21 @@ class Recorder:
     placed: list[str] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def job_started(self, job: JobSpec) -> None:
         self.started.append(job.name)
 
     async def job_output(self, job: JobSpec, text: str) -> None:
         self.output[job.name] = self.output.get(job.name, "") + text
+        self.changed.set()
+
+    async def wait_for(self, job: str, text: str) -> None:
+        """Return once the job's output holds `text`."""
+        async with asyncio.timeout(60):
+            while text not in self.output.get(job, ""):
+                self.changed.clear()
+                await self.changed.wait()
 
     async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
         self.status[job.name] = (status, ran)
@@ -90,7 +101,7 @@ async def test_three_stages_with_an_allowed_failure_and_masking():
         "test.1": ("passed", True),
         "deploy.1": ("passed", True),
     }
-    assert rec.output["lint.1"] == "+ echo linting\nlinting\n+ false\n"
+    assert rec.output["lint.1"] == "+ echo linting\nlinting\n+ false\nexit status 1\n"
     assert "s3cr3t" not in rec.output["test.1"]
     assert "token is xxxxxx" in rec.output["test.1"]
     assert "Collecting artifact out.txt => result.txt\n" in rec.output["test.1"]
@@ -209,3 +220,71 @@ async def test_a_background_process_does_not_keep_the_job_running():
         await asyncio.sleep(0.1)
     else:
         raise AssertionError(f"background process {pid} still runs")
+
+
+# --- why a job ended: its last line (docs/manifest.md §6.8) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("commands", "output"),
+    [
+        ("exit 3", "+ exit 3\nexit status 3\n"),
+        ("set +x\nprintf partial\nexit 3", "+ set +x\npartial\nexit status 3\n"),
+        ("set +x\nkill -9 $$", "+ set +x\nkilled by signal 9 (SIGKILL)\n"),
+        ("set +x\nkill -TERM $$", "+ set +x\nterminated by signal 15 (SIGTERM)\n"),
+    ],
+    ids=["exit-status", "after-a-partial-line", "sigkill", "sigterm"],
+)
+async def test_a_job_that_does_not_exit_0_says_why_last(commands: str, output: str) -> None:
+    status, rec, _ = await run(spec(StageSpec("s", False, [JobSpec("a", commands)])))
+
+    assert status == "failed"
+    assert rec.output["a"] == output
+
+
+async def test_a_killed_command_is_reported_as_its_signal() -> None:
+    """The shell says so its own way ("Killed"), then returns 128 + 9."""
+    status, rec, _ = await run(spec(StageSpec("s", False, [JobSpec("a", "sh -c 'kill -9 $$'")])))
+
+    assert status == "failed"
+    assert rec.output["a"].splitlines()[-1] == "killed by signal 9 (SIGKILL)"
+
+
+async def test_the_reason_follows_the_artifact_lines_and_is_masked() -> None:
+    job = JobSpec("a", "set +x\necho made > out.txt\nexit 3", artifacts=[("out.txt", "out")])
+    build = spec(StageSpec("s", True, [job]), secrets=["status"])
+
+    status, rec, _ = await run(build)
+
+    assert status == "passed_with_failures"
+    assert rec.output["a"] == "+ set +x\nCollecting artifact out.txt => out\nexit xxxxxx 3\n"
+    assert rec.artifacts == {"out": b"made\n"}
+
+
+async def test_a_time_limit_says_which_limit() -> None:
+    job_limit = spec(StageSpec("s", False, [JobSpec("a", "set +x\nsleep 60", timeout=1.0)]))
+    build_limit = spec(StageSpec("s", False, [JobSpec("a", "set +x\nsleep 60")]), timeout=2.0)
+
+    for build, line in [
+        (job_limit, "time limit 1s reached"),
+        (build_limit, "build time limit 2s reached"),
+    ]:
+        status, rec, _ = await run(build)
+        assert status == "timed_out"
+        assert rec.output["a"] == f"+ set +x\n{line}\n"
+
+
+@pytest.mark.parametrize("reason", [None, "stopped by the runner: its lease was lost"])
+async def test_a_killed_job_says_so_last(reason: str | None) -> None:
+    build = spec(StageSpec("s", False, [JobSpec("a", "set +x\necho ready\nsleep 60")]))
+    recorder = Recorder()
+    execution = Execution(build, OsDriver(), recorder)
+    if reason is not None:
+        execution.kill_reason = reason  # a runner stopping a job for a reason of its own
+    task = asyncio.create_task(execution.run())
+    await recorder.wait_for("a", "ready\n")
+
+    execution.kill.set()
+
+    assert await asyncio.wait_for(task, timeout=60) == "killed"
+    assert recorder.output["a"] == f"+ set +x\nready\n{reason or 'killed on request'}\n"
