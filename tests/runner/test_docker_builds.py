@@ -10,6 +10,7 @@ import json
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import docker
@@ -304,6 +305,88 @@ async def test_a_kill_while_the_engine_creates_ends_killed_and_leaves_nothing(
     assert done["status"] == "killed"
     assert "up\n" not in done["output"]
     assert leftovers(docker_engine, build["id"], db_dsn) == []
+
+
+# --- why a job ended (docs/manifest.md §6.8) ---------------------------------------------------
+
+
+def ready_then(*commands: str, **fields: str) -> str:
+    """A one-job build whose job prints "ready" (and nothing else), then runs `commands`."""
+    extra = "".join(f"{key}: {value}\n" for key, value in fields.items())
+    listed = ", ".join(repr(command) for command in ["set +x", "echo ready", *commands])
+    return (
+        "driver: {type: docker, image: 'marid-test/busybox:latest', workspace: /w}\n"
+        f"{extra}stages: [s]\njobs:\n- stage: s\n  commands: [{listed}]\n"
+    )
+
+
+def job_container(engine: docker.DockerClient, build_id: int, dsn: str, job: str) -> Any:
+    """The container running `job` of the build, found by the labels the driver sets."""
+    labels = [f"marid.build={build_id}", f"marid.instance={instance_of(dsn)}", f"marid.job={job}"]
+    (container,) = engine.containers.list(all=True, filters={"label": labels})
+    return container
+
+
+async def test_a_container_killed_from_outside_fails_the_job_and_says_so(
+    client: TestClient,
+    token: MakeToken,
+    worker: Worker,
+    docker_engine: docker.DockerClient,
+    db_dsn: str,
+):
+    value = await token(SCOPE)
+    build = await submit(client, value, ready_then("sleep 60"))
+    await until_output(client, value, build, "s.1", "ready\n")
+
+    await asyncio.to_thread(job_container(docker_engine, build["id"], db_dsn, "s.1").kill)
+
+    done = await wait_for(client, value, build["url"], finished)
+    assert done["status"] == "failed"
+    assert await job_output(client, value, build, "s.1") == (
+        "+ set +x\nready\nkilled by signal 9 (SIGKILL)\n"
+    )
+    assert leftovers(docker_engine, build["id"], db_dsn) == []
+
+
+async def test_a_kill_request_says_so_last(client: TestClient, token: MakeToken, worker: Worker):
+    value = await token(SCOPE)
+    build = await submit(client, value, ready_then("sleep 60"))
+    await until_output(client, value, build, "s.1", "ready\n")
+
+    await kill(client, value, build)
+
+    done = await wait_for(client, value, build["url"], finished)
+    assert done["status"] == "killed"
+    assert await job_output(client, value, build, "s.1") == "+ set +x\nready\nkilled on request\n"
+
+
+async def test_a_job_out_of_memory_says_so_with_the_limit(
+    client: TestClient, token: MakeToken, worker: Worker
+):
+    value = await token(SCOPE)
+    # dd fills a 64 MiB buffer: twice the limit, and no swap to spill into.
+    hog = ready_then("dd if=/dev/zero of=/dev/null bs=64M count=1", resources="{memory: 32m}")
+    build = await submit(client, value, hog)
+
+    done = await wait_for(client, value, build["url"], finished)
+    assert done["status"] == "failed"
+    # The shell reports its killed command ("Killed"), then marid says why.
+    assert await job_output(client, value, build, "s.1") == (
+        "+ set +x\nready\nKilled\nout of memory (limit 32m)\n"
+    )
+
+
+async def test_a_job_time_limit_says_so_last(client: TestClient, token: MakeToken, worker: Worker):
+    value = await token(SCOPE)
+    manifest = ready_then("sleep 60").replace("  commands:", "  timeout: 3s\n  commands:")
+    build = await submit(client, value, manifest)
+
+    done = await wait_for(client, value, build["url"], finished)
+    assert done["status"] == "timed_out"
+    # The limit counts from the job's start, container creation included: "ready" may or
+    # may not have come first.
+    output = await job_output(client, value, build, "s.1")
+    assert output.endswith("\ntime limit 3s reached\n") or output == "time limit 3s reached\n"
 
 
 # --- docker.pull ------------------------------------------------------------------------------
