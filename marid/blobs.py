@@ -9,17 +9,20 @@ cancelled upload leaves nothing behind. The SDKs block, so their calls run in th
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,6 +37,11 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 256 * 1024
 _KEY = re.compile(r"[0-9a-f]{32}")
 _MISSING = ("404", "NoSuchKey", "NotFound")
+# The local file an S3 upload is spooled to (S3Store.put), in the spool or temporary directory.
+S3_SPOOL = ("marid-blob-", ".part")
+# An S3 multipart upload cannot be told from one still running, so only those this old are
+# aborted: no upload of marid's lasts a day (S3Store.remove_partial).
+MULTIPART_MAX_AGE = timedelta(days=1)
 
 
 class BlobNotFound(Exception):
@@ -54,6 +62,15 @@ class Blob:
     size: int
     md5: str  # lowercase hex
     sha256: str  # lowercase hex
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A complete blob as a listing sees it: its key and when its content was written (UTC;
+    for S3, the object's LastModified)."""
+
+    key: str
+    modified: datetime
 
 
 class BlobStore(ABC):
@@ -86,6 +103,15 @@ class BlobStore(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Finish background clean-ups and release connections; the store is unusable after."""
+
+    @abstractmethod
+    def listing(self) -> AsyncIterator[list[Stored]]:
+        """Every complete blob, in batches; for the reaper (marid/reaper.py)."""
+
+    @abstractmethod
+    async def remove_partial(self, before: datetime) -> int:
+        """Remove uploads that never completed and were last written before `before`, unless
+        a live process still writes them; returns how many were removed."""
 
     async def put_file(self, path: Path, max_size: int = 0) -> Blob:
         """Store the file at `path` under a new key; raises BlobTooLarge past `max_size` > 0."""
@@ -164,6 +190,19 @@ class FsStore(BlobStore):
     async def close(self) -> None:
         pass  # nothing held open between calls
 
+    async def listing(self) -> AsyncIterator[list[Stored]]:
+        for shard in await asyncio.to_thread(_shards, self.root):
+            batch = await asyncio.to_thread(_complete, shard)
+            if batch:
+                yield batch
+
+    async def remove_partial(self, before: datetime) -> int:
+        removed = 0
+        for shard in await asyncio.to_thread(_shards, self.root):
+            for path in await asyncio.to_thread(_partial, shard):
+                removed += await asyncio.to_thread(remove_if_unused, path, before)
+        return removed
+
     async def copy_to_file(self, key: str, path: Path) -> None:
         source = self._path(key)
         try:
@@ -192,8 +231,9 @@ class S3Store(BlobStore):
     async def put(self, chunks: AsyncIterable[bytes], max_size: int = 0) -> Blob:
         key = new_key()
         name = self._name(key)
-        fd, spool_name = tempfile.mkstemp(".part", "marid-blob-", self.spool_dir)
-        os.close(fd)
+        prefix, suffix = S3_SPOOL
+        fd, spool_name = tempfile.mkstemp(suffix, prefix, self.spool_dir)
+        hold(fd)  # until closed below: the reaper leaves a spool file alone while it is held
         spool = Path(spool_name)
         try:
             blob = await _spool(chunks, spool, _Digest(key, max_size), durable=False)
@@ -202,6 +242,7 @@ class S3Store(BlobStore):
             # Not in a thread, so a second cancellation cannot skip it; boto3 may still hold
             # the file open if its upload was cancelled, which POSIX allows.
             spool.unlink(missing_ok=True)  # noqa: ASYNC240
+            os.close(fd)
         return blob
 
     async def _upload(self, spool: Path, name: str) -> None:
@@ -275,6 +316,41 @@ class S3Store(BlobStore):
             await asyncio.gather(*self._cleanups, return_exceptions=True)
         await asyncio.to_thread(self.client.close)
 
+    async def listing(self) -> AsyncIterator[list[Stored]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix))
+        while (page := await asyncio.to_thread(next, pages, None)) is not None:
+            batch = [
+                Stored(item["Key"][len(self.prefix) :], item["LastModified"].astimezone(UTC))
+                for item in page.get("Contents", [])
+                if _KEY.fullmatch(item["Key"][len(self.prefix) :])
+            ]
+            if batch:
+                yield batch
+
+    async def remove_partial(self, before: datetime) -> int:
+        """Also aborts multipart uploads started before `before` - MULTIPART_MAX_AGE, and
+        removes the spool files of puts whose process died."""
+        spool_dir = Path(self.spool_dir or tempfile.gettempdir())
+        removed = await asyncio.to_thread(remove_unused_files, spool_dir, [S3_SPOOL], before)
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix))
+        while (page := await asyncio.to_thread(next, pages, None)) is not None:
+            for upload in page.get("Uploads", []):
+                name = upload["Key"]
+                if not _KEY.fullmatch(name[len(self.prefix) :]):
+                    continue  # not one of marid's
+                if upload["Initiated"] >= before - MULTIPART_MAX_AGE:
+                    continue
+                await asyncio.to_thread(
+                    self.client.abort_multipart_upload,
+                    Bucket=self.bucket,
+                    Key=name,
+                    UploadId=upload["UploadId"],
+                )
+                removed += 1
+        return removed
+
 
 def s3_client(config: S3Config) -> Any:
     """A boto3 S3 client for `config`; keys left unset use boto3's default chain."""
@@ -321,6 +397,7 @@ async def _spool(chunks: AsyncIterable[bytes], path: Path, digest: _Digest, dura
     # Created here rather than in a thread, so a cancelled caller never races its creation.
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as out:
+        hold(out.fileno())
         async for chunk in chunks:
             await asyncio.to_thread(_write, out, digest, chunk)
         if durable:
@@ -357,3 +434,97 @@ async def _blob_chunks(path: Path, key: str) -> AsyncIterator[bytes]:
 
 async def _single(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+def hold(fd: int) -> None:
+    """Mark the open file `fd` as in use until it is closed: `remove_if_unused` skips it.
+
+    A shared flock, so several holders never block each other; the kernel drops it when
+    the process dies, kill -9 included. Where the file system has no locks, the age alone
+    protects the file.
+    """
+    with suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def remove_if_unused(path: Path, before: datetime) -> bool:
+    """Remove the regular file at `path` if it was last written before `before` and no live
+    process holds it (`hold`); returns whether it did. Never follows a symbolic link."""
+    try:
+        return _remove_if_unused(path, before)
+    except (FileNotFoundError, PermissionError):
+        return False  # gone meanwhile, or another user's: not ours to remove
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+        return False
+
+
+def _remove_if_unused(path: Path, before: datetime) -> bool:
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode) or info.st_mtime >= before.timestamp():
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # held by a live process
+        except OSError:
+            pass  # no locks on this file system: the age alone decides
+        if os.fstat(fd).st_ino != info.st_ino:
+            return False  # replaced since it was looked at
+        path.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_unused_files(directory: Path, names: list[tuple[str, str]], before: datetime) -> int:
+    """`remove_if_unused` on each file of `directory` named `<prefix>…<suffix>` for a pair of
+    `names`; returns how many were removed. A missing directory holds nothing."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if any(entry.name.startswith(p) and entry.name.endswith(s) for p, s in names):
+            removed += remove_if_unused(Path(entry.path), before)
+    return removed
+
+
+def _shards(root: Path) -> list[Path]:
+    """The shard directories of an fs store (`<root>/<two hex digits>`)."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    shard = re.compile(r"[0-9a-f]{2}")
+    return sorted(Path(e.path) for e in entries if shard.fullmatch(e.name) and e.is_dir())
+
+
+def _complete(shard: Path) -> list[Stored]:
+    found = []
+    for entry in _entries(shard):
+        if _KEY.fullmatch(entry.name) and entry.name[:2] == shard.name:
+            with suppress(FileNotFoundError):  # deleted since the directory was read
+                modified = datetime.fromtimestamp(entry.stat().st_mtime, UTC)
+                found.append(Stored(entry.name, modified))
+    return found
+
+
+def _partial(shard: Path) -> list[Path]:
+    part = re.compile(r"\.[0-9a-f]{32}\.part")
+    return [Path(entry.path) for entry in _entries(shard) if part.fullmatch(entry.name)]
+
+
+def _entries(directory: Path) -> Iterator[os.DirEntry[str]]:
+    """The regular files of `directory`; none if it vanished."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        with suppress(FileNotFoundError):
+            if entry.is_file(follow_symlinks=False):
+                yield entry

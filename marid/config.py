@@ -186,6 +186,14 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ReaperConfig:
+    """What the reapers of the API and the runners leave alone (docs/configuration.md §1.3)."""
+
+    interval: Annotated[float, Duration] = 10 * 60.0  # between sweeps; one runs at start
+    grace: Annotated[float, Duration] = 3600.0  # minimum age of anything removed
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -204,6 +212,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    reaper: ReaperConfig = field(default_factory=ReaperConfig)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -2,12 +2,15 @@
 
 An upload is spooled to a temporary file while it arrives (never held in memory), refusing to
 grow past the resource's limit; it reaches the blob store only once its checks pass, and a
-request that fails after that deletes it again (`stored`).
+request that fails after that deletes it again (`stored`). The spool file is held (`hold`)
+while the request uses it, so the reaper (marid/reaper.py) removes only those of dead
+processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import tempfile
@@ -15,15 +18,16 @@ from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from marid.blobs import Blob, BlobStore
+from marid.blobs import Blob, BlobStore, hold
 from marid.mime import SNIFF_LEN
 from marid.validation import Errors
 
 log = logging.getLogger(__name__)
 
 UNITS = ("B", "KB", "MB", "GB")
+SPOOL = ("marid-upload-", ".part")  # prefix and suffix of a spool file, in the temp directory
 
 
 @dataclass
@@ -34,6 +38,8 @@ class Content:
     head: bytes = b""
     path: Path | None = None
     too_large: bool = False
+    sha256: str = ""  # of the whole content, lowercase hex; "" unless `path` is set
+    held: int | None = None  # a descriptor holding `path` (marid.blobs.hold) until discarded
 
     @property
     def missing(self) -> bool:
@@ -43,6 +49,9 @@ class Content:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+        if self.held is not None:
+            os.close(self.held)
+            self.held = None
 
 
 def size_text(limit: int) -> str:
@@ -66,9 +75,11 @@ async def spool(chunks: AsyncIterable[bytes], max_size: int) -> Content:
 
     The caller discards the returned content when done with it.
     """
-    fd, name = tempfile.mkstemp(".part", "marid-upload-")
+    fd, name = tempfile.mkstemp(SPOOL[1], SPOOL[0])
     path = Path(name)
-    content = Content()
+    content = Content(held=os.dup(fd))  # the same open file: its lock outlives `out`
+    hold(fd)
+    digest = hashlib.sha256()
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
@@ -79,19 +90,23 @@ async def spool(chunks: AsyncIterable[bytes], max_size: int) -> Content:
                 if max_size and size > max_size:
                     content.too_large = True
                     break
-                await asyncio.to_thread(_write, out, chunk)
+                await asyncio.to_thread(_write, out, digest, chunk)
     except BaseException:
         # Not in a thread, so a second cancellation cannot skip it.
         path.unlink(missing_ok=True)  # noqa: ASYNC240
+        content.discard()
         raise
     if content.missing or content.too_large:
         path.unlink(missing_ok=True)  # noqa: ASYNC240 (a cheap metadata call)
+        content.discard()
     else:
         content.path = path
+        content.sha256 = digest.hexdigest()
     return content
 
 
-def _write(out: BinaryIO, chunk: bytes) -> None:
+def _write(out: BinaryIO, digest: Any, chunk: bytes) -> None:
+    digest.update(chunk)
     out.write(chunk)
 
 
