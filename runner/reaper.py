@@ -1,0 +1,204 @@
+"""The runner's reaper: what dead runners and killed builds left on this host and its engine
+(the API's reaper is marid/reaper.py).
+
+At start and every `reaper.interval` (docs/configuration.md §1.3) it removes:
+
+- containers, then volumes, labelled for this installation (`marid.instance`, set by
+  runner/drivers/docker.py) whose build attempt is not `running` under a lease that has not
+  expired: a killed or finished build, an earlier attempt, a build whose runner died. Those
+  of other installations sharing the engine, and of `marid run` (no installation), are
+  never looked at; a running build's are kept.
+- the temporary directories the runner makes (`RUNNER_DIRS`) once older than the grace
+  period plus the longest time limit of a running build (at least `builds.max_timeout`): a
+  build's directories live no longer than the build, and their age is only the directory's
+  own modification time.
+- the blob store's unfinished uploads (`BlobStore.remove_partial`), among them the spool
+  files of S3 uploads on this host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from docker.errors import APIError, NotFound
+
+from marid.blobs import BlobStore
+from marid.config import Config
+from marid.reaper import Reaped, live_attempts, longest_running_timeout, repeat
+from marid.runner.drivers.docker import (
+    LABEL_ATTEMPT,
+    LABEL_BUILD,
+    LABEL_INSTANCE,
+    docker_client,
+)
+
+log = logging.getLogger(__name__)
+
+# Prefixes of the temporary directories of runner/execute.py (objects, artifacts) and the
+# drivers (docker image archives; the os driver's workspace and scripts).
+RUNNER_DIRS = (
+    "marid-object-",
+    "marid-artifact-",
+    "marid-image-",
+    "marid-workspace-",
+    "marid-scripts-",
+)
+
+Attempt = tuple[int, int]  # (build id, attempt) from a container's or volume's labels
+
+
+class RunnerReaper:
+    """One runner's sweeps: `tick(now)` removes what is described above."""
+
+    def __init__(
+        self,
+        config: Config,
+        pool: asyncpg.Pool,
+        store: BlobStore,
+        instance: str,
+        temp_dir: Path | None = None,
+        client: Any = None,
+    ) -> None:
+        if not instance:
+            # `marid run` labels its containers with no installation: never take those.
+            raise ValueError("the runner's reaper needs this installation's instance label")
+        self.config = config
+        self.pool = pool
+        self.store = store
+        self.instance = instance
+        self.temp_dir = temp_dir or Path(tempfile.gettempdir())
+        self.grace = timedelta(seconds=config.reaper.grace)
+        self._client = client  # docker.DockerClient; made on first use unless given
+        self._owns_client = client is None
+
+    async def tick(self, now: datetime) -> Reaped:
+        """One sweep at `now` (timezone-aware); returns what it removed."""
+        before = now - self.grace
+        async with self.pool.acquire() as conn:
+            running = await longest_running_timeout(conn)
+        longest = timedelta(seconds=max(self.config.builds.max_timeout, running))
+        reaped = Reaped(
+            files=await asyncio.to_thread(remove_old_dirs, self.temp_dir, before - longest),
+            partial=await self.store.remove_partial(before),
+        )
+        if "docker" in self.config.drivers:
+            reaped.containers, reaped.volumes = await self._engine()
+        if reaped:
+            log.info("runner reaper removed %s", reaped)
+        return reaped
+
+    async def _engine(self) -> tuple[int, int]:
+        """Remove the containers and volumes of this installation that no live attempt uses."""
+        if self._client is None:
+            self._client = await asyncio.to_thread(docker_client, self.config.docker.host)
+        try:
+            containers, volumes = await asyncio.to_thread(self._labelled)
+            builds = sorted({build for build, _ in [*containers.values(), *volumes.values()]})
+            async with self.pool.acquire() as conn:
+                live = await live_attempts(conn, builds)
+            gone_containers = [item for item, owner in containers.items() if owner not in live]
+            gone_volumes = [item for item, owner in volumes.items() if owner not in live]
+            return await asyncio.to_thread(self._remove, gone_containers, gone_volumes)
+        except Exception:
+            if self._owns_client:  # the engine may have restarted: connect afresh next time
+                client, self._client = self._client, None
+                await asyncio.to_thread(client.close)
+            raise
+
+    def _labelled(self) -> tuple[dict[str, Attempt], dict[str, Attempt]]:
+        """This installation's containers (by id) and volumes (by name), with their owners."""
+        filters = {"label": [f"{LABEL_INSTANCE}={self.instance}"]}
+        api = self._client.api
+        containers = _owners(
+            (c["Id"], c.get("Labels")) for c in api.containers(all=True, filters=filters)
+        )
+        volumes = _owners(
+            (v["Name"], v.get("Labels")) for v in api.volumes(filters=filters).get("Volumes") or []
+        )
+        return containers, volumes
+
+    def _remove(self, containers: list[str], volumes: list[str]) -> tuple[int, int]:
+        """Force-remove `containers`, then `volumes`; returns how many of each went."""
+        api = self._client.api
+        return _remove_each(containers, api.remove_container), _remove_each(
+            volumes, api.remove_volume
+        )
+
+    def close(self) -> None:
+        """Release the engine connection this reaper made."""
+        if self._owns_client and self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _owners(items: Iterable[tuple[str, dict[str, str] | None]]) -> dict[str, Attempt]:
+    """The build attempt of each item; items whose labels name none are left alone."""
+    owners: dict[str, Attempt] = {}
+    for item, labels in items:
+        build, attempt = (labels or {}).get(LABEL_BUILD, ""), (labels or {}).get(LABEL_ATTEMPT, "")
+        if build.isdigit() and attempt.isdigit():
+            owners[item] = (int(build), int(attempt))
+    return owners
+
+
+def _remove_each(items: list[str], remove: Callable[..., Any]) -> int:
+    removed = 0
+    for item in items:
+        try:
+            remove(item, force=True)
+        except NotFound:
+            continue  # removed meanwhile (its driver's destroy, another runner)
+        except APIError as exc:  # e.g. in use: tried again at the next sweep
+            log.warning("could not remove %s: %s", item, exc.explanation or exc)
+            continue
+        removed += 1
+    return removed
+
+
+def remove_old_dirs(directory: Path, before: datetime) -> int:
+    """Remove the runner's temporary directories (`RUNNER_DIRS`) in `directory` last modified
+    before `before`; returns how many went. Never follows a symbolic link."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith(RUNNER_DIRS):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or info.st_mtime >= before.timestamp():
+                continue
+            shutil.rmtree(entry.path)
+        except (FileNotFoundError, PermissionError):
+            continue  # gone meanwhile, or another user's: not ours to remove
+        except OSError as exc:
+            log.warning("could not remove %s: %s", entry.path, exc)
+            continue
+        removed += 1
+    return removed
+
+
+async def run(
+    config: Config, pool: asyncpg.Pool, store: BlobStore, instance: str, stop: asyncio.Event
+) -> None:
+    """The runner's reaper until `stop` is set: a sweep now, then every `reaper.interval`.
+
+    A failing sweep (database, engine or blob store away) is retried with backoff and never
+    ends it; `instance` is the installation's label (runner/worker.py `instance_of`).
+    """
+    sweeper = RunnerReaper(config, pool, store, instance)
+    try:
+        await repeat(sweeper.tick, config.reaper.interval, stop, "runner reaper")
+    finally:
+        sweeper.close()
