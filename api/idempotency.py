@@ -1,8 +1,10 @@
-"""Idempotent build submission (docs/api.md §22): a retried POST replays the first 201."""
+"""Idempotent creation (docs/api.md §22): a retried `POST /builds`, `POST /objects` or
+`POST /images` with the same Idempotency-Key replays the first 201."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Awaitable, Callable
 
@@ -14,8 +16,33 @@ from marid.users import User
 from marid.validation import RequestError, ValidationError
 
 KEY = re.compile(r"[\x21-\x7e]{1,255}")
+HEADER = "Idempotency-Key"
 # A key whose first request never finished (its server died) is free again after this.
 ABANDONED = "5 minutes"
+
+
+def header(request: web.Request) -> str | None:
+    """The request's Idempotency-Key, or None; a malformed one is a 400 before the body is
+    read."""
+    key = request.headers.get(HEADER)
+    if key is not None:
+        check(key)
+    return key
+
+
+def check(key: str) -> None:
+    if not KEY.fullmatch(key):
+        raise ValidationError(
+            {"idempotency_key": ["Idempotency-Key must be 1 to 255 visible ASCII characters"]}
+        )
+
+
+def fingerprint(endpoint: str, **parts: str | None) -> str:
+    """What identifies a request that is not compared by its raw body (docs/api.md §22): the
+    SHA-256 of `endpoint` and `parts` as canonical JSON, e.g. the form fields and the file's
+    own SHA-256 for an upload, whose multipart framing differs from one try to the next."""
+    text = json.dumps({"endpoint": endpoint, **parts}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 async def once(
@@ -23,13 +50,16 @@ async def once(
     user: User,
     key: str,
     handler: Callable[[], Awaitable[web.Response]],
+    digest: str | None = None,
 ) -> web.Response:
-    """Run `handler` once per (user, key, body) within 24 h; only 201 outcomes are kept."""
-    if not KEY.fullmatch(key):
-        raise ValidationError(
-            {"idempotency_key": ["Idempotency-Key must be 1 to 255 visible ASCII characters"]}
-        )
-    digest = hashlib.sha256(await request.read()).hexdigest()
+    """Run `handler` once per (user, key, request) within 24 h; only 201 outcomes are kept.
+
+    `digest` identifies the request (`fingerprint`); None means the SHA-256 of the body. The
+    handler may `keep` its 201 in its own transaction; otherwise it is kept after it returns.
+    """
+    check(key)
+    if digest is None:
+        digest = hashlib.sha256(await request.read()).hexdigest()
     pool: asyncpg.Pool = request.config_dict[POOL]
     async with pool.acquire() as conn:
         existing = await _claim(conn, user, key, digest)
@@ -38,23 +68,39 @@ async def once(
     try:
         response = await handler()
     except BaseException:
-        await pool.execute(
-            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2", user.id, key
-        )
+        await _release(pool, user, key)
         raise
     if response.status == 201 and isinstance(response.body, bytes):
-        await pool.execute(
-            "UPDATE idempotency_keys SET status = $3, body = $4 WHERE user_id = $1 AND key = $2",
-            user.id,
-            key,
-            response.status,
-            response.body,
-        )
+        async with pool.acquire() as conn:
+            await keep(conn, user, key, response)
     else:
-        await pool.execute(
-            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2", user.id, key
-        )
+        await _release(pool, user, key)
     return response
+
+
+async def keep(conn: asyncpg.Connection, user: User, key: str, response: web.Response) -> None:
+    """Record `response` (a 201) as the outcome of `key`. Called inside the transaction that
+    creates the resource, the outcome commits with it: a server that dies after the commit
+    still replays it."""
+    await conn.execute(
+        """
+        UPDATE idempotency_keys SET status = $3, body = $4
+        WHERE user_id = $1 AND key = $2 AND status IS NULL
+        """,
+        user.id,
+        key,
+        response.status,
+        response.body,
+    )
+
+
+async def _release(pool: asyncpg.Pool, user: User, key: str) -> None:
+    """Free the key of a request that kept no outcome (a kept one is never released)."""
+    await pool.execute(
+        "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND status IS NULL",
+        user.id,
+        key,
+    )
 
 
 async def _claim(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -10,7 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from marid import images, namespaces, webhooks
-from marid.api import uploads
+from marid.api import idempotency, uploads
 from marid.api.auth import Caller, optional, requires
 from marid.api.downloads import DOWNLOADS
 from marid.api.http import api_url, read_body
@@ -72,43 +73,57 @@ async def list_images(request: web.Request, user: User) -> web.Response:
 @routes.post("/images")
 @requires("image:write")
 async def create_image(request: web.Request, user: User) -> web.Response:
-    """Three forms (docs/api.md §12.3): a JSON body downloads, anything else is an upload."""
+    """Three forms (docs/api.md §12.3): a JSON body downloads, anything else is an upload. With
+    an Idempotency-Key, a retry replays the first 201 (§22)."""
+    key = idempotency.header(request)  # a malformed key is refused before the body is read
     if request.content_type == "application/json":
-        body = await _create_download(request, user)
-    else:
-        body = await _create_upload(request, user)
-    return web.json_response(body, status=201)
-
-
-async def _create_upload(request: web.Request, user: User) -> dict[str, Any]:
+        if key is None:
+            return await _create_download(request, user, None)
+        body_sha256 = hashlib.sha256(await request.read()).hexdigest()
+        digest = idempotency.fingerprint("POST /images", body_sha256=body_sha256)
+        return await idempotency.once(
+            request, user, key, lambda: _create_download(request, user, key), digest
+        )
     max_size = request.config_dict[CONFIG].images.max_size
     async with uploads.receive(request, FIELDS, max_size) as upload:
-        errors = Errors()
-        driver = images.check_driver(upload.fields.get("driver"), errors)
-        name = upload.fields.get("name")
-        images.check_name(name, driver, errors)
-        await images.check_content(upload.content, driver, errors, max_size)
-        # Stored only once its own checks pass; deleted again if the rest of the request fails.
-        valid = None if errors.by_field else upload.content
-        async with (
-            stored(request.config_dict[BLOBS], valid) as blob,
-            request.config_dict[POOL].acquire() as conn,
-            conn.transaction(),
-        ):
-            reference = upload.fields.get("namespace")
-            ns = await resolve_and_check_name(conn, user, reference, name, errors)
-            errors.raise_if_any()
-            assert driver is not None and name is not None and blob is not None
-            image_id = await images.create(conn, user, ns, driver, name, blob)
-            body = await _entity(conn, image_id, api_url(request))
-            await webhooks.emit(
-                conn, body["namespace_id"], "images", {"action": "created", "image": body}
-            )
+        if key is None:
+            return await _create_upload(request, user, upload, None)
+        fields = {name: upload.fields.get(name) for name in FIELDS}
+        digest = idempotency.fingerprint(
+            "POST /images", **fields, file_sha256=upload.content.sha256
+        )
+        return await idempotency.once(
+            request, user, key, lambda: _create_upload(request, user, upload, key), digest
+        )
+
+
+async def _create_upload(
+    request: web.Request, user: User, upload: uploads.Upload, key: str | None
+) -> web.Response:
+    max_size = request.config_dict[CONFIG].images.max_size
+    errors = Errors()
+    driver = images.check_driver(upload.fields.get("driver"), errors)
+    name = upload.fields.get("name")
+    images.check_name(name, driver, errors)
+    await images.check_content(upload.content, driver, errors, max_size)
+    # Stored only once its own checks pass; deleted again if the rest of the request fails.
+    valid = None if errors.by_field else upload.content
+    async with (
+        stored(request.config_dict[BLOBS], valid) as blob,
+        request.config_dict[POOL].acquire() as conn,
+        conn.transaction(),
+    ):
+        reference = upload.fields.get("namespace")
+        ns = await resolve_and_check_name(conn, user, reference, name, errors)
+        errors.raise_if_any()
+        assert driver is not None and name is not None and blob is not None
+        image_id = await images.create(conn, user, ns, driver, name, blob)
+        response = await _created(conn, request, user, image_id, key)
     log.info("image %d uploaded", image_id)
-    return body
+    return response
 
 
-async def _create_download(request: web.Request, user: User) -> dict[str, Any]:
+async def _create_download(request: web.Request, user: User, key: str | None) -> web.Response:
     downloads = request.config_dict[DOWNLOADS]
     form = await read_body(request)
     errors = form.errors
@@ -129,13 +144,23 @@ async def _create_download(request: web.Request, user: User) -> dict[str, Any]:
         image_id = await images.create(conn, user, ns, "qemu", name, None)
         secret = images.seal_url(request.config_dict[CIPHER], image_id, url)
         await images.add_download(conn, image_id, images.redact(url), secret)
-        body = await _entity(conn, image_id, api_url(request))
-        await webhooks.emit(
-            conn, body["namespace_id"], "images", {"action": "created", "image": body}
-        )
+        response = await _created(conn, request, user, image_id, key)
     downloads.start(image_id)  # only once committed: the task reads the row
     log.info("image %d created, download pending", image_id)
-    return body
+    return response
+
+
+async def _created(
+    conn: asyncpg.Connection, request: web.Request, user: User, image_id: int, key: str | None
+) -> web.Response:
+    """The 201 for a new image, in the transaction that creates it: sends `images` (`created`)
+    and keeps the outcome of `key` (docs/api.md §22)."""
+    body = await _entity(conn, image_id, api_url(request))
+    await webhooks.emit(conn, body["namespace_id"], "images", {"action": "created", "image": body})
+    response = web.json_response(body, status=201)
+    if key is not None:
+        await idempotency.keep(conn, user, key, response)
+    return response
 
 
 async def _entity(conn: asyncpg.Connection, image_id: int, base: str) -> dict[str, Any]:

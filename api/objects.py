@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from marid import mime, namespaces, objects
-from marid.api import uploads
+from marid.api import idempotency, uploads
 from marid.api.auth import Caller, optional, requires
 from marid.api.http import api_url
 from marid.api.keys import BLOBS, CONFIG, POOL
@@ -51,37 +51,55 @@ async def list_objects(request: web.Request, user: User) -> web.Response:
 @routes.post("/objects")
 @requires("object:write")
 async def create_object(request: web.Request, user: User) -> web.Response:
+    """Upload an object (docs/api.md §14.3); with an Idempotency-Key, a retry replays the first
+    201 (§22)."""
+    key = idempotency.header(request)  # a malformed key is refused before the upload
     max_size = request.config_dict[CONFIG].objects.max_size
     async with uploads.receive(request, FIELDS, max_size) as upload:
-        errors = Errors()
-        name = upload.fields.get("name")
-        objects.check_name(name, errors)
-        check_file(upload.content, errors, max_size)
-        # Stored only once its own checks pass; deleted again if the rest of the request fails.
-        valid = None if errors.by_field else upload.content
-        async with (
-            stored(request.config_dict[BLOBS], valid) as blob,
-            request.config_dict[POOL].acquire() as conn,
-            conn.transaction(),
+        if key is None:
+            return await _create(request, user, upload, None)
+        fields = {name: upload.fields.get(name) for name in FIELDS}
+        digest = idempotency.fingerprint(
+            "POST /objects", **fields, file_sha256=upload.content.sha256
+        )
+        return await idempotency.once(
+            request, user, key, lambda: _create(request, user, upload, key), digest
+        )
+
+
+async def _create(
+    request: web.Request, user: User, upload: uploads.Upload, key: str | None
+) -> web.Response:
+    errors = Errors()
+    name = upload.fields.get("name")
+    objects.check_name(name, errors)
+    check_file(upload.content, errors, request.config_dict[CONFIG].objects.max_size)
+    # Stored only once its own checks pass; deleted again if the rest of the request fails.
+    valid = None if errors.by_field else upload.content
+    async with (
+        stored(request.config_dict[BLOBS], valid) as blob,
+        request.config_dict[POOL].acquire() as conn,
+        conn.transaction(),
+    ):
+        ns = await namespaces.resolve(conn, user, upload.fields.get("namespace"), errors)
+        owner_id = ns.user_id if ns else user.id
+        if (
+            name
+            and not errors.has("name")
+            and not errors.has("namespace")
+            and await objects.name_taken(conn, owner_id, ns, name)
         ):
-            ns = await namespaces.resolve(conn, user, upload.fields.get("namespace"), errors)
-            owner_id = ns.user_id if ns else user.id
-            if (
-                name
-                and not errors.has("name")
-                and not errors.has("namespace")
-                and await objects.name_taken(conn, owner_id, ns, name)
-            ):
-                errors.add("name", "Name already exists")
-            errors.raise_if_any()
-            assert name is not None and blob is not None
-            created = await objects.create(
-                conn, user, ns, name, mime.detect(upload.content.head), blob
-            )
-            [body] = await objects.to_json(conn, [created], api_url(request))
-            await announce(conn, request, "objects", "created", created, objects.to_json, body)
+            errors.add("name", "Name already exists")
+        errors.raise_if_any()
+        assert name is not None and blob is not None
+        created = await objects.create(conn, user, ns, name, mime.detect(upload.content.head), blob)
+        [body] = await objects.to_json(conn, [created], api_url(request))
+        await announce(conn, request, "objects", "created", created, objects.to_json, body)
+        response = web.json_response(body, status=201)
+        if key is not None:
+            await idempotency.keep(conn, user, key, response)  # commits with the object
     log.info("object %d created", created.id)
-    return web.json_response(body, status=201)
+    return response
 
 
 @routes.get(r"/objects/{id:\d+}")
