@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from marid import reaper
 from marid.api.app import create_app
+from marid.api.keys import BLOBS, CONFIG, POOL
 from marid.config import Config
 
 log = logging.getLogger(__name__)
@@ -60,13 +63,28 @@ async def start(config: Config, sockets: list[socket.socket] | None = None) -> w
     """Serve on `sockets` (default: bind `server.listen`); the caller calls `runner.cleanup()`
     to stop."""
     sockets = sockets or bind(*split_listen(config.server.listen))
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    app = create_app(config)
+    app.cleanup_ctx.append(reaper_context)  # after the pool and the blob store: stops first
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     for sock in sockets:
         await web.SockSite(runner, sock, backlog=BACKLOG).start()
     where = ", ".join(address(sock) for sock in sockets)
     log.info("API listening on %s, base URL %s", where, config.server.api_url)
     return runner
+
+
+async def reaper_context(app: web.Application) -> AsyncIterator[None]:
+    """The API's reaper (marid/reaper.py) for as long as the app runs: a sweep at start, then
+    one every `reaper.interval` (docs/configuration.md §1.3)."""
+    settings = app[CONFIG].reaper
+    sweeper = reaper.Reaper(app[POOL], app[BLOBS], settings.grace)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reaper.repeat(sweeper.tick, settings.interval, stop, "reaper"))
+    yield
+    stop.set()
+    task.cancel()  # a sweep in progress stops at its next await; what it removed stays removed
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def serve_until(
