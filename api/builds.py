@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from marid import builds, manifest, namespaces, objects, users, webhooks
+from marid import builds, lifecycle, manifest, namespaces, objects, users, webhooks
 from marid.api import idempotency, resources
 from marid.api.auth import Caller, optional, requires
 from marid.api.http import Page, api_url, query, query_flag, read_body, read_json
@@ -202,7 +202,7 @@ async def kill_build(request: web.Request, user: User) -> web.Response:
     runner."""
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, user)
-        if await builds.kill(conn, loaded.build):
+        if await lifecycle.kill(conn, loaded.build.id):
             await webhooks.emit_build(conn, loaded.build.id, "build.finished", api_url(request))
     return web.Response(status=204)
 

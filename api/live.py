@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 from aiohttp import web
 
+from marid import channels
 from marid.api.keys import CONFIG
 
 log = logging.getLogger(__name__)
-CHANNEL = "marid_output"
 
 
 class Live:
@@ -49,7 +49,7 @@ class Live:
 
     async def start(self, dsn: str) -> None:
         self.conn = await asyncpg.connect(dsn)
-        await self.conn.add_listener(CHANNEL, self._notified)
+        await self.conn.add_listener(channels.OUTPUT, self._notified)
 
     async def stop(self) -> None:
         if self.conn is not None:

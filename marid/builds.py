@@ -1,4 +1,5 @@
-"""Builds: the entity, listings with build filters, tags, pins and kills (docs/api.md §7)."""
+"""Builds: the entity, listings with build filters, tags and pins (docs/api.md §7). A build's
+state transitions, kills included, are marid/lifecycle.py's."""
 
 from __future__ import annotations
 
@@ -259,38 +260,6 @@ async def set_pinned(conn: asyncpg.Connection, build: Build, pinned: bool) -> Bu
     updated = await get(conn, build.id)
     assert updated is not None
     return updated
-
-
-async def kill(conn: asyncpg.Connection, build: Build) -> bool:
-    """Kill a build (docs/api.md §7.6): a queued one ends `killed` now without running; a running
-    one is flagged and its runner, woken by NOTIFY, stops it within a second. Returns whether
-    the build ended here."""
-    queued = await conn.fetchval(
-        """
-        UPDATE builds SET status = 'killed', finished_at = now()
-        WHERE id = $1 AND status = 'queued' RETURNING id
-        """,
-        build.id,
-    )
-    if queued:
-        await conn.execute(
-            """
-            UPDATE build_jobs SET status = 'killed', finished_at = now()
-            WHERE build_id = $1 AND status = 'queued'
-            """,
-            build.id,
-        )
-        return True
-    running = await conn.fetchval(
-        """
-        UPDATE builds SET kill_requested = true
-        WHERE id = $1 AND status = 'running' RETURNING id
-        """,
-        build.id,
-    )
-    if running:
-        await conn.execute("SELECT pg_notify('marid_kill', $1)", str(build.id))
-    return False
 
 
 async def latest_in(conn: asyncpg.Connection, namespace_id: int) -> Build | None:

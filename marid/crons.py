@@ -12,11 +12,10 @@ from typing import Any
 
 import asyncpg
 
-from marid import manifest, namespaces, schedules, users
+from marid import channels, manifest, namespaces, schedules, users
 from marid.listing import Listing
 from marid.manifest import Manifest, ManifestLimits
 from marid.namespaces import Namespace
-from marid.queue import CRON_CHANNEL
 from marid.times import rfc3339
 from marid.users import User
 from marid.validation import Body, Errors, ValidationError
@@ -192,7 +191,7 @@ async def _wake_schedulers(conn: asyncpg.Connection, next_run: datetime) -> None
     """Tell the schedulers of a new or moved next_run, so that a sleeping one wakes for it
     rather than up to `cron.interval` late (docs/architecture.md). NOTIFY is delivered on
     commit: a rolled-back write wakes nobody."""
-    await conn.execute("SELECT pg_notify($1, $2)", CRON_CHANNEL, next_run.isoformat())
+    await conn.execute("SELECT pg_notify($1, $2)", channels.CRONS, next_run.isoformat())
 
 
 async def _write(conn: asyncpg.Connection, sql: str, *args: Any) -> Cron:

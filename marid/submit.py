@@ -16,13 +16,11 @@ from typing import Any
 
 import asyncpg
 
-from marid import builds, manifest
+from marid import builds, channels, manifest
 from marid.builds import Build
 from marid.manifest import Manifest
 from marid.namespaces import Namespace
 from marid.users import User
-
-QUEUE_CHANNEL = "marid_builds"
 
 # Whose stored variables, keys and objects a build snapshots: (owner id, namespace id, whether
 # personal resources count).
@@ -191,15 +189,16 @@ async def _insert_builds(
         """
         INSERT INTO builds (user_id, author_id, namespace_id, number, manifest, driver,
                             trigger_type, trigger_comment, trigger_data, timeout_seconds,
-                            resources, cron_id)
+                            resources, cron_id, driver_config)
         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::integer[],
                              $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[],
-                             $10::double precision[], $11::jsonb[], $12::bigint[])
+                             $10::double precision[], $11::jsonb[], $12::bigint[],
+                             $13::jsonb[])
         RETURNING id, user_id, author_id, namespace_id, number, manifest, driver, status, output,
                   pinned, trigger_type, trigger_comment, trigger_data, created_at, started_at,
                   finished_at
         """,
-        *_columns([_build_values(sub, n) for sub, n in zip(subs, numbers, strict=True)], 12),
+        *_columns([_build_values(sub, n) for sub, n in zip(subs, numbers, strict=True)], 13),
     )
     by_number = {(row["user_id"], row["number"]): row for row in rows}
     made = []
@@ -228,6 +227,9 @@ def _build_values(sub: Submission, number: int) -> tuple[Any, ...]:
         m.timeout,
         json.dumps(resources),
         sub.cron_id,
+        # Compiled once: runners read the driver settings here, not from the manifest
+        # (docs/architecture.md §3.1).
+        json.dumps(m.driver.config),
     )
 
 
@@ -340,7 +342,7 @@ async def _insert_snapshots(
         *_columns(keys, 6),
         *_columns(objects, 4),
         *_columns(tagged, 3),
-        QUEUE_CHANNEL,
+        channels.BUILDS,
         sorted({build.driver for build in made}),
     )
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from marid import builds, namespaces
+from marid import builds, channels, namespaces
 from marid.crypto import Cipher
 from marid.namespaces import Namespace
 from marid.times import rfc3339
@@ -53,7 +53,6 @@ SUBJECTS = {
     "variables": "variable",
     "ssh_keys": "key",
 }
-CHANNEL = "marid_hooks"  # NOTIFY'd when deliveries are queued; the deliverer LISTENs
 KEEP_RECORDS = timedelta(days=30)  # §10.7
 
 Payload = dict[str, Any] | Callable[[], Awaitable[dict[str, Any]]]
@@ -375,7 +374,7 @@ async def emit(
         event,
         body,
     )
-    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+    await conn.execute("SELECT pg_notify($1, '')", channels.HOOKS)
     return len(hooks)
 
 

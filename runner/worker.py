@@ -1,8 +1,9 @@
 """`marid runner`: claims queued builds and executes them, up to `runner.parallelism` at once.
 
-Runners sleep on LISTEN marid_builds (a bounded poll is the fallback), hold a lease on each
+Runners sleep on LISTEN channels.BUILDS (a bounded poll is the fallback), hold a lease on each
 build they run and renew it; any runner requeues builds whose lease expired (docs/manifest.md
-§6.13). A kill request arrives by NOTIFY marid_kill and is also seen at each renewal.
+§6.13). A kill request arrives by NOTIFY on channels.KILL and is also seen at each renewal.
+Every transition of the build is marid/lifecycle.py's; this module runs the loop around them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -21,15 +21,15 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from marid import keys, queue, variables, webhooks
+from marid import channels, keys, lifecycle, variables, webhooks
 from marid.blobs import BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
-from marid.queue import Claim
+from marid.lifecycle import Claim, ClaimedBuild, LostLease
 from marid.runner.drivers.base import Driver, Limits, SshKey
 from marid.runner.drivers.os import OsDriver
 from marid.runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
-from marid.runner.reporter import DbReporter, LostLease, artifacts_of
+from marid.runner.reporter import DbReporter
 
 log = logging.getLogger(__name__)
 POLL = 5.0  # seconds between queue checks when no NOTIFY arrives
@@ -54,8 +54,8 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
         listener = await asyncpg.connect(self.config.database.dsn)
-        await listener.add_listener(queue.QUEUE_CHANNEL, lambda *_: self.wake.set())
-        await listener.add_listener(queue.KILL_CHANNEL, self._kill_notified)
+        await listener.add_listener(channels.BUILDS, lambda *_: self.wake.set())
+        await listener.add_listener(channels.KILL, self._kill_notified)
         drivers, parallelism = ",".join(self.drivers), self.config.runner.parallelism
         log.info("runner %s: drivers %s, parallelism %d", self.name, drivers, parallelism)
         try:
@@ -82,7 +82,7 @@ class Worker:
 
     async def _recover(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            recovered = await queue.recover_expired(conn)
+            recovered = await lifecycle.recover_expired(conn)
             for build_id in recovered.killed:
                 await webhooks.emit_build(conn, build_id, "build.finished", self.api_url)
         for build_id in recovered.build_ids:
@@ -94,7 +94,9 @@ class Worker:
         """Claim builds while there is capacity."""
         while len(self.tasks) < self.config.runner.parallelism:
             async with self.pool.acquire() as conn, conn.transaction():
-                claim = await queue.claim(conn, self.name, self.drivers, self.config.runner.lease)
+                claim = await lifecycle.claim(
+                    conn, self.name, self.drivers, self.config.runner.lease
+                )
                 if claim is None:
                     return
                 await webhooks.emit_build(conn, claim.build_id, "build.started", self.api_url)
@@ -138,9 +140,10 @@ class Worker:
         """
         lease = self.config.runner.lease
         while True:
-            async with self.pool.acquire() as conn:
-                killed = await queue.renew(conn, claim, lease)
-            if killed is None:
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    killed = await lifecycle.renew(conn, claim, lease)
+            except LostLease:
                 log.warning("build %d: lease lost", claim.build_id)
                 execution.kill.set()
                 return
@@ -149,59 +152,77 @@ class Worker:
             await asyncio.sleep(min(1.0, lease / 3))
 
     async def _load(self, claim: Claim) -> tuple[BuildSpec, Driver]:
+        """The claimed build as the engine runs it, masked values and keys decrypted."""
         async with self.pool.acquire() as conn:
-            build = await conn.fetchrow(
-                "SELECT user_id, driver, manifest, timeout_seconds, resources FROM builds"
-                " WHERE id = $1",
-                claim.build_id,
-            )
-            env, secrets = await self._variables(conn, claim.build_id, build["user_id"])
-            spec = BuildSpec(
-                stages=await self._stages(conn, claim.build_id),
-                env=env,
-                secrets=secrets,
-                objects=await self._objects(conn, claim.build_id),
-                keys=await self._keys(conn, claim.build_id, build["user_id"]),
-                timeout=build["timeout_seconds"],
-                artifact_max_size=self.config.artifacts.max_size,
-            )
-        resources = json.loads(build["resources"])
-        limits = Limits(resources["memory"], resources["cpus"], resources["pids"])
-        return spec, self._driver(claim, build["driver"], build["manifest"], limits)
+            build = await lifecycle.load(conn, claim)
+        env, secrets = self._environment(build)
+        spec = BuildSpec(
+            stages=[
+                StageSpec(s.name, s.allow_failures, [_job_spec(job) for job in s.jobs])
+                for s in build.stages
+            ],
+            env=env,
+            secrets=secrets,
+            objects=[
+                ObjectSpec(o.source, o.destination, self._fetcher(o.blob_key), o.id)
+                for o in build.objects
+            ],
+            keys=[
+                SshKey(
+                    k.name,
+                    keys.decrypt_key(self.cipher, build.owner_id, k.name, k.sealed),
+                    k.config,
+                )
+                for k in build.keys
+            ],
+            timeout=build.timeout,
+            artifact_max_size=self.config.artifacts.max_size,
+        )
+        return spec, self._driver(build)
 
-    def _driver(self, claim: Claim, kind: str, manifest_text: str, limits: Limits) -> Driver:
-        if kind == "os":
+    def _environment(self, build: ClaimedBuild) -> tuple[dict[str, str], list[str]]:
+        """The build's environment and the plaintexts of its masked values."""
+        env: dict[str, str] = {}
+        secrets: list[str] = []
+        for var in build.variables:
+            value = var.value
+            if var.masked:
+                assert var.sealed is not None
+                value = variables.decrypt_value(self.cipher, build.owner_id, var.key, var.sealed)
+                secrets.append(value)
+            assert value is not None
+            env[var.key] = value
+        return env, secrets
+
+    def _driver(self, build: ClaimedBuild) -> Driver:
+        """The driver of the settings stored at submission (docs/manifest.md §9)."""
+        resources = build.resources
+        limits = Limits(resources.memory, resources.cpus, resources.pids)
+        if build.driver == "os":
             return OsDriver(limits)
-        from marid import manifest
         from marid.runner.drivers import docker
 
-        config = manifest.parse(manifest_text).driver.config
         if self.docker is None:  # one client per runner: connecting costs a round trip
             self.docker = docker.docker_client(self.config.docker.host)
         return docker.DockerDriver(
             client=self.docker,
-            build_id=claim.build_id,
-            attempt=claim.attempt,
-            image=config["image"],
-            workspace=config["workspace"],
+            build_id=build.claim.build_id,
+            attempt=build.claim.attempt,
+            image=build.driver_config["image"],
+            workspace=build.driver_config["workspace"],
             limits=limits,
             network=self.config.docker.network,
             pull=self.config.docker.pull,
-            uploaded=lambda name: self._uploaded_image(claim.build_id, name),
+            uploaded=lambda name: self._uploaded_image(build, name),
             instance=self.instance,
         )
 
-    async def _uploaded_image(self, build_id: int, name: str) -> Any:
+    async def _uploaded_image(self, build: ClaimedBuild, name: str) -> Any:
         from marid import images
         from marid.runner.drivers.docker import UploadedImage
 
         async with self.pool.acquire() as conn:
-            build = await conn.fetchrow(
-                "SELECT user_id, namespace_id FROM builds WHERE id = $1", build_id
-            )
-            found = await images.find_docker_image(
-                conn, build["user_id"], build["namespace_id"], name
-            )
+            found = await images.find_docker_image(conn, build.owner_id, build.namespace_id, name)
         if found is None:
             return None
         blob_key = found.blob_key
@@ -211,80 +232,6 @@ class Worker:
 
         return UploadedImage(digest=found.sha256, fetch=fetch)
 
-    async def _stages(self, conn: asyncpg.Connection, build_id: int) -> list[StageSpec]:
-        rows = await conn.fetch(
-            """
-            SELECT s.name AS stage, s.allow_failures, j.id, j.name, j.commands,
-                   j.timeout_seconds, j.artifacts
-            FROM build_stages s JOIN build_jobs j ON j.stage_id = s.id
-            WHERE s.build_id = $1 ORDER BY s.position, j.position
-            """,
-            build_id,
-        )
-        stages: dict[str, StageSpec] = {}
-        for row in rows:
-            stage = stages.setdefault(
-                row["stage"], StageSpec(row["stage"], row["allow_failures"], [])
-            )
-            stage.jobs.append(
-                JobSpec(
-                    row["name"],
-                    row["commands"],
-                    row["timeout_seconds"],
-                    artifacts_of(row["artifacts"]),
-                    row["id"],
-                )
-            )
-        return list(stages.values())
-
-    async def _variables(
-        self, conn: asyncpg.Connection, build_id: int, owner_id: int
-    ) -> tuple[dict[str, str], list[str]]:
-        """The build's environment and the plaintexts of its masked values."""
-        rows = await conn.fetch(
-            "SELECT key, value, value_sealed, masked FROM build_variables"
-            " WHERE build_id = $1 ORDER BY position",
-            build_id,
-        )
-        env: dict[str, str] = {}
-        secrets: list[str] = []
-        for row in rows:
-            value = row["value"]
-            if row["masked"]:
-                sealed = row["value_sealed"]
-                value = variables.decrypt_value(self.cipher, owner_id, row["key"], sealed)
-                secrets.append(value)
-            env[row["key"]] = value
-        return env, secrets
-
-    async def _keys(self, conn: asyncpg.Connection, build_id: int, owner_id: int) -> list[SshKey]:
-        rows = await conn.fetch(
-            "SELECT name, key_sealed, config FROM build_keys WHERE build_id = $1 ORDER BY name",
-            build_id,
-        )
-        return [
-            SshKey(
-                row["name"],
-                keys.decrypt_key(self.cipher, owner_id, row["name"], row["key_sealed"]),
-                row["config"],
-            )
-            for row in rows
-        ]
-
-    async def _objects(self, conn: asyncpg.Connection, build_id: int) -> list[ObjectSpec]:
-        rows = await conn.fetch(
-            """
-            SELECT bo.id, bo.source, bo.name, o.blob_key
-            FROM build_objects bo LEFT JOIN objects o ON o.id = bo.object_id
-            WHERE bo.build_id = $1 ORDER BY bo.id
-            """,
-            build_id,
-        )
-        return [
-            ObjectSpec(row["source"], row["name"], self._fetcher(row["blob_key"]), row["id"])
-            for row in rows
-        ]
-
     def _fetcher(self, blob_key: str | None) -> Callable[[Path], Awaitable[None]] | None:
         if blob_key is None:
             return None
@@ -293,6 +240,10 @@ class Worker:
             await self.blobs.copy_to_file(blob_key, path)
 
         return fetch
+
+
+def _job_spec(job: lifecycle.Job) -> JobSpec:
+    return JobSpec(job.name, job.commands, job.timeout, job.artifacts, job.id)
 
 
 def instance_of(dsn: str) -> str:

@@ -24,7 +24,7 @@ import asyncpg
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from marid import __version__, db, webhooks
+from marid import __version__, channels, db, webhooks
 from marid.config import Config, WebhooksConfig
 from marid.crypto import Cipher, DecryptionError
 from marid.webhooks import Delivery, Outcome
@@ -185,7 +185,7 @@ async def _serve(config: Config, pool: asyncpg.Pool, stop: asyncio.Event) -> Non
             log.error("webhook delivery failed", exc_info=task.exception())
 
     listener = await pool.acquire()
-    await listener.add_listener(webhooks.CHANNEL, notified)
+    await listener.add_listener(channels.HOOKS, notified)
     purged = 0.0
     try:
         async with session(settings) as client:
@@ -222,7 +222,7 @@ async def _serve(config: Config, pool: asyncpg.Pool, stop: asyncio.Event) -> Non
         for task in flying:
             task.cancel()
         with contextlib.suppress(OSError, asyncpg.PostgresError):
-            await listener.remove_listener(webhooks.CHANNEL, notified)
+            await listener.remove_listener(channels.HOOKS, notified)
         await pool.release(listener)
 
 

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from marid import builds, crons, curator, db, manifest, namespaces, queue, users, webhooks
+from marid import builds, channels, crons, curator, db, manifest, namespaces, users, webhooks
 from marid.blobs import open_store
 from marid.builds import Build
 from marid.config import Config
@@ -161,7 +161,7 @@ def _or_raise(outcome: T | ValidationError) -> T:
 
 class Alarm:
     """When the loop looks at the cron jobs next: the earliest next_run it read, at most
-    `cron.interval` away, brought forward by a NOTIFY on CRON_CHANNEL (a request wrote an
+    `cron.interval` away, brought forward by a NOTIFY on channels.CRONS (a request wrote an
     earlier next_run) or by the LISTEN connection coming (back) up (docs/architecture.md)."""
 
     def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -177,13 +177,13 @@ class Alarm:
         return None if self._ring.is_set() else self._deadline
 
     def notified(self, payload: str) -> None:
-        """A NOTIFY on CRON_CHANNEL, whose payload is the new next_run (queue.py)."""
+        """A NOTIFY on channels.CRONS, whose payload is the new next_run (marid/crons.py)."""
         try:
             when = datetime.fromisoformat(payload)
         except ValueError:
             when = None
         if when is None or when.tzinfo is None:
-            log.warning("%s: unreadable payload %r; looking now", queue.CRON_CHANNEL, payload)
+            log.warning("%s: unreadable payload %r; looking now", channels.CRONS, payload)
             self.wake()
         else:
             self._wake_by(when)
@@ -232,7 +232,7 @@ async def run(
     alarm = alarm or Alarm()
     pool = await db.create_pool(config.database.dsn, config.database.pool_size)
     blobs = open_store(config.storage)
-    listener = Listener(config.database.dsn, queue.CRON_CHANNEL, alarm.notified, alarm.connected)
+    listener = Listener(config.database.dsn, channels.CRONS, alarm.notified, alarm.connected)
     listening = asyncio.create_task(listener.run(), name="cron LISTEN")
     listening.add_done_callback(lambda _: alarm.wake())  # to re-raise its failure below
     cleaned = 0.0  # when the artifact curator last ran (time.monotonic)

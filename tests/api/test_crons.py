@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from marid import channels, crons
 from marid import config as config_module
-from marid import crons, queue
 from marid.users import User
 from tests.api.helpers import BASE, add_collaborator, create_namespace, user_json
 from tests.conftest import MakeToken, MakeUser, bearer
@@ -179,7 +179,7 @@ async def test_writes_that_set_next_run_notify_the_schedulers_with_it(
     got: asyncio.Queue[str] = asyncio.Queue()
     listening = await asyncpg.connect(config.database.dsn)
     try:
-        await listening.add_listener(queue.CRON_CHANNEL, lambda *args: got.put_nowait(args[3]))
+        await listening.add_listener(channels.CRONS, lambda *args: got.put_nowait(args[3]))
         value = await token(ALL)
         _, cron = await post(api, value, name="c", manifest=MANIFEST)
         assert (await post(api, value, name="c", manifest=MANIFEST))[0] == 400  # name taken
@@ -195,7 +195,7 @@ async def test_writes_that_set_next_run_notify_the_schedulers_with_it(
             resp = await api.patch(url, headers=bearer(value), json=change)
             statuses.append(resp.status)
         assert statuses == [200] * 4
-        await listening.execute("SELECT pg_notify($1, 'end')", queue.CRON_CHANNEL)
+        await listening.execute("SELECT pg_notify($1, 'end')", channels.CRONS)
         async with asyncio.timeout(30):
             payloads = [await got.get() for _ in range(4)]  # in commit order
     finally:

@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 
-from marid import builds, manifest
+from marid import builds, channels, manifest
 from marid.submit import Submission, submit, submit_many
 from marid.users import User
 from tests.conftest import MakeUser
@@ -58,7 +58,7 @@ async def test_runners_are_woken_once_per_driver_when_the_batch_commits(
         woken.append(payload)
 
     async with pool.acquire() as listener:
-        await listener.add_listener("marid_builds", wake)
+        await listener.add_listener(channels.BUILDS, wake)
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await submit_many(conn, [submission(alice, text) for text in (DOCKER, OS, DOCKER)])
@@ -69,5 +69,5 @@ async def test_runners_are_woken_once_per_driver_when_the_batch_commits(
                     break
                 await asyncio.sleep(0.02)
         finally:
-            await listener.remove_listener("marid_builds", wake)
+            await listener.remove_listener(channels.BUILDS, wake)
     assert sorted(woken) == ["docker", "os"]

@@ -13,12 +13,13 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from marid import queue
+from marid import lifecycle
 from marid.api.app import create_app
 from marid.blobs import open_store
 from marid.config import Config
+from marid.lifecycle import LostLease
 from marid.runner.execute import JobSpec
-from marid.runner.reporter import DbReporter, LostLease
+from marid.runner.reporter import DbReporter
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
 
@@ -207,7 +208,7 @@ async def test_dead_runner_is_recovered_and_its_late_writes_are_fenced(
         client, value, "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: [echo hi]\n"
     )
     async with pool.acquire() as conn:
-        dead = await queue.claim(conn, "dead-runner", ["os"], 0.2)
+        dead = await lifecycle.claim(conn, "dead-runner", ["os"], 0.2)
     assert dead is not None and dead.attempt == 1
     job_id = await pool.fetchval("SELECT id FROM build_jobs WHERE name = 's.1'")
     zombie = DbReporter(pool, open_store(os_config.storage), dead, os_config.server.api_url)

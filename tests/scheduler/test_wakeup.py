@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from marid import channels, crons
 from marid import config as config_module
-from marid import crons, queue
 from marid.config import CronConfig
 from marid.manifest import ManifestLimits
 from marid.pgcluster import Cluster
@@ -164,7 +164,7 @@ async def test_a_rolled_back_cron_write_notifies_nobody(
     got: asyncio.Queue[str] = asyncio.Queue()
     listening = await asyncpg.connect(config.database.dsn)
     try:
-        await listening.add_listener(queue.CRON_CHANNEL, lambda *args: got.put_nowait(args[3]))
+        await listening.add_listener(channels.CRONS, lambda *args: got.put_nowait(args[3]))
         form = crons.CronForm("rolled back", "daily", MANIFEST, "UTC", Errors())
         limits = ManifestLimits.from_config(config)
         async with pool.acquire() as conn:
@@ -172,7 +172,7 @@ async def test_a_rolled_back_cron_write_notifies_nobody(
             await transaction.start()
             await crons.create(conn, alice, form, limits, NOON)
             await transaction.rollback()
-            await conn.execute("SELECT pg_notify($1, 'after')", queue.CRON_CHANNEL)
+            await conn.execute("SELECT pg_notify($1, 'after')", channels.CRONS)
         async with asyncio.timeout(WAIT):
             assert await got.get() == "after"  # notifications arrive in commit order
     finally:

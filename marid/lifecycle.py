@@ -1,0 +1,496 @@
+"""A build's lifecycle after submission: every state transition of `builds` and its
+`build_*` rows, and what a runner needs to execute a claimed build (docs/architecture.md §3.1,
+§3.2; docs/manifest.md §6).
+
+marid/submit.py creates a build `queued`. From there a runner `claim`s it (`running`, attempt
++ 1, leased), `renew`s the lease, `load`s the stored plan and reports as it executes:
+`job_started`, `append_output`, `job_finished`, `object_placed`, `key_placed`,
+`artifact_recorded` and finally `build_finished`. `kill` ends a queued build at once or asks
+a running one's runner to stop; any runner's `recover_expired` requeues builds whose lease ran
+out, or ends them with `finish_killed` when their kill was asked.
+
+Every write a runner makes after its claim passes the fence first (`_fence`, the SQL function
+`fence_build` of migrations/0011_build_lifecycle.sql): it locks the build row until the
+caller's transaction ends, or raises LostLease when the build is no longer `running` under the
+claimed attempt. So a runner presumed dead cannot change a build that was recovered or
+finished meanwhile. Functions take `conn` first and never open a transaction: the caller owns
+it, and a fenced write needs one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from marid import channels, manifest
+from marid.blobs import Blob
+from marid.manifest import Resources
+
+FENCED_OUT = "MF001"  # the SQLSTATE fence_build raises
+
+
+class LostLease(Exception):
+    """This attempt no longer holds its build (recovered, or finished): the runner abandons
+    it and writes nothing more."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    build_id: int
+    attempt: int
+
+
+async def claim(
+    conn: asyncpg.Connection, runner: str, drivers: list[str], lease: float
+) -> Claim | None:
+    """Take the oldest queued build for one of `drivers` (`running`, the next attempt, leased
+    for `lease` seconds), or None when there is none."""
+    row = await conn.fetchrow(
+        """
+        UPDATE builds
+        SET status = 'running', started_at = now(), attempt = attempt + 1, runner = $1,
+            lease_expires_at = now() + make_interval(secs => $3)
+        WHERE id = (
+            SELECT id FROM builds
+            WHERE status = 'queued' AND driver = ANY($2::text[])
+            ORDER BY created_at, id
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING id, attempt
+        """,
+        runner,
+        drivers,
+        lease,
+    )
+    return Claim(row["id"], row["attempt"]) if row else None
+
+
+async def _fence(conn: asyncpg.Connection, claim: Claim) -> None:
+    """Lock the build row until the caller's transaction ends, if `claim` still holds the
+    build; LostLease otherwise. Every runner write calls this first."""
+    if not conn.is_in_transaction():
+        # Outside a transaction the lock would end with this statement, before the write.
+        raise RuntimeError("a fenced write needs the caller's transaction")
+    try:
+        await conn.execute("SELECT fence_build($1, $2)", claim.build_id, claim.attempt)
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == FENCED_OUT:
+            raise LostLease(f"build {claim.build_id} attempt {claim.attempt}") from exc
+        raise
+
+
+async def renew(conn: asyncpg.Connection, claim: Claim, lease: float) -> bool:
+    """Extend the lease to `lease` seconds from now; returns whether a kill was requested.
+    Fenced."""
+    await _fence(conn, claim)
+    killed = await conn.fetchval(
+        """
+        UPDATE builds SET lease_expires_at = now() + make_interval(secs => $2)
+        WHERE id = $1 RETURNING kill_requested
+        """,
+        claim.build_id,
+        lease,
+    )
+    return bool(killed)
+
+
+# -- What a runner executes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    name: str
+    commands: str  # one command per line
+    timeout: float | None
+    artifacts: list[tuple[str, str]]  # (source, name), collected after the job
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    allow_failures: bool
+    jobs: list[Job]
+
+
+@dataclass(frozen=True)
+class Variable:
+    key: str
+    value: str | None  # None when masked
+    sealed: bytes | None = field(repr=False)  # a masked value (docs/architecture.md §6.2)
+    masked: bool
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    sealed: bytes = field(repr=False)  # the private key (docs/architecture.md §6.2)
+    config: str
+
+
+@dataclass(frozen=True)
+class Object:
+    id: int
+    source: str
+    destination: str
+    blob_key: str | None  # None: the stored object is gone (docs/manifest.md §6.4)
+
+
+@dataclass(frozen=True)
+class ClaimedBuild:
+    """A claimed build as stored at submission: its plan (docs/manifest.md §5.1-§5.4), its
+    snapshot (§5.5, sealed values still sealed) and its driver settings."""
+
+    claim: Claim
+    owner_id: int
+    namespace_id: int | None
+    driver: str
+    driver_config: dict[str, str]  # the manifest's `driver` mapping, `type` included
+    timeout: float  # seconds, for the whole build
+    resources: Resources
+    stages: list[Stage]  # in execution order; the first is the setup stage
+    variables: list[Variable]  # in environment order
+    keys: list[Key]
+    objects: list[Object]
+
+
+async def load(conn: asyncpg.Connection, claim: Claim) -> ClaimedBuild:
+    """Everything needed to execute the claimed build. Only reads."""
+    build = await conn.fetchrow(
+        """
+        SELECT user_id, namespace_id, driver, driver_config, manifest, timeout_seconds,
+               resources
+        FROM builds WHERE id = $1
+        """,
+        claim.build_id,
+    )
+    if build["driver_config"] is not None:
+        driver_config = json.loads(build["driver_config"])
+    else:  # submitted before migration 0011 stored it: parse this once
+        driver_config = manifest.parse(build["manifest"]).driver.config
+    return ClaimedBuild(
+        claim=claim,
+        owner_id=build["user_id"],
+        namespace_id=build["namespace_id"],
+        driver=build["driver"],
+        driver_config=driver_config,
+        timeout=build["timeout_seconds"],
+        resources=Resources(**json.loads(build["resources"])),
+        stages=await _stages(conn, claim.build_id),
+        variables=await _variables(conn, claim.build_id),
+        keys=await _keys(conn, claim.build_id),
+        objects=await _objects(conn, claim.build_id),
+    )
+
+
+async def _stages(conn: asyncpg.Connection, build_id: int) -> list[Stage]:
+    rows = await conn.fetch(
+        """
+        SELECT s.name AS stage, s.allow_failures, j.id, j.name, j.commands,
+               j.timeout_seconds, j.artifacts
+        FROM build_stages s JOIN build_jobs j ON j.stage_id = s.id
+        WHERE s.build_id = $1 ORDER BY s.position, j.position
+        """,
+        build_id,
+    )
+    stages: dict[str, Stage] = {}
+    for row in rows:
+        stage = stages.setdefault(row["stage"], Stage(row["stage"], row["allow_failures"], []))
+        artifacts = [(source, name) for source, name in json.loads(row["artifacts"])]
+        stage.jobs.append(
+            Job(row["id"], row["name"], row["commands"], row["timeout_seconds"], artifacts)
+        )
+    return list(stages.values())
+
+
+async def _variables(conn: asyncpg.Connection, build_id: int) -> list[Variable]:
+    rows = await conn.fetch(
+        "SELECT key, value, value_sealed, masked FROM build_variables"
+        " WHERE build_id = $1 ORDER BY position",
+        build_id,
+    )
+    return [Variable(r["key"], r["value"], r["value_sealed"], r["masked"]) for r in rows]
+
+
+async def _keys(conn: asyncpg.Connection, build_id: int) -> list[Key]:
+    rows = await conn.fetch(
+        "SELECT name, key_sealed, config FROM build_keys WHERE build_id = $1 ORDER BY name",
+        build_id,
+    )
+    return [Key(r["name"], r["key_sealed"], r["config"]) for r in rows]
+
+
+async def _objects(conn: asyncpg.Connection, build_id: int) -> list[Object]:
+    rows = await conn.fetch(
+        """
+        SELECT bo.id, bo.source, bo.name, o.blob_key
+        FROM build_objects bo LEFT JOIN objects o ON o.id = bo.object_id
+        WHERE bo.build_id = $1 ORDER BY bo.id
+        """,
+        build_id,
+    )
+    return [Object(r["id"], r["source"], r["name"], r["blob_key"]) for r in rows]
+
+
+# -- Fenced writes of the runner executing the build --------------------------------------------
+
+
+async def job_started(conn: asyncpg.Connection, claim: Claim, job_id: int) -> None:
+    """The job is `running`. Fenced."""
+    await _fence(conn, claim)
+    await conn.execute(
+        """
+        UPDATE build_jobs SET status = 'running', started_at = now()
+        WHERE build_id = $1 AND id = $2
+        """,
+        claim.build_id,
+        job_id,
+    )
+
+
+async def append_output(
+    conn: asyncpg.Connection, claim: Claim, job_id: int, offset: int, text: str
+) -> None:
+    """Store a chunk of the job's live output at UTF-8 byte `offset` and wake its live readers
+    (docs/api.md §19) when the caller commits. Fenced."""
+    await _fence(conn, claim)
+    await conn.execute(
+        """
+        INSERT INTO build_job_output (job_id, attempt, byte_offset, text)
+        VALUES ($1, $2, $3, $4)
+        """,
+        job_id,
+        claim.attempt,
+        offset,
+        text,
+    )
+    await conn.execute("SELECT pg_notify($1, $2)", channels.OUTPUT, str(job_id))
+
+
+async def job_finished(
+    conn: asyncpg.Connection, claim: Claim, job_id: int, status: str, ran: bool
+) -> None:
+    """The job ends with `status`. One that `ran` keeps its whole output in its row, and the
+    live chunks it was made of go (readers of a finished job read the row); one that never
+    started keeps no times and no output (docs/manifest.md §6.1). Readers wake on commit.
+    Fenced."""
+    await _fence(conn, claim)
+    await conn.execute(
+        """
+        UPDATE build_jobs j SET status = $3, finished_at = now(),
+            started_at = CASE WHEN $4 THEN coalesce(j.started_at, now()) END,
+            output = CASE WHEN $4 THEN coalesce(
+                (SELECT string_agg(o.text, '' ORDER BY o.byte_offset)
+                 FROM build_job_output o WHERE o.job_id = j.id AND o.attempt = $5), '')
+            END
+        WHERE j.build_id = $1 AND j.id = $2
+        """,
+        claim.build_id,
+        job_id,
+        status,
+        ran,
+        claim.attempt,
+    )
+    await conn.execute("DELETE FROM build_job_output WHERE job_id = $1", job_id)
+    await conn.execute("SELECT pg_notify($1, $2)", channels.OUTPUT, str(job_id))
+
+
+async def object_placed(conn: asyncpg.Connection, claim: Claim, object_id: int) -> None:
+    """The build object `object_id` was placed in the workspace. Fenced."""
+    await _fence(conn, claim)
+    await conn.execute(
+        "UPDATE build_objects SET placed = true WHERE build_id = $1 AND id = $2",
+        claim.build_id,
+        object_id,
+    )
+
+
+async def key_placed(conn: asyncpg.Connection, claim: Claim, name: str, location: str) -> None:
+    """The SSH key `name` was written at `location`. Fenced."""
+    await _fence(conn, claim)
+    await conn.execute(
+        "UPDATE build_keys SET location = $3 WHERE build_id = $1 AND name = $2",
+        claim.build_id,
+        name,
+        location,
+    )
+
+
+async def artifact_recorded(
+    conn: asyncpg.Connection, claim: Claim, job_id: int, source: str, name: str, blob: Blob
+) -> str | None:
+    """The artifact `name` now has the content `blob`, collected from `source` after the job.
+    Returns the blob key it replaced, to delete after commit. Fenced; LookupError when the
+    build declares no such artifact."""
+    await _fence(conn, claim)
+    row = await conn.fetchrow(
+        """
+        WITH old AS (
+            SELECT id, blob_key FROM build_artifacts
+            WHERE build_id = $1 AND name = $2 FOR UPDATE
+        )
+        UPDATE build_artifacts a SET blob_key = $3, size = $4, md5 = $5, sha256 = $6,
+            job_id = $7, source = $8
+        FROM old WHERE a.id = old.id
+        RETURNING old.blob_key AS replaced
+        """,
+        claim.build_id,
+        name,
+        blob.key,
+        blob.size,
+        blob.md5,
+        blob.sha256,
+        job_id,
+        source,
+    )
+    if row is None:
+        raise LookupError(f"build {claim.build_id} declares no artifact {name!r}")
+    replaced: str | None = row["replaced"]
+    return replaced
+
+
+async def build_finished(conn: asyncpg.Connection, claim: Claim, status: str) -> None:
+    """The build ends with `status` (docs/manifest.md §6.9), its jobs' output rolled up into its
+    own. Fenced."""
+    await _fence(conn, claim)
+    await _end(conn, claim.build_id, status)
+
+
+async def _end(conn: asyncpg.Connection, build_id: int, status: str) -> None:
+    """Give the build its final `status`; its output becomes its jobs' outputs in execution
+    order, none for a build that never started (a queued build killed)."""
+    await conn.execute(
+        """
+        UPDATE builds b SET status = $2, finished_at = now(), lease_expires_at = NULL,
+            output = CASE WHEN b.started_at IS NOT NULL THEN
+                (SELECT string_agg(coalesce(j.output, ''), '' ORDER BY s.position, j.position)
+                 FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
+                 WHERE j.build_id = $1)
+            END
+        WHERE b.id = $1
+        """,
+        build_id,
+        status,
+    )
+
+
+# -- Kills and recovery -------------------------------------------------------------------------
+
+
+async def kill(conn: asyncpg.Connection, build_id: int) -> bool:
+    """Kill a build (docs/api.md §7.6): a queued one ends `killed` now without running; a
+    running one is flagged and its runner, woken by NOTIFY on commit, stops it within a second.
+    Returns whether the build ended here."""
+    queued = await conn.fetchval(
+        "SELECT id FROM builds WHERE id = $1 AND status = 'queued' FOR UPDATE", build_id
+    )
+    if queued is not None:
+        await finish_killed(conn, build_id)
+        return True
+    running = await conn.fetchval(
+        """
+        UPDATE builds SET kill_requested = true
+        WHERE id = $1 AND status = 'running' RETURNING id
+        """,
+        build_id,
+    )
+    if running is not None:
+        await conn.execute("SELECT pg_notify($1, $2)", channels.KILL, str(build_id))
+    return False
+
+
+async def finish_killed(conn: asyncpg.Connection, build_id: int) -> None:
+    """End a build and its unfinished jobs `killed`, when no runner will: a queued build's kill,
+    or a running build's whose runner vanished after the kill was asked. The caller holds the
+    build row locked."""
+    await conn.execute(
+        """
+        UPDATE build_jobs SET status = 'killed', finished_at = now()
+        WHERE build_id = $1 AND status IN ('queued', 'running')
+        """,
+        build_id,
+    )
+    await _end(conn, build_id, "killed")
+
+
+@dataclass(frozen=True)
+class Recovered:
+    build_ids: list[int]  # requeued
+    killed: list[int]  # kill requested before the runner vanished: ended `killed` here
+    stale_blobs: list[str]  # artifact content of the dead attempts: delete after commit
+
+
+async def recover_expired(conn: asyncpg.Connection) -> Recovered:
+    """Requeue builds whose runner's lease ran out (docs/manifest.md §6.13); a build whose kill
+    was requested ends `killed` instead. Runners wake on commit."""
+    rows = await conn.fetch(
+        """
+        SELECT id, user_id, kill_requested FROM builds
+        WHERE status = 'running' AND lease_expires_at < now()
+        FOR UPDATE SKIP LOCKED
+        """
+    )
+    requeued: list[int] = []
+    killed: list[int] = []
+    stale: list[str] = []
+    for row in rows:
+        if row["kill_requested"]:
+            await finish_killed(conn, row["id"])
+            killed.append(row["id"])
+            continue
+        stale += await _reset(conn, row["id"], row["user_id"])
+        requeued.append(row["id"])
+    if requeued:
+        await conn.execute("SELECT pg_notify($1, 'recovered')", channels.BUILDS)
+    return Recovered(requeued, killed, stale)
+
+
+async def _reset(conn: asyncpg.Connection, build_id: int, owner_id: int) -> list[str]:
+    """Put a build back in the queue as if it had never run, tagged `orphaned`; returns its
+    stale blob keys. `attempt` stays, so the next claim takes a new one."""
+    await conn.execute(
+        """
+        UPDATE builds SET status = 'queued', started_at = NULL, finished_at = NULL,
+            output = NULL, runner = NULL, lease_expires_at = NULL
+        WHERE id = $1
+        """,
+        build_id,
+    )
+    await conn.execute(
+        """
+        UPDATE build_jobs SET status = 'queued', output = NULL, started_at = NULL,
+            finished_at = NULL
+        WHERE build_id = $1
+        """,
+        build_id,
+    )
+    await conn.execute(
+        "DELETE FROM build_job_output o USING build_jobs j"
+        " WHERE o.job_id = j.id AND j.build_id = $1",
+        build_id,
+    )
+    await conn.execute("UPDATE build_objects SET placed = false WHERE build_id = $1", build_id)
+    stale = await conn.fetch(
+        """
+        WITH old AS (
+            SELECT id, blob_key FROM build_artifacts
+            WHERE build_id = $1 AND blob_key IS NOT NULL FOR UPDATE
+        )
+        UPDATE build_artifacts a SET blob_key = NULL, size = NULL, md5 = NULL, sha256 = NULL
+        FROM old WHERE a.id = old.id
+        RETURNING old.blob_key
+        """,
+        build_id,
+    )
+    await conn.execute(
+        """
+        INSERT INTO build_tags (build_id, name, user_id) VALUES ($1, 'orphaned', $2)
+        ON CONFLICT DO NOTHING
+        """,
+        build_id,
+        owner_id,
+    )
+    return [row["blob_key"] for row in stale]
