@@ -103,8 +103,40 @@ SCHEMAS: dict[str, Schema] = {
     "Collaborator": obj(
         {"id": INT, "email": STRING, "username": STRING, "created_at": TIME, "url": URL}
     ),
-    "Health": obj({"status": STRING, "database": STRING, "version": STRING}),
+    "Health": obj(
+        {
+            "status": STRING,
+            "database": STRING,
+            "version": STRING,
+            "reason": {
+                "enum": [
+                    "not reachable",
+                    "not answering",
+                    "not accepting connections",
+                    "connection lost",
+                    "too many connections",
+                    "error",
+                ],
+                "description": "why the database is unavailable (503 only)",
+            },
+            "message": STRING,
+        },
+        optional=("reason", "message"),
+    ),
 }
+
+RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "seconds to wait before trying again", "schema": INT}
+}
+# Every operation can answer it (docs/api.md §1.4); `document` adds it to each.
+RESPONSES = {
+    "Unavailable": {
+        "description": "The database is unavailable (docs/api.md §1.4)",
+        "headers": RETRY_AFTER_HEADER,
+        "content": {"application/json": {"schema": ref("Message")}},
+    }
+}
+UNAVAILABLE = {"$ref": "#/components/responses/Unavailable"}
 
 NOT_FOUND = {
     "404": {
@@ -187,6 +219,13 @@ def namespace_params() -> list[dict[str, Any]]:
     ]
 
 
+def with_unavailable(operation: dict[str, Any]) -> dict[str, Any]:
+    """The operation with a 503 response, unless it documents its own (GET /health)."""
+    responses = dict(operation["responses"])
+    responses.setdefault("503", UNAVAILABLE)
+    return {**operation, "responses": responses}
+
+
 def document(
     api_url: str,
     modules: Iterable[Any],
@@ -201,11 +240,14 @@ def document(
     for module in modules:
         schemas.update(getattr(module, "SCHEMAS", {}))
         for (method, path), operation in module.OPERATIONS.items():
-            paths.setdefault(path, {})[method] = operation
+            paths.setdefault(path, {})[method] = with_unavailable(operation)
     for module in root_modules:
         schemas.update(getattr(module, "SCHEMAS", {}))
         for (method, path), operation in module.OPERATIONS.items():
-            paths.setdefault(path, {})[method] = {**operation, "servers": [{"url": root_url}]}
+            paths.setdefault(path, {})[method] = {
+                **with_unavailable(operation),
+                "servers": [{"url": root_url}],
+            }
     return {
         "openapi": "3.1.0",
         "info": {"title": "marid", "version": __version__},
@@ -213,6 +255,7 @@ def document(
         "paths": paths,
         "components": {
             "schemas": schemas,
+            "responses": RESPONSES,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "basic": {"type": "http", "scheme": "basic"},
