@@ -2,6 +2,10 @@
 
 Runners `NOTIFY marid_output, '<job id>'` when they append output; SSE handlers wait here
 instead of each holding a database connection.
+
+It is also the process's watch on the database (docs/api.md §1.4): the LISTEN connection is the
+first to see PostgreSQL go away, and requests that find it away say so. Either way the outage
+is logged once, a task reconnects with capped backoff, and the return is logged once too.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,15 +21,21 @@ import asyncpg
 from aiohttp import web
 
 from marid import channels
-from marid.api.keys import CONFIG
+from marid.api.keys import CONFIG, POOL
 
 log = logging.getLogger(__name__)
+RETRY_MIN, RETRY_MAX = 0.5, 5.0  # seconds between reconnection attempts, doubling
+PROBE_TIMEOUT = 5.0  # seconds one attempt (connect, LISTEN, SELECT 1 on the pool) may take
 
 
 class Live:
-    def __init__(self) -> None:
+    def __init__(self, dsn: str, pool: asyncpg.Pool) -> None:
+        self.dsn, self.pool = dsn, pool
         self.waiters: dict[int, set[asyncio.Event]] = defaultdict(set)
         self.conn: asyncpg.Connection | None = None
+        self.down_since: float | None = None  # time.monotonic() when this outage was seen
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
@@ -47,11 +58,63 @@ class Live:
             if not self.waiters[job_id]:
                 del self.waiters[job_id]
 
-    async def start(self, dsn: str) -> None:
-        self.conn = await asyncpg.connect(dsn)
-        await self.conn.add_listener(channels.OUTPUT, self._notified)
+    async def start(self) -> None:
+        await self._listen()
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.add_listener(channels.OUTPUT, self._notified)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(self._lost)
+        self.conn = conn
+
+    def _lost(self, _conn: object) -> None:
+        if not self._stopping:
+            self.database_away("connection lost")
+
+    def database_away(self, reason: str) -> None:
+        """Note that the database cannot be used: logged once per outage, then a task
+        reconnects until it answers again."""
+        if self._stopping or self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        log.warning("database unavailable (%s): requests answer 503 until it is back", reason)
+        self._watch = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = RETRY_MIN
+        while not await self._answers():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+        assert self.down_since is not None
+        log.info("database available again after %.1f s", time.monotonic() - self.down_since)
+        self.down_since = None
+        # Notifications sent while the LISTEN connection was gone are lost: readers look again.
+        for events in self.waiters.values():
+            for event in events:
+                event.set()
+
+    async def _answers(self) -> bool:
+        """Whether the LISTEN connection is (re)established and the pool answers `SELECT 1`."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                if self.conn is None or self.conn.is_closed():
+                    await self._listen()
+                async with self.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except Exception:  # any failure means "not yet"; the outage was logged when it began
+            return False
+        return True
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self.conn is not None:
             await self.conn.close()
 
@@ -60,7 +123,7 @@ LIVE = web.AppKey("live", Live)
 
 
 async def live_context(app: web.Application) -> AsyncIterator[None]:
-    app[LIVE] = Live()
-    await app[LIVE].start(app[CONFIG].database.dsn)
+    app[LIVE] = Live(app[CONFIG].database.dsn, app[POOL])
+    await app[LIVE].start()
     yield
     await app[LIVE].stop()

@@ -10,13 +10,20 @@ import asyncpg
 from aiohttp import web
 
 from marid import __version__, metrics
-from marid.api import openapi
+from marid.api import errors, openapi
 from marid.api.http import api_url
 from marid.api.keys import API_MODULES, CONFIG, HTTP_METRICS, POOL, ROOT_MODULES_KEY
 from marid.api.openapi import Operations, json_response, op, ref
 
 routes = web.RouteTableDef()
 HEALTH_TIMEOUT = 2.0
+DATABASE_ERRORS = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a query on a connection the server is closing
+)
 COLLECTIONS = ("builds", "namespaces", "cron", "invites", "images", "objects", "variables", "keys")
 
 
@@ -28,16 +35,26 @@ async def show_root(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def show_health(request: web.Request) -> web.Response:
-    """200 when `SELECT 1` answers within 2 s, else 503."""
+    """200 when `SELECT 1` answers within 2 s, else 503 saying why (docs/api.md §21)."""
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT):
             async with request.config_dict[POOL].acquire() as conn:
                 await conn.fetchval("SELECT 1")
-        status, state = 200, "ok"
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        status, state = 503, "unavailable"
-    body = {"status": state, "database": state, "version": __version__}
-    return web.json_response(body, status=status)
+    except DATABASE_ERRORS as exc:
+        reason = errors.database_unavailable(exc)
+        if reason is None and isinstance(exc, TimeoutError):  # our own limit
+            reason = "not answering"
+        if reason is not None:
+            errors.note_outage(request, reason)
+        body = {
+            "status": "unavailable",
+            "database": "unavailable",
+            "version": __version__,
+            "reason": reason or "error",
+            "message": errors.UNAVAILABLE,
+        }
+        return web.json_response(body, status=503, headers=errors.RETRY_HEADERS)
+    return web.json_response({"status": "ok", "database": "ok", "version": __version__})
 
 
 @routes.get("/metrics")
@@ -77,7 +94,10 @@ OPERATIONS: Operations = {
         "Database health",
         {
             "200": json_response("Healthy", ref("Health")),
-            "503": json_response("Database unavailable", ref("Health")),
+            "503": {
+                **json_response("Database unavailable", ref("Health")),
+                "headers": openapi.RETRY_AFTER_HEADER,
+            },
         },
         security=[],
         extension=True,

@@ -183,6 +183,8 @@ async def test_health_unavailable_when_the_database_is_gone(
             "status": "unavailable",
             "database": "unavailable",
             "version": "0.1.0",
+            "reason": "error",  # a missing database is no outage (tests/api/test_outage.py)
+            "message": "The database is unavailable; try again shortly",
         }
     finally:
         pool.terminate()
