@@ -11,6 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from marid import builds, jobs, output
+from marid.api import errors
 from marid.api.auth import Caller, optional
 from marid.api.builds import PARAMS, B, readable_build
 from marid.api.http import api_url, query
@@ -130,10 +131,19 @@ async def stream(request: web.Request, job: Job, offset: int) -> web.StreamRespo
     with live.subscribe(job.id) as changed:
         while True:
             changed.clear()  # before reading: a notification during the read is kept
-            async with pool.acquire() as conn:
-                current = await jobs.get_by_name(conn, job.build_id, job.name)
-                assert current is not None
-                chunks = await output_from(conn, current, offset)
+            try:
+                async with pool.acquire() as conn:
+                    current = await jobs.get_by_name(conn, job.build_id, job.name)
+                    assert current is not None
+                    chunks = await output_from(conn, current, offset)
+            except Exception as exc:
+                reason = errors.database_unavailable(exc)
+                if reason is None:
+                    raise
+                # Too late for a 503: end the stream cleanly; the client resumes with
+                # Last-Event-ID once the database is back (docs/api.md §1.4, §19).
+                errors.note_outage(request, reason)
+                return response
             for start, text in chunks:
                 offset = start + len(text.encode())
                 data = json.dumps({"offset": start, "text": text})
