@@ -213,7 +213,7 @@ class DockerDriver(Driver):
         state = attrs["State"]
         if state["Status"] in ("removing", "dead"):  # `docker rm -f` sets it before its kill
             return Exit(None, REMOVED)  # as when it is gone already: the status is its kill's
-        if state["OOMKilled"]:
+        if state["OOMKilled"] and status != 0:  # a job may survive a killed command
             return Exit(status, f"out of memory (limit {format_size(self._limits.memory)})")
         if status > 128 and not self._stopped and self._stopped_from_outside(container, state):
             return Exit(status, f"container stopped from outside (exit {status})")
@@ -225,6 +225,7 @@ class DockerDriver(Driver):
         the container's `die`. So events are read until a `die` that no `kill` came before, a
         `stop`, or STOP_EVENT_GRACE seconds past the container's end. Best effort: the engine
         replays only its last 256 events."""
+        events, killed = None, False
         try:
             events = self._client.events(
                 since=_seconds(state["StartedAt"]),
@@ -232,13 +233,6 @@ class DockerDriver(Driver):
                 filters={"type": "container", "container": container.id},
                 decode=True,
             )
-        except DockerException as exc:
-            log.warning(
-                "build %d: reading the events of %s: %s", self.build_id, container.name, exc
-            )
-            return False
-        killed = False
-        try:
             for event in events:
                 action = event.get("Action")
                 if action == "stop":
@@ -247,11 +241,10 @@ class DockerDriver(Driver):
                     return False  # signalled from inside the container, not by the engine
                 killed = killed or action == "kill"
         except (DockerException, RequestException) as exc:
-            log.warning(
-                "build %d: reading the events of %s: %s", self.build_id, container.name, exc
-            )
+            log.warning("build %d: events of %s: %s", self.build_id, container.name, exc)
         finally:
-            _close_stream(events)
+            if events is not None:
+                _close_stream(events)
         return False
 
     async def collect(self, source: str, destination: Path, max_size: int) -> None:

@@ -361,12 +361,23 @@ async def test_a_kill_request_says_so_last(client: TestClient, token: MakeToken,
 
 
 async def test_a_job_out_of_memory_says_so_with_the_limit(
-    client: TestClient, token: MakeToken, worker: Worker
+    client: TestClient,
+    token: MakeToken,
+    worker: Worker,
+    docker_engine: docker.DockerClient,
+    db_dsn: str,
 ):
     value = await token(SCOPE)
-    # dd fills a 64 MiB buffer: twice the limit, and no swap to spill into.
-    hog = ready_then("dd if=/dev/zero of=/dev/null bs=64M count=1", resources="{memory: 32m}")
+    # dd fills a 64 MiB buffer: twice the limit, and no swap to spill into. It starts once the
+    # test opens the gate, after the engine's start call: Docker 20.10 watches a container for
+    # out-of-memory kills only from then on.
+    gate = "until [ -e gate ]; do sleep 0.05; done"
+    hog = ready_then(gate, "dd if=/dev/zero of=/dev/null bs=64M count=1", resources="{memory: 32m}")
     build = await submit(client, value, hog)
+    await until_output(client, value, build, "s.1", "ready\n")
+
+    container = job_container(docker_engine, build["id"], db_dsn, "s.1")
+    await asyncio.to_thread(container.exec_run, ["touch", "gate"])
 
     done = await wait_for(client, value, build["url"], finished)
     assert done["status"] == "failed"
