@@ -7,7 +7,7 @@ whole batch back; the unique (cron_id, scheduled_at) of cron_runs guarantees a r
 second build.
 
 Between ticks the loop sleeps until the earliest next_run; a request that writes an earlier one
-NOTIFYs marid_crons, which wakes every scheduler (Alarm; the connection is scheduler/listener.py),
+NOTIFYs marid_crons, which wakes every scheduler (Alarm; the connection is marid/listen.py),
 and the claims above still let only one of them fire it (docs/architecture.md).
 """
 
@@ -30,7 +30,7 @@ from marid.config import Config
 from marid.crons import Cron
 from marid.manifest import Manifest, ManifestLimits
 from marid.namespaces import Namespace
-from marid.scheduler.listener import LOST, Listener
+from marid.listen import LOST, Listener
 from marid.submit import Submission, submit_many
 from marid.users import User
 from marid.validation import Errors, ValidationError

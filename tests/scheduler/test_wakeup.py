@@ -21,9 +21,9 @@ from marid.api import live
 from marid.config import CronConfig
 from marid.manifest import ManifestLimits
 from marid.pgcluster import Cluster
-from marid.scheduler import listener as listener_module
+from marid import listen as listener_module
 from marid.scheduler import loop
-from marid.scheduler.listener import Listener
+from marid.listen import Listener
 from marid.users import User
 from marid.validation import Errors
 from tests.conftest import MakeToken, bearer
