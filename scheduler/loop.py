@@ -28,9 +28,9 @@ from marid.blobs import open_store
 from marid.builds import Build
 from marid.config import Config
 from marid.crons import Cron
+from marid.listen import LOST, Listener
 from marid.manifest import Manifest, ManifestLimits
 from marid.namespaces import Namespace
-from marid.listen import LOST, Listener
 from marid.submit import Submission, submit_many
 from marid.users import User
 from marid.validation import Errors, ValidationError

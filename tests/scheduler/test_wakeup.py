@@ -17,13 +17,13 @@ from aiohttp.test_utils import TestClient
 
 from marid import channels, crons
 from marid import config as config_module
+from marid import listen as listener_module
 from marid.api import live
 from marid.config import CronConfig
+from marid.listen import Listener
 from marid.manifest import ManifestLimits
 from marid.pgcluster import Cluster
-from marid import listen as listener_module
 from marid.scheduler import loop
-from marid.listen import Listener
 from marid.users import User
 from marid.validation import Errors
 from tests.conftest import MakeToken, bearer
