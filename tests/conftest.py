@@ -21,7 +21,7 @@ from marid.api.app import create_app
 from marid.pgcluster import Cluster, free_port, new_password
 
 # Fixture modules contributed by other parts of the suite (e.g. the S3 server).
-pytest_plugins: list[str] = ["tests.fixtures.s3"]
+pytest_plugins: list[str] = ["tests.fixtures.s3", "tests.fixtures.outage"]
 
 TEMPLATE = "marid_test_template"
 API_URL = "https://ci.example.com/api"

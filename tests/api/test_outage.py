@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -21,12 +19,13 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from marid import config as config_module
-from marid import db, scopes, tokens, users
+from marid import scopes, tokens, users
 from marid.api import errors
 from marid.api.app import create_app
-from marid.pgcluster import Cluster, free_port, new_password
+from marid.pgcluster import Cluster, free_port
 from tests.api.test_tokens import basic
 from tests.conftest import bearer
+from tests.fixtures.outage import start_database, stop_database
 
 Client = Callable[..., Awaitable[TestClient]]
 UNAVAILABLE = {"message": "The database is unavailable; try again shortly"}
@@ -35,52 +34,14 @@ WAIT, STEP = 120.0, 0.05  # seconds: a generous bound on waiting, and the pollin
 _numbers = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def own_cluster() -> Iterator[Cluster]:
-    directory = Path(tempfile.mkdtemp(prefix="marid-test-outage-"))
-    directory.chmod(0o755)
-    cluster = Cluster(directory, free_port(), new_password())
-    cluster.init()
-    cluster.start(fast=True)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-async def own_template(own_cluster: Cluster) -> str:
-    admin = await asyncpg.connect(own_cluster.dsn())
-    try:
-        await admin.execute("CREATE DATABASE outage_template")
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(own_cluster.dsn("outage_template"))
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
-    return "outage_template"
+@pytest.fixture
+def cluster(outage_cluster: Cluster) -> Cluster:
+    return outage_cluster
 
 
 @pytest.fixture
-async def cluster(own_cluster: Cluster, own_template: str) -> AsyncIterator[Cluster]:
-    """The tests' own cluster, running again when the test ends however it ends."""
-    yield own_cluster
-    if not (own_cluster.data / "postmaster.pid").exists():
-        await asyncio.to_thread(own_cluster.start, True)
-
-
-@pytest.fixture
-async def dsn(cluster: Cluster, own_template: str) -> str:
-    name = f"outage_{next(_numbers)}"
-    admin = await asyncpg.connect(cluster.dsn())
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {own_template}")
-    finally:
-        await admin.close()
-    return cluster.dsn(name)
+def dsn(outage_dsn: str) -> str:
+    return outage_dsn
 
 
 @pytest.fixture
@@ -116,14 +77,6 @@ async def token(dsn: str) -> str:
     return value
 
 
-async def stop(cluster: Cluster) -> None:
-    await asyncio.to_thread(cluster.stop)  # the app keeps serving meanwhile
-
-
-async def start(cluster: Cluster) -> None:
-    await asyncio.to_thread(cluster.start, True)
-
-
 async def until(what: str, condition: Callable[[], bool]) -> None:
     """Poll `condition` until it is true; fail naming `what` after WAIT seconds."""
     for _ in range(int(WAIT / STEP)):
@@ -148,7 +101,7 @@ async def test_an_outage_is_a_503_with_retry_after_until_the_database_is_back(
 ):
     caplog.set_level(logging.INFO)
     assert (await client.get("/api/user", headers=bearer(token))).status == 200
-    await stop(cluster)
+    await stop_database(cluster)  # the app keeps serving meanwhile
 
     for _ in range(3):  # every request is answered; the outage is logged once
         await assert_unavailable(await client.get("/api/user", headers=bearer(token)))
@@ -167,7 +120,7 @@ async def test_an_outage_is_a_503_with_retry_after_until_the_database_is_back(
         "message": "The database is unavailable; try again shortly",
     }
 
-    await start(cluster)
+    await start_database(cluster)
     resp = await client.get("/api/user", headers=bearer(token))  # the same app, not restarted
     assert resp.status == 200
     assert (await resp.json())["username"] == "alice"
@@ -213,7 +166,7 @@ async def test_oauth_endpoints_at_the_server_root_answer_503(
     resp = await client.post("/api/apps", headers=basic(), json=body)
     assert resp.status == 201, await resp.text()
     app = await resp.json()
-    await stop(cluster)
+    await stop_database(cluster)
 
     query = {"client_id": app["client_id"], "scope": "build:read", "state": "s"}
     await assert_unavailable(await client.get("/login/oauth/authorize", params=query))
@@ -223,7 +176,7 @@ async def test_oauth_endpoints_at_the_server_root_answer_503(
     await assert_unavailable(await client.post("/login/oauth/token", data=code))
     await assert_unavailable(await client.post("/logout/oauth/revoke", headers=bearer(token)))
 
-    await start(cluster)
+    await start_database(cluster)
     resp = await client.get("/login/oauth/authorize", params=query)
     assert resp.status == 200
     assert resp.content_type == "text/html"
@@ -241,7 +194,7 @@ async def test_a_live_output_stream_ends_cleanly_when_the_database_goes(
     resp = await client.get(output, headers=live)  # a queued job: the stream stays open
     assert resp.status == 200
     assert resp.headers["Content-Type"] == "text/event-stream"
-    await stop(cluster)
+    await stop_database(cluster)
 
     async with asyncio.timeout(WAIT):
         rest = await resp.content.read()  # ends, without a transport error
@@ -249,7 +202,7 @@ async def test_a_live_output_stream_ends_cleanly_when_the_database_goes(
     assert b"message" not in rest
 
     await assert_unavailable(await client.get(output, headers=live))  # not yet back
-    await start(cluster)
+    await start_database(cluster)
     resp = await client.get(output, headers=bearer(token))
     assert resp.status == 200
     assert resp.headers["X-Marid-Job-Status"] == "queued"
@@ -286,9 +239,9 @@ async def test_clients_looping_through_an_outage_see_only_successes_and_503s(
     loops = [asyncio.create_task(loop(kind)) for kind in seen]
     try:
         await until("3 answers each", lambda: min(map(len, seen.values())) >= 3)
-        await stop(cluster)
+        await stop_database(cluster)
         await until("3 503s each", lambda: count(503) >= 3)
-        await start(cluster)
+        await start_database(cluster)
         marks = {kind: len(statuses) for kind, statuses in seen.items()}
         await until(
             "3 answers each after the start",
