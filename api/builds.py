@@ -328,6 +328,7 @@ SCHEMAS = {
             "output": nullable(STRING),
             "tags": {"type": "array", "items": STRING},
             "pinned": BOOL,
+            "attempts": INT,
             "created_at": TIME,
             "started_at": nullable(TIME),
             "finished_at": nullable(TIME),

@@ -42,6 +42,7 @@ class Build:
     started_at: datetime | None
     finished_at: datetime | None
     tags: list[str]
+    attempts: int = 0  # runs started, retries included (docs/manifest.md §6.13)
 
 
 def from_row(row: asyncpg.Record) -> Build:
@@ -99,6 +100,7 @@ def to_json(
         "output": build.output,
         "tags": build.tags,
         "pinned": build.pinned,
+        "attempts": build.attempts,
         "created_at": rfc3339(build.created_at),
         "started_at": rfc3339(build.started_at),
         "finished_at": rfc3339(build.finished_at),

@@ -134,6 +134,14 @@ class RunnerConfig:
     name: str = ""  # "" = <hostname>-<pid>
     parallelism: int = 2
     lease: Annotated[float, Duration] = 30.0
+    # A build's attempts, the first included: an attempt that fails outside the user's commands
+    # or loses its lease is retried until then (docs/manifest.md §6.13).
+    max_attempts: int = 3
+    retry_delay: Annotated[float, Duration] = 10.0  # before the 2nd attempt; doubled each time
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("runner.max_attempts: must be at least 1")
 
 
 @dataclass(frozen=True)

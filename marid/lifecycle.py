@@ -51,10 +51,11 @@ async def claim(
         """
         UPDATE builds
         SET status = 'running', started_at = now(), attempt = attempt + 1, runner = $1,
-            lease_expires_at = now() + make_interval(secs => $3)
+            lease_expires_at = now() + make_interval(secs => $3), retry_at = NULL
         WHERE id = (
             SELECT id FROM builds
             WHERE status = 'queued' AND driver = ANY($2::text[])
+              AND (retry_at IS NULL OR retry_at <= now())
             ORDER BY created_at, id
             LIMIT 1
             FOR UPDATE SKIP LOCKED
@@ -66,6 +67,19 @@ async def claim(
         lease,
     )
     return Claim(row["id"], row["attempt"]) if row else None
+
+
+async def next_retry(conn: asyncpg.Connection, drivers: list[str]) -> float | None:
+    """Seconds until the earliest retry of a queued build for one of `drivers` may be claimed
+    (`retry_at`), or None when none waits."""
+    seconds = await conn.fetchval(
+        """
+        SELECT extract(epoch FROM min(retry_at) - now())::float8 FROM builds
+        WHERE status = 'queued' AND driver = ANY($1::text[]) AND retry_at > now()
+        """,
+        drivers,
+    )
+    return None if seconds is None else max(float(seconds), 0.0)
 
 
 async def _fence(conn: asyncpg.Connection, claim: Claim) -> None:
@@ -155,6 +169,7 @@ class ClaimedBuild:
     variables: list[Variable]  # in environment order
     keys: list[Key]
     objects: list[Object]
+    previous: str | None = None  # why the previous attempt ended (`attempt 1: <reason>`)
 
 
 async def load(conn: asyncpg.Connection, claim: Claim) -> ClaimedBuild:
@@ -162,7 +177,7 @@ async def load(conn: asyncpg.Connection, claim: Claim) -> ClaimedBuild:
     build = await conn.fetchrow(
         """
         SELECT user_id, namespace_id, driver, driver_config, manifest, timeout_seconds,
-               resources
+               resources, retry_reason
         FROM builds WHERE id = $1
         """,
         claim.build_id,
@@ -183,6 +198,7 @@ async def load(conn: asyncpg.Connection, claim: Claim) -> ClaimedBuild:
         variables=await _variables(conn, claim.build_id),
         keys=await _keys(conn, claim.build_id),
         objects=await _objects(conn, claim.build_id),
+        previous=build["retry_reason"],
     )
 
 
@@ -421,31 +437,122 @@ class Recovered:
     build_ids: list[int]  # requeued
     killed: list[int]  # kill requested before the runner vanished: ended `killed` here
     stale_blobs: list[str]  # artifact content of the dead attempts: delete after commit
+    failed: list[int] = field(default_factory=list)  # their last attempt: ended `failed` here
 
 
-async def recover_expired(conn: asyncpg.Connection) -> Recovered:
-    """Requeue builds whose runner's lease ran out (docs/manifest.md §6.13); a build whose kill
-    was requested ends `killed` instead. Runners wake on commit."""
+async def recover_expired(conn: asyncpg.Connection, max_attempts: int) -> Recovered:
+    """Requeue builds whose runner's lease ran out (docs/manifest.md §6.13): the lost lease
+    counts as a failed attempt, so a build on its `max_attempts`th ends `failed`; a build whose
+    kill was requested ends `killed`. Runners wake on commit."""
     rows = await conn.fetch(
         """
-        SELECT id, user_id, kill_requested FROM builds
+        SELECT id, attempt, kill_requested FROM builds
         WHERE status = 'running' AND lease_expires_at < now()
         FOR UPDATE SKIP LOCKED
         """
     )
-    requeued: list[int] = []
-    killed: list[int] = []
-    stale: list[str] = []
+    recovered = Recovered([], [], [], [])
     for row in rows:
+        ended = await _attempt_over(
+            conn, Claim(row["id"], row["attempt"]), LEASE_LOST, max_attempts, 0.0
+        )
         if row["kill_requested"]:
-            await finish_killed(conn, row["id"])
-            killed.append(row["id"])
-            continue
-        stale += await _reset(conn, row["id"], row["user_id"])
-        requeued.append(row["id"])
-    if requeued:
-        await conn.execute("SELECT pg_notify($1, 'recovered')", channels.BUILDS)
-    return Recovered(requeued, killed, stale)
+            recovered.killed.append(row["id"])
+        elif ended.retried:
+            recovered.build_ids.append(row["id"])
+        else:
+            recovered.failed.append(row["id"])
+        recovered.stale_blobs.extend(ended.stale_blobs)
+    return recovered
+
+
+# -- Attempts that end outside the user's commands ----------------------------------------------
+
+LEASE_LOST = "runner lost its lease"
+
+
+@dataclass(frozen=True)
+class AttemptOver:
+    retried: bool  # queued for a new attempt; False: the build ended (`failed`, or `killed`)
+    stale_blobs: list[str]  # artifact content of the attempt: delete after commit
+
+
+async def attempt_failed(
+    conn: asyncpg.Connection, claim: Claim, reason: str, max_attempts: int, delay: float
+) -> AttemptOver:
+    """The attempt `claim` ended for `reason`, outside the user's commands (blob store, engine,
+    database, decryption, a lost lease; docs/manifest.md §6.13). Before `max_attempts` the build
+    is queued again, claimable after `delay` seconds; on the last it ends `failed` with
+    `marid: attempt N of M failed: <reason>; giving up` as its last line. Fenced."""
+    await _fence(conn, claim)
+    return await _attempt_over(conn, claim, reason, max_attempts, delay)
+
+
+async def _attempt_over(
+    conn: asyncpg.Connection, claim: Claim, reason: str, max_attempts: int, delay: float
+) -> AttemptOver:
+    """attempt_failed, for a build the caller holds locked `running` under `claim`."""
+    build = await conn.fetchrow(
+        "SELECT user_id, kill_requested FROM builds WHERE id = $1", claim.build_id
+    )
+    if build["kill_requested"]:  # nobody wants another attempt
+        await finish_killed(conn, claim.build_id)
+        return AttemptOver(False, [])
+    if claim.attempt >= max_attempts:
+        line = f"marid: attempt {claim.attempt} of {max_attempts} failed: {reason}; giving up"
+        await _give_up(conn, claim, line)
+        return AttemptOver(False, [])
+    stale = await _reset(conn, claim.build_id, build["user_id"])
+    await conn.execute(
+        """
+        UPDATE builds SET retry_reason = $2,
+            retry_at = CASE WHEN $3 > 0 THEN now() + make_interval(secs => $3) END
+        WHERE id = $1
+        """,
+        claim.build_id,
+        f"attempt {claim.attempt}: {reason}",
+        delay,
+    )
+    await conn.execute("SELECT pg_notify($1, 'recovered')", channels.BUILDS)
+    return AttemptOver(True, stale)
+
+
+async def _give_up(conn: asyncpg.Connection, claim: Claim, line: str) -> None:
+    """End the build `failed` with `line` last in its output: in the job that was running, or
+    the first that had not started; the jobs after it end `failed` without running."""
+    jobs = await conn.fetch(
+        """
+        SELECT j.id, j.status FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
+        WHERE j.build_id = $1 AND j.status IN ('queued', 'running')
+        ORDER BY s.position, j.position
+        """,
+        claim.build_id,
+    )
+    for index, job in enumerate(jobs):
+        if index == 0:
+            if job["status"] == "queued":
+                await job_started(conn, claim, job["id"])
+            await _say(conn, claim, job["id"], line)
+        await job_finished(conn, claim, job["id"], "failed", ran=index == 0)
+    await build_finished(conn, claim, "failed")
+
+
+async def _say(conn: asyncpg.Connection, claim: Claim, job_id: int, line: str) -> None:
+    """Append one of marid's own lines to the job's live output, on a line of its own."""
+    last = await conn.fetchrow(
+        """
+        SELECT byte_offset + octet_length(text) AS end, right(text, 1) AS tail
+        FROM build_job_output WHERE job_id = $1 AND attempt = $2
+        ORDER BY byte_offset DESC LIMIT 1
+        """,
+        job_id,
+        claim.attempt,
+    )
+    if last is None:
+        await append_output(conn, claim, job_id, 0, line + "\n")
+    else:
+        text = ("" if last["tail"] == "\n" else "\n") + line + "\n"
+        await append_output(conn, claim, job_id, last["end"], text)
 
 
 async def _reset(conn: asyncpg.Connection, build_id: int, owner_id: int) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import asyncpg
 
@@ -25,11 +25,22 @@ HEARTBEAT = 30.0  # seconds between checks that the idle connection still answer
 # What losing the database looks like: refused or reset sockets, timeouts, "the database system
 # is starting up", "terminating connection due to administrator command", a closed connection.
 LOST = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# The subset of LOST that says the database is away rather than that a statement is wrong:
+# what a loop retries while other errors still fail (class 08 connection exceptions, class 57
+# "shutting down" / "starting up", refused sockets, a connection closed under a statement).
+UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+)
 
 
 class Listener:
     """LISTEN `channel` on `dsn` until cancelled, calling `notified(payload)` for each
-    notification and `connected()` after each (re)connection."""
+    notification and `connected()` after each (re)connection. `others` maps more channels to
+    their own callbacks, listened to on the same connection."""
 
     def __init__(
         self,
@@ -39,10 +50,11 @@ class Listener:
         connected: Callable[[], None],
         first_retry: float = FIRST_RETRY,
         max_retry: float = MAX_RETRY,
+        others: Mapping[str, Callable[[str], None]] | None = None,
     ) -> None:
         self.dsn = dsn
-        self.channel = channel
-        self.notified = notified
+        self.channel = ",".join([channel, *(others or {})])  # for logs and application_name
+        self.handlers = {channel: notified, **(others or {})}
         self.connected = connected
         self.first_retry = first_retry
         self.max_retry = max_retry
@@ -78,7 +90,8 @@ class Listener:
         try:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _: lost.set())
-            await conn.add_listener(self.channel, self._notified)
+            for channel in self.handlers:
+                await conn.add_listener(channel, self._notified)
             if self.failures:
                 log.info("LISTEN %s: reconnected after %d failures", self.channel, self.failures)
             self.failures = 0
@@ -95,8 +108,8 @@ class Listener:
             with contextlib.suppress(*LOST):
                 await conn.close(timeout=CONNECT_TIMEOUT)
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self.notified(payload)
+    def _notified(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
+        self.handlers[channel](payload)
 
 
 def _describe(exc: BaseException) -> str:

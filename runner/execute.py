@@ -68,6 +68,9 @@ class BuildSpec:
     # runner: the files are what its caller ran it for). The server's runners leave the job's
     # status alone and only say so in its output (docs/manifest.md, artifacts).
     artifacts_required: bool = False
+    # A line of marid's that opens the create-driver output, e.g. why the previous attempt
+    # ended (docs/manifest.md §6.13); "" for none.
+    notice: str = ""
 
 
 class Reporter(Protocol):
@@ -86,11 +89,27 @@ class Reporter(Protocol):
 
     async def artifact_collected(self, job: JobSpec, source: str, name: str, path: Path) -> None:
         """The artifact's content is in the local file `path` (removed afterwards). Raises
-        ArtifactError when it cannot be kept."""
+        ArtifactError when it cannot be kept for a reason of the user's, InfrastructureError
+        when storage failed."""
 
 
 class ArtifactError(Exception):
     """A collected artifact the reporter could not keep; reported as an artifact error."""
+
+
+class InfrastructureError(Exception):
+    """A failure outside the user's commands (blob store, engine, database, decryption): it is
+    not reported as the job's; it ends the run (Execution.run raises it) and the server's
+    runner retries the build as a new attempt (docs/manifest.md §6.13). `str(exc)` is the
+    reason shown to the user, so it names the step, never a secret."""
+
+
+def describe(exc: BaseException) -> str:
+    """A reason for the user: an OSError as `[Errno 28] No space left on device` (no path: it
+    is the server's), anything else as its text, or its class name when it has none."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc) or type(exc).__name__
 
 
 def worst(statuses: list[str]) -> str:
@@ -115,7 +134,9 @@ class Execution:
         self.line_start = True  # the job's output so far ends with a line break (or is empty)
 
     async def run(self) -> str:
-        """Run every stage in order and return the build's final status."""
+        """Run every stage in order and return the build's final status. Anything but a
+        DriverError or ArtifactError (the user's) raises through, InfrastructureError above all,
+        after the environment is removed."""
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + self.spec.timeout
         finished: set[str] = set()
@@ -159,6 +180,8 @@ class Execution:
         """The create-driver job: environment, objects and keys (docs/manifest.md §6.1, step 2)."""
         await self.reporter.job_started(job)
         self.line_start = True
+        if self.spec.notice:
+            await self._say(job, self.spec.notice)
 
         async def out(data: bytes) -> None:
             await self._emit(job, data)

@@ -2,8 +2,10 @@
 
 Each write is one short transaction that passes the lifecycle's fence first: once the build
 has moved on (recovered by another runner, or finished) it changes nothing and raises
-LostLease, so a vanished runner's late writes are harmless. Output is buffered briefly and
-appended in chunks; live readers (docs/api.md §19) wake when each chunk commits.
+LostLease, so a vanished runner's late writes are harmless. A write that finds the database
+away is tried again while the attempt's lease lasts (the worker's heartbeat keeps it), so a
+short outage costs nothing. Output is buffered briefly and appended in chunks; live readers
+(docs/api.md §19) wake when each chunk commits.
 """
 
 from __future__ import annotations
@@ -11,41 +13,77 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 
 from marid import lifecycle, webhooks
 from marid.blobs import BlobStore
-from marid.lifecycle import Claim
-from marid.runner.execute import JobSpec, ObjectSpec
+from marid.lifecycle import Claim, LostLease
+from marid.listen import UNAVAILABLE
+from marid.runner.execute import InfrastructureError, JobSpec, ObjectSpec, describe
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 FLUSH_BYTES = 32 * 1024
 FLUSH_DELAY = 0.1  # seconds: how stale live output may get
+RETRY_FIRST, RETRY_MAX = 0.1, 1.0  # seconds between tries of a write while the database is away
+
+
+class Lease:
+    """An attempt's lease as its runner knows it: `renewed` is when the last renewal that worked
+    was sent (time.monotonic()), so the database's lease ends no earlier than `renewed` +
+    `seconds`. The heartbeat sets `lapsed`, with `reason`, once it stopped the attempt."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.renewed = time.monotonic()
+        self.lapsed = False
+        self.reason = lifecycle.LEASE_LOST
+
+    def left(self) -> float:
+        """Seconds until the lease runs out unless renewed."""
+        return self.renewed + self.seconds - time.monotonic()
+
+    def lapse(self, reason: str) -> None:
+        self.lapsed, self.reason = True, reason
 
 
 class DbReporter:
-    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore, claim: Claim, api_url: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, blobs: BlobStore, claim: Claim, api_url: str, lease: Lease
+    ) -> None:
         self.pool = pool
         self.api_url = api_url  # for webhook payloads
         self.blobs = blobs
         self.claim = claim
+        self.lease = lease
         self.offsets: dict[int, int] = {}
         self.pending: dict[int, list[str]] = {}
         self.flusher: asyncio.TimerHandle | None = None
         self.lock = asyncio.Lock()
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection in a transaction of its own: the fence's lock lasts until it ends."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield conn
+    async def _write(self, write: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`write` in a transaction of its own (the fence's lock lasts until it ends), tried
+        again while the database is away and the lease lasts; LostLease once it lapsed."""
+        delay = RETRY_FIRST
+        while True:
+            if self.lease.lapsed:
+                raise LostLease(f"build {self.claim.build_id}: {self.lease.reason}")
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    return await write(conn)
+            except UNAVAILABLE:
+                if self.lease.left() <= 0:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
 
     async def job_started(self, job: JobSpec) -> None:
-        async with self._transaction() as conn:
-            await lifecycle.job_started(conn, self.claim, _job_id(job))
+        await self._write(lambda conn: lifecycle.job_started(conn, self.claim, _job_id(job)))
 
     async def job_output(self, job: JobSpec, text: str) -> None:
         pending = self.pending.setdefault(_job_id(job), [])
@@ -71,42 +109,56 @@ class DbReporter:
             for job_id, texts in pending.items():
                 text = "".join(texts)
                 offset = self.offsets.get(job_id, 0)
-                async with self._transaction() as conn:
-                    await lifecycle.append_output(conn, self.claim, job_id, offset, text)
+                await self._write(self._appending(job_id, offset, text))
                 self.offsets[job_id] = offset + len(text.encode())
+
+    def _appending(
+        self, job_id: int, offset: int, text: str
+    ) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+        return lambda conn: lifecycle.append_output(conn, self.claim, job_id, offset, text)
 
     async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
         await self.flush()
-        async with self._transaction() as conn:
-            await lifecycle.job_finished(conn, self.claim, _job_id(job), status, ran)
+        await self._write(
+            lambda conn: lifecycle.job_finished(conn, self.claim, _job_id(job), status, ran)
+        )
 
     async def object_placed(self, obj: ObjectSpec) -> None:
         assert obj.id is not None  # the worker's objects are rows
-        async with self._transaction() as conn:
-            await lifecycle.object_placed(conn, self.claim, obj.id)
+        object_id = obj.id
+        await self._write(lambda conn: lifecycle.object_placed(conn, self.claim, object_id))
 
     async def key_placed(self, name: str, location: str) -> None:
-        async with self._transaction() as conn:
-            await lifecycle.key_placed(conn, self.claim, name, location)
+        await self._write(lambda conn: lifecycle.key_placed(conn, self.claim, name, location))
 
     async def artifact_collected(self, job: JobSpec, source: str, name: str, path: Path) -> None:
-        blob = await self.blobs.put_file(path)
         try:
-            async with self._transaction() as conn:
-                replaced = await lifecycle.artifact_recorded(
+            blob = await self.blobs.put_file(path)
+        except Exception as exc:  # the blob store's failure, not the user's: a new attempt
+            raise InfrastructureError(f"storing artifact {name}: {describe(exc)}") from exc
+        try:
+            replaced = await self._write(
+                lambda conn: lifecycle.artifact_recorded(
                     conn, self.claim, _job_id(job), source, name, blob
                 )
-        except (lifecycle.LostLease, LookupError):
-            await self.blobs.delete(blob.key)  # not recorded: leave nothing behind
+            )
+        except Exception:
+            # Not recorded: leave nothing behind (or, with the store away too, the API's
+            # reaper removes the blob without a row later).
+            with contextlib.suppress(Exception):
+                await self.blobs.delete(blob.key)
             raise
         if replaced:
             await self.blobs.delete(replaced)
 
     async def build_finished(self, status: str) -> None:
         await self.flush()
-        async with self._transaction() as conn:
+
+        async def finish(conn: asyncpg.Connection) -> None:
             await lifecycle.build_finished(conn, self.claim, status)
             await webhooks.emit_build(conn, self.claim.build_id, "build.finished", self.api_url)
+
+        await self._write(finish)
 
 
 def _job_id(job: JobSpec) -> int:

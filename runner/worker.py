@@ -1,9 +1,18 @@
 """`marid runner`: claims queued builds and executes them, up to `runner.parallelism` at once.
 
-Runners sleep on LISTEN channels.BUILDS (a bounded poll is the fallback), hold a lease on each
+Runners sleep on LISTEN channels.BUILDS (a bounded poll is the fallback; the connection is
+marid/listen.py's, which reconnects after an outage and wakes the loop), hold a lease on each
 build they run and renew it; any runner requeues builds whose lease expired (docs/manifest.md
-§6.13). A kill request arrives by NOTIFY on channels.KILL and is also seen at each renewal.
-Every transition of the build is marid/lifecycle.py's; this module runs the loop around them.
+§6.13). A kill request arrives by NOTIFY on channels.KILL and is also seen at each renewal, so
+one asked while the runner was away reaches the job at the next renewal.
+
+Nothing transient ends the runner: the loop retries with capped backoff and logs an outage once
+(a warning, then a line when it ends); the heartbeat retries renewals until the lease is about
+to run out, then stops the job itself so that a recovered build never has two runners. An
+attempt that fails outside the user's commands is retried as a new attempt, up to
+`runner.max_attempts` (marid/lifecycle.py `attempt_failed`). The runner's reaper
+(runner/reaper.py) runs beside the loop. Every transition of the build is marid/lifecycle.py's;
+this module runs the loop around them.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,17 +32,28 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from marid import channels, keys, lifecycle, variables, webhooks
-from marid.blobs import BlobStore
+from marid.blobs import BlobNotFound, BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
 from marid.lifecycle import Claim, ClaimedBuild, LostLease
-from marid.runner.drivers.base import Driver, Limits, SshKey
+from marid.listen import UNAVAILABLE, Listener
+from marid.runner import reaper
+from marid.runner.drivers.base import Driver, DriverError, Limits, SshKey
 from marid.runner.drivers.os import OsDriver
-from marid.runner.execute import BuildSpec, Execution, JobSpec, ObjectSpec, StageSpec
-from marid.runner.reporter import DbReporter
+from marid.runner.execute import (
+    BuildSpec,
+    Execution,
+    InfrastructureError,
+    JobSpec,
+    ObjectSpec,
+    StageSpec,
+    describe,
+)
+from marid.runner.reporter import DbReporter, Lease
 
 log = logging.getLogger(__name__)
 POLL = 5.0  # seconds between queue checks when no NOTIFY arrives
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds: the loop's backoff while it fails, doubled
 
 
 class Worker:
@@ -53,28 +74,67 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
-        listener = await asyncpg.connect(self.config.database.dsn)
-        await listener.add_listener(channels.BUILDS, lambda *_: self.wake.set())
-        await listener.add_listener(channels.KILL, self._kill_notified)
+        listener = Listener(
+            self.config.database.dsn,
+            channels.BUILDS,
+            lambda _: self.wake.set(),
+            self.wake.set,  # (re)connected: what was notified meanwhile is only in the table
+            others={channels.KILL: self._kill_notified},
+        )
+        listening = asyncio.create_task(listener.run(), name="runner LISTEN")
+        reaping = asyncio.create_task(
+            reaper.run(self.config, self.pool, self.blobs, self.instance, stop),
+            name="runner reaper",
+        )
         drivers, parallelism = ",".join(self.drivers), self.config.runner.parallelism
         log.info("runner %s: drivers %s, parallelism %d", self.name, drivers, parallelism)
         try:
-            while not stop.is_set():
-                await self._recover()
-                await self._fill()
-                self.wake.clear()
-                waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, stop)]
-                await asyncio.wait(waiters, timeout=POLL, return_when="FIRST_COMPLETED")
-                for waiter in waiters:
-                    waiter.cancel()
+            await self._loop(stop)
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
-            await listener.close()
+            listening.cancel()
+            reaping.cancel()
+            await asyncio.gather(listening, reaping, return_exceptions=True)
             if self.docker is not None:
                 self.docker.close()
 
-    def _kill_notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    async def _loop(self, stop: asyncio.Event) -> None:
+        """Recover, claim, sleep until woken, a retry is due or POLL passes; a failing round
+        (database, engine or blob store away) is retried with capped backoff, logged once."""
+        failures = 0
+        while not stop.is_set():
+            self.wake.clear()  # a NOTIFY from now on makes another round
+            try:
+                await self._recover()
+                await self._fill()
+                wait = await self._next_retry()
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "runner %s: %s; retrying with backoff (up to %gs)",
+                        self.name,
+                        _reason(exc),
+                        RETRY_MAX,
+                    )
+                wait = min(RETRY_MAX, RETRY_FIRST * 2 ** min(failures - 1, 16))
+            else:
+                if failures:
+                    log.info("runner %s: working again after %d failed rounds", self.name, failures)
+                failures = 0
+            waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, stop)]
+            await asyncio.wait(waiters, timeout=wait, return_when="FIRST_COMPLETED")
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _next_retry(self) -> float:
+        """Seconds until the next look at the queue: POLL, or sooner when a retry is due."""
+        async with self.pool.acquire() as conn:
+            due = await lifecycle.next_retry(conn, self.drivers)
+        return POLL if due is None else min(POLL, due + 0.01)
+
+    def _kill_notified(self, payload: str) -> None:
         with contextlib.suppress(ValueError):
             execution = self.running.get(int(payload))
             if execution is not None:
@@ -82,11 +142,13 @@ class Worker:
 
     async def _recover(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            recovered = await lifecycle.recover_expired(conn)
-            for build_id in recovered.killed:
+            recovered = await lifecycle.recover_expired(conn, self.config.runner.max_attempts)
+            for build_id in [*recovered.killed, *recovered.failed]:
                 await webhooks.emit_build(conn, build_id, "build.finished", self.api_url)
         for build_id in recovered.build_ids:
             log.warning("build %d: its runner's lease expired; requeued", build_id)
+        for build_id in recovered.failed:
+            log.warning("build %d: its runner's lease expired on its last attempt", build_id)
         for key in recovered.stale_blobs:
             await self.blobs.delete(key)
 
@@ -109,53 +171,151 @@ class Worker:
         self.wake.set()  # capacity freed: look at the queue again
 
     async def _execute(self, claim: Claim) -> None:
+        """Run one attempt to its end: the build finished, or the attempt handed back for a
+        retry (or failed for good) when anything outside the user's commands went wrong."""
         log.info("build %d: attempt %d started", claim.build_id, claim.attempt)
-        reporter = DbReporter(self.pool, self.blobs, claim, self.api_url)
+        lease = Lease(self.config.runner.lease)  # claimed just now
+        reporter = DbReporter(self.pool, self.blobs, claim, self.api_url, lease)
+        heartbeat: asyncio.Task[None] | None = None
         try:
-            spec, driver = await self._load(claim)
+            try:
+                spec, driver = await self._load(claim)
+            except Exception as exc:
+                raise InfrastructureError(f"preparing the build: {describe(exc)}") from exc
             if claim.attempt > 1:
                 await driver.clear_previous()  # a dead runner's containers may still run
             execution = Execution(spec, driver, reporter)
             self.running[claim.build_id] = execution
-            heartbeat = asyncio.create_task(self._heartbeat(claim, execution))
-            try:
-                status = await execution.run()
-            finally:
-                heartbeat.cancel()
+            heartbeat = asyncio.create_task(self._heartbeat(claim, lease, execution))
+            status = await execution.run()
             await reporter.build_finished(status)
             log.info("build %d: %s", claim.build_id, status)
         except LostLease:
-            log.warning("build %d: lease lost; attempt %d abandoned", claim.build_id, claim.attempt)
-        except Exception:
-            log.exception("build %d: runner error", claim.build_id)
+            if lease.lapsed:  # stopped by this runner: say why, unless recovered meanwhile
+                await self._attempt_failed(claim, lease, lease.reason, 0.0)
+            else:
+                log.warning("build %d: attempt %d abandoned", claim.build_id, claim.attempt)
+        except Exception as exc:
+            if lease.lapsed:
+                await self._attempt_failed(claim, lease, lease.reason, 0.0)
+                return
+            reason = describe(exc) if isinstance(exc, InfrastructureError) else _reason(exc)
+            log.warning(
+                "build %d: attempt %d failed: %s",
+                claim.build_id,
+                claim.attempt,
+                reason,
+                exc_info=not isinstance(exc, InfrastructureError | OSError),
+            )
+            delay = self.config.runner.retry_delay * 2 ** min(claim.attempt - 1, 16)
+            await self._attempt_failed(claim, lease, reason, delay)
         finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
             self.running.pop(claim.build_id, None)
 
-    async def _heartbeat(self, claim: Claim, execution: Execution) -> None:
-        """Renew the lease; notice kill requests; give up when the lease is gone.
+    async def _attempt_failed(self, claim: Claim, lease: Lease, reason: str, delay: float) -> None:
+        """Hand the build back for a new attempt after `delay` seconds, or end it `failed` on
+        its last (lifecycle.attempt_failed). Tried while the database is away, for as long
+        again as a lease; after that, or when the build moved on, the lease's expiry does it."""
+        runner = self.config.runner
+        give_up = time.monotonic() + lease.seconds + max(lease.left(), 0)
+        pause = RETRY_FIRST
+        while True:
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    over = await lifecycle.attempt_failed(
+                        conn, claim, reason, runner.max_attempts, delay
+                    )
+                    if not over.retried:
+                        await webhooks.emit_build(
+                            conn, claim.build_id, "build.finished", self.api_url
+                        )
+                break
+            except LostLease:
+                log.info("build %d: attempt %d was recovered meanwhile", *claim_ids(claim))
+                return
+            except UNAVAILABLE as exc:
+                if time.monotonic() >= give_up:
+                    log.warning(
+                        "build %d: attempt %d not handed back (%s); its lease's expiry will",
+                        *claim_ids(claim),
+                        _reason(exc),
+                    )
+                    return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
+        then = "retried" if over.retried else "ended"
+        log.warning("build %d: attempt %d failed (%s); %s", *claim_ids(claim), reason, then)
+        for key in over.stale_blobs:
+            with contextlib.suppress(Exception):  # else the API's reaper removes it later
+                await self.blobs.delete(key)
+
+    async def _heartbeat(self, claim: Claim, lease: Lease, execution: Execution) -> None:
+        """Renew the lease; notice kill requests; stop the job when the lease is gone.
 
         The first renewal comes at once: a kill NOTIFY that arrived before the execution was
         in `self.running` (while the build was loaded) found nothing to kill, and the
         request must not wait a renewal period to be seen (docs/architecture.md).
+
+        A renewal that fails because the database is away is tried again; when the lease
+        would run out before the next renewal, the runner stops the job itself, before any
+        other runner may recover the build, so that no job runs twice (docs/manifest.md
+        §6.13).
         """
-        lease = self.config.runner.lease
+        period = min(1.0, lease.seconds / 3)
+        failing = False
         while True:
+            sent = time.monotonic()
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    killed = await lifecycle.renew(conn, claim, lease)
+                async with asyncio.timeout(max(lease.left() - period, period)):
+                    async with self.pool.acquire() as conn, conn.transaction():
+                        killed = await lifecycle.renew(conn, claim, lease.seconds)
             except LostLease:
                 log.warning("build %d: lease lost", claim.build_id)
-                execution.kill.set()
+                self._stop(execution, lease, lifecycle.LEASE_LOST)
                 return
+            except UNAVAILABLE as exc:
+                if not failing:
+                    log.warning(
+                        "build %d: lease renewal failed (%s); retrying for %.0fs",
+                        claim.build_id,
+                        _reason(exc),
+                        max(lease.left() - period, 0),
+                    )
+                failing = True
+                if lease.left() <= period:  # the next renewal would come too late
+                    away = time.monotonic() - lease.renewed
+                    reason = (
+                        f"{lifecycle.LEASE_LOST} (database unreachable for {away:.0f}s);"
+                        " this attempt was stopped so that no job runs twice"
+                    )
+                    log.warning("build %d: %s", claim.build_id, reason)
+                    self._stop(execution, lease, reason)
+                    return
+                await asyncio.sleep(min(period, max(lease.left() - period, 0)))
+                continue
+            lease.renewed = sent
+            if failing:
+                log.info("build %d: lease renewed again", claim.build_id)
+            failing = False
             if killed:
                 execution.kill.set()
-            await asyncio.sleep(min(1.0, lease / 3))
+            await asyncio.sleep(period)
+
+    @staticmethod
+    def _stop(execution: Execution, lease: Lease, reason: str) -> None:
+        """Stop the job for `reason`, which becomes its last line and the retry's reason."""
+        lease.lapse(reason)
+        execution.kill_reason = reason
+        execution.kill.set()
 
     async def _load(self, claim: Claim) -> tuple[BuildSpec, Driver]:
         """The claimed build as the engine runs it, masked values and keys decrypted."""
         async with self.pool.acquire() as conn:
             build = await lifecycle.load(conn, claim)
         env, secrets = self._environment(build)
+        notice = f"marid: attempt {claim.attempt} ({build.previous})" if build.previous else ""
         spec = BuildSpec(
             stages=[
                 StageSpec(s.name, s.allow_failures, [_job_spec(job) for job in s.jobs])
@@ -164,7 +324,7 @@ class Worker:
             env=env,
             secrets=secrets,
             objects=[
-                ObjectSpec(o.source, o.destination, self._fetcher(o.blob_key), o.id)
+                ObjectSpec(o.source, o.destination, self._fetcher(o.source, o.blob_key), o.id)
                 for o in build.objects
             ],
             keys=[
@@ -177,6 +337,7 @@ class Worker:
             ],
             timeout=build.timeout,
             artifact_max_size=self.config.artifacts.max_size,
+            notice=notice if claim.attempt > 1 else "",
         )
         return spec, self._driver(build)
 
@@ -232,14 +393,29 @@ class Worker:
 
         return UploadedImage(digest=found.sha256, fetch=fetch)
 
-    def _fetcher(self, blob_key: str | None) -> Callable[[Path], Awaitable[None]] | None:
+    def _fetcher(
+        self, source: str, blob_key: str | None
+    ) -> Callable[[Path], Awaitable[None]] | None:
         if blob_key is None:
             return None
 
         async def fetch(path: Path) -> None:
-            await self.blobs.copy_to_file(blob_key, path)
+            try:
+                await self.blobs.copy_to_file(blob_key, path)
+            except BlobNotFound:
+                raise DriverError(f"{source}: no such object") from None  # the user's (§6.4)
+            except Exception as exc:  # the blob store's: a new attempt
+                raise InfrastructureError(f"fetching object {source}: {describe(exc)}") from exc
 
         return fetch
+
+
+def claim_ids(claim: Claim) -> tuple[int, int]:
+    return claim.build_id, claim.attempt
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _job_spec(job: lifecycle.Job) -> JobSpec:

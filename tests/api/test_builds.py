@@ -56,6 +56,7 @@ async def test_submission_returns_the_whole_build(
         "output": None,
         "tags": ["ci", "go"],
         "pinned": False,
+        "attempts": 0,
         "created_at": body["created_at"],
         "started_at": None,
         "finished_at": None,

@@ -126,7 +126,7 @@ async def test_a_late_write_waits_for_a_concurrent_recovery_then_changes_nothing
     await _expire(pool, build_id)
     async with pool.acquire() as recovery, pool.acquire() as late:
         async with recovery.transaction():
-            recovered = await lifecycle.recover_expired(recovery)
+            recovered = await lifecycle.recover_expired(recovery, 3)
             assert recovered.build_ids == [build_id]
             left = await _state(recovery, build_id)
 
@@ -152,9 +152,9 @@ async def test_recovery_skips_a_build_while_a_fenced_write_is_open(pool: asyncpg
         async with runner.transaction():
             await lifecycle.job_started(runner, claim, job_id)
             async with recovery.transaction():
-                assert (await lifecycle.recover_expired(recovery)).build_ids == []
+                assert (await lifecycle.recover_expired(recovery, 3)).build_ids == []
         async with recovery.transaction():
-            assert (await lifecycle.recover_expired(recovery)).build_ids == [build_id]
+            assert (await lifecycle.recover_expired(recovery, 3)).build_ids == [build_id]
         status = await runner.fetchval("SELECT status FROM build_jobs WHERE id = $1", job_id)
     assert status == "queued"  # the write committed first, then the recovery reset it
 
@@ -165,7 +165,7 @@ async def test_a_write_after_a_recovery_raises_lost_lease(pool: asyncpg.Pool, al
     await _expire(pool, build_id)
     async with pool.acquire() as conn:
         async with conn.transaction():
-            await lifecycle.recover_expired(conn)
+            await lifecycle.recover_expired(conn, 3)
         with pytest.raises(LostLease):
             async with conn.transaction():
                 await lifecycle.job_started(conn, claim, await _job(pool, build_id))
@@ -262,7 +262,7 @@ async def test_a_kill_requested_of_a_vanished_runner_ends_killed_at_recovery(
     await _expire(pool, build_id)  # ... but it vanished
     async with pool.acquire() as conn:
         async with conn.transaction():
-            recovered = await lifecycle.recover_expired(conn)
+            recovered = await lifecycle.recover_expired(conn, 3)
         assert (recovered.build_ids, recovered.killed) == ([], [build_id])
         state = await _state(conn, build_id)
     assert [row[:4] for row in state["build"]] == [("killed", 1, "runner-1", "made\n")]

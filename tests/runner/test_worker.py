@@ -19,7 +19,7 @@ from marid.blobs import open_store
 from marid.config import Config
 from marid.lifecycle import LostLease
 from marid.runner.execute import JobSpec
-from marid.runner.reporter import DbReporter
+from marid.runner.reporter import DbReporter, Lease
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
 
@@ -211,7 +211,9 @@ async def test_dead_runner_is_recovered_and_its_late_writes_are_fenced(
         dead = await lifecycle.claim(conn, "dead-runner", ["os"], 0.2)
     assert dead is not None and dead.attempt == 1
     job_id = await pool.fetchval("SELECT id FROM build_jobs WHERE name = 's.1'")
-    zombie = DbReporter(pool, open_store(os_config.storage), dead, os_config.server.api_url)
+    zombie = DbReporter(
+        pool, open_store(os_config.storage), dead, os_config.server.api_url, Lease(0.2)
+    )
     await zombie.job_output(JobSpec("s.1", "", id=job_id), "from the dead attempt\n")
     await zombie.flush()
     await asyncio.sleep(0.3)  # the lease runs out
@@ -225,6 +227,8 @@ async def test_dead_runner_is_recovered_and_its_late_writes_are_fenced(
     assert done["status"] == "passed"
     assert "orphaned" in done["tags"]
     assert "dead attempt" not in done["output"]
+    assert done["output"].startswith("marid: attempt 2 (attempt 1: runner lost its lease)\n")
+    assert done["attempts"] == 2
     with pytest.raises(LostLease):
         await zombie.job_started(JobSpec("s.1", "", id=job_id))
     with pytest.raises(LostLease):
