@@ -207,6 +207,8 @@ class Worker:
                 reason,
                 exc_info=not isinstance(exc, InfrastructureError | OSError),
             )
+            with contextlib.suppress(Exception):  # the output so far, then the reason
+                await reporter.flush()
             delay = self.config.runner.retry_delay * 2 ** min(claim.attempt - 1, 16)
             await self._attempt_failed(claim, lease, reason, delay)
         finally:
