@@ -270,3 +270,69 @@ async def test_a_kill_requested_of_a_vanished_runner_ends_killed_at_recovery(
         ("create-driver", "passed", "made\n"),
         ("s.1", "killed", None),
     ]
+
+
+async def test_a_lease_lost_on_the_last_attempt_ends_the_build_failed_with_the_reason(
+    pool: asyncpg.Pool, alice: User
+):
+    build_id = await _submit(pool, alice)
+    for _ in range(2):  # attempts 1 and 2 lose their leases: requeued at once, each time
+        await _claim(pool)
+        await _expire(pool, build_id)
+        async with pool.acquire() as conn, conn.transaction():
+            assert (await lifecycle.recover_expired(conn, 3)).build_ids == [build_id]
+    claim = await _claim(pool)
+    assert claim.attempt == 3
+    setup = await _job(pool, build_id, "create-driver")
+    async with pool.acquire() as conn, conn.transaction():
+        await lifecycle.job_started(conn, claim, setup)
+        await lifecycle.append_output(conn, claim, setup, 0, "half a line")
+    await _expire(pool, build_id)
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            recovered = await lifecycle.recover_expired(conn, 3)
+        assert (recovered.build_ids, recovered.killed, recovered.failed) == ([], [], [build_id])
+        state = await _state(conn, build_id)
+    reason = "marid: attempt 3 of 3 failed: runner lost its lease; giving up\n"
+    assert [row[:4] for row in state["build"]] == [
+        ("failed", 3, "runner-1", "half a line\n" + reason)
+    ]
+    assert [row[:3] for row in state["jobs"]] == [
+        ("create-driver", "failed", "half a line\n" + reason),
+        ("s.1", "failed", None),
+    ]
+
+
+async def test_a_failed_attempt_is_retried_after_its_delay_with_its_reason(
+    pool: asyncpg.Pool, alice: User
+):
+    build_id = await _submit(pool, alice)
+    claim = await _claim(pool)
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            over = await lifecycle.attempt_failed(conn, claim, "engine away", 3, 3600.0)
+        assert over.retried
+        assert await lifecycle.claim(conn, "runner-1", ["docker"], 30.0) is None  # not yet
+        assert 3500 < (await lifecycle.next_retry(conn, ["docker"]) or 0) <= 3600
+        await conn.execute("UPDATE builds SET retry_at = now() WHERE id = $1", build_id)
+        second = await lifecycle.claim(conn, "runner-1", ["docker"], 30.0)
+        assert second == Claim(build_id, 2)
+        assert (await lifecycle.load(conn, second)).previous == "attempt 1: engine away"
+        assert await lifecycle.next_retry(conn, ["docker"]) is None
+        with pytest.raises(LostLease):  # the failed attempt stays out
+            async with conn.transaction():
+                await lifecycle.attempt_failed(conn, claim, "again", 3, 0.0)
+
+
+async def test_a_failed_attempt_of_a_build_asked_to_die_ends_it_killed(
+    pool: asyncpg.Pool, alice: User
+):
+    build_id = await _submit(pool, alice)
+    claim = await _claim(pool)
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            assert await lifecycle.kill(conn, build_id) is False
+        async with conn.transaction():
+            over = await lifecycle.attempt_failed(conn, claim, "engine away", 3, 0.0)
+        assert not over.retried
+        assert await conn.fetchval("SELECT status FROM builds WHERE id = $1", build_id) == "killed"
