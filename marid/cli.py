@@ -207,8 +207,13 @@ def run_async(work: Coroutine[Any, Any, Any]) -> Any:
         raise Failure(EXIT_DATABASE, f"marid: database error: {exc}") from None
 
 
+async def connect(dsn: str) -> asyncpg.Connection:
+    """One connection, in UTC as the pool's (marid/db.py)."""
+    return await asyncpg.connect(dsn, server_settings={"timezone": "UTC"})
+
+
 async def with_connection(dsn: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    conn = await asyncpg.connect(dsn, server_settings={"timezone": "UTC"})
+    conn = await connect(dsn)
     try:
         return await work(conn)
     finally:
@@ -254,11 +259,14 @@ def _runner(args: argparse.Namespace) -> None:
 
 
 async def run_runner(cfg: config.Config, stop: asyncio.Event) -> None:
-    """A runner with its own pool and blob store, until `stop` is set."""
+    """A runner with its own pool and blob store, until `stop` is set. It waits for the
+    database first (docs/configuration.md §2.4); stopped meanwhile, it returns."""
     from marid.blobs import open_store
     from marid.runner.worker import Worker
 
-    pool = await db.create_pool(cfg.database.dsn, cfg.database.pool_size)
+    pool = await db.open_pool(cfg.database.dsn, cfg.database.pool_size, stop)
+    if pool is None:
+        return
     blobs = open_store(cfg.storage)
     try:
         await Worker(cfg, pool, blobs).run(stop)

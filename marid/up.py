@@ -194,8 +194,15 @@ async def _serve(
     from marid.api import server
     from marid.scheduler import main as scheduler_main
 
-    await cli.with_connection(cfg.database.dsn, db.migrate)
-    admin = await cli.with_connection(cfg.database.dsn, _admin_credentials)
+    # A configured database may not be up yet: wait for it (docs/configuration.md §2.2).
+    conn = await db.wait_for(cfg.database.dsn, stop, lambda: cli.connect(cfg.database.dsn))
+    if conn is None:
+        return  # stopped while waiting
+    try:
+        await db.migrate(conn)
+        admin = await _admin_credentials(conn)
+    finally:
+        await conn.close()
     cfg, driver_note = await _choose_driver(cfg)
     api = await server.start(cfg, sockets)
     worker = asyncio.create_task(cli.run_runner(cfg, stop))

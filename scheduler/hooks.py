@@ -27,6 +27,7 @@ from aiohttp.resolver import DefaultResolver
 from marid import __version__, channels, db, webhooks
 from marid.config import Config, WebhooksConfig
 from marid.crypto import Cipher, DecryptionError
+from marid.listen import Listener
 from marid.webhooks import Delivery, Outcome
 
 log = logging.getLogger(__name__)
@@ -158,34 +159,53 @@ async def deliver_due(
     return len(due)
 
 
-async def run(config: Config, stop: asyncio.Event) -> None:
+async def run(
+    config: Config,
+    stop: asyncio.Event,
+    pool: asyncpg.Pool | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
     """Deliver webhooks until `stop` is set: woken by NOTIFY when events are queued, and every
-    POLL seconds for retries; up to `webhooks.concurrency` requests in flight."""
-    pool = await db.create_pool(config.database.dsn, config.database.pool_size)
+    POLL seconds for retries; up to `webhooks.concurrency` requests in flight. Without `pool`
+    it opens its own once the database answers. Tests pass a `clock` to make deliveries due."""
+    if pool is not None:
+        await _serve(config, pool, stop, clock)
+        return
+    own = await db.open_pool(config.database.dsn, config.database.pool_size, stop)
+    if own is None:
+        return  # stopped while waiting for the database
     try:
-        await _serve(config, pool, stop)
+        await _serve(config, own, stop, clock)
     finally:
-        await pool.close()
+        await own.close()
 
 
-async def _serve(config: Config, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+async def _serve(
+    config: Config, pool: asyncpg.Pool, stop: asyncio.Event, clock: Callable[[], datetime]
+) -> None:
+    """The loop of `run`. A database outage never ends it: a failed pass is logged once per
+    outage (marid/db.py `Outage`) and tried again with capped backoff, and the LISTEN
+    connection (marid/listen.py) coming back wakes it at once. A delivery whose attempt could
+    not be recorded stays claimed and is sent again once its lease ends (docs/architecture.md
+    §3.4)."""
     settings = config.webhooks
     cipher = Cipher(config.crypto.key)
     wake = asyncio.Event()
     flying: set[asyncio.Task[Outcome]] = set()
-
-    def notified(*_: object) -> None:
-        wake.set()
+    outage = db.Outage("webhook delivery", log)
 
     def finished(task: asyncio.Task[Outcome]) -> None:
         flying.discard(task)
         wake.set()  # a slot is free
-        if not task.cancelled() and task.exception() is not None:
-            # Not recorded (the database failed?): the claim's lease runs out and it is retried.
-            log.error("webhook delivery failed", exc_info=task.exception())
+        failure = None if task.cancelled() else task.exception()
+        if isinstance(failure, db.OUTAGE):
+            outage.failed(failure)  # not recorded: the claim's lease runs out, then a retry
+        elif failure is not None:
+            log.error("webhook delivery failed", exc_info=failure)
 
-    listener = await pool.acquire()
-    await listener.add_listener(channels.HOOKS, notified)
+    listener = Listener(config.database.dsn, channels.HOOKS, lambda _: wake.set(), wake.set)
+    listening = asyncio.create_task(listener.run(), name="webhooks LISTEN")
+    listening.add_done_callback(lambda _: wake.set())  # to re-raise its failure below
     purged = 0.0
     try:
         async with session(settings) as client:
@@ -194,45 +214,48 @@ async def _serve(config: Config, pool: asyncpg.Pool, stop: asyncio.Event) -> Non
                 try:
                     if time.monotonic() - purged >= PURGE_EVERY:
                         async with pool.acquire() as conn:
-                            await webhooks.purge(conn, datetime.now(UTC))
+                            await webhooks.purge(conn, clock())
                         purged = time.monotonic()
                     free = settings.concurrency - len(flying)
                     if not free:
                         wait = POLL  # every slot is busy: the next to finish sets `wake`
                     else:
                         async with pool.acquire() as conn:
-                            due = await webhooks.claim_due(conn, datetime.now(UTC), free, LEASE)
+                            due = await webhooks.claim_due(conn, clock(), free, LEASE)
                         for delivery in due:
-                            sending = deliver(pool, client, cipher, settings, delivery)
+                            sending = deliver(pool, client, cipher, settings, delivery, clock)
                             task = asyncio.create_task(sending)
                             flying.add(task)
                             task.add_done_callback(finished)
                         if due and len(due) == free:
+                            outage.worked()
                             continue  # more may be due: claim again as slots free up
-                        wait = await _until_next(pool)
-                except (OSError, asyncpg.PostgresError):
-                    log.exception("webhook delivery failed; retrying in %ss", POLL)
-                    wait = POLL
+                        wait = await _until_next(pool, clock())
+                except db.OUTAGE as exc:
+                    wait = outage.failed(exc)
+                else:
+                    outage.worked()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_either(wake, stop), wait)
+                if listening.done():
+                    listening.result()  # a bug, not an outage: fail loudly
             # Stopping: requests in flight get a moment; the rest are retried after their lease.
             if flying:
                 await asyncio.wait(flying, timeout=5)
     finally:
         for task in flying:
             task.cancel()
-        with contextlib.suppress(OSError, asyncpg.PostgresError):
-            await listener.remove_listener(channels.HOOKS, notified)
-        await pool.release(listener)
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
 
 
-async def _until_next(pool: asyncpg.Pool) -> float:
-    """Seconds until the next pending delivery is due, between 0 and POLL."""
+async def _until_next(pool: asyncpg.Pool, now: datetime) -> float:
+    """Seconds from `now` until the next pending delivery is due, between 0 and POLL."""
     async with pool.acquire() as conn:
         when = await webhooks.next_due(conn)
     if when is None:
         return POLL
-    return min(max((when - datetime.now(UTC)).total_seconds(), 0.0), POLL)
+    return min(max((when - now).total_seconds(), 0.0), POLL)
 
 
 async def _either(first: asyncio.Event, second: asyncio.Event) -> None:

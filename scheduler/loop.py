@@ -28,7 +28,7 @@ from marid.blobs import open_store
 from marid.builds import Build
 from marid.config import Config
 from marid.crons import Cron
-from marid.listen import LOST, Listener
+from marid.listen import Listener
 from marid.manifest import Manifest, ManifestLimits
 from marid.namespaces import Namespace
 from marid.submit import Submission, submit_many
@@ -224,19 +224,37 @@ async def run(
     stop: asyncio.Event,
     batch: int = BATCH,
     alarm: Alarm | None = None,
+    pool: asyncpg.Pool | None = None,
 ) -> None:
     """Fire due cron jobs until `stop` is set: drain the backlog, then sleep until the earliest
     next_run, at most `cron.interval`. A cron job created or changed meanwhile wakes the loop
     through LISTEN (Alarm); while that connection is down, `cron.interval` bounds how late it
-    fires. Tests pass their own `alarm` (and its clock) to watch the loop sleep."""
-    alarm = alarm or Alarm()
-    pool = await db.create_pool(config.database.dsn, config.database.pool_size)
+    fires. Without `pool` it opens its own once the database answers. Tests pass their own
+    `alarm` (and its clock) to watch the loop sleep."""
+    if pool is None:
+        own = await db.open_pool(config.database.dsn, config.database.pool_size, stop)
+        if own is None:
+            return  # stopped while waiting for the database
+        try:
+            await _serve(config, own, stop, batch, alarm or Alarm())
+        finally:
+            await own.close()
+    else:
+        await _serve(config, pool, stop, batch, alarm or Alarm())
+
+
+async def _serve(
+    config: Config, pool: asyncpg.Pool, stop: asyncio.Event, batch: int, alarm: Alarm
+) -> None:
+    """The loop of `run`. A database or blob store outage never ends it: a failed pass is
+    logged once per outage and tried again with capped backoff (marid/db.py `Outage`), and
+    the LISTEN connection coming back wakes it at once."""
     blobs = open_store(config.storage)
     listener = Listener(config.database.dsn, channels.CRONS, alarm.notified, alarm.connected)
     listening = asyncio.create_task(listener.run(), name="cron LISTEN")
     listening.add_done_callback(lambda _: alarm.wake())  # to re-raise its failure below
     cleaned = 0.0  # when the artifact curator last ran (time.monotonic)
-    failing = False  # the last tick failed: the outage is logged already
+    outage = db.Outage("scheduler tick", log)
     try:
         while not stop.is_set():
             deadline = alarm.clock() + timedelta(seconds=config.cron.interval)
@@ -249,14 +267,11 @@ async def run(
                     await curator.run(pool, blobs, config.artifacts.cleanup_threshold)
                     cleaned = time.monotonic()
                 deadline = await _next_look(pool, deadline)
-            except LOST:
-                if not failing:
-                    log.exception("scheduler tick failed; retrying within cron.interval")
-                failing = True
+            except db.OUTAGE as exc:
+                retry = alarm.clock() + timedelta(seconds=outage.failed(exc))
+                deadline = min(deadline, retry)
             else:
-                if failing:
-                    log.info("scheduler tick succeeded again")
-                failing = False
+                outage.worked()
             await alarm.sleep(deadline, stop)
             if listening.done():
                 listening.result()  # a bug, not an outage: fail loudly
@@ -264,7 +279,6 @@ async def run(
         listening.cancel()
         await asyncio.gather(listening, return_exceptions=True)
         await blobs.close()
-        await pool.close()
 
 
 async def _next_look(pool: asyncpg.Pool, latest: datetime) -> datetime:
