@@ -22,11 +22,11 @@ from marid.api.keys import (
     RATE_LIMITER,
     ROOT_MODULES_KEY,
 )
-from marid.api.live import live_context
+from marid.api.live import LIVE, live_context
 from marid.blobs import open_store
 from marid.config import Config
 from marid.crypto import Cipher
-from marid.db import create_pool
+from marid.db import ABSENT, create_pool, reason
 from marid.metrics import Http
 from marid.ratelimit import Limiter
 
@@ -52,7 +52,7 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     else:
         app[POOL] = pool
     app.cleanup_ctx.append(_blob_store_context)
-    app.cleanup_ctx.append(live_context)
+    app.cleanup_ctx.append(_live_context)
     app.cleanup_ctx.append(downloads.context)
     prefix = urlsplit(config.server.api_url).path.rstrip("/")
     if config.rate_limit.enabled:
@@ -72,9 +72,26 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
 
 async def _pool_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    app[POOL] = await create_pool(config.database.dsn, config.database.pool_size)
+    # Connecting on first use: `marid serve` starts while the database is away and answers
+    # 503 until it is back (docs/configuration.md §2.3).
+    app[POOL] = await create_pool(config.database.dsn, config.database.pool_size, connect=False)
     yield
     await app[POOL].close()
+
+
+async def _live_context(app: web.Application) -> AsyncIterator[None]:
+    """api/live.py's `live_context`, except that a database away at start-up does not fail the
+    start: the watch notes the outage and reconnects in the background (docs/api.md §1.4)."""
+    watch = live_context(app)
+    try:
+        await anext(watch)
+    except ABSENT as exc:
+        app[LIVE].database_away(f"at start-up: {reason(exc)}")
+        yield
+        await app[LIVE].stop()
+        return
+    yield
+    await anext(watch, None)
 
 
 async def _blob_store_context(app: web.Application) -> AsyncIterator[None]:

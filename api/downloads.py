@@ -21,7 +21,7 @@ import asyncpg
 import asyncssh
 from aiohttp import web
 
-from marid import images, webhooks
+from marid import db, images, webhooks
 from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL
 from marid.blobs import Blob, BlobStore, BlobTooLarge
 from marid.config import parse_duration
@@ -102,14 +102,21 @@ class Downloads:
                 log.info("image %d download resumed", image_id)
                 self.start(image_id)
 
-    async def resume_forever(self) -> None:
-        """Resume every RESUME_EVERY seconds until cancelled."""
+    async def resume_forever(self, outage: db.Outage) -> None:
+        """Resume every RESUME_EVERY seconds until cancelled; a database outage is logged once
+        (`outage`) and the next look tries again."""
         while True:
             await asyncio.sleep(RESUME_EVERY)
-            try:
-                await self.resume()
-            except (OSError, asyncpg.PostgresError):
-                log.exception("could not look for pending image downloads")
+            await self.try_resume(outage)
+
+    async def try_resume(self, outage: db.Outage) -> None:
+        """`resume`, noting a database outage in `outage` instead of raising it."""
+        try:
+            await self.resume()
+        except db.OUTAGE as exc:
+            outage.failed(exc)
+        else:
+            outage.worked()
 
     async def _run(self, image_id: int) -> None:
         try:
@@ -133,20 +140,24 @@ class Downloads:
             await self._give_up(image_id)
 
     async def _renew(self, image_id: int) -> None:
-        """Keep the download's lease while it runs; a failed renewal is tried again."""
+        """Keep the download's lease while it runs; a failed renewal is tried again, and an
+        outage logged once."""
+        outage = db.Outage(f"image {image_id}: renewing the download's lease", log)
         while True:
             await asyncio.sleep(RENEW)
             try:
                 async with self.pool.acquire() as conn:
                     await images.renew_download(conn, image_id, LEASE)
-            except (OSError, asyncpg.PostgresError):
-                log.warning("image %d: could not renew the download's lease", image_id)
+            except db.OUTAGE as exc:
+                outage.failed(exc)
+            else:
+                outage.worked()
 
     async def _release(self, image_id: int) -> None:
         try:
             async with self.pool.acquire() as conn:
                 await images.renew_download(conn, image_id, 0.0)
-        except (OSError, asyncpg.PostgresError):
+        except db.OUTAGE:
             pass  # the lease runs out by itself
 
     async def _give_up(self, image_id: int) -> None:
@@ -307,8 +318,11 @@ async def context(app: web.Application) -> AsyncIterator[None]:
             config.server.api_url,
         )
         app[DOWNLOADS] = downloads
-        await downloads.resume()
-        resuming = asyncio.create_task(downloads.resume_forever())
+        # The database may be away at start-up: the API serves meanwhile (503) and a later
+        # look starts what is pending.
+        outage = db.Outage("looking for pending image downloads", log)
+        await downloads.try_resume(outage)
+        resuming = asyncio.create_task(downloads.resume_forever(outage))
         try:
             yield
         finally:
