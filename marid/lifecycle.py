@@ -471,6 +471,11 @@ async def recover_expired(conn: asyncpg.Connection, max_attempts: int) -> Recove
 LEASE_LOST = "runner lost its lease"
 
 
+def attempt_notice(attempt: int, previous: str) -> str:
+    """The line that opens a retried attempt's output: `marid: attempt 2 (attempt 1: <why>)`."""
+    return f"marid: attempt {attempt} ({previous})"
+
+
 @dataclass(frozen=True)
 class AttemptOver:
     retried: bool  # queued for a new attempt; False: the build ended (`failed`, or `killed`)
@@ -528,10 +533,20 @@ async def _give_up(conn: asyncpg.Connection, claim: Claim, line: str) -> None:
         """,
         claim.build_id,
     )
+    untouched = await conn.fetchval(
+        """
+        SELECT b.retry_reason FROM builds b WHERE b.id = $1
+           AND NOT EXISTS (SELECT 1 FROM build_jobs j WHERE j.build_id = b.id
+                           AND j.status <> 'queued')
+        """,
+        claim.build_id,
+    )
     for index, job in enumerate(jobs):
         if index == 0:
             if job["status"] == "queued":
                 await job_started(conn, claim, job["id"])
+            if untouched:  # nothing of this attempt ran: its output opens as it would have
+                await _say(conn, claim, job["id"], attempt_notice(claim.attempt, untouched))
             await _say(conn, claim, job["id"], line)
         await job_finished(conn, claim, job["id"], "failed", ran=index == 0)
     await build_finished(conn, claim, "failed")

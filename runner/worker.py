@@ -317,7 +317,8 @@ class Worker:
         async with self.pool.acquire() as conn:
             build = await lifecycle.load(conn, claim)
         env, secrets = self._environment(build)
-        notice = f"marid: attempt {claim.attempt} ({build.previous})" if build.previous else ""
+        previous = build.previous if claim.attempt > 1 else None
+        notice = lifecycle.attempt_notice(claim.attempt, previous) if previous else ""
         spec = BuildSpec(
             stages=[
                 StageSpec(s.name, s.allow_failures, [_job_spec(job) for job in s.jobs])
@@ -339,7 +340,7 @@ class Worker:
             ],
             timeout=build.timeout,
             artifact_max_size=self.config.artifacts.max_size,
-            notice=notice if claim.attempt > 1 else "",
+            notice=notice,
         )
         return spec, self._driver(build)
 

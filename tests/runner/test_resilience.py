@@ -14,7 +14,10 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import subprocess
+import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -315,6 +318,37 @@ async def test_a_blob_store_fault_that_clears_before_the_last_attempt_ends_passe
     )
     artifact = await query(outage_dsn, "SELECT size FROM build_artifacts")
     assert artifact["size"] == len("made\n")
+
+
+async def test_a_masked_value_that_does_not_decrypt_is_retried_then_fails_the_build(
+    start_runner: Callable[..., Any], outage_dsn: str, alice: User
+):
+    build_id = await queue(outage_dsn, alice, QUICK)
+    conn = await asyncpg.connect(outage_dsn)
+    try:  # sealed with another key, or tampered with: the runner cannot decrypt it
+        await conn.execute(
+            "INSERT INTO build_variables (build_id, key, value_sealed, masked, position)"
+            " VALUES ($1, 'SECRET', $2, true, 0)",
+            build_id,
+            b"not a sealed value",
+        )
+    finally:
+        await conn.close()
+    await start_runner(max_attempts=2, retry_delay="1s")
+    row = await ended(outage_dsn, build_id)
+    assert (row["status"], row["attempt"]) == ("failed", 2), row["output"]
+    first, *_, last = row["output"].splitlines()
+    assert first.startswith("marid: attempt 2 (attempt 1: preparing the build: ")
+    assert last.startswith("marid: attempt 2 of 2 failed: preparing the build: ")
+    assert last.endswith("; giving up")
+    assert "not a sealed value" not in row["output"]
+
+
+async def test_the_runner_reaper_sweeps_at_start(start_runner: Callable[..., Any], outage_dsn: str):
+    old = Path(tempfile.mkdtemp(prefix="marid-scripts-"))  # a dead runner's, a year ago
+    os.utime(old, (time.time() - 365 * 86400,) * 2)
+    await start_runner()
+    await until("the reaper to remove it", lambda: _true(not old.exists()))
 
 
 async def test_a_failing_user_command_is_never_retried(
