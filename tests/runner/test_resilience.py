@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import docker
 import pytest
 
 from marid import config as config_module
@@ -30,7 +31,7 @@ from marid import db, lifecycle, manifest, users
 from marid.blobs import open_store
 from marid.listen import UNAVAILABLE
 from marid.pgcluster import Cluster
-from marid.runner.worker import Worker
+from marid.runner.worker import Worker, instance_of
 from marid.submit import Submission, submit
 from marid.users import User
 from tests.fixtures.outage import start_database, stop_database
@@ -72,12 +73,14 @@ class Runner:
     own as `marid runner` has."""
 
     def __init__(self, dsn: str, tmp_path: Path, runner: dict[str, Any]) -> None:
+        drivers = runner.pop("drivers", ["os"])
         self.config = config_module.from_dict(
             {
                 "server": {"url": "https://ci.example.com"},
                 "database": {"dsn": dsn},
                 "crypto": {"key": "test-crypto-key-" + "0" * 32},
-                "drivers": ["os"],
+                "drivers": drivers,
+                "docker": {"network": "none", "pull": "never"},
                 "storage": {"backend": "fs", "path": str(tmp_path / "blobs")},
                 "runner": {"parallelism": 1, **runner},
             }
@@ -233,6 +236,51 @@ async def test_a_short_outage_mid_build_and_while_idle_costs_nothing(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+DOCKER_GATED = """\
+driver: {type: docker, image: marid-test/busybox:latest, workspace: /workspace}
+stages: [s]
+jobs:
+- stage: s
+  commands:
+  - echo waiting
+  - until [ -e gate ]; do sleep 0.05; done
+  - echo made > out.txt
+  artifacts: [out.txt]
+"""
+
+
+@pytest.mark.docker
+async def test_a_short_outage_mid_docker_build_costs_nothing(
+    start_runner: Callable[..., Any],
+    outage_cluster: Cluster,
+    outage_dsn: str,
+    alice: User,
+    docker_engine: docker.DockerClient,
+):
+    await start_runner(drivers=["docker"])
+    build_id = await queue(outage_dsn, alice, DOCKER_GATED)
+    labels = [f"marid.build={build_id}", f"marid.instance={instance_of(outage_dsn)}"]
+
+    async def job_container() -> Any:
+        found = await asyncio.to_thread(
+            docker_engine.containers.list, filters={"label": [*labels, "marid.job=s.1"]}
+        )
+        return found[0] if found else None
+
+    container = await until("the job's container to run", job_container)
+    await stop_database(outage_cluster)
+    await asyncio.sleep(2)  # the runner keeps renewing meanwhile
+    await start_database(outage_cluster)
+    await asyncio.to_thread(container.exec_run, ["touch", "/workspace/gate"])
+    row = await ended(outage_dsn, build_id)
+    assert (row["status"], row["attempt"]) == ("passed", 1), row["output"]
+    assert "marid: attempt" not in row["output"]
+    left = await asyncio.to_thread(
+        docker_engine.containers.list, all=True, filters={"label": labels}
+    )
+    assert left == []
 
 
 async def test_an_outage_longer_than_the_lease_stops_the_job_and_retries_it(
