@@ -59,9 +59,23 @@ async def create_pool(dsn: str, size: int = 10, connect: bool = True) -> asyncpg
 
 
 async def open_pool(dsn: str, size: int, stop: asyncio.Event) -> asyncpg.Pool | None:
-    """`create_pool`, once the database answers; None when `stop` is set first (see
-    `wait_for`)."""
-    return await wait_for(dsn, stop, lambda: create_pool(dsn, size))
+    """A pool, once the database answers; None when `stop` is set first (see `wait_for`).
+
+    Its connections are opened on use (`create_pool(connect=False)`): a pool that keeps one
+    open for its own sake has asyncpg log a traceback at each of its retries while the
+    database is away.
+    """
+    pool = await create_pool(dsn, size, connect=False)
+    if await wait_for(dsn, stop, lambda: _answers(pool)):
+        return pool
+    await pool.close()
+    return None
+
+
+async def _answers(pool: asyncpg.Pool) -> bool:
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+    return True
 
 
 async def wait_for(
