@@ -30,7 +30,9 @@ from tests.conftest import bearer
 from tests.fixtures.outage import start_database, stop_database
 
 Client = Callable[..., Awaitable[TestClient]]
-SCOPE = "cron:read,write namespace:read,write webhook:read,write variable:read,write"
+SCOPE = (
+    "build:read,write cron:read,write namespace:read,write webhook:read,write variable:read,write"
+)
 MANIFEST = "driver: {type: docker, image: busybox, workspace: /w}\n"
 # The services' clock reads an hour before the cron job's run at first, and before the
 # delivery, which is stamped with the real time: nothing is due until the test moves it.
@@ -230,5 +232,6 @@ async def test_the_scheduler_rides_out_an_outage_and_then_fires_and_delivers_onc
             m.startswith(f"{name} works again") for m in records(caplog, service, logging.INFO)
         )
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no traceback per try
     # The two LISTEN connections (marid/listen.py) log the outage once each too.
     assert len(records(caplog, "marid.listen", logging.WARNING)) <= 2
