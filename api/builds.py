@@ -12,7 +12,7 @@ from marid import builds, lifecycle, manifest, namespaces, objects, users, webho
 from marid.api import idempotency, resources
 from marid.api.auth import Caller, optional, requires
 from marid.api.http import Page, api_url, query, query_flag, read_body, read_json
-from marid.api.keys import CONFIG, POOL
+from marid.api.keys import BLOBS, CONFIG, POOL
 from marid.api.namespaces import NS, NS_PARAMS, load_namespace
 from marid.api.openapi import (
     BEARER,
@@ -68,7 +68,8 @@ async def load_build(conn: asyncpg.Connection, request: web.Request, user: User 
     number = int(request.match_info["number"])
     if number > 2**31 - 1:
         raise NotFound()
-    build = await builds.get_by_number(conn, request.match_info["username"], number)
+    blobs = request.config_dict[BLOBS]
+    build = await builds.get_by_number(conn, request.match_info["username"], number, blobs)
     if build is None:
         raise NotFound()
     owner = (await users.by_ids(conn, {build.user_id}))[build.user_id]
@@ -107,7 +108,8 @@ async def page_of_builds(
     """A paginated build listing with the build filters of docs/api.md §1.8."""
     filters = filters_of(request)
     page = Page(request, await builds.count(conn, listing, filters))
-    found = await builds.page(conn, listing, filters, page.offset, page.limit)
+    blobs = request.config_dict[BLOBS]
+    found = await builds.page(conn, listing, filters, page.offset, page.limit, blobs)
     return page.response(await builds.many_to_json(conn, found, api_url(request)))
 
 
@@ -210,7 +212,7 @@ async def kill_build(request: web.Request, user: User) -> web.Response:
 async def set_pinned(request: web.Request, user: User, pinned: bool) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, user)
-        build = await builds.set_pinned(conn, loaded.build, pinned)
+        build = await builds.set_pinned(conn, loaded.build, pinned, request.config_dict[BLOBS])
         body = builds.to_json(build, loaded.owner, loaded.namespace, api_url(request))
         if loaded.build.pinned != pinned:
             event = "build.pinned" if pinned else "build.unpinned"

@@ -15,7 +15,7 @@ from marid.api import errors
 from marid.api.auth import Caller, optional
 from marid.api.builds import PARAMS, B, readable_build
 from marid.api.http import api_url, query
-from marid.api.keys import POOL
+from marid.api.keys import BLOBS, POOL
 from marid.api.live import LIVE
 from marid.api.openapi import (
     INT,
@@ -34,7 +34,9 @@ from marid.api.openapi import (
     query_param,
     ref,
 )
+from marid.blobs import BlobStore
 from marid.jobs import Job
+from marid.logs import REQUEST_ID
 from marid.times import rfc3339
 from marid.validation import NotFound
 
@@ -49,7 +51,11 @@ async def list_jobs(request: web.Request, caller: Caller) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
         loaded = await readable_build(conn, request, caller)
         found = await jobs.list_for(
-            conn, loaded.build.id, query(request, "name"), query(request, "status")
+            conn,
+            loaded.build.id,
+            query(request, "name"),
+            query(request, "status"),
+            request.config_dict[BLOBS],
         )
     base = api_url(request)
     build_url, build = builds.url(loaded.build, loaded.owner, base), loaded.json(base)
@@ -57,10 +63,11 @@ async def list_jobs(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def load_job(
-    conn: asyncpg.Connection, request: web.Request, caller: Caller
+    conn: asyncpg.Connection, request: web.Request, caller: Caller, excerpt: bool = True
 ) -> tuple[Job, str, dict[str, object]]:
     loaded = await readable_build(conn, request, caller)
-    job = await jobs.get_by_name(conn, loaded.build.id, request.match_info["name"])
+    blobs = request.config_dict[BLOBS]
+    job = await jobs.get_by_name(conn, loaded.build.id, request.match_info["name"], blobs, excerpt)
     if job is None:
         raise NotFound()
     base = api_url(request)
@@ -84,20 +91,25 @@ def start_offset(request: web.Request) -> int:
         return 0
 
 
-async def output_from(conn: asyncpg.Connection, job: Job, offset: int) -> list[tuple[int, str]]:
-    """Output chunks from byte `offset`: the stored output of a finished job, else the live
-    chunks written so far."""
-    if job.status in builds.FINAL and job.output is not None:
-        raw = job.output.encode()
-        offset = output.char_boundary(raw, offset)
-        rest = raw[offset:].decode()
-        chunks, start = [], offset
-        for text in output.chunks(rest):
-            chunks.append((start, text))
-            start += len(text.encode())
-        return chunks
-    found, _ = await jobs.output_since(conn, job.id, offset)
-    return found
+async def output_from(
+    conn: asyncpg.Connection, blobs: BlobStore, job: Job, offset: int
+) -> tuple[list[tuple[int, str]], bool]:
+    """About jobs.READ_BYTES of output from byte `offset`, wherever it is stored, as
+    (offset, text) pieces of at most 64 KiB; and whether more may follow at once."""
+    found: list[tuple[int, str]] = []
+    size = 0
+    pieces = jobs.read(conn, blobs, job, offset)
+    try:
+        async for start, text in pieces:
+            for piece in output.chunks(text):
+                found.append((start, piece))
+                start += output.byte_length(piece)
+            size += output.byte_length(text)
+            if size >= jobs.READ_BYTES:
+                return found, True
+    finally:
+        await pieces.aclose()  # type: ignore[attr-defined]
+    return found, False
 
 
 @routes.get(B + "/jobs/{name}/output")
@@ -105,19 +117,41 @@ async def output_from(conn: asyncpg.Connection, job: Job, offset: int) -> list[t
 async def show_output(request: web.Request, caller: Caller) -> web.StreamResponse:
     pool = request.config_dict[POOL]
     async with pool.acquire() as conn:
-        job, _, _ = await load_job(conn, request, caller)
-        if "text/event-stream" not in request.headers.get("Accept", ""):
-            chunks = await output_from(conn, job, start_offset(request))
-            if job.status in builds.FINAL and job.output is not None:
-                total = len(job.output.encode())
-            else:
-                total = (await jobs.output_since(conn, job.id, 0))[1]
-            return web.Response(
-                text="".join(text for _, text in chunks),
-                content_type="text/plain",
-                headers={"X-Marid-Job-Status": job.status, "X-Marid-Output-Length": str(total)},
-            )
-    return await stream(request, job, start_offset(request))
+        job, _, _ = await load_job(conn, request, caller, excerpt=False)
+        total = jobs.length(job, 0 if job.stored.ended else await jobs.live_total(conn, job))
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return await stream(request, job, start_offset(request))
+    return await plain(request, job, start_offset(request), total)
+
+
+async def plain(request: web.Request, job: Job, offset: int, total: int) -> web.StreamResponse:
+    """The output from `offset` to `total` as text, streamed from storage in bounded pieces,
+    with its Content-Length when the job has ended (a running one's may have gaps)."""
+    pool, blobs = request.config_dict[POOL], request.config_dict[BLOBS]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/plain; charset=utf-8",
+            "X-Marid-Job-Status": job.status,
+            "X-Marid-Output-Length": str(total),
+            # The request-log middleware adds it too late for a prepared (streamed) response.
+            "X-Request-Id": REQUEST_ID.get(),
+        }
+    )
+    async with pool.acquire() as conn:
+        pieces = jobs.read(conn, blobs, job, offset, total)
+        try:
+            first = await anext(pieces, None)
+            if job.stored.ended:
+                response.content_length = total - first[0] if first else 0
+            await response.prepare(request)
+            if first is not None:
+                await response.write(first[1].encode())
+            async for _, text in pieces:
+                await response.write(text.encode())
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
+    await response.write_eof()
+    return response
 
 
 async def stream(request: web.Request, job: Job, offset: int) -> web.StreamResponse:
@@ -127,15 +161,20 @@ async def stream(request: web.Request, job: Job, offset: int) -> web.StreamRespo
     )
     await response.prepare(request)
     pool, live = request.config_dict[POOL], request.config_dict[LIVE]
+    blobs = request.config_dict[BLOBS]
     last_event = time.monotonic()
+    printed = False  # whether `offset` counts printed bytes of a running job (docs/api.md §19)
     with live.subscribe(job.id) as changed:
         while True:
             changed.clear()  # before reading: a notification during the read is kept
             try:
                 async with pool.acquire() as conn:
-                    current = await jobs.get_by_name(conn, job.build_id, job.name)
+                    current = await jobs.get_by_name(conn, job.build_id, job.name, excerpt=False)
                     assert current is not None
-                    chunks = await output_from(conn, current, offset)
+                    if printed and current.stored.ended:
+                        offset, printed = jobs.final_offset(current.stored, offset), False
+                    printed = printed or not current.stored.ended
+                    chunks, more = await output_from(conn, blobs, current, offset)
             except Exception as exc:
                 reason = errors.database_unavailable(exc)
                 if reason is None:
@@ -149,6 +188,8 @@ async def stream(request: web.Request, job: Job, offset: int) -> web.StreamRespo
                 data = json.dumps({"offset": start, "text": text})
                 await response.write(f"event: output\nid: {offset}\ndata: {data}\n\n".encode())
                 last_event = time.monotonic()
+            if more:
+                continue
             if current.status in builds.FINAL:
                 status = {"status": current.status, "finished_at": rfc3339(current.finished_at)}
                 await response.write(f"event: status\ndata: {json.dumps(status)}\n\n".encode())

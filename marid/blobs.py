@@ -125,6 +125,24 @@ class BlobStore(ABC):
         """The whole content in memory (small blobs only); raises BlobNotFound."""
         return b"".join([chunk async for chunk in await self.open(key)])
 
+    async def open_at(self, key: str, offset: int) -> AsyncIterator[bytes]:
+        """The content from byte `offset` on, in chunks; raises BlobNotFound now if it is
+        missing. The backends seek; this fallback reads and discards what comes before."""
+        return _skip(await self.open(key), offset)
+
+    async def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """At most `length` bytes from byte `offset`; raises BlobNotFound."""
+        out = bytearray()
+        chunks = await self.open_at(key, offset)
+        try:
+            async for chunk in chunks:
+                out += chunk[: length - len(out)]
+                if len(out) >= length:
+                    break
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        return bytes(out)
+
 
 def open_store(config: StorageConfig) -> BlobStore:
     """The store `config` describes (already checked by marid.config)."""
@@ -183,6 +201,12 @@ class FsStore(BlobStore):
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self._path(key).is_file)
+
+    async def open_at(self, key: str, offset: int) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        if not await asyncio.to_thread(path.is_file):
+            raise BlobNotFound(key)
+        return _blob_chunks(path, key, offset)
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
@@ -270,10 +294,14 @@ class S3Store(BlobStore):
         await self.size(key)  # BlobNotFound now, before the caller starts a response
         return self._read_object(key)
 
-    async def _read_object(self, key: str) -> AsyncIterator[bytes]:
+    async def _read_object(self, key: str, offset: int | None = 0) -> AsyncIterator[bytes]:
+        """From byte `offset` (a ranged GET) to the end; nothing when `offset` is None."""
+        if offset is None:
+            return
+        ranged = {"Range": f"bytes={offset}-"} if offset else {}
         try:
             response = await asyncio.to_thread(
-                self.client.get_object, Bucket=self.bucket, Key=self._name(key)
+                self.client.get_object, Bucket=self.bucket, Key=self._name(key), **ranged
             )
         except botocore.exceptions.ClientError as exc:
             raise _not_found(exc, key) from None
@@ -299,6 +327,10 @@ class S3Store(BlobStore):
         except BlobNotFound:
             return False
         return True
+
+    async def open_at(self, key: str, offset: int) -> AsyncIterator[bytes]:
+        size = await self.size(key)  # BlobNotFound now, before the caller starts a response
+        return self._read_object(key, offset if offset < size else None)
 
     async def delete(self, key: str) -> None:
         name = self._name(key)
@@ -415,18 +447,20 @@ def _flush(out: BinaryIO) -> None:
     os.fsync(out.fileno())
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+async def _file_chunks(path: Path, offset: int = 0) -> AsyncIterator[bytes]:
     source = await asyncio.to_thread(path.open, "rb")
     try:
+        if offset:
+            source.seek(offset)
         while chunk := await asyncio.to_thread(source.read, CHUNK_SIZE):
             yield chunk
     finally:
         source.close()
 
 
-async def _blob_chunks(path: Path, key: str) -> AsyncIterator[bytes]:
+async def _blob_chunks(path: Path, key: str, offset: int = 0) -> AsyncIterator[bytes]:
     try:
-        async for chunk in _file_chunks(path):
+        async for chunk in _file_chunks(path, offset):
             yield chunk
     except FileNotFoundError:  # deleted since `open` checked: only opening can raise this
         raise BlobNotFound(key) from None
@@ -434,6 +468,16 @@ async def _blob_chunks(path: Path, key: str) -> AsyncIterator[bytes]:
 
 async def _single(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def _skip(chunks: AsyncIterator[bytes], offset: int) -> AsyncIterator[bytes]:
+    """`chunks` without their first `offset` bytes."""
+    async for chunk in chunks:
+        if offset >= len(chunk):
+            offset -= len(chunk)
+            continue
+        yield chunk[offset:]
+        offset = 0
 
 
 def hold(fd: int) -> None:

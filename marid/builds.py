@@ -3,6 +3,7 @@ state transitions, kills included, are marid/lifecycle.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from typing import Any
 
 import asyncpg
 
-from marid import namespaces, users
+from marid import jobs, namespaces, users
+from marid.blobs import BlobStore
+from marid.jobs import Excerpt
 from marid.namespaces import Namespace
 from marid.times import rfc3339
 from marid.users import User
@@ -33,7 +36,10 @@ class Build:
     manifest: str
     driver: str
     status: str
-    output: str | None
+    # The jobs' outputs in execution order as (job name, excerpt), composed when read
+    # (`with_outputs`; docs/api.md §7.1): None until the build has ended, and for one that
+    # never started. `builds.output` itself is no longer written (migration 0014).
+    output: list[tuple[str, Excerpt | None]] | None
     pinned: bool
     trigger_type: str
     trigger_comment: str
@@ -49,7 +55,42 @@ def from_row(row: asyncpg.Record) -> Build:
     data = dict(row)
     data["trigger_data"] = json.loads(data["trigger_data"])
     data["tags"] = list(data["tags"])
+    data["output"] = None  # see `with_outputs`
     return Build(**data)
+
+
+async def with_outputs(
+    conn: asyncpg.Connection, found: list[Build], blobs: BlobStore | None
+) -> list[Build]:
+    """`found` with their outputs, each job's bounded as in its Job entity (docs/api.md
+    §7.1); without `blobs`, an output in the blob store shows only the line naming it."""
+    ended = {b.id for b in found if b.status in FINAL and b.started_at is not None}
+    if not ended:
+        return found
+    by_build = await jobs.of_builds(conn, list(ended), blobs)
+    return [
+        dataclasses.replace(b, output=[(j.name, j.output) for j in by_build.get(b.id, [])])
+        if b.id in ended
+        else b
+        for b in found
+    ]
+
+
+async def _one(
+    conn: asyncpg.Connection, row: asyncpg.Record | None, blobs: BlobStore | None
+) -> Build | None:
+    return (await with_outputs(conn, [from_row(row)], blobs))[0] if row else None
+
+
+def output_text(build: Build, build_url: str) -> str | None:
+    """The build's `output` field: its jobs' excerpts joined in execution order."""
+    if build.output is None:
+        return None
+    return "".join(
+        excerpt.render(f"{build_url}/jobs/{name}/output")
+        for name, excerpt in build.output
+        if excerpt is not None
+    )
 
 
 def valid_tag(name: str) -> bool:
@@ -97,7 +138,7 @@ def to_json(
         "number": build.number,
         "manifest": build.manifest,
         "status": build.status,
-        "output": build.output,
+        "output": output_text(build, base),
         "tags": build.tags,
         "pinned": build.pinned,
         "attempts": build.attempts,
@@ -125,12 +166,18 @@ async def many_to_json(
     return [to_json(b, owners[b.user_id], spaces.get(b.namespace_id or 0), api_url) for b in found]
 
 
-async def get(conn: asyncpg.Connection, build_id: int) -> Build | None:
+async def get(
+    conn: asyncpg.Connection, build_id: int, blobs: BlobStore | None = None
+) -> Build | None:
+    """The build with its output (`with_outputs`)."""
     row = await conn.fetchrow("SELECT * FROM build_rows WHERE id = $1", build_id)
-    return from_row(row) if row else None
+    return await _one(conn, row, blobs)
 
 
-async def get_by_number(conn: asyncpg.Connection, username: str, number: int) -> Build | None:
+async def get_by_number(
+    conn: asyncpg.Connection, username: str, number: int, blobs: BlobStore | None = None
+) -> Build | None:
+    """The build with its output (`with_outputs`)."""
     row = await conn.fetchrow(
         """
         SELECT b.* FROM build_rows b JOIN users u ON u.id = b.user_id
@@ -139,7 +186,7 @@ async def get_by_number(conn: asyncpg.Connection, username: str, number: int) ->
         username,
         number,
     )
-    return from_row(row) if row else None
+    return await _one(conn, row, blobs)
 
 
 async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) -> int:
@@ -171,7 +218,12 @@ async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) ->
 
 
 async def page(
-    conn: asyncpg.Connection, listing: Listing, filters: Filters, offset: int, limit: int
+    conn: asyncpg.Connection,
+    listing: Listing,
+    filters: Filters,
+    offset: int,
+    limit: int,
+    blobs: BlobStore | None = None,
 ) -> list[Build]:
     """One page of the builds of `listing` matching `filters`, newest first (docs/api.md §7.3)."""
     rows = await conn.fetch(
@@ -200,7 +252,7 @@ async def page(
         limit,
         listing.cron_id,
     )
-    return [from_row(row) for row in rows]
+    return await with_outputs(conn, [from_row(row) for row in rows], blobs)
 
 
 @dataclass(frozen=True)
@@ -257,9 +309,11 @@ async def delete_tag(conn: asyncpg.Connection, build: Build, name: str) -> bool:
     return bool(result == "DELETE 1")
 
 
-async def set_pinned(conn: asyncpg.Connection, build: Build, pinned: bool) -> Build:
+async def set_pinned(
+    conn: asyncpg.Connection, build: Build, pinned: bool, blobs: BlobStore | None = None
+) -> Build:
     await conn.execute("UPDATE builds SET pinned = $2 WHERE id = $1", build.id, pinned)
-    updated = await get(conn, build.id)
+    updated = await get(conn, build.id, blobs)
     assert updated is not None
     return updated
 
@@ -273,7 +327,7 @@ async def latest_in(conn: asyncpg.Connection, namespace_id: int) -> Build | None
         """,
         namespace_id,
     )
-    return from_row(row) if row else None
+    return await _one(conn, row, None)
 
 
 async def latest_by_namespace(conn: asyncpg.Connection, ids: list[int]) -> dict[int, Build]:
@@ -285,4 +339,5 @@ async def latest_by_namespace(conn: asyncpg.Connection, ids: list[int]) -> dict[
         """,
         ids,
     )
-    return {row["namespace_id"]: from_row(row) for row in rows}
+    found = await with_outputs(conn, [from_row(row) for row in rows], None)
+    return {build.namespace_id or 0: build for build in found}

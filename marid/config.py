@@ -97,6 +97,9 @@ class ArtifactsConfig:
 class BuildsConfig:
     timeout: Annotated[float, Duration] = 30 * 60.0
     max_timeout: Annotated[float, Duration] = 2 * 3600.0
+    # Bytes kept of each job's output: past it, its head and tail with a line saying how
+    # much was dropped between them (docs/configuration.md §1, docs/architecture.md §6.1).
+    max_output: Annotated[int, Size] = 64 * 1024**2
 
 
 @dataclass(frozen=True)

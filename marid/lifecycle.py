@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from marid import channels, manifest
+from marid import channels, manifest, output
 from marid.blobs import Blob
 from marid.manifest import Resources
 
@@ -268,10 +268,16 @@ async def job_started(conn: asyncpg.Connection, claim: Claim, job_id: int) -> No
 
 
 async def append_output(
-    conn: asyncpg.Connection, claim: Claim, job_id: int, offset: int, text: str
+    conn: asyncpg.Connection,
+    claim: Claim,
+    job_id: int,
+    offset: int,
+    text: str,
+    forget: tuple[int, int] | None = None,
 ) -> None:
     """Store a chunk of the job's live output at UTF-8 byte `offset` and wake its live readers
-    (docs/api.md §19) when the caller commits. Fenced."""
+    (docs/api.md §19) when the caller commits; the chunks starting in the byte range `forget`
+    go (output over builds.max_output, docs/architecture.md §6.1). Fenced."""
     await _fence(conn, claim)
     await conn.execute(
         """
@@ -283,25 +289,57 @@ async def append_output(
         offset,
         text,
     )
+    if forget is not None:
+        await conn.execute(
+            """
+            DELETE FROM build_job_output
+            WHERE job_id = $1 AND attempt = $2 AND byte_offset >= $3 AND byte_offset < $4
+            """,
+            job_id,
+            claim.attempt,
+            *forget,
+        )
     await conn.execute("SELECT pg_notify($1, $2)", channels.OUTPUT, str(job_id))
 
 
 async def job_finished(
-    conn: asyncpg.Connection, claim: Claim, job_id: int, status: str, ran: bool
+    conn: asyncpg.Connection,
+    claim: Claim,
+    job_id: int,
+    status: str,
+    ran: bool,
+    final: output.Final | None = None,
 ) -> None:
-    """The job ends with `status`. One that `ran` keeps its whole output in its row, and the
-    live chunks it was made of go (readers of a finished job read the row); one that never
-    started keeps no times and no output (docs/manifest.md §6.1). Readers wake on commit.
-    Fenced."""
+    """The job ends with `status`. One that `ran` keeps its output once (docs/architecture.md
+    §6.1): `final`, as its runner stored it (blob store, or text for the row), or else its
+    live chunks, joined into the row when they hold at most output.ROW_LIMIT bytes and left
+    as they are otherwise. One that never started keeps no times and no output
+    (docs/manifest.md §6.1). Readers wake on commit. Fenced."""
     await _fence(conn, claim)
+    size = await conn.fetchval(
+        """
+        SELECT coalesce(sum(octet_length(text)), 0) FROM build_job_output
+        WHERE job_id = $1 AND attempt = $2
+        """,
+        job_id,
+        claim.attempt,
+    )
+    in_row = final is None and size <= output.ROW_LIMIT
     await conn.execute(
         """
         UPDATE build_jobs j SET status = $3, finished_at = now(),
             started_at = CASE WHEN $4 THEN coalesce(j.started_at, now()) END,
-            output = CASE WHEN $4 THEN coalesce(
-                (SELECT string_agg(o.text, '' ORDER BY o.byte_offset)
-                 FROM build_job_output o WHERE o.job_id = j.id AND o.attempt = $5), '')
-            END
+            output = CASE WHEN NOT $4 THEN NULL
+                WHEN $7::text IS NOT NULL OR $6::text IS NOT NULL THEN $7
+                WHEN $12 THEN coalesce(
+                    (SELECT string_agg(o.text, '' ORDER BY o.byte_offset)
+                     FROM build_job_output o WHERE o.job_id = j.id AND o.attempt = $5), '')
+            END,
+            output_blob_key = CASE WHEN $4 THEN $6 END,
+            output_size = CASE WHEN $4 THEN $8::bigint END,
+            output_printed = CASE WHEN $4 THEN $9::bigint END,
+            output_head = CASE WHEN $4 THEN $10::bigint END,
+            output_tail = CASE WHEN $4 THEN $11::bigint END
         WHERE j.build_id = $1 AND j.id = $2
         """,
         claim.build_id,
@@ -309,8 +347,16 @@ async def job_finished(
         status,
         ran,
         claim.attempt,
+        final.blob_key if final else None,
+        final.text if final else None,
+        final.size if final else size,
+        final.printed if final else size,
+        final.head if final else None,
+        final.tail if final else None,
+        in_row,
     )
-    await conn.execute("DELETE FROM build_job_output WHERE job_id = $1", job_id)
+    if in_row or final is not None or not ran:
+        await conn.execute("DELETE FROM build_job_output WHERE job_id = $1", job_id)
     await conn.execute("SELECT pg_notify($1, $2)", channels.OUTPUT, str(job_id))
 
 
@@ -369,23 +415,17 @@ async def artifact_recorded(
 
 
 async def build_finished(conn: asyncpg.Connection, claim: Claim, status: str) -> None:
-    """The build ends with `status` (docs/manifest.md §6.9), its jobs' output rolled up into its
-    own. Fenced."""
+    """The build ends with `status` (docs/manifest.md §6.9). Fenced."""
     await _fence(conn, claim)
     await _end(conn, claim.build_id, status)
 
 
 async def _end(conn: asyncpg.Connection, build_id: int, status: str) -> None:
-    """Give the build its final `status`; its output becomes its jobs' outputs in execution
-    order, none for a build that never started (a queued build killed)."""
+    """Give the build its final `status`. Its output is its jobs' outputs, stored once in
+    their rows and composed when read (marid/builds.py), never copied here."""
     await conn.execute(
         """
-        UPDATE builds b SET status = $2, finished_at = now(), lease_expires_at = NULL,
-            output = CASE WHEN b.started_at IS NOT NULL THEN
-                (SELECT string_agg(coalesce(j.output, ''), '' ORDER BY s.position, j.position)
-                 FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
-                 WHERE j.build_id = $1)
-            END
+        UPDATE builds b SET status = $2, finished_at = now(), lease_expires_at = NULL
         WHERE b.id = $1
         """,
         build_id,
@@ -581,11 +621,13 @@ async def _reset(conn: asyncpg.Connection, build_id: int, owner_id: int) -> list
         """,
         build_id,
     )
-    await conn.execute(
+    outputs = await conn.fetch(
         """
-        UPDATE build_jobs SET status = 'queued', output = NULL, started_at = NULL,
-            finished_at = NULL
-        WHERE build_id = $1
+        UPDATE build_jobs j SET status = 'queued', output = NULL, started_at = NULL,
+            finished_at = NULL, output_blob_key = NULL, output_size = NULL,
+            output_printed = NULL, output_head = NULL, output_tail = NULL
+        FROM build_jobs old WHERE old.id = j.id AND j.build_id = $1
+        RETURNING old.output_blob_key
         """,
         build_id,
     )
@@ -615,4 +657,6 @@ async def _reset(conn: asyncpg.Connection, build_id: int, owner_id: int) -> list
         build_id,
         owner_id,
     )
-    return [row["blob_key"] for row in stale]
+    return [row["blob_key"] for row in stale] + [
+        row["output_blob_key"] for row in outputs if row["output_blob_key"]
+    ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 MASK = "xxxxxx"
 NUL = "NUL"
@@ -135,3 +136,124 @@ def char_boundary(data: bytes, offset: int) -> int:
     while offset < len(data) and data[offset] & 0xC0 == 0x80:
         offset += 1
     return offset
+
+
+# -- Stored output (docs/architecture.md §6.1, issue 10 part 6) --------------------------------
+
+ROW_LIMIT = 1024 * 1024  # a finished job's output up to this many bytes stays in its row
+EMBED_LIMIT = 1024 * 1024  # entities embed at most this many bytes of a job's output
+DROP_LINE_MAX = 256  # bytes the drop line may take: the cap leaves room for it
+
+
+@dataclass(frozen=True)
+class Final:
+    """A job's output as its runner stored it when the job ended: in the blob store
+    (`blob_key`) or as `text` for the row. `head` and `tail` are the bytes kept before and
+    after the drop line when the job printed more than builds.max_output, else None."""
+
+    size: int  # bytes of the stored output
+    printed: int  # bytes the job printed
+    head: int | None = None
+    tail: int | None = None
+    blob_key: str | None = None
+    text: str | None = None
+
+
+def size_text(size: int) -> str:
+    """`size` bytes for people: `512 B`, `3.5 KiB`, `136.0 MiB`, `2.1 GiB`."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} GiB"
+
+
+def drop_line(dropped: int, printed: int) -> str:
+    """The line that stands where output over builds.max_output was dropped."""
+    line = (
+        f"[marid: {size_text(dropped)} of output dropped here;"
+        f" the job printed {size_text(printed)}]\n"
+    )
+    assert byte_length(line) <= DROP_LINE_MAX
+    return line
+
+
+def excerpt_line(shown: int, size: int, url: str) -> str:
+    """The line that opens an embedded output cut to its last `shown` bytes of `size`."""
+    return (
+        f"[marid: {size_text(size - shown)} of this job's {size_text(size)} of output not"
+        f" shown here; all of it: GET {url}]\n"
+    )
+
+
+def boundary_before(data: bytes, offset: int) -> int:
+    """`offset`, moved back to the start of the character it falls in (0..len(data))."""
+    offset = max(0, min(offset, len(data)))
+    while 0 < offset < len(data) and data[offset] & 0xC0 == 0x80:
+        offset -= 1
+    return offset
+
+
+class Capped:
+    """Where each piece of one job's output goes when at most `max_output` bytes of it may be
+    kept (builds.max_output, docs/architecture.md §6.1): its first half (the head) whole, then
+    a window of the newest output. Offsets count the bytes the job printed, so live readers
+    follow the newest output; the window's oldest chunks are forgotten as new ones arrive, so
+    the head and the window never hold more than `max_output` less room for the drop line."""
+
+    def __init__(self, max_output: int) -> None:
+        self.head_max = max_output // 2
+        self.window_max = max(0, max_output - self.head_max - DROP_LINE_MAX)
+        self.printed = 0  # bytes placed so far: the next piece's offset
+        self.head: int | None = None  # where the head ended, once output went past it
+        self.head_newline = True  # whether the head ends a line
+        self.window: list[tuple[int, int]] = []  # (start, end) of the chunks kept after it
+
+    @property
+    def dropped(self) -> int:
+        """Bytes printed but kept neither in the head nor in the window."""
+        if self.head is None:
+            return 0
+        return self.printed - self.head - self.tail
+
+    @property
+    def tail(self) -> int:
+        return sum(end - start for start, end in self.window)
+
+    def place(self, text: str) -> tuple[list[tuple[int, str]], tuple[int, int] | None]:
+        """The chunks to store for `text`, as (offset, text), and the byte range whose stored
+        chunks are to be forgotten (None: none)."""
+        data = text.encode("utf-8")
+        chunks: list[tuple[int, str]] = []
+        if self.head is None:
+            room = self.head_max - self.printed
+            cut = len(data) if len(data) <= room else boundary_before(data, room)
+            if cut:
+                chunks.append((self.printed, data[:cut].decode("utf-8")))
+                self.head_newline = data[cut - 1 : cut] == b"\n"
+                self.printed += cut
+            data = data[cut:]
+            if not data:
+                return chunks, None
+            self.head = self.printed
+        if len(data) > self.window_max:  # a piece longer than the window keeps its end
+            skip = char_boundary(data, len(data) - self.window_max)
+            self.printed += skip
+            data = data[skip:]
+        if data:
+            chunks.append((self.printed, data.decode("utf-8")))
+            self.window.append((self.printed, self.printed + len(data)))
+            self.printed += len(data)
+        keep_from = self.printed - self.window_max
+        forgotten = [chunk for chunk in self.window if chunk[0] < keep_from]
+        if not forgotten:
+            return chunks, None
+        self.window = self.window[len(forgotten) :]
+        return chunks, (self.head, forgotten[-1][1])
+
+    def drop_line(self) -> str:
+        """The line between the head and the tail, on a line of its own."""
+        return ("" if self.head_newline else "\n") + drop_line(self.dropped, self.printed)

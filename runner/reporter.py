@@ -14,14 +14,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
 
-from marid import lifecycle, webhooks
+from marid import jobs, lifecycle, output, webhooks
 from marid.blobs import BlobStore
+from marid.config import BuildsConfig
 from marid.lifecycle import Claim, LostLease
 from marid.listen import UNAVAILABLE
 from marid.runner.execute import InfrastructureError, JobSpec, ObjectSpec, describe
@@ -54,14 +55,21 @@ class Lease:
 
 class DbReporter:
     def __init__(
-        self, pool: asyncpg.Pool, blobs: BlobStore, claim: Claim, api_url: str, lease: Lease
+        self,
+        pool: asyncpg.Pool,
+        blobs: BlobStore,
+        claim: Claim,
+        api_url: str,
+        lease: Lease,
+        max_output: int = BuildsConfig.max_output,
     ) -> None:
         self.pool = pool
         self.api_url = api_url  # for webhook payloads
         self.blobs = blobs
         self.claim = claim
         self.lease = lease
-        self.offsets: dict[int, int] = {}
+        self.max_output = max_output  # builds.max_output: bytes kept of each job's output
+        self.outputs: dict[int, output.Capped] = {}
         self.pending: dict[int, list[str]] = {}
         self.flusher: asyncio.TimerHandle | None = None
         self.lock = asyncio.Lock()
@@ -107,21 +115,73 @@ class DbReporter:
                 self.flusher = None
             pending, self.pending = self.pending, {}
             for job_id, texts in pending.items():
-                text = "".join(texts)
-                offset = self.offsets.get(job_id, 0)
-                await self._write(self._appending(job_id, offset, text))
-                self.offsets[job_id] = offset + len(text.encode())
+                capped = self.outputs.setdefault(job_id, output.Capped(self.max_output))
+                chunks, forget = capped.place("".join(texts))
+                for index, (offset, text) in enumerate(chunks):
+                    last = index == len(chunks) - 1
+                    await self._write(
+                        self._appending(job_id, offset, text, forget if last else None)
+                    )
 
     def _appending(
-        self, job_id: int, offset: int, text: str
+        self, job_id: int, offset: int, text: str, forget: tuple[int, int] | None
     ) -> Callable[[asyncpg.Connection], Awaitable[None]]:
-        return lambda conn: lifecycle.append_output(conn, self.claim, job_id, offset, text)
+        return lambda conn: lifecycle.append_output(conn, self.claim, job_id, offset, text, forget)
 
     async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
         await self.flush()
-        await self._write(
-            lambda conn: lifecycle.job_finished(conn, self.claim, _job_id(job), status, ran)
-        )
+        job_id = _job_id(job)
+        capped = self.outputs.pop(job_id, None)
+        final = await self._store_output(job_id, capped) if ran and capped else None
+        try:
+            await self._write(
+                lambda conn: lifecycle.job_finished(conn, self.claim, job_id, status, ran, final)
+            )
+        except Exception:
+            if final is not None and final.blob_key is not None:
+                with contextlib.suppress(Exception):  # else the API's reaper removes it
+                    await self.blobs.delete(final.blob_key)
+            raise
+
+    async def _store_output(self, job_id: int, capped: output.Capped) -> output.Final | None:
+        """The job's whole output stored once (docs/architecture.md §6.1): None when it fits
+        in its row as it is (lifecycle.job_finished joins the chunks there); else in the blob
+        store, or as text for the row when the drop line made it short enough."""
+        if not capped.dropped and capped.printed <= output.ROW_LIMIT:
+            return None
+        line = capped.drop_line() if capped.dropped else ""
+        size = capped.printed - capped.dropped + len(line.encode())
+        head = capped.head if capped.dropped else None
+        tail = capped.tail if capped.dropped else None
+        pieces = self._stored_pieces(job_id, head, line)
+        if size <= output.ROW_LIMIT:
+            text = b"".join([piece async for piece in pieces]).decode()
+            return output.Final(size, capped.printed, head, tail, text=text)
+        try:
+            blob = await self.blobs.put(pieces)
+        except Exception as exc:  # the blob store's failure, not the user's: a new attempt
+            raise InfrastructureError(f"storing job output: {describe(exc)}") from exc
+        return output.Final(blob.size, capped.printed, head, tail, blob_key=blob.key)
+
+    async def _stored_pieces(
+        self, job_id: int, head: int | None, line: str
+    ) -> AsyncIterator[bytes]:
+        """The job's stored chunks in order, read back in bounded batches, with `line` where
+        the head ends."""
+        start = 0
+        while True:
+            async with self.pool.acquire() as conn:
+                chunks = await jobs.chunks_from(conn, job_id, self.claim.attempt, start)
+            if not chunks:
+                break
+            for offset, text in chunks:
+                if head is not None and offset >= head:
+                    yield line.encode()
+                    head = None
+                yield text.encode()
+                start = offset + len(text.encode())
+        if head is not None:
+            yield line.encode()
 
     async def object_placed(self, obj: ObjectSpec) -> None:
         assert obj.id is not None  # the worker's objects are rows

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from marid import lifecycle, manifest
+from marid import builds, lifecycle, manifest
 from marid.blobs import Blob
 from marid.lifecycle import Claim, LostLease
 from marid.submit import Submission, submit
@@ -86,11 +86,17 @@ async def _state(conn: asyncpg.Connection, build_id: int) -> dict[str, Any]:
     async def rows(sql: str) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await conn.fetch(sql, build_id)]
 
+    # The build's output is its jobs' outputs, composed when read (stored once, issue 10).
+    build = await builds.get(conn, build_id)
+    output = builds.output_text(build, "") if build else None
     return {
-        "build": await rows(
-            "SELECT status, attempt, runner, output, started_at, finished_at, lease_expires_at"
-            " FROM builds WHERE id = $1"
-        ),
+        "build": [
+            (*row[:3], output, *row[3:])
+            for row in await rows(
+                "SELECT status, attempt, runner, started_at, finished_at, lease_expires_at"
+                " FROM builds WHERE id = $1"
+            )
+        ],
         "jobs": await rows(
             "SELECT name, status, output, started_at, finished_at FROM build_jobs"
             " WHERE build_id = $1 ORDER BY id"
