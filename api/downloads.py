@@ -135,6 +135,9 @@ class Downloads:
             finally:
                 renewing.cancel()
             await self._finish(image_id, blob, error)
+        except db.OUTAGE as exc:
+            # Left pending (its lease runs out): a look after the database's return resumes it.
+            log.warning("image %d download left pending: %s", image_id, db.reason(exc))
         except Exception:
             log.exception("image %d download crashed", image_id)
             await self._give_up(image_id)
