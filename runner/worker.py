@@ -176,7 +176,6 @@ class Worker:
         log.info("build %d: attempt %d started", claim.build_id, claim.attempt)
         lease = Lease(self.config.runner.lease)  # claimed just now
         reporter = DbReporter(self.pool, self.blobs, claim, self.api_url, lease)
-        heartbeat: asyncio.Task[None] | None = None
         try:
             try:
                 spec, driver = await self._load(claim)
@@ -187,7 +186,10 @@ class Worker:
             execution = Execution(spec, driver, reporter)
             self.running[claim.build_id] = execution
             heartbeat = asyncio.create_task(self._heartbeat(claim, lease, execution))
-            status = await execution.run()
+            try:
+                status = await execution.run()
+            finally:  # a renewal after the build ended or was handed back would find it gone
+                heartbeat.cancel()
             await reporter.build_finished(status)
             log.info("build %d: %s", claim.build_id, status)
         except LostLease:
@@ -199,21 +201,20 @@ class Worker:
             if lease.lapsed:
                 await self._attempt_failed(claim, lease, lease.reason, 0.0)
                 return
-            reason = describe(exc) if isinstance(exc, InfrastructureError) else _reason(exc)
+            infrastructure = isinstance(exc, InfrastructureError | OSError)
+            reason = describe(exc) if infrastructure else _reason(exc)
             log.warning(
                 "build %d: attempt %d failed: %s",
                 claim.build_id,
                 claim.attempt,
                 reason,
-                exc_info=not isinstance(exc, InfrastructureError | OSError),
+                exc_info=not infrastructure,  # anything else may be a bug: its traceback
             )
             with contextlib.suppress(Exception):  # the output so far, then the reason
                 await reporter.flush()
             delay = self.config.runner.retry_delay * 2 ** min(claim.attempt - 1, 16)
             await self._attempt_failed(claim, lease, reason, delay)
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
             self.running.pop(claim.build_id, None)
 
     async def _attempt_failed(self, claim: Claim, lease: Lease, reason: str, delay: float) -> None:
