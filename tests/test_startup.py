@@ -54,12 +54,12 @@ jobs:
 class Process:
     """A `marid` command run as a child process, its output (the log) in a file."""
 
-    def __init__(self, command: str, config: Path, log: Path) -> None:
+    def __init__(self, command: list[str], config: Path, log: Path) -> None:
         self.log = log
         env = {k: v for k, v in os.environ.items() if k != "MARID_CONFIG"}
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "marid", command, "--config", str(config)],
+                [sys.executable, "-m", "marid", *command, "--config", str(config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -99,7 +99,10 @@ def start(tmp_path: Path) -> Iterator[Callable[[str, dict[str, Any]], Process]]:
     def run(command: str, config: dict[str, Any]) -> Process:
         path = tmp_path / f"{command}-{len(started)}.yml"
         path.write_text(yaml.safe_dump(config))
-        started.append(Process(command, path, tmp_path / f"{command}-{len(started)}.log"))
+        args = [command]
+        if command == "up":  # its own data directory, a free port
+            args += ["--data-dir", str(tmp_path / f"up-{len(started)}"), "--port", "0"]
+        started.append(Process(args, path, tmp_path / f"{command}-{len(started)}.log"))
         return started[-1]
 
     yield run
@@ -143,7 +146,7 @@ async def waiting(process: Process, command: str, config: dict[str, Any]) -> Non
         await process.logged(f"waiting for the database at {db.where(config['database']['dsn'])}")
 
 
-@pytest.mark.parametrize("command", ["scheduler", "runner", "serve"])
+@pytest.mark.parametrize("command", ["scheduler", "runner", "serve", "up"])
 async def test_sigterm_while_the_database_is_away_ends_the_process_with_status_0(
     command: str,
     outage_cluster: Cluster,
@@ -264,3 +267,29 @@ async def test_serve_started_before_the_database_answers_503_then_ok_without_a_r
     assert process.running(), process.text()
     assert await process.terminate() == 0, process.text()
     assert "Traceback" not in process.text()
+
+
+async def test_up_with_a_database_that_is_not_up_yet_waits_then_migrates_and_serves(
+    outage_cluster: Cluster,
+    outage_dsn: str,
+    tmp_path: Path,
+    start: Callable[[str, dict[str, Any]], Process],
+):
+    await stop_database(outage_cluster)
+    config = settings(outage_dsn, tmp_path)
+    del config["server"]  # `marid up` fills it in from --port
+    process = start("up", config)
+    await waiting(process, "up", config)
+    await start_database(outage_cluster)
+    await process.logged("marid is up")
+    api = next(line.split()[-1] for line in process.text().splitlines() if "API:" in line)
+
+    async def healthy() -> bool:
+        answer = await health({"server": {"url": api.removesuffix("/api")}})
+        return answer is not None and answer[0] == 200
+
+    await until("up to answer 200", healthy)
+    assert await process.terminate() == 0, process.text()
+    log = process.text()
+    assert log.count("waiting for the database") == 1, log
+    assert "Traceback" not in log
