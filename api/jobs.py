@@ -21,6 +21,7 @@ from marid.api.openapi import (
     INT,
     NOT_FOUND,
     OPTIONAL,
+    OUTPUT,
     STRING,
     TIME,
     URL,
@@ -211,7 +212,7 @@ SCHEMAS = {
             "name": STRING,
             "commands": STRING,
             "status": {"enum": list(builds.STATUSES)},
-            "output": nullable(STRING),
+            "output": OUTPUT,
             "created_at": TIME,
             "started_at": nullable(TIME),
             "finished_at": nullable(TIME),
@@ -238,7 +239,8 @@ OPERATIONS: Operations = {
         parameters=JOB,
     ),
     ("get", "/b/{username}/{number}/jobs/{name}/output"): op(
-        "A job's output: plain text, or live Server-Sent Events with Accept: text/event-stream",
+        "A job's whole output: plain text streamed from storage, or live Server-Sent Events"
+        " with Accept: text/event-stream",
         {
             "200": {
                 "description": "Output (text/plain) or an event stream",

@@ -31,6 +31,12 @@ STRING: Schema = {"type": "string"}
 INT: Schema = {"type": "integer"}
 BOOL: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time"}
+# A job's output as entities embed it: bounded, with the rest at the job's output endpoint.
+OUTPUT: Schema = {
+    "anyOf": [STRING, {"type": "null"}],
+    "description": "Masked output: up to 1 MiB per job whole, else a line naming"
+    " <job url>/output followed by the job's last 1 MiB (docs/api.md §7.1)",
+}
 URL: Schema = {"type": "string", "format": "uri"}
 
 SCHEMAS: dict[str, Schema] = {

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FLUSH_BYTES = 32 * 1024
 FLUSH_DELAY = 0.1  # seconds: how stale live output may get
+MAX_PENDING = 1024 * 1024  # characters buffered before a job's output waits for a flush
 RETRY_FIRST, RETRY_MAX = 0.1, 1.0  # seconds between tries of a write while the database is away
 
 
@@ -70,6 +71,8 @@ class DbReporter:
         self.lease = lease
         self.max_output = max_output  # builds.max_output: bytes kept of each job's output
         self.outputs: dict[int, output.Capped] = {}
+        self.buffered = 0  # characters in `pending`
+        self.flushing: asyncio.Future[None] | None = None
         self.pending: dict[int, list[str]] = {}
         self.flusher: asyncio.TimerHandle | None = None
         self.lock = asyncio.Lock()
@@ -94,10 +97,16 @@ class DbReporter:
         await self._write(lambda conn: lifecycle.job_started(conn, self.claim, _job_id(job)))
 
     async def job_output(self, job: JobSpec, text: str) -> None:
-        pending = self.pending.setdefault(_job_id(job), [])
-        pending.append(text)
-        if sum(len(t) for t in pending) >= FLUSH_BYTES:
+        """Buffer `text`: a flush starts in the background at FLUSH_BYTES, or after
+        FLUSH_DELAY; past MAX_PENDING the job's output waits for one (bounded memory)."""
+        self.pending.setdefault(_job_id(job), []).append(text)
+        self.buffered += len(text)
+        if self.buffered >= MAX_PENDING:
             await self.flush()
+        elif self.buffered >= FLUSH_BYTES:
+            if self.flushing is None or self.flushing.done():
+                self.flushing = asyncio.ensure_future(self.flush())
+                self.flushing.add_done_callback(_log_failure)
         elif self.flusher is None:
             loop = asyncio.get_running_loop()
             self.flusher = loop.call_later(FLUSH_DELAY, self._flush_later)
@@ -113,20 +122,28 @@ class DbReporter:
             if self.flusher is not None:
                 self.flusher.cancel()
                 self.flusher = None
-            pending, self.pending = self.pending, {}
+            pending, self.pending, self.buffered = self.pending, {}, 0
             for job_id, texts in pending.items():
                 capped = self.outputs.setdefault(job_id, output.Capped(self.max_output))
-                chunks, forget = capped.place("".join(texts))
-                for index, (offset, text) in enumerate(chunks):
-                    last = index == len(chunks) - 1
-                    await self._write(
-                        self._appending(job_id, offset, text, forget if last else None)
-                    )
+                placed, forget = capped.place("".join(texts))
+                chunks = _split(placed)
+                if chunks:
+                    await self._write(self._appending(job_id, chunks, forget))
 
     def _appending(
-        self, job_id: int, offset: int, text: str, forget: tuple[int, int] | None
+        self, job_id: int, chunks: list[tuple[int, str]], forget: tuple[int, int] | None
     ) -> Callable[[asyncpg.Connection], Awaitable[None]]:
-        return lambda conn: lifecycle.append_output(conn, self.claim, job_id, offset, text, forget)
+        """Every chunk in one transaction (one commit however much was buffered), then the
+        window's oldest chunks forgotten (output.Capped)."""
+
+        async def append(conn: asyncpg.Connection) -> None:
+            for index, (offset, text) in enumerate(chunks):
+                last = index == len(chunks) - 1
+                await lifecycle.append_output(
+                    conn, self.claim, job_id, offset, text, forget if last else None
+                )
+
+        return append
 
     async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
         await self.flush()
@@ -219,6 +236,17 @@ class DbReporter:
             await webhooks.emit_build(conn, self.claim.build_id, "build.finished", self.api_url)
 
         await self._write(finish)
+
+
+def _split(placed: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """`placed` chunks cut into stored chunks of at most FLUSH_BYTES: readers read a bounded
+    number of them at a time (marid/jobs.py)."""
+    chunks = []
+    for offset, text in placed:
+        for piece in output.chunks(text, FLUSH_BYTES):
+            chunks.append((offset, piece))
+            offset += output.byte_length(piece)
+    return chunks
 
 
 def _job_id(job: JobSpec) -> int:
