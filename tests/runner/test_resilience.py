@@ -164,15 +164,21 @@ async def until(what: str, condition: Callable[[], Awaitable[Any]]) -> Any:
     raise AssertionError(f"still waiting after {WAIT:g}s for {what}")
 
 
+# The build's output is its jobs' joined (docs/api.md §7.1); these jobs' fit in their rows.
+BUILD = """
+SELECT b.status, b.attempt, b.retry_reason,
+       (SELECT string_agg(coalesce(j.output, ''), '' ORDER BY s.position, j.position)
+        FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
+        WHERE j.build_id = b.id) AS output
+FROM builds b WHERE b.id = $1
+"""
+
+
 async def ended(dsn: str, build_id: int) -> asyncpg.Record:
     """The build's row once it has a final status."""
 
     async def final() -> Any:
-        row = await query(
-            dsn,
-            "SELECT status, attempt, output, retry_reason FROM builds WHERE id = $1",
-            build_id,
-        )
+        row = await query(dsn, BUILD, build_id)
         return row if row is not None and row["status"] in FINAL else None
 
     row: asyncpg.Record = await until(f"build {build_id} to end", final)
