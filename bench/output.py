@@ -184,6 +184,33 @@ async def serve_and_read(
             f" then the blob store {stored - live:4.1f} s"
         )
 
+    print(
+        f"marid serve, {args.clients} clients at once reading build 1 ({args.size} MB of output"
+        " in the blob store); RSS before and its peak increase, a fresh server for each:"
+    )
+    auth = {"Authorization": f"Bearer {token}"}
+    phases = [
+        ("raw output", "/b/bench/1/jobs/s.1/output", {}),
+        ("event stream", "/b/bench/1/jobs/s.1/output", {"Accept": "text/event-stream"}),
+        ("GET /b/…", "/b/bench/1", {}),
+        ("GET /b/…/jobs", "/b/bench/1/jobs", {}),
+    ]
+    for name, path, extra in phases:
+        with contextlib.ExitStack() as server_stack:
+            server, base = await start_server(directory, dsn, server_stack, auth)
+            baseline = rss(server.pid)
+            peak, took, body = await phase(server.pid, args.clients, base + path, {**auth, **extra})
+            server.check_alive(f"after {name}")
+        print(
+            f"  {name:14} {baseline / 2**20:4.0f} MiB, +{(peak - baseline) / 2**20:5.1f} MiB at"
+            f" peak; {body / 1e6:7.1f} MB per client, {took:5.1f} s"
+        )
+
+
+async def start_server(
+    directory: Path, dsn: str, stack: contextlib.ExitStack, auth: dict[str, str]
+) -> tuple[Process, str]:
+    """A `marid serve` process, answering and warmed up on the small build (build 2)."""
     port = free_port()
     config = write_marid_config(
         directory / "marid.yml",
@@ -192,11 +219,10 @@ async def serve_and_read(
         storage={"backend": "fs", "path": str(directory / "blobs")},
         logging={"level": "warning"},
     )
-    server = Process("marid serve", marid_argv("serve", config), directory / "serve.log")
+    server = Process("marid serve", marid_argv("serve", config), directory / f"serve-{port}.log")
     stack.callback(server.stop)
     server.start()
     base = f"http://127.0.0.1:{port}/api"
-    auth = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession() as session:
         for _ in range(int(READY_TIMEOUT / 0.1)):
             with contextlib.suppress(aiohttp.ClientError):
@@ -205,32 +231,13 @@ async def serve_and_read(
                         break
             server.check_alive("at start-up")
             await asyncio.sleep(0.1)
-        for _ in range(3):  # warm up every path once, on the small build
-            for path in (
-                "/b/bench/2",
-                "/b/bench/2/jobs",
-                "/b/bench/2/jobs/s.1/output?offset=60000000",
-            ):
+        warm = ("/b/bench/2", "/b/bench/2/jobs", "/b/bench/2/jobs/s.1/output?offset=66000000")
+        for _ in range(5):
+            for path in warm:
                 async with session.get(base + path, headers=auth) as resp:
+                    resp.raise_for_status()
                     await resp.read()
-    baseline = rss(server.pid)
-    print(
-        f"marid serve, {args.clients} clients at once reading build 1"
-        f" ({args.size} MB of output in the blob store); RSS before: {baseline / 2**20:.0f} MiB"
-    )
-    phases = [
-        ("raw output", "/b/bench/1/jobs/s.1/output", {}),
-        ("event stream", "/b/bench/1/jobs/s.1/output", {"Accept": "text/event-stream"}),
-        ("GET /b/…", "/b/bench/1", {}),
-        ("GET /b/…/jobs", "/b/bench/1/jobs", {}),
-    ]
-    for name, path, extra in phases:
-        peak, took, body = await phase(server.pid, args.clients, base + path, {**auth, **extra})
-        print(
-            f"  {name:14} RSS +{(peak - baseline) / 2**20:5.1f} MiB at peak;"
-            f" {body / 1e6:7.1f} MB per client, {took:5.1f} s"
-        )
-        server.check_alive(f"after {name}")
+    return server, base
 
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from marid import lifecycle, manifest, output
-from marid.blobs import BlobStore, open_store
+from marid.blobs import BlobNotFound, BlobStore, new_key, open_store
 from marid.config import Config
 from marid.lifecycle import Claim
 from marid.reaper import Reaper
@@ -223,3 +223,15 @@ async def test_a_requeued_build_hands_back_its_output_blobs(
         recovered = await lifecycle.recover_expired(conn, 3)
     assert key in recovered.stale_blobs
     assert await pool.fetchval("SELECT count(output_blob_key) FROM build_jobs") == 0
+
+
+async def test_both_stores_read_from_an_offset(blob_store: BlobStore):
+    data = bytes(range(256)) * 5000  # 1.28 MB: several chunks
+    blob = await blob_store.put_bytes(data)
+    rest = b"".join([chunk async for chunk in await blob_store.open_at(blob.key, 1000)])
+    assert rest == data[1000:]
+    end = b"".join([chunk async for chunk in await blob_store.open_at(blob.key, len(data))])
+    assert end == b""
+    assert await blob_store.read_range(blob.key, 300_000, 70_000) == data[300_000:370_000]
+    with pytest.raises(BlobNotFound):
+        await blob_store.open_at(new_key(), 0)
