@@ -5,13 +5,19 @@ own writer."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
+import yaml
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
@@ -20,7 +26,7 @@ from marid import db, lifecycle, manifest, scopes, tokens, users
 from marid.api.app import create_app
 from marid.blobs import open_store
 from marid.config import Config
-from marid.pgcluster import Cluster
+from marid.pgcluster import Cluster, free_port
 from marid.runner.execute import JobSpec
 from marid.runner.reporter import DbReporter, Lease
 from marid.submit import Submission, submit
@@ -165,3 +171,89 @@ async def test_migration_0014_moves_large_old_outputs_out_of_their_rows(
         assert big.endswith(tail) and 1024**2 - 3 <= len(tail.encode()) <= 1024**2
     finally:
         await pool.close()
+
+
+def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`marid serve` in a child process, its output in `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "marid", "--config", str(config), "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def rss(pid: int) -> int:
+    """Resident memory of the process `pid`, in bytes (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_server_reading_a_large_output_four_times_at_once_stays_small(
+    pool: asyncpg.Pool, config: Config, token: MakeToken, alice: User, tmp_path: Path
+):
+    """Memory, bounded generously (the bench measures it: bench/README.md): 4 readers of a
+    40 MB output, raw and embedded, would have cost the old server over 300 MB."""
+    async with pool.acquire() as conn, conn.transaction():
+        await submit(conn, Submission(alice, alice, None, manifest.parse(MANIFEST)))
+    async with pool.acquire() as conn:
+        claim = await lifecycle.claim(conn, "runner-1", ["os"], 30.0)
+    assert claim is not None
+    blobs = open_store(config.storage)
+    reporter = DbReporter(pool, blobs, claim, "https://ci.example.com/api", Lease(30.0))
+    piece = "".join(f"{n:09d} {'.' * 89}\n" for n in range(640))  # 64,000 bytes
+    for spec in [
+        JobSpec(r["name"], "", id=r["id"]) for r in await pool.fetch("SELECT * FROM build_jobs")
+    ]:
+        await reporter.job_started(spec)
+        if spec.name == "s.1":
+            for _ in range(625):  # 40 MB
+                await reporter.job_output(spec, piece)
+        await reporter.job_finished(spec, "passed", ran=True)
+    await reporter.build_finished("passed")
+    await blobs.close()
+
+    port = free_port()
+    settings = {
+        "server": {"url": f"http://127.0.0.1:{port}", "listen": f"127.0.0.1:{port}"},
+        "database": {"dsn": config.database.dsn, "pool_size": 8},
+        "crypto": {"key": config.crypto.key},
+        "storage": {"backend": "fs", "path": config.storage.path},
+        "rate_limit": {"enabled": False},
+        "logging": {"level": "warning"},
+    }
+    (tmp_path / "marid.yml").write_text(yaml.safe_dump(settings))
+    log = tmp_path / "serve.log"
+    server = serve(tmp_path / "marid.yml", log)
+    try:
+        base, auth = f"http://127.0.0.1:{port}/api", bearer(await token("build:read"))
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(60):
+                while True:
+                    assert server.poll() is None, log.read_text()
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with session.get(f"{base}/b/alice/1", headers=auth) as resp:
+                            if resp.status == 200:
+                                break
+                    await asyncio.sleep(0.1)
+            before = peak = rss(server.pid)
+
+            async def read(path: str) -> int:
+                nonlocal peak
+                size = 0
+                async with session.get(base + path, headers=auth) as resp:
+                    assert resp.status == 200
+                    async for chunk in resp.content.iter_chunked(256 * 1024):
+                        size += len(chunk)
+                        peak = max(peak, rss(server.pid))
+                return size
+
+            paths = ["/b/alice/1/jobs/s.1/output", "/b/alice/1/jobs"] * 4
+            sizes = await asyncio.gather(*(read(path) for path in paths))
+        assert sizes[0] == 40_000_000 and sizes[1] < 4_000_000
+        assert peak - before < 100 * 1024**2, (before, peak)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
