@@ -93,13 +93,18 @@ def start_offset(request: web.Request) -> int:
 
 
 async def output_from(
-    conn: asyncpg.Connection, blobs: BlobStore, job: Job, offset: int
+    conn: asyncpg.Connection | None,
+    blobs: BlobStore,
+    job: Job,
+    offset: int,
+    end: int | None = None,
 ) -> tuple[list[tuple[int, str]], bool]:
-    """About jobs.READ_BYTES of output from byte `offset`, wherever it is stored, as
-    (offset, text) pieces of at most 64 KiB; and whether more may follow at once."""
+    """About jobs.READ_BYTES of output from byte `offset` (to `end`), wherever it is stored, as
+    (offset, text) pieces of at most 64 KiB; and whether more may follow at once. `conn` is
+    needed only for output stored as chunks."""
     found: list[tuple[int, str]] = []
     size = 0
-    pieces = jobs.read(conn, blobs, job, offset)
+    pieces = jobs.read(conn, blobs, job, offset, end)
     try:
         async for start, text in pieces:
             for piece in output.chunks(text):
@@ -119,15 +124,23 @@ async def show_output(request: web.Request, caller: Caller) -> web.StreamRespons
     pool = request.config_dict[POOL]
     async with pool.acquire() as conn:
         job, _, _ = await load_job(conn, request, caller, excerpt=False)
-        total = jobs.length(job, 0 if job.stored.ended else await jobs.live_total(conn, job))
+        written = await jobs.live_total(conn, job) if _in_chunks(job) else 0
     if "text/event-stream" in request.headers.get("Accept", ""):
         return await stream(request, job, start_offset(request))
-    return await plain(request, job, start_offset(request), total)
+    return await plain(request, job, start_offset(request), jobs.length(job, written), written)
 
 
-async def plain(request: web.Request, job: Job, offset: int, total: int) -> web.StreamResponse:
-    """The output from `offset` to `total` as text, streamed from storage in bounded pieces,
-    with its Content-Length when the job has ended (a running one's may have gaps)."""
+def _in_chunks(job: Job) -> bool:
+    """Whether the job's output is (live or stored) chunks: not in its row, nor a blob."""
+    return job.stored.text is None and job.stored.blob_key is None
+
+
+async def plain(
+    request: web.Request, job: Job, offset: int, total: int, written: int
+) -> web.StreamResponse:
+    """The output from `offset` to `total` as text, streamed from storage a batch at a time
+    (a database connection is held only while a batch of chunks is read), with its
+    Content-Length when the job has ended and its output has no gap (docs/api.md §19)."""
     pool, blobs = request.config_dict[POOL], request.config_dict[BLOBS]
     response = web.StreamResponse(
         headers={
@@ -138,19 +151,24 @@ async def plain(request: web.Request, job: Job, offset: int, total: int) -> web.
             "X-Request-Id": REQUEST_ID.get(),
         }
     )
-    async with pool.acquire() as conn:
-        pieces = jobs.read(conn, blobs, job, offset, total)
-        try:
-            first = await anext(pieces, None)
-            if job.stored.ended:
-                response.content_length = total - first[0] if first else 0
+    ended = job.stored.ended
+    whole = ended and (not _in_chunks(job) or written == total)  # no bytes dropped between
+    end = None if ended else total
+    while True:
+        if _in_chunks(job):
+            async with pool.acquire() as conn:
+                chunks, more = await output_from(conn, blobs, job, offset, end)
+        else:
+            chunks, more = await output_from(None, blobs, job, offset, end)
+        if not response.prepared:
+            if whole:
+                response.content_length = total - chunks[0][0] if chunks else 0
             await response.prepare(request)
-            if first is not None:
-                await response.write(first[1].encode())
-            async for _, text in pieces:
-                await response.write(text.encode())
-        finally:
-            await pieces.aclose()  # type: ignore[attr-defined]
+        if chunks:
+            await response.write("".join(text for _, text in chunks).encode())
+            offset = chunks[-1][0] + output.byte_length(chunks[-1][1])
+        if not more:
+            break
     await response.write_eof()
     return response
 
