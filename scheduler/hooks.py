@@ -222,19 +222,17 @@ async def _serve(
                     else:
                         async with pool.acquire() as conn:
                             due = await webhooks.claim_due(conn, clock(), free, LEASE)
+                        outage.worked()
                         for delivery in due:
                             sending = deliver(pool, client, cipher, settings, delivery, clock)
                             task = asyncio.create_task(sending)
                             flying.add(task)
                             task.add_done_callback(finished)
                         if due and len(due) == free:
-                            outage.worked()
                             continue  # more may be due: claim again as slots free up
                         wait = await _until_next(pool, clock())
                 except db.OUTAGE as exc:
                     wait = outage.failed(exc)
-                else:
-                    outage.worked()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_either(wake, stop), wait)
                 if listening.done():
