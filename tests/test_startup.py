@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -293,3 +294,20 @@ async def test_up_with_a_database_that_is_not_up_yet_waits_then_migrates_and_ser
     log = process.text()
     assert log.count("waiting for the database") == 1, log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("command", ["scheduler", "runner", "serve"])
+async def test_a_database_that_refuses_the_login_is_not_waited_for_it_exits_3(
+    command: str,
+    outage_dsn: str,
+    tmp_path: Path,
+    start: Callable[[str, dict[str, Any]], Process],
+):
+    wrong = re.sub(r"(//[^:/]+:)[^@]*@", r"\1not-the-password@", outage_dsn)
+    assert wrong != outage_dsn
+    config = serving(wrong, tmp_path)
+    process = start(command, config)
+    status = await asyncio.to_thread(process.proc.wait, WAIT)
+    assert status == 3, process.text()
+    assert "marid: database error: password authentication failed" in process.text()
+    assert "waiting for the database" not in process.text()
