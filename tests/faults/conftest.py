@@ -236,9 +236,13 @@ class Installation:
 
     # --- the engine ------------------------------------------------------------------------
 
-    def containers(self, **labels: object) -> list[Any]:
-        """The installation's containers that carry `labels` (`build=…`, `job=…`)."""
-        return list(self.engine.containers.list(all=True, filters=self._label(**labels)))
+    def containers(self, status: str = "", **labels: object) -> list[Any]:
+        """The installation's containers that carry `labels` (`build=…`, `job=…`), in any
+        state or in `status` (`running`)."""
+        filters = self._label(**labels)
+        if status:
+            filters["status"] = [status]
+        return list(self.engine.containers.list(all=True, filters=filters))
 
     def engine_leftovers(self) -> list[str]:
         containers = self.engine.containers.list(all=True, filters=self._label())

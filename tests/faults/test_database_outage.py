@@ -256,3 +256,44 @@ def _check_answers(client: Client, stopped: float, outage_end: float) -> None:
     assert during, f"{what}: no request was answered during the outage"
     assert set(during) == {503}, f"{what} during the outage: {during}"
     assert statuses[-1] == 200, f"{what}: {statuses}"
+
+
+async def test_an_outage_longer_than_the_lease_stops_the_job_before_it_runs_again(
+    outage_cluster: Cluster, outage_dsn: str, start_marid: Starter
+):
+    """The runner cannot renew its 6 s lease while PostgreSQL is away for 10 s: it stops the
+    job itself before the lease runs out, so the attempt that follows never overlaps it, and
+    the new attempt says why (docs/manifest.md §6.13, "Leases")."""
+    marid = await start_marid(outage_dsn, runner={"lease": "6s"})
+    build = await marid.submit(TICKING.replace("namespace: ops\n", ""))
+    await marid.until_output(build, "s.1", "tick 2\n")
+    assert await asyncio.to_thread(marid.containers, build=build["id"], status="running")
+
+    await stop_database(outage_cluster)
+    await asyncio.sleep(OUTAGE)
+    running = await asyncio.to_thread(marid.containers, build=build["id"], status="running")
+    await start_database(outage_cluster)
+    assert running == [], "the job still ran when its lease ran out"
+
+    async def second_attempt() -> Any:
+        marid.assert_running()
+        found = await asyncio.to_thread(marid.containers, build=build["id"], job="s.1")
+        return next((c for c in found if c.labels.get("marid.attempt") == "2"), None)
+
+    container = await until("the build's second attempt to run its job", second_attempt)
+    await marid.until_output(build, "s.1", "tick 1\n")
+    result = await asyncio.to_thread(container.exec_run, ["touch", "/w/gate"])
+    assert result.exit_code == 0, result.output
+
+    done = await marid.finished(build)
+    assert done["status"] == "passed", done["output"]
+    assert done["attempts"] == 2
+    # The lease ran out during the outage, or the runner handed the attempt back after it.
+    assert done["output"].startswith("marid: attempt 2 (attempt 1: runner lost its lease"), done[
+        "output"
+    ]
+    ticked = await marid.job_output(build, "s.1")
+    numbers = ticks(ticked)
+    assert numbers == list(range(1, len(numbers) + 1)), ticked  # the second run, once
+    assert ticked == "+ set +x\nstart\n" + "".join(f"tick {n}\n" for n in numbers) + "end\n"
+    marid.assert_running()

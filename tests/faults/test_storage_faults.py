@@ -35,6 +35,7 @@ FAULT = 80.0  # seconds the blob store fails writes (the issue's scenario)
 LEASE = 5.0  # seconds: runner.lease
 BOUND = 300.0  # seconds from submission by which each scenario's build has ended
 CONTENT = "artifact content"
+EPERM = "[Errno 1] Operation not permitted"  # what an immutable directory answers
 MANIFEST = f"""\
 driver: {{type: docker, image: 'marid-test/busybox:latest', workspace: /w}}
 stages: [s]
@@ -82,6 +83,11 @@ async def ends_passed(marid: Installation) -> None:
     done = await marid.finished(build, BOUND - FAULT)
     assert done["status"] == "passed", done["output"]
     assert 1 < done["attempts"] <= 4, done["attempts"]
+    attempt, previous = done["attempts"], done["attempts"] - 1
+    assert done["output"].startswith(  # why the previous attempt ended (docs/manifest.md §6.13)
+        f"marid: attempt {attempt} (attempt {previous}: storing artifact out.txt: {EPERM})\n"
+    ), done["output"]
+    assert "orphaned" in done["tags"], done["tags"]
     output = await marid.job_output(build, "s.1")
     assert output == "+ set +x\nmade\nCollecting artifact out.txt => out.txt\n", output
     path = f"/b/alice/{build['number']}/artifacts/out.txt"
@@ -106,8 +112,11 @@ async def ends_failed(marid: Installation) -> None:
         immutable(marid, False)
     assert done["status"] == "failed", done["output"]
     assert done["attempts"] == 3, done["attempts"]  # runner.max_attempts
-    last = done["output"].rstrip("\n").splitlines()[-1]
-    assert "Operation not permitted" in last, done["output"]  # the reason, last
+    # The reason, last (docs/manifest.md §6.13, "The last attempt").
+    assert done["output"].endswith(
+        "Collecting artifact out.txt => out.txt\n"
+        f"marid: attempt 3 of 3 failed: storing artifact out.txt: {EPERM}; giving up\n"
+    ), done["output"]
     assert during == ["failed"], during
 
     after = await watch(marid, build, time.monotonic() + 2 * LEASE + 5)  # the store works now
