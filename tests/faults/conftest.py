@@ -166,9 +166,13 @@ class Installation:
         self._signal(name, signal.SIGTERM, bound)
 
     def _signal(self, name: str, sig: signal.Signals, bound: float) -> None:
+        if self.processes[name].poll() is None:
+            self.processes[name].send_signal(sig)
+        self._wait(name, bound)
+
+    def _wait(self, name: str, bound: float) -> None:
+        """Wait for the process to end; kill -9 after `bound` seconds. Records its status."""
         process = self.processes[name]
-        if process.poll() is None:
-            process.send_signal(sig)
         try:
             process.wait(timeout=bound)
         except subprocess.TimeoutExpired:
@@ -209,8 +213,8 @@ class Installation:
         for name in running:
             self.processes[name].send_signal(signal.SIGTERM)
         deadline = time.monotonic() + bound
-        for name in running:
-            self._signal(name, signal.SIGTERM, max(0.1, deadline - time.monotonic()))
+        for name in running:  # one SIGTERM each: a second may land after the handler is gone
+            self._wait(name, max(0.1, deadline - time.monotonic()))
 
     def remove_engine_leftovers(self) -> None:
         for container in self.engine.containers.list(all=True, filters=self._label()):

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 from marid.pgcluster import Cluster
-from tests.faults.conftest import Installation, Starter, until
+from tests.faults.conftest import WAIT, Installation, Starter, until
 from tests.fixtures.outage import start_database, stop_database
 
 pytestmark = pytest.mark.docker
@@ -197,6 +197,8 @@ async def test_a_10s_database_outage_under_load(
     assert ticked == "+ set +x\nstart\n" + "".join(f"tick {n}\n" for n in numbers) + "end\n"
     assert await marid.job_output(after, "s.1") == "+ set +x\nafter the outage\n"
     marid.assert_running()  # no process exited, none was restarted
+    await asyncio.to_thread(marid.stop_all, WAIT)  # SIGTERM: each stops cleanly
+    assert marid.exits == {name: [0] for name in marid.processes}, marid.exits
 
 
 async def _all_answered(clients: list[Client]) -> bool:
@@ -296,4 +298,34 @@ async def test_an_outage_longer_than_the_lease_stops_the_job_before_it_runs_agai
     numbers = ticks(ticked)
     assert numbers == list(range(1, len(numbers) + 1)), ticked  # the second run, once
     assert ticked == "+ set +x\nstart\n" + "".join(f"tick {n}\n" for n in numbers) + "end\n"
+    marid.assert_running()
+
+
+async def test_a_kill_requested_after_an_outage_reaches_the_running_job(
+    outage_cluster: Cluster, outage_dsn: str, start_marid: Starter
+):
+    """The runner's LISTEN connection died with PostgreSQL; a DELETE made as soon as it is
+    back still stops the job, by NOTIFY once the listener reconnects or at the next renewal
+    (docs/manifest.md §6.10, §6.13)."""
+    marid = await start_marid(outage_dsn)
+    build = await marid.submit(WAITING.replace("namespace: ops\n", ""))
+    await marid.until_output(build, "s.1", "start\n")
+
+    await stop_database(outage_cluster)
+    await asyncio.sleep(OUTAGE)
+    await start_database(outage_cluster)
+
+    async def deleted() -> bool:
+        marid.assert_running()
+        with contextlib.suppress(aiohttp.ClientError):
+            status, body = await marid.request("DELETE", f"/b/alice/{build['number']}")
+            assert status in (204, 503), (status, body)
+            return status == 204
+        return False
+
+    await until("the API to accept the kill", deleted)
+    done = await marid.finished(build)
+    assert done["status"] == "killed", done["output"]
+    assert done["attempts"] == 1
+    assert await marid.job_output(build, "s.1") == "+ set +x\nstart\nkilled on request\n"
     marid.assert_running()
