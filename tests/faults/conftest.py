@@ -201,7 +201,9 @@ class Installation:
         await asyncio.to_thread(self.remove_files)
 
     def remove_files(self) -> None:
-        """The blob store and the temporary directory, whatever a test left immutable."""
+        """The blob store and the temporary directory, whatever a test left immutable or
+        mounted there."""
+        subprocess.run(["umount", str(self.blobs)], capture_output=True, check=False)
         for directory in (self.blobs, self.temp):
             subprocess.run(["chattr", "-R", "-i", str(directory)], capture_output=True, check=False)
             shutil.rmtree(directory, ignore_errors=True)

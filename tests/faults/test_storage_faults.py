@@ -3,13 +3,14 @@ Acceptance 2): the build is retried as new attempts, and ends `passed` when the 
 before its last attempt, or `failed` after `runner.max_attempts` with the reason as the last
 line of its output; it is never `running` again after that.
 
-The fault: the fs store's directory made immutable (`chattr -R +i`: EPERM for every new file
-or shard), undone after 80 s, and in any case when the scenario ends. A retry waits
-`runner.retry_delay`, doubled at each attempt, so with the settings below:
+The faults, each undone after 80 s and in any case when the scenario ends:
 
-- passed: attempts start at about 0, 17, 49 and 111 s; the first three fail inside the fault,
-  the fourth and last comes after it;
-- failed: attempts start at about 0, 4 and 10 s, all inside the fault.
+- passed: the fs store's directory made immutable (`chattr -R +i`: EPERM for every new file
+  or shard). A retry waits `runner.retry_delay`, doubled at each attempt, so attempts start
+  at about 0, 17, 49 and 111 s: the first three fail inside the fault, the fourth and last
+  comes after it;
+- failed: the store's directory on a tiny tmpfs that is full (ENOSPC); attempts start at
+  about 0, 4 and 10 s, all inside the fault.
 
 Each scenario runs on an installation of its own and takes 80 s or more, so both start in the
 background when the package's first test starts (conftest.py `storage_faults`); these tests
@@ -19,6 +20,7 @@ only wait for them and report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +38,7 @@ LEASE = 5.0  # seconds: runner.lease
 BOUND = 300.0  # seconds from submission by which each scenario's build has ended
 CONTENT = "artifact content"
 EPERM = "[Errno 1] Operation not permitted"  # what an immutable directory answers
+ENOSPC = "[Errno 28] No space left on device"  # what a full file system answers
 MANIFEST = f"""\
 driver: {{type: docker, image: 'marid-test/busybox:latest', workspace: /w}}
 stages: [s]
@@ -55,6 +58,19 @@ class Scenario:
 def immutable(marid: Installation, on: bool) -> None:
     flag = "+i" if on else "-i"
     subprocess.run(["chattr", "-R", flag, str(marid.blobs)], check=True, capture_output=True)
+
+
+def full(marid: Installation, on: bool) -> None:
+    """Mount a 64 KiB tmpfs over the store's (empty) directory and fill it, or unmount it."""
+    if on:
+        where = str(marid.blobs)
+        command = ["mount", "-t", "tmpfs", "-o", "size=64k", "marid-full", where]
+        subprocess.run(command, check=True, capture_output=True)
+        with contextlib.suppress(OSError), (marid.blobs / "filler").open("wb") as filler:
+            filler.write(b"x" * 128 * 1024)  # ENOSPC once 64 KiB are written
+            filler.flush()
+    else:
+        subprocess.run(["umount", str(marid.blobs)], check=True, capture_output=True)
 
 
 async def watch(marid: Installation, build: dict[str, Any], until: float) -> list[str]:
@@ -102,20 +118,20 @@ async def ends_passed(marid: Installation) -> None:
 
 async def ends_failed(marid: Installation) -> None:
     await marid.start_all()
-    immutable(marid, True)
+    full(marid, True)
     try:
         build = await marid.submit(MANIFEST)
         fault_ends = time.monotonic() + FAULT
         done = await marid.finished(build, FAULT - 10)
         during = await watch(marid, build, fault_ends)  # the rest of the fault
     finally:
-        immutable(marid, False)
+        full(marid, False)
     assert done["status"] == "failed", done["output"]
     assert done["attempts"] == 3, done["attempts"]  # runner.max_attempts
     # The reason, last (docs/manifest.md §6.13, "The last attempt").
     assert done["output"].endswith(
         "Collecting artifact out.txt => out.txt\n"
-        f"marid: attempt 3 of 3 failed: storing artifact out.txt: {EPERM}; giving up\n"
+        f"marid: attempt 3 of 3 failed: storing artifact out.txt: {ENOSPC}; giving up\n"
     ), done["output"]
     assert during == ["failed"], during
 
