@@ -175,7 +175,9 @@ class Worker:
         retry (or failed for good) when anything outside the user's commands went wrong."""
         log.info("build %d: attempt %d started", claim.build_id, claim.attempt)
         lease = Lease(self.config.runner.lease)  # claimed just now
-        reporter = DbReporter(self.pool, self.blobs, claim, self.api_url, lease)
+        reporter = DbReporter(
+            self.pool, self.blobs, claim, self.api_url, lease, self.config.builds.max_output
+        )
         try:
             try:
                 spec, driver = await self._load(claim)

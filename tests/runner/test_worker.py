@@ -340,3 +340,43 @@ async def test_a_finished_job_keeps_its_output_in_its_row_only(
     assert resp.headers["X-Marid-Output-Length"] == str(len(text.encode()))
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM build_job_output") == 0
+
+
+async def test_the_runner_keeps_builds_max_output_of_a_job(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    os_config: Config,
+    pool: asyncpg.Pool,
+    token: MakeToken,
+):
+    """builds.max_output reaches the runner's writer (docs/configuration.md): 2 MB printed,
+    64 KiB kept, the dropped middle said."""
+    capped = dataclasses.replace(
+        os_config, builds=dataclasses.replace(os_config.builds, max_output=64 * 1024)
+    )
+    client = await aiohttp_client(create_app(capped, pool))
+    blobs = open_store(capped.storage)
+    stop = asyncio.Event()
+    running = asyncio.create_task(Worker(capped, pool, blobs).run(stop))
+    try:
+        value = await token(SCOPE)
+        noisy = (
+            "driver:\n  type: os\nstages:\n- make\njobs:\n- stage: make\n  name: noisy\n"
+            "  commands:\n  - yes 0123456789 | head -c 2000000\n"
+        )
+        build = await submit(client, value, noisy)
+        done = await wait_for(client, value, build["url"], finished)
+        assert done["status"] == "passed"
+
+        jobs = build["url"].removeprefix("https://ci.example.com") + "/jobs"
+        listed = await (await client.get(jobs, headers=bearer(value))).json()
+        [job] = [job for job in listed if job["name"] != "create-driver"]
+        resp = await client.get(f"{jobs}/{job['name']}/output", headers=bearer(value))
+        kept = await resp.text()
+        assert resp.status == 200, kept
+        assert "\n0123456789\n0123456789\n" in kept[:100]  # the head, after the traced commands
+        assert "of output dropped here; the job printed 1.9 MiB]" in kept
+        assert len(kept.encode()) <= 64 * 1024 + 200  # the cap, and the line saying so
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        await blobs.close()
