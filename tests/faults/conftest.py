@@ -419,6 +419,9 @@ async def storage_faults(
     tmp_path_factory: pytest.TempPathFactory,
     docker_engine: docker.DockerClient,
 ) -> AsyncIterator[StorageFaults]:
+    """The storage fault scenarios of the selected tests of test_storage_faults.py, running
+    in the background from the package's first test on; each on a database of its own on
+    the session's cluster, which no test stops."""
     faults = StorageFaults()
     module = "tests.faults.test_storage_faults"
     wanted = {
@@ -426,7 +429,8 @@ async def storage_faults(
         for item in request.session.items
         if getattr(getattr(item, "module", None), "__name__", "") == module
     }
-    scenarios = importlib.import_module(module).SCENARIOS if wanted else {}
+    # The faults need root (chattr, mount); without it the tests skip (test_storage_faults.py).
+    scenarios = importlib.import_module(module).SCENARIOS if wanted and os.geteuid() == 0 else {}
     databases: list[str] = []
     for name in sorted(wanted & set(scenarios)):
         database = f"faults_storage_{os.getpid()}_{next(_numbers)}"
