@@ -277,12 +277,14 @@ async def append_output(
 ) -> None:
     """Store a chunk of the job's live output at UTF-8 byte `offset` and wake its live readers
     (docs/api.md §19) when the caller commits; the chunks starting in the byte range `forget`
-    go (output over builds.max_output, docs/architecture.md §6.1). Fenced."""
+    go (output over builds.max_output, docs/architecture.md §6.1). A chunk already at `offset`
+    is this one, written again after a commit whose acknowledgement was lost: kept. Fenced."""
     await _fence(conn, claim)
     await conn.execute(
         """
         INSERT INTO build_job_output (job_id, attempt, byte_offset, text)
         VALUES ($1, $2, $3, $4)
+        ON CONFLICT DO NOTHING
         """,
         job_id,
         claim.attempt,
@@ -314,7 +316,8 @@ async def job_finished(
     §6.1): `final`, as its runner stored it (blob store, or text for the row), or else its
     live chunks, joined into the row when they hold at most output.ROW_LIMIT bytes and left
     as they are otherwise. One that never started keeps no times and no output
-    (docs/manifest.md §6.1). Readers wake on commit. Fenced."""
+    (docs/manifest.md §6.1). A job that has ended already (the write repeated after a commit
+    whose acknowledgement was lost) stays as it ended. Readers wake on commit. Fenced."""
     await _fence(conn, claim)
     size = await conn.fetchval(
         """
@@ -340,7 +343,7 @@ async def job_finished(
             output_printed = CASE WHEN $4 THEN $9::bigint END,
             output_head = CASE WHEN $4 THEN $10::bigint END,
             output_tail = CASE WHEN $4 THEN $11::bigint END
-        WHERE j.build_id = $1 AND j.id = $2
+        WHERE j.build_id = $1 AND j.id = $2 AND j.finished_at IS NULL
         """,
         claim.build_id,
         job_id,

@@ -342,3 +342,27 @@ async def test_a_failed_attempt_of_a_build_asked_to_die_ends_it_killed(
             over = await lifecycle.attempt_failed(conn, claim, "engine away", 3, 0.0)
         assert not over.retried
         assert await conn.fetchval("SELECT status FROM builds WHERE id = $1", build_id) == "killed"
+
+
+async def test_writes_repeated_after_a_lost_acknowledgement_change_nothing(
+    pool: asyncpg.Pool, alice: User
+):
+    """The runner writes again when a commit's answer was lost (runner/reporter.py `_write`):
+    the chunk already stored and the job already ended stay as they are."""
+    build_id = await _submit(pool, alice)
+    claim = await _claim(pool)
+    setup = await _job(pool, build_id, "create-driver")
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await lifecycle.job_started(conn, claim, setup)
+        for _ in range(2):
+            async with conn.transaction():
+                await lifecycle.append_output(conn, claim, setup, 0, "made\n")
+        for _ in range(2):
+            async with conn.transaction():
+                await lifecycle.job_finished(conn, claim, setup, "passed", True)
+        state = await _state(conn, build_id)
+    assert [row[:3] for row in state["jobs"]] == [
+        ("create-driver", "passed", "made\n"),
+        ("s.1", "queued", None),
+    ]
