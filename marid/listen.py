@@ -22,6 +22,9 @@ FIRST_RETRY = 0.5  # seconds before the first reconnection attempt, doubled afte
 MAX_RETRY = 30.0
 CONNECT_TIMEOUT = 10.0
 HEARTBEAT = 30.0  # seconds between checks that the idle connection still answers
+# While the connection is down its owner looks at the table this often instead of waiting for a
+# NOTIFY (deaf_wait): nothing is missed for longer than this, however long the backoff.
+DEAF_POLL = 1.0
 # What losing the database looks like: refused or reset sockets, timeouts, "the database system
 # is starting up", "terminating connection due to administrator command", a closed connection.
 LOST = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -60,6 +63,7 @@ class Listener:
         self.max_retry = max_retry
         self.failures = 0  # connections lost or refused since the last one that worked
         self.pid: int | None = None  # the listening backend's process id while connected
+        self._retry_now = asyncio.Event()
 
     async def run(self) -> None:
         """Listen, reconnecting whenever the connection is lost; returns only by cancellation."""
@@ -77,8 +81,23 @@ class Listener:
                     )
                     delay = self.first_retry
                 self.failures += 1
-            await asyncio.sleep(delay)
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), delay)
             delay = min(delay * 2, self.max_retry)
+
+    @property
+    def listening(self) -> bool:
+        return self.pid is not None
+
+    def deaf_wait(self, wait: float) -> float:
+        """How long the owner may wait for a notification: `wait` while listening; while not,
+        at most DEAF_POLL, and the next reconnection is tried at once — the owner calls this
+        after a round that reached the database, so it is back."""
+        if self.listening:
+            return wait
+        self._retry_now.set()
+        return min(wait, DEAF_POLL)
 
     async def _listen(self) -> None:
         """Connect and LISTEN, then watch the connection; raises once it is lost."""

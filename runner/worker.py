@@ -89,7 +89,7 @@ class Worker:
         drivers, parallelism = ",".join(self.drivers), self.config.runner.parallelism
         log.info("runner %s: drivers %s, parallelism %d", self.name, drivers, parallelism)
         try:
-            await self._loop(stop)
+            await self._loop(stop, listener)
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -99,7 +99,7 @@ class Worker:
             if self.docker is not None:
                 self.docker.close()
 
-    async def _loop(self, stop: asyncio.Event) -> None:
+    async def _loop(self, stop: asyncio.Event, listener: Listener) -> None:
         """Recover, claim, sleep until woken, a retry is due or POLL passes; a failing round
         (database, engine or blob store away) is retried with capped backoff, logged once."""
         failures = 0
@@ -123,6 +123,7 @@ class Worker:
                 if failures:
                     log.info("runner %s: working again after %d failed rounds", self.name, failures)
                 failures = 0
+                wait = listener.deaf_wait(wait)  # a NOTIFY missed must not cost a whole POLL
             waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, stop)]
             await asyncio.wait(waiters, timeout=wait, return_when="FIRST_COMPLETED")
             for waiter in waiters:

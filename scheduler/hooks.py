@@ -230,7 +230,7 @@ async def _serve(
                             task.add_done_callback(finished)
                         if due and len(due) == free:
                             continue  # more may be due: claim again as slots free up
-                        wait = await _until_next(pool, clock())
+                        wait = listener.deaf_wait(await _until_next(pool, clock()))
                 except db.OUTAGE as exc:
                     wait = outage.failed(exc)
                 with contextlib.suppress(TimeoutError):

@@ -272,6 +272,8 @@ async def _serve(
                 deadline = min(deadline, retry)
             else:
                 outage.worked()
+                deaf = listener.deaf_wait(config.cron.interval)  # no NOTIFY missed for long
+                deadline = min(deadline, alarm.clock() + timedelta(seconds=deaf))
             await alarm.sleep(deadline, stop)
             if listening.done():
                 listening.result()  # a bug, not an outage: fail loudly
