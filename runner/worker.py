@@ -346,7 +346,7 @@ class Worker:
             artifact_max_size=self.config.artifacts.max_size,
             notice=notice,
         )
-        return spec, self._driver(build)
+        return spec, await self._driver(build)
 
     def _environment(self, build: ClaimedBuild) -> tuple[dict[str, str], list[str]]:
         """The build's environment and the plaintexts of its masked values."""
@@ -362,7 +362,7 @@ class Worker:
             env[var.key] = value
         return env, secrets
 
-    def _driver(self, build: ClaimedBuild) -> Driver:
+    async def _driver(self, build: ClaimedBuild) -> Driver:
         """The driver of the settings stored at submission (docs/manifest.md §9)."""
         resources = build.resources
         limits = Limits(resources.memory, resources.cpus, resources.pids)
@@ -371,7 +371,8 @@ class Worker:
         from marid.runner.drivers import docker
 
         if self.docker is None:  # one client per runner: connecting costs a round trip
-            self.docker = docker.docker_client(self.config.docker.host)
+            # ... off the event loop: an engine that hangs must not stop the lease renewals.
+            self.docker = await asyncio.to_thread(docker.docker_client, self.config.docker.host)
         return docker.DockerDriver(
             client=self.docker,
             build_id=build.claim.build_id,

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +78,14 @@ class Runner:
 
     def __init__(self, dsn: str, tmp_path: Path, runner: dict[str, Any]) -> None:
         drivers = runner.pop("drivers", ["os"])
+        engine = runner.pop("docker_host", "unix:///var/run/docker.sock")
         self.config = config_module.from_dict(
             {
                 "server": {"url": "https://ci.example.com"},
                 "database": {"dsn": dsn},
                 "crypto": {"key": "test-crypto-key-" + "0" * 32},
                 "drivers": drivers,
-                "docker": {"network": "none", "pull": "never"},
+                "docker": {"network": "none", "pull": "never", "host": engine},
                 "storage": {"backend": "fs", "path": str(tmp_path / "blobs")},
                 "runner": {"parallelism": 1, **runner},
             }
@@ -99,7 +104,8 @@ class Runner:
     async def close(self) -> None:
         self.stop.set()
         if self.task is not None:
-            await asyncio.wait_for(self.task, WAIT)
+            task, self.task = self.task, None
+            await asyncio.wait_for(task, WAIT)
             await self.blobs.close()
             await self.pool.close()
 
@@ -450,3 +456,140 @@ async def test_a_kill_asked_while_the_runner_was_disconnected_stops_the_job_afte
     assert (row["status"], row["attempt"]) == ("killed", 1), row["output"]
     assert row["output"].endswith("killed on request\n")
     assert "end" not in log.read_text().splitlines()
+
+
+class EngineLine:
+    """The runner's way to the Docker engine: a UNIX socket passing bytes to the engine's, which
+    the test cuts (every connection closed, no new one accepted) and mends. It runs on an event
+    loop of its own, in a thread, as an engine runs apart from the runner."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: asyncio.AbstractServer | None = None
+        self.pipes: set[asyncio.Task[None]] = set()
+
+    async def mend(self) -> None:
+        await self._call(self._mend())
+
+    async def cut(self) -> None:
+        await self._call(self._cut())
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join)
+        self.loop.close()
+
+    async def _call(self, work: Coroutine[Any, Any, None]) -> None:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.loop))
+
+    async def _mend(self) -> None:
+        self.server = await asyncio.start_unix_server(self._connected, path=str(self.path))
+
+    async def _cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.server = None
+        self.path.unlink()
+        for pipe in self.pipes:
+            pipe.cancel()
+        await asyncio.gather(*self.pipes, return_exceptions=True)
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        engine_reader, engine_writer = await asyncio.open_unix_connection("/var/run/docker.sock")
+        pipes = [
+            asyncio.create_task(_pipe(reader, engine_writer)),
+            asyncio.create_task(_pipe(engine_reader, writer)),
+        ]
+        self.pipes.update(pipes)
+        try:
+            await asyncio.gather(*pipes, return_exceptions=True)
+        finally:
+            self.pipes.difference_update(pipes)
+            for end in (writer, engine_writer):
+                end.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    with contextlib.suppress(OSError):
+        writer.write_eof()
+
+
+# docker-py leaves the socket of a refused connection to the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.docker
+async def test_an_engine_that_stops_answering_mid_job_is_retried_as_a_new_attempt(
+    start_runner: Callable[..., Any],
+    outage_dsn: str,
+    alice: User,
+    docker_engine: docker.DockerClient,
+    caplog: pytest.LogCaptureFixture,
+):
+    """docs/manifest.md §6.13: no Docker engine answering during a job ends the attempt, not
+    the job; the next attempt removes the first one's container and runs the job again."""
+    line = EngineLine(Path(tempfile.mkdtemp(prefix="marid-engine-")) / "docker.sock")
+    await line.mend()
+    runner = await start_runner(
+        drivers=["docker"], docker_host=f"unix://{line.path}", retry_delay="2s"
+    )
+    try:
+        await _engine_cut_mid_job(outage_dsn, alice, docker_engine, line)
+    finally:
+        await runner.close()  # with the refused connections it holds, collected below
+        await line.close()
+        shutil.rmtree(line.path.parent, ignore_errors=True)
+        # The sockets live in the frames of logged exceptions (the driver logs its failed
+        # clean-up with its traceback): let them go now, under this test's warning filter.
+        for record in caplog.records:
+            error = record.exc_info[1] if record.exc_info else None
+            while error is not None:
+                traceback.clear_frames(error.__traceback__)
+                error = error.__cause__ or error.__context__
+        gc.collect()
+
+
+async def _engine_cut_mid_job(
+    outage_dsn: str,
+    alice: User,
+    docker_engine: docker.DockerClient,
+    line: EngineLine,
+) -> None:
+    build_id = await queue(outage_dsn, alice, DOCKER_GATED)
+    labels = [f"marid.build={build_id}", f"marid.instance={instance_of(outage_dsn)}"]
+
+    async def job_container(attempt: int) -> Any:
+        found = await asyncio.to_thread(
+            docker_engine.containers.list,
+            filters={"label": [*labels, f"marid.attempt={attempt}", "marid.job=s.1"]},
+        )
+        return found[0] if found else None
+
+    await until("attempt 1's job to run", lambda: job_container(1))
+    await line.cut()
+    await until(
+        "attempt 1 to be handed back",
+        lambda: query(
+            outage_dsn,
+            "SELECT 1 FROM builds WHERE id = $1 AND status = 'queued' AND retry_reason IS NOT NULL",
+            build_id,
+        ),
+    )
+    await line.mend()
+    container = await until("attempt 2's job to run", lambda: job_container(2))
+    await asyncio.to_thread(container.exec_run, ["touch", "/workspace/gate"])
+
+    row = await ended(outage_dsn, build_id)
+    assert (row["status"], row["attempt"]) == ("passed", 2), row["output"]
+    first_line = row["output"].splitlines()[0]
+    assert first_line.startswith("marid: attempt 2 (attempt 1: "), row["output"]
+    left = await asyncio.to_thread(
+        docker_engine.containers.list, all=True, filters={"label": labels}
+    )
+    assert left == []  # attempt 1's container, still waiting at its gate, went too
