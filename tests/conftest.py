@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +16,8 @@ from aiohttp.test_utils import TestClient
 from marid import config as config_module
 from marid import db, scopes, tokens, users
 from marid.api.app import create_app
-from marid.pgcluster import Cluster, free_port, new_password
+from marid.pgcluster import Cluster
+from tests.fixtures.clusters import migrated_template, throwaway_cluster
 
 # Fixture modules contributed by other parts of the suite (e.g. the S3 server).
 pytest_plugins: list[str] = ["tests.fixtures.s3", "tests.fixtures.outage"]
@@ -30,32 +29,14 @@ _numbers = itertools.count()
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
-    directory = Path(tempfile.mkdtemp(prefix="marid-test-pg-"))
-    directory.chmod(0o755)
-    cluster = Cluster(directory, free_port(), new_password())
-    cluster.init()
-    cluster.start(fast=True)
-    try:
+    with throwaway_cluster("marid-test-pg-") as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 async def template_db(pg_cluster: Cluster) -> str:
     """The name of a database holding every migration, copied for each test."""
-    admin = await asyncpg.connect(pg_cluster.dsn())
-    try:
-        await admin.execute(f"CREATE DATABASE {TEMPLATE}")
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(pg_cluster.dsn(TEMPLATE))
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
-    return TEMPLATE
+    return await migrated_template(pg_cluster, TEMPLATE)
 
 
 @pytest.fixture
