@@ -12,6 +12,7 @@ import asyncpg
 from aiohttp import web
 
 from marid.api.keys import POOL
+from marid.api.uploads import Upload
 from marid.users import User
 from marid.validation import RequestError, ValidationError
 
@@ -43,6 +44,24 @@ def fingerprint(endpoint: str, **parts: str | None) -> str:
     own SHA-256 for an upload, whose multipart framing differs from one try to the next."""
     text = json.dumps({"endpoint": endpoint, **parts}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def upload_once(
+    request: web.Request,
+    user: User,
+    key: str | None,
+    endpoint: str,
+    names: tuple[str, ...],
+    upload: Upload,
+    handler: Callable[[], Awaitable[web.Response]],
+) -> web.Response:
+    """`handler` for a received upload to `endpoint`; with an Idempotency-Key, once (`once`),
+    the request known by its form fields `names` and its file's SHA-256."""
+    if key is None:
+        return await handler()
+    fields = {name: upload.fields.get(name) for name in names}
+    digest = fingerprint(endpoint, **fields, file_sha256=upload.content.sha256)
+    return await once(request, user, key, handler, digest)
 
 
 async def once(

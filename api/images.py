@@ -86,14 +86,14 @@ async def create_image(request: web.Request, user: User) -> web.Response:
         )
     max_size = request.config_dict[CONFIG].images.max_size
     async with uploads.receive(request, FIELDS, max_size) as upload:
-        if key is None:
-            return await _create_upload(request, user, upload, None)
-        fields = {name: upload.fields.get(name) for name in FIELDS}
-        digest = idempotency.fingerprint(
-            "POST /images", **fields, file_sha256=upload.content.sha256
-        )
-        return await idempotency.once(
-            request, user, key, lambda: _create_upload(request, user, upload, key), digest
+        return await idempotency.upload_once(
+            request,
+            user,
+            key,
+            "POST /images",
+            FIELDS,
+            upload,
+            lambda: _create_upload(request, user, upload, key),
         )
 
 

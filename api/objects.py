@@ -56,14 +56,14 @@ async def create_object(request: web.Request, user: User) -> web.Response:
     key = idempotency.header(request)  # a malformed key is refused before the upload
     max_size = request.config_dict[CONFIG].objects.max_size
     async with uploads.receive(request, FIELDS, max_size) as upload:
-        if key is None:
-            return await _create(request, user, upload, None)
-        fields = {name: upload.fields.get(name) for name in FIELDS}
-        digest = idempotency.fingerprint(
-            "POST /objects", **fields, file_sha256=upload.content.sha256
-        )
-        return await idempotency.once(
-            request, user, key, lambda: _create(request, user, upload, key), digest
+        return await idempotency.upload_once(
+            request,
+            user,
+            key,
+            "POST /objects",
+            FIELDS,
+            upload,
+            lambda: _create(request, user, upload, key),
         )
 
 
