@@ -17,7 +17,7 @@ from marid import config as config_module
 from marid import db, scopes, tokens, users
 from marid.api.app import create_app
 from marid.pgcluster import Cluster
-from tests.fixtures.clusters import migrated_template, throwaway_cluster
+from tests.fixtures.clusters import copy_database, migrated_template, throwaway_cluster
 
 # Fixture modules contributed by other parts of the suite (e.g. the S3 server).
 pytest_plugins: list[str] = ["tests.fixtures.s3", "tests.fixtures.outage"]
@@ -45,7 +45,7 @@ async def db_dsn(pg_cluster: Cluster, template_db: str) -> AsyncIterator[str]:
     name = f"marid_test_{os.getpid()}_{next(_numbers)}"
     admin = await asyncpg.connect(pg_cluster.dsn())
     try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+        await copy_database(admin, name, template_db)
         yield pg_cluster.dsn(name)
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:

@@ -40,6 +40,7 @@ from marid import scopes, tokens, users
 from marid.pgcluster import Cluster, free_port
 from marid.runner.worker import instance_of
 from marid.uploads import SPOOL
+from tests.fixtures.clusters import copy_database
 from tests.runner import conftest as runner_fixtures
 
 # The session's Docker engine with the test images (skips, or fails under CI, without one).
@@ -436,7 +437,7 @@ async def storage_faults(
         database = f"faults_storage_{os.getpid()}_{next(_numbers)}"
         admin = await asyncpg.connect(pg_cluster.dsn())
         try:
-            await admin.execute(f"CREATE DATABASE {database} TEMPLATE {template_db}")
+            await copy_database(admin, database, template_db)
         finally:
             await admin.close()
         databases.append(database)
