@@ -13,6 +13,10 @@ prefix of some value (so fewer bytes than the longest value has), and a match is
 once no longer value could still start at the same position. The UTF-8 decoder also keeps up to
 3 bytes of an incomplete character, secrets or not, so it is not turned into U+FFFD.
 
+A masked value also stands for the forms a shell's `set -x` trace gives it and for its lines of
+`LINE_MIN` characters or more (`forms()`, issue 11 row 7): each is one more value to the matching
+below, so they are masked like the value itself, split across feeds too.
+
 Values without an `x` never appear in the output. One with an `x` can be formed by a `xxxxxx`
 and the text after it: values `abc` and `xa` turn `abca` into `xxxxxxa`.
 """
@@ -27,6 +31,78 @@ from dataclasses import dataclass
 MASK = "xxxxxx"
 NUL = "NUL"
 CHUNK_LIMIT = 65536  # docs/api.md §19: an SSE output chunk is at most 64 KiB
+
+
+LINE_MIN = 6  # the shortest line of a value masked on its own: variables.MIN_MASKED_LENGTH
+_IFS = re.compile("[ \t\n]+")  # the shell's default field separators
+_BASH_METAS = frozenset(" \t\n'\"\\|&;()<>!{}*[?]^$`")
+_ANSIC = {"\a": "a", "\b": "b", "\t": "t", "\n": "n", "\v": "v", "\f": "f", "\r": "r", "\x1b": "E"}
+
+
+def forms(secret: str) -> set[str]:
+    """Every text that stands for `secret` in job output (docs/manifest.md §6.12): the value,
+    its lines of `LINE_MIN` characters or more, and how `set -x` prints each of them quoted
+    (bash, busybox ash; dash prints values as they are) or split into fields when unquoted."""
+    pieces = {secret}
+    if "\n" in secret:
+        pieces |= {line for line in secret.split("\n") if len(line) >= LINE_MIN}
+    out: set[str] = set()
+    for piece in pieces:
+        out |= {piece, _bash_inner(piece), *_ash_inner(piece)}
+        out |= {_ansic_inner(piece, utf8) for utf8 in (True, False)}
+        fields = _IFS.split(piece.strip(" \t\n"))
+        joined = " ".join(fields)
+        if len(joined) >= LINE_MIN:  # an unquoted `$SECRET` standing as its own words
+            out |= {joined, " ".join(map(_ash_word, fields))}
+            out |= {" ".join(_bash_word(f, utf8) for f in fields) for utf8 in (True, False)}
+    return out
+
+
+def _bash_inner(text: str) -> str:
+    """`text` inside a word bash prints single-quoted: `it's` -> `it'\\''s`."""
+    return text.replace("'", "'\\''")
+
+
+def _ansic_inner(text: str, utf8: bool) -> str:
+    """`text` inside a word bash prints as `$'...'` (it has no metas but characters the locale
+    cannot print: controls, and in the C locale every byte of a non-ASCII character)."""
+    return "".join(
+        "\\" + _ANSIC[c]
+        if c in _ANSIC
+        else "".join(f"\\{byte:03o}" for byte in c.encode())
+        if not _printable(c, utf8)
+        else c
+        for c in text
+    )
+
+
+def _printable(char: str, utf8: bool) -> bool:
+    """Whether bash prints `char` as it is in a UTF-8 locale (`utf8`) or in the C locale."""
+    return 32 <= ord(char) < 127 or (utf8 and ord(char) > 159)
+
+
+def _ash_inner(text: str) -> list[str]:
+    """`text` inside a word busybox ash prints single-quoted: each run of
+    `'` becomes `'"'"'`; at the end of the word the closing `'` after the last run is left out."""
+    inner = re.sub("'+", lambda run: "'\"" + run[0] + "\"'", text)
+    return [inner, inner[:-1]] if text.endswith("'") else [inner]
+
+
+def _bash_word(word: str, utf8: bool) -> str:
+    """`word` as bash's `set -x` prints a whole word."""
+    if word[0] in "~#" or any(c in _BASH_METAS for c in word):
+        return "'" + _bash_inner(word) + "'"
+    if not all(_printable(c, utf8) for c in word):
+        return "$'" + _ansic_inner(word, utf8) + "'"
+    return word
+
+
+def _ash_word(word: str) -> str:
+    """`word` as busybox ash's `set -x` prints a whole word: quoted unless every character is
+    one of `+,-./0-9:@A-Z]^_a-z`; a word ending in `'` has no closing quote."""
+    if all("+" <= c <= "z" and not (";" <= c <= "?") and c not in "`[\\" for c in word):
+        return word
+    return "'" + _ash_inner(word)[-1] + ("" if word.endswith("'") else "'")
 
 
 class _Values:
@@ -58,7 +134,7 @@ class Masker:
     """Incremental masking of one output stream; `finish()` ends it and makes it reusable."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        values = {s.replace("\0", NUL) for s in secrets if s}
+        values = {f.replace("\0", NUL) for s in secrets if s for f in forms(s)}
         self._values = _Values(values) if values else None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded text that may still begin a masked value

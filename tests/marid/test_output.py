@@ -5,7 +5,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from marid.output import MASK, Masker, byte_length, chunks
+from marid.output import MASK, Masker, byte_length, chunks, forms
 
 
 def stream(masker: Masker, pieces: Iterable[bytes]) -> str:
@@ -263,6 +263,70 @@ def test_masking_10_mb_in_64_kib_feeds_with_20_values() -> None:
     )
     assert out.count(MASK) == 1000
     assert out == masker.mask_all(data)
+
+
+# --- Forms the shells' `set -x` prints (issue 11 row 7) ---------------------------------------
+
+# One value with ', ", \, spaces, a newline and $; the traces are what each shell printed for
+# `echo "$S"`, `X="a${S}b"` and `: $S` (bash 5.2, busybox ash 1.35 with LANG=C.UTF-8; dash 0.5.12).
+TRICKY = "pa'ss \"w\\o rd\n$HOME 'x'"
+TRACES = {
+    "dash": "+ echo pa'ss \"w\\o rd\n$HOME 'x'\n+ X=apa'ss \"w\\o rd\n$HOME 'x'b\n"
+    "+ : pa'ss \"w\\o rd $HOME 'x'\n",
+    "bash": "+ echo 'pa'\\''ss \"w\\o rd\n$HOME '\\''x'\\'''\n"
+    "+ X='apa'\\''ss \"w\\o rd\n$HOME '\\''x'\\''b'\n"
+    "+ : 'pa'\\''ss' '\"w\\o' rd '$HOME' ''\\''x'\\'''\n",
+    "busybox": "+ echo 'pa'\"'\"'ss \"w\\o rd\n$HOME '\"'\"'x'\"'\"\n"
+    "+ X='apa'\"'\"'ss \"w\\o rd\n$HOME '\"'\"'x'\"'\"'b'\n"
+    "+ : 'pa'\"'\"'ss' '\"w\\o' rd '$HOME' ''\"'\"'x'\"'\"\n",
+}
+MASKED = {
+    "dash": "+ echo xxxxxx\n+ X=axxxxxxb\n+ : xxxxxx\n",
+    "bash": "+ echo 'xxxxxx'\n+ X='axxxxxxb'\n+ : xxxxxx\n",
+    "busybox": "+ echo 'xxxxxx\n+ X='axxxxxxb'\n+ : xxxxxx\n",
+}
+
+
+@pytest.mark.parametrize("shell", sorted(TRACES))
+def test_a_value_traced_by_set_x_is_masked_in_every_form_the_shell_prints(shell: str) -> None:
+    assert Masker([TRICKY]).mask_all(TRACES[shell].encode()) == MASKED[shell]
+
+
+@pytest.mark.parametrize("shell", sorted(TRACES))
+def test_a_traced_form_split_across_feeds_is_masked(shell: str) -> None:
+    data = TRACES[shell].encode()
+    masker = Masker([TRICKY])
+    for pieces in every_split_in_two_and_three(data[:60]):
+        assert stream(masker, [*pieces, data[60:]]) == MASKED[shell]
+
+
+@pytest.mark.parametrize(
+    ("value", "printed"),
+    [
+        ("it's-a-secret", "'it'\\''s-a-secret'"),  # bash: ' -> '\''
+        ("it's-a-secret", "'it'\"'\"'s-a-secret'"),  # busybox ash: ' -> '"'"'
+        ("two''quotes", "'two'\"''\"'quotes'"),  # busybox ash: a run of ' quoted at once
+        ("ends-in-quote'", "'ends-in-quote'\"'\""),  # busybox ash: no closing '' at the end
+        ("cr\rsecret", "$'cr\\rsecret'"),  # bash: controls but no metas -> $'...'
+        ("\u00e9t\u00e9\x01xyz", "$'\\303\\251t\\303\\251\\001xyz'"),  # bash, C locale
+        ("it's\tmine\x01", "'it'\\''s' $'mine\\001'"),  # bash: each field its own word
+        ("two  spaced\twords", "two spaced words"),  # the output of an unquoted `echo $S`
+    ],
+)
+def test_shell_quoted_forms_of_a_value_are_masked(value: str, printed: str) -> None:
+    assert Masker([value]).mask_all(printed.encode()).strip("$'\"") == MASK
+
+
+def test_each_line_of_six_or_more_characters_of_a_value_is_masked_on_its_own() -> None:
+    value = "-----BEGIN KEY-----\nabcdef\nabc\n-----END KEY-----"
+    out = Masker([value]).mask_all(b"first: -----BEGIN KEY-----\nabcdef abc\n")
+    assert out == "first: xxxxxx\nxxxxxx abc\n"
+    assert {"-----BEGIN KEY-----", "abcdef", "-----END KEY-----"} <= forms(value)
+    assert "abc" not in forms(value)
+
+
+def test_a_value_without_shell_specials_has_no_other_form() -> None:
+    assert forms("plain-s3cret_value") == {"plain-s3cret_value"}
 
 
 # --- Chunks --------------------------------------------------------------------------------------
