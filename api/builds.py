@@ -135,7 +135,8 @@ async def parse_submission(
     if text:
         config = request.config_dict[CONFIG]
         try:
-            parsed = manifest.parse(text, ManifestLimits.from_config(config), config.drivers)
+            limits, drivers = ManifestLimits.from_config(config), config.drivers_for(user.username)
+            parsed = manifest.parse(text, limits, drivers)
         except manifest.ManifestError as exc:
             ns_errors = Errors()
             await namespaces.resolve(conn, user, exc.namespace, ns_errors, "manifest", True)

@@ -80,11 +80,19 @@ def parser() -> argparse.ArgumentParser:
         "Without database.dsn in the configuration it starts a private PostgreSQL in "
         "--data-dir, keeps a generated crypto key there, applies migrations and, on first "
         "start, creates the user `admin` and prints an access token. No configuration file "
-        "is needed. Stop with Ctrl-C; data is kept for the next start.",
+        "is needed. Builds run in Docker; the os driver only with --allow-os-driver. Stop with "
+        "Ctrl-C; data is kept for the next start.",
     )
     up.add_argument("--data-dir", type=Path, default=Path(".marid"), help="default: ./.marid")
     up.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    up.add_argument(
+        "--allow-os-driver",
+        action="store_true",
+        help="let the user `admin`, and nobody else, submit `driver: {type: os}` builds, which "
+        "run as local processes of this marid up with no isolation (default: no one may; "
+        "builds need Docker)",
+    )
     up.set_defaults(run=lambda a: _lazy("marid.up").run(a))
 
     serve = commands.add_parser(

@@ -205,11 +205,22 @@ class ReaperConfig:
 
 
 @dataclass(frozen=True)
+class OsDriverConfig:
+    """Who may submit `driver: os` builds, which run as local processes on a runner's host
+    with no isolation (docs/configuration.md §1.3, issue 11)."""
+
+    # None only in a Config built in code; a loaded file that lists `os` in `drivers` without
+    # this key gets [] (nobody), so enabling `os` never opens it to every user by accident.
+    users: list[str] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     drivers: list[str] = field(default_factory=lambda: ["docker"])
+    os_driver: OsDriverConfig = field(default_factory=OsDriverConfig)
     objects: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=5 * 1024**2))
     images: SizeLimit = field(default_factory=SizeLimit)
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
@@ -224,6 +235,14 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     reaper: ReaperConfig = field(default_factory=ReaperConfig)
+
+    def drivers_for(self, username: str) -> list[str]:
+        """The driver types `username` may submit: `drivers`, without `os` unless they are
+        listed in `os_driver.users` (docs/manifest.md §4 rule 17)."""
+        users = self.os_driver.users
+        if users is None or username in users:
+            return self.drivers
+        return [driver for driver in self.drivers if driver != "os"]
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -281,6 +300,8 @@ def _finish(config: Config, source: str) -> Config:
             raise ConfigError(
                 f"{source}: drivers: unknown driver {driver!r} ({', '.join(DRIVERS)})"
             )
+    if "os" in config.drivers and config.os_driver.users is None:
+        config = dataclasses.replace(config, os_driver=OsDriverConfig(users=[]))
     if config.logging.level not in LOG_LEVELS:
         raise ConfigError(f"{source}: logging.level: must be one of {', '.join(LOG_LEVELS)}")
     if config.crypto.key and len(config.crypto.key) < 32:

@@ -35,6 +35,7 @@ LOCK = "up.lock"  # in the data directory: {"pid", "url"} of the `marid up` hold
 # The admin token keeps this name until the banner showing it has been written: a start
 # that finds it knows its credentials were never seen and replaces them.
 UNSHOWN, SHOWN = "marid-up (not shown yet)", "marid-up"
+ADMIN = "admin"  # the user `marid up` creates on the first start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
         cfg = _fill_server(cfg, args.host, sockets[0].getsockname()[1])
         os.pwrite(lock, json.dumps({"pid": os.getpid(), "url": cfg.server.api_url}).encode(), 0)
         logs.configure(cfg.logging.level)
-        _run_locked(cfg, data_dir, sockets)
+        _run_locked(cfg, data_dir, sockets, args.allow_os_driver)
 
 
 def _lock(data_dir: Path, held: contextlib.ExitStack, create: bool) -> int | None:
@@ -102,7 +103,9 @@ def _holder(fd: int) -> str:
         return "starting"  # it has not written itself down yet
 
 
-def _run_locked(cfg: config.Config, data_dir: Path, sockets: list[socket.socket]) -> None:
+def _run_locked(
+    cfg: config.Config, data_dir: Path, sockets: list[socket.socket], allow_os: bool
+) -> None:
     """Start the cluster, then everything else, until a signal; stop the cluster last.
     Only the holder of the data directory's lock may call this."""
     cluster = None
@@ -111,7 +114,7 @@ def _run_locked(cfg: config.Config, data_dir: Path, sockets: list[socket.socket]
             cluster = _embedded_cluster(data_dir / "postgres")
         cfg = _fill(cfg, data_dir, cluster)
         _write_effective_config(cfg, data_dir / "marid.yml")
-        cli.run_async(cli.until_signal(lambda stop: _serve(cfg, stop, data_dir, sockets)))
+        cli.run_async(cli.until_signal(lambda stop: _serve(cfg, stop, data_dir, sockets, allow_os)))
     except ClusterError as exc:
         raise cli.Failure(cli.EXIT_DATABASE, f"marid: PostgreSQL: {exc}") from None
     finally:
@@ -189,7 +192,11 @@ def _write_effective_config(cfg: config.Config, path: Path) -> None:
 
 
 async def _serve(
-    cfg: config.Config, stop: asyncio.Event, data_dir: Path, sockets: list[socket.socket]
+    cfg: config.Config,
+    stop: asyncio.Event,
+    data_dir: Path,
+    sockets: list[socket.socket],
+    allow_os: bool,
 ) -> None:
     from marid.api import server
     from marid.scheduler import main as scheduler_main
@@ -203,7 +210,7 @@ async def _serve(
         admin = await _admin_credentials(conn)
     finally:
         await conn.close()
-    cfg, driver_note = await _choose_driver(cfg)
+    cfg, driver_note = await _choose_driver(cfg, allow_os)
     api = await server.start(cfg, sockets)
     worker = asyncio.create_task(cli.run_runner(cfg, stop))
     scheduler = asyncio.create_task(scheduler_main.run(cfg, stop))
@@ -220,17 +227,34 @@ async def _serve(
         await api.cleanup()
 
 
-async def _choose_driver(cfg: config.Config) -> tuple[config.Config, str | None]:
-    """With the default `drivers`, run builds in Docker when an engine answers, else as local
-    processes (os driver, no isolation); returns the configuration and a line saying which
-    (written with the banner, so stdout is written once)."""
-    if cfg.drivers != config.Config().drivers:
+async def _choose_driver(cfg: config.Config, allow_os: bool) -> tuple[config.Config, str | None]:
+    """The configuration to run with and a line saying where builds run (written with the
+    banner, so stdout is written once). The `os` driver runs commands on this host with no
+    isolation, so it is never enabled here unless `allow_os` (--allow-os-driver), and then for
+    the admin alone (issue 11)."""
+    if cfg.drivers != config.Config().drivers and not allow_os:
         return cfg, None  # the configuration decides
     if await asyncio.to_thread(_docker_answers, cfg.docker.host):
-        return cfg, f"runner: Docker engine at {cfg.docker.host}: builds run in containers"
-    return dataclasses.replace(cfg, drivers=["os"]), (
-        f"runner: no Docker engine at {cfg.docker.host}: builds use the os driver "
-        "(local processes, no isolation); manifests need `driver: {type: os}`"
+        note = f"runner: Docker engine at {cfg.docker.host}: builds run in containers"
+        drivers = cfg.drivers
+    elif allow_os:
+        note = f"runner: no Docker engine at {cfg.docker.host}: docker builds are refused"
+        drivers = [driver for driver in cfg.drivers if driver != "docker"]
+    else:
+        return cfg, (
+            f"runner: no Docker engine at {cfg.docker.host}: builds need Docker and wait "
+            "until one answers there (docker.host); or restart with --allow-os-driver to let "
+            f"`{ADMIN}` alone run builds as local processes on this host (no isolation)"
+        )
+    if not allow_os:
+        return cfg, note
+    users = [*(u for u in cfg.os_driver.users or [] if u != ADMIN), ADMIN]
+    os_driver = config.OsDriverConfig(users)
+    drivers = drivers if "os" in drivers else [*drivers, "os"]
+    cfg = dataclasses.replace(cfg, drivers=drivers, os_driver=os_driver)
+    return cfg, (
+        f"{note}\nrunner: `driver: {{type: os}}` builds (local processes, no isolation) "
+        f"for {', '.join(users)} only (--allow-os-driver)"
     )
 
 
@@ -256,9 +280,9 @@ async def _admin_credentials(conn: asyncpg.Connection) -> Credentials | None:
         password = secrets.token_urlsafe(12)
         replaced = await users.any_exist(conn)
         if not replaced:
-            admin = await users.create(conn, "admin", "admin@localhost", password)
+            admin = await users.create(conn, ADMIN, "admin@localhost", password)
         else:
-            found = await users.get_by_username(conn, "admin")
+            found = await users.get_by_username(conn, ADMIN)
             if found is None or not await tokens.delete_named(conn, found, UNSHOWN):
                 return None
             admin = found

@@ -56,7 +56,7 @@ def tag_of(cron: Cron) -> str:
 async def tick(pool: asyncpg.Pool, now: datetime, batch: int, config: Config) -> int:
     """Fire up to `batch` due cron jobs in one transaction; returns how many were claimed
     (builds made or not), so a caller drains the backlog while it equals `batch`."""
-    resolver = _Resolver(ManifestLimits.from_config(config), config.drivers)
+    resolver = _Resolver(ManifestLimits.from_config(config), config)
     async with pool.acquire() as conn, conn.transaction():
         due = await crons.claim_due(conn, now, batch)
         if not due:
@@ -102,7 +102,7 @@ async def _submissions(
     for cron in sorted(fired, key=lambda c: (c.user_id, c.id)):
         author = people[cron.author_id]
         try:
-            parsed = resolver.manifest(cron.manifest)
+            parsed = resolver.manifest(cron.manifest, author)  # rule 17 for the author
             ns = await resolver.namespace(conn, author, parsed.namespace)
         except ValidationError as exc:  # ManifestError included
             log.info("cron %d (%s): no build: %s", cron.id, cron.name, exc.errors)
@@ -125,21 +125,26 @@ async def _submissions(
 
 @dataclass
 class _Resolver:
-    """One batch's manifests, each distinct text parsed once, and namespaces, each (author,
-    reference) resolved once; a failure is kept and raised again for the next cron job."""
+    """One batch's manifests, each distinct (text, drivers its author may use) parsed once, and
+    namespaces, each (author, reference) resolved once; a failure is kept and raised again for
+    the next cron job."""
 
     limits: ManifestLimits
-    drivers: list[str]
-    manifests: dict[str, Manifest | ValidationError] = field(default_factory=dict)
+    config: Config  # the drivers each author may use (Config.drivers_for)
+    manifests: dict[tuple[str, tuple[str, ...]], Manifest | ValidationError] = field(
+        default_factory=dict
+    )
     spaces: dict[tuple[int, str], Namespace | ValidationError] = field(default_factory=dict)
 
-    def manifest(self, text: str) -> Manifest:
-        if text not in self.manifests:
+    def manifest(self, text: str, author: User) -> Manifest:
+        drivers = self.config.drivers_for(author.username)
+        key = (text, tuple(drivers))
+        if key not in self.manifests:
             try:
-                self.manifests[text] = manifest.parse(text, self.limits, self.drivers)
+                self.manifests[key] = manifest.parse(text, self.limits, drivers)
             except ValidationError as exc:
-                self.manifests[text] = exc
-        return _or_raise(self.manifests[text])
+                self.manifests[key] = exc
+        return _or_raise(self.manifests[key])
 
     async def namespace(
         self, conn: asyncpg.Connection, author: User, reference: str | None

@@ -20,17 +20,24 @@ import pytest
 from marid.pgcluster import free_port
 
 
-def up_command(data_dir: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "marid", "up", "--data-dir", str(data_dir), "--port", str(port)]
+def up_command(data_dir: Path, port: int, *extra: str) -> list[str]:
+    """`marid up` with `extra` arguments (`--config`, `--allow-os-driver`)."""
+    return [
+        sys.executable, "-m", "marid", "up", "--data-dir", str(data_dir), "--port", str(port),
+        *extra,
+    ]  # fmt: skip
 
 
 def up_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "MARID_CONFIG"}
 
 
-def start_up(data_dir: Path, port: int, cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
+def start_up(
+    data_dir: Path, port: int, cwd: Path, *extra: str
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """`marid up` with `extra` arguments, once its banner is written."""
     proc = subprocess.Popen(
-        up_command(data_dir, port),
+        up_command(data_dir, port, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -121,7 +128,8 @@ def reachable_dir() -> Iterator[Path]:
 async def test_marid_up_runs_everything_and_keeps_data(reachable_dir: Path):
     tmp_path = reachable_dir
     data_dir, port = tmp_path / "data", free_port()
-    proc, lines = start_up(data_dir, port, tmp_path)
+    # Without an engine the admin's build uses the os driver, which only the flag enables.
+    proc, lines = start_up(data_dir, port, tmp_path, "--allow-os-driver")
     try:
         url = next(line.split()[-1] for line in lines if line.strip().startswith("API:"))
         token = next(line.split()[-1] for line in lines if line.strip().startswith("token:"))
@@ -140,6 +148,62 @@ async def test_marid_up_runs_everything_and_keeps_data(reachable_dir: Path):
         assert not any(line.strip().startswith("token:") for line in lines)
         status, body = await get_user(url, token)
         assert status == 200 and body["username"] == "admin"
+    finally:
+        assert stop(proc) == 0
+
+
+OS = "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: [id]\n"
+OS_REFUSED = {"manifest": ["Manifest driver error: os - driver disabled"]}
+
+
+async def submit_os(url: str, token: str) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.post(f"{url}/builds", json={"manifest": OS}) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+def user_token(data_dir: Path, username: str) -> str:
+    """A new user `username` and a build:write token of theirs, made with the CLI on the
+    configuration `marid up` wrote."""
+    marid = [sys.executable, "-m", "marid", "--config", str(data_dir / "marid.yml")]
+    email = ["--email", f"{username}@example.com", "--password", "correct horse battery"]
+    for command in (
+        ["user", "create", "--username", username, *email],
+        ["token", "create", "--user", username, "--scope", "build:read,write"],
+    ):
+        done = subprocess.run(marid + command, capture_output=True, text=True, env=up_env())
+        assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+async def test_up_without_docker_enables_os_only_with_the_flag_and_for_the_admin_alone(
+    reachable_dir: Path,
+):
+    """Issue 11 row 1: an engine that is away no longer lets every user run commands here."""
+    data_dir = reachable_dir / "data"
+    config = reachable_dir / "away.yml"
+    config.write_text(f"docker:\n  host: unix://{reachable_dir}/no-engine.sock\n")
+    proc, lines = start_up(data_dir, 0, reachable_dir, "--config", str(config))
+    try:
+        url, admin = banner_value(lines, "API:"), banner_value(lines, "token:")
+        assert any("builds need Docker" in line and "--allow-os-driver" in line for line in lines)
+        bob = user_token(data_dir, "bob")
+        assert await submit_os(url, bob) == (400, OS_REFUSED)
+        assert await submit_os(url, admin) == (400, OS_REFUSED)
+    finally:
+        assert stop(proc) == 0
+
+    flag = ("--config", str(config), "--allow-os-driver")
+    proc, lines = start_up(data_dir, 0, reachable_dir, *flag)
+    try:
+        url = banner_value(lines, "API:")
+        assert any("for admin only (--allow-os-driver)" in line for line in lines)
+        assert await submit_os(url, bob) == (400, OS_REFUSED)
+        status, body = await submit_os(url, admin)
+        assert status == 201, body
     finally:
         assert stop(proc) == 0
 
