@@ -35,7 +35,7 @@ from marid.api.openapi import (
     query_param,
     ref,
 )
-from marid.builds import Build, Filters, Listing
+from marid.builds import Build, Filters, Listing, Viewer
 from marid.manifest import ManifestLimits
 from marid.namespaces import Namespace, Rights
 from marid.submit import Submission, submit
@@ -103,14 +103,22 @@ def filters_of(request: web.Request) -> Filters:
     )
 
 
+def viewer_of(caller: Caller, may_read: bool) -> Viewer:
+    """The caller as a build listing's reader; `may_read` when the listing's own scope check
+    stands for `build:read` (docs/api.md §8.8), else the caller's own `build:read`."""
+    user_id = caller.user.id if caller.user else None
+    return Viewer(user_id, may_read or caller.can("build", "read"))
+
+
 async def page_of_builds(
-    request: web.Request, conn: asyncpg.Connection, listing: Listing
+    request: web.Request, conn: asyncpg.Connection, listing: Listing, viewer: Viewer
 ) -> web.Response:
-    """A paginated build listing with the build filters of docs/api.md §1.8."""
+    """A paginated build listing with the build filters of docs/api.md §1.8, holding only the
+    builds `viewer` could read one by one (§7.2)."""
     filters = filters_of(request)
-    page = Page(request, await builds.count(conn, listing, filters))
+    page = Page(request, await builds.count(conn, listing, filters, viewer))
     blobs = request.config_dict[BLOBS]
-    found = await builds.page(conn, listing, filters, page.offset, page.limit, blobs)
+    found = await builds.page(conn, listing, filters, viewer, page.offset, page.limit, blobs)
     return page.response(await builds.many_to_json(conn, found, api_url(request)))
 
 
@@ -118,7 +126,8 @@ async def page_of_builds(
 @requires("build:read")
 async def list_builds(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
-        return await page_of_builds(request, conn, Listing(visible_to=user.id))
+        listing = Listing(visible_to=user.id)
+        return await page_of_builds(request, conn, listing, Viewer(user.id, may_read=True))
 
 
 async def parse_submission(
@@ -177,7 +186,8 @@ async def list_namespace_builds(request: web.Request, caller: Caller) -> web.Res
     async with request.config_dict[POOL].acquire() as conn:
         ns = await load_namespace(conn, request)
         caller.check_read(await namespaces.rights(conn, caller.user, ns), "namespace:read")
-        return await page_of_builds(request, conn, Listing(namespace_id=ns.id))
+        listing = Listing(namespace_id=ns.id)
+        return await page_of_builds(request, conn, listing, viewer_of(caller, may_read=True))
 
 
 @routes.get(r"/objects/{id:\d+}/builds")
@@ -188,7 +198,8 @@ async def list_object_builds(request: web.Request, caller: Caller) -> web.Respon
         found = await resources.readable(
             conn, request, caller, objects.get, "object:read", "build:read"
         )
-        return await page_of_builds(request, conn, Listing(object_id=found.id))
+        listing = Listing(object_id=found.id)
+        return await page_of_builds(request, conn, listing, viewer_of(caller, may_read=False))
 
 
 @routes.get(B)

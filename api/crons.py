@@ -6,7 +6,7 @@ from aiohttp import web
 
 from marid import builds, crons
 from marid.api.auth import Caller, optional, requires
-from marid.api.builds import FILTERS, page_of_builds
+from marid.api.builds import FILTERS, page_of_builds, viewer_of
 from marid.api.http import api_url, read_body
 from marid.api.keys import CONFIG, POOL
 from marid.api.openapi import (
@@ -68,7 +68,10 @@ async def show_cron(request: web.Request, caller: Caller) -> web.Response:
 async def list_cron_builds(request: web.Request, caller: Caller) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
         cron = await readable(conn, request, caller, crons.get, "cron:read", "build:read")
-        return await page_of_builds(request, conn, builds.Listing(cron_id=cron.id))
+        # Each build by its own rights (§7.2), not the cron job's: the cron job may have moved
+        # to another namespace since (issue 11 row 3).
+        listing = builds.Listing(cron_id=cron.id)
+        return await page_of_builds(request, conn, listing, viewer_of(caller, may_read=False))
 
 
 @routes.patch(r"/cron/{id:\d+}")

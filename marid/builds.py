@@ -122,6 +122,17 @@ class Listing:
     cron_id: int | None = None  # builds submitted by this cron job (§11.7)
 
 
+@dataclass(frozen=True)
+class Viewer:
+    """Who reads a build listing. A listing keeps only the builds this caller could read one by
+    one (`GET /b/:username/:number`, docs/api.md §7.2): the builds of a cron job or object can
+    sit in other namespaces than it, or in none, and a namespace's visibility can change after
+    the fact (issue 11 row 3)."""
+
+    user_id: int | None  # None: anonymous
+    may_read: bool  # holds build:read; without it only builds in public namespaces (§2.4)
+
+
 def url(build: Build, owner: User, api_url: str) -> str:
     return f"{api_url}/b/{owner.username}/{build.number}"
 
@@ -189,12 +200,14 @@ async def get_by_number(
     return await _one(conn, row, blobs)
 
 
-async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) -> int:
-    """How many builds of `listing` match `filters`."""
+async def count(
+    conn: asyncpg.Connection, listing: Listing, filters: Filters, viewer: Viewer
+) -> int:
+    """How many builds of `listing` that `viewer` may read match `filters`."""
     return int(
         await conn.fetchval(
             """
-            SELECT count(*) FROM build_rows b
+            SELECT count(*) FROM build_rows b LEFT JOIN namespaces n ON n.id = b.namespace_id
             WHERE ($1::bigint IS NULL
                    OR (b.namespace_id IS NULL AND b.user_id = $1)
                    OR b.namespace_id IN (SELECT namespace_id FROM namespace_members
@@ -204,6 +217,12 @@ async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) ->
                    OR b.id IN (SELECT build_id FROM build_objects WHERE object_id = $3))
               AND build_matches(b, $4, $5, $6, $7)
               AND ($8::bigint IS NULL OR b.id IN (SELECT id FROM builds WHERE cron_id = $8))
+              AND (n.visibility = 'public'
+                   OR $10::boolean AND ((b.namespace_id IS NULL AND b.user_id = $9)
+                                        OR (n.visibility = 'internal' AND $9::bigint IS NOT NULL)
+                                        OR b.namespace_id IN (SELECT namespace_id
+                                                              FROM namespace_members
+                                                              WHERE user_id = $9)))
             """,
             listing.visible_to,
             listing.namespace_id,
@@ -213,6 +232,8 @@ async def count(conn: asyncpg.Connection, listing: Listing, filters: Filters) ->
             filters.status,
             filters.pinned,
             listing.cron_id,
+            viewer.user_id,
+            viewer.may_read,
         )
     )
 
@@ -221,14 +242,16 @@ async def page(
     conn: asyncpg.Connection,
     listing: Listing,
     filters: Filters,
+    viewer: Viewer,
     offset: int,
     limit: int,
     blobs: BlobStore | None = None,
 ) -> list[Build]:
-    """One page of the builds of `listing` matching `filters`, newest first (docs/api.md §7.3)."""
+    """One page of the builds of `listing` that `viewer` may read matching `filters`, newest
+    first (docs/api.md §7.3)."""
     rows = await conn.fetch(
         """
-        SELECT * FROM build_rows b
+        SELECT b.* FROM build_rows b LEFT JOIN namespaces n ON n.id = b.namespace_id
         WHERE ($1::bigint IS NULL
                OR (b.namespace_id IS NULL AND b.user_id = $1)
                OR b.namespace_id IN (SELECT namespace_id FROM namespace_members
@@ -238,6 +261,12 @@ async def page(
                OR b.id IN (SELECT build_id FROM build_objects WHERE object_id = $3))
           AND build_matches(b, $4, $5, $6, $7)
           AND ($10::bigint IS NULL OR b.id IN (SELECT id FROM builds WHERE cron_id = $10))
+          AND (n.visibility = 'public'
+               OR $12::boolean AND ((b.namespace_id IS NULL AND b.user_id = $11)
+                                    OR (n.visibility = 'internal' AND $11::bigint IS NOT NULL)
+                                    OR b.namespace_id IN (SELECT namespace_id
+                                                          FROM namespace_members
+                                                          WHERE user_id = $11)))
         ORDER BY b.created_at DESC, b.id DESC
         OFFSET $8 LIMIT $9
         """,
@@ -251,6 +280,8 @@ async def page(
         offset,
         limit,
         listing.cron_id,
+        viewer.user_id,
+        viewer.may_read,
     )
     return await with_outputs(conn, [from_row(row) for row in rows], blobs)
 

@@ -14,6 +14,7 @@ DELETE by one role does not change what the next role sees. Later issues add row
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from marid import scopes, tokens, users
+from marid.config import Config
+from marid.scheduler import loop
 from tests.api.helpers import add_collaborator, create_namespace
 from tests.conftest import bearer
 
@@ -272,3 +275,191 @@ async def test_permission_matrix(api: TestClient, pool: asyncpg.Pool, world: Wor
             resp = await api.request(row.method, path, headers=headers, json=world.body(row, role))
         got.append(resp.status)
     assert dict(zip(ROLES, got, strict=True)) == dict(zip(ROLES, row.statuses, strict=True))
+
+
+# Listings across moves and visibility changes (issue 11 row 3): a listing shows each item only
+# to those who could read that item on its own (docs/api.md §3.2, §7.2), whatever the listing's
+# subject (a cron job) has become since.
+READERS = ("anonymous", "no_build_read", "stranger", "collaborator", "owner")
+
+
+async def fire(pool: asyncpg.Pool, config: Config, cron_id: int) -> str:
+    """Run the cron job now through the scheduler; returns the build it made as
+    `owner/number`."""
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE crons SET next_run = now() - interval '1 minute' WHERE id = $1", cron_id
+        )
+    assert await loop.tick(pool, datetime.now(UTC), 10, config) == 1
+    async with pool.acquire() as conn:
+        made = await conn.fetchval(
+            "SELECT u.username || '/' || b.number FROM builds b JOIN users u ON u.id = b.user_id"
+            " WHERE b.cron_id = $1 ORDER BY b.id DESC LIMIT 1",
+            cron_id,
+        )
+    return str(made)
+
+
+async def move_cron(api: TestClient, token: str, cron_id: int, namespace: str | None) -> None:
+    manifest = (
+        MANIFEST.replace("team@alice", namespace)
+        if namespace
+        else MANIFEST.replace("namespace: team@alice\n", "")
+    )
+    resp = await api.patch(
+        f"/api/cron/{cron_id}", headers=bearer(token), json={"manifest": manifest}
+    )
+    assert resp.status == 200, await resp.text()
+
+
+async def readers(pool: asyncpg.Pool, world: World) -> dict[str, str | None]:
+    assert world.owner is not None
+    return {
+        **world.tokens,
+        "no_build_read": await token_without(pool, world.owner, "build:read"),
+    }
+
+
+async def seen(api: TestClient, path: str, tokens: dict[str, str | None]) -> dict[str, Any]:
+    """Per reader: the builds (`owner/number`) the listing at `path` shows, or the status when
+    it is not 200."""
+    got: dict[str, Any] = {}
+    for role in READERS:
+        value = tokens[role]
+        resp = await api.get(path, headers=bearer(value) if value else {})
+        if resp.status != 200:
+            got[role] = resp.status
+            continue
+        got[role] = sorted(build["url"].split("/b/")[1] for build in await resp.json())
+    return got
+
+
+async def test_a_cron_moved_to_a_public_namespace_keeps_its_earlier_builds_hidden(
+    api: TestClient, pool: asyncpg.Pool, config: Config, world: World
+):
+    """The cron job was in the private `team` (bob collaborates), then alice's personal cron
+    job, then in the public `open`: anonymous callers and strangers see only the build made in
+    `open`; bob sees `team`'s too, never alice's personal one."""
+    alice = world.tokens["owner"]
+    assert alice is not None
+    await create_namespace(api, alice, "open", visibility="public")
+    cron = world.ids["cron"]["owner"]
+    in_team = await fire(pool, config, cron)
+    await move_cron(api, alice, cron, None)
+    personal = await fire(pool, config, cron)
+    await move_cron(api, alice, cron, "open")
+    in_open = await fire(pool, config, cron)
+    assert await seen(api, f"/api/cron/{cron}/builds", await readers(pool, world)) == {
+        "anonymous": [in_open],
+        "no_build_read": [in_open],
+        "stranger": [in_open],
+        "collaborator": sorted([in_team, in_open]),
+        "owner": sorted([in_team, personal, in_open]),
+    }
+    for number in (in_team, personal):  # each hidden build is hidden on its own, too
+        resp = await api.get(f"/api/b/{number}")
+        assert resp.status == 404
+
+
+async def test_a_collaborators_personal_cron_builds_stay_his_after_a_move_into_a_namespace(
+    api: TestClient, pool: asyncpg.Pool, config: Config, world: World
+):
+    """bob moves his personal cron job into alice's public `open`: the namespace's owner,
+    strangers and anonymous callers see the cron job and its new builds, not bob's personal
+    ones."""
+    alice, bob = world.tokens["owner"], world.tokens["collaborator"]
+    assert alice is not None and bob is not None
+    await create_namespace(api, alice, "open", visibility="public")
+    await add_collaborator_to(api, alice, "open", bob)
+    cron = world.ids["cron"]["collaborator"]
+    await move_cron(api, bob, cron, None)
+    personal = await fire(pool, config, cron)
+    await move_cron(api, bob, cron, "open@alice")
+    in_open = await fire(pool, config, cron)
+    assert await seen(api, f"/api/cron/{cron}/builds", await readers(pool, world)) == {
+        "anonymous": [in_open],
+        "no_build_read": [in_open],
+        "stranger": [in_open],
+        "collaborator": sorted([in_open, personal]),
+        "owner": [in_open],
+    }
+
+
+async def add_collaborator_to(api: TestClient, owner: str, path: str, invitee: str) -> None:
+    resp = await api.post(f"/api/n/alice/{path}/-/invites", headers=bearer(owner),
+                          json={"handle": "bob"})  # fmt: skip
+    assert resp.status == 201, await resp.text()
+    invite = (await resp.json())["id"]
+    resp = await api.patch(f"/api/invites/{invite}", headers=bearer(invitee))
+    assert resp.status == 200, await resp.text()
+
+
+async def test_builds_of_a_namespace_made_private_or_deleted_leave_a_public_crons_listing(
+    api: TestClient, pool: asyncpg.Pool, config: Config, world: World
+):
+    """The cron job ran in the public `old`, then moved to the public `open`; `old` is made
+    private, then deleted (its builds become alice's own, docs/api.md §8.6): each change
+    hides its builds from everyone who can no longer read them."""
+    alice = world.tokens["owner"]
+    assert alice is not None
+    await create_namespace(api, alice, "open", visibility="public")
+    await create_namespace(api, alice, "old", visibility="public")
+    await add_collaborator_to(api, alice, "old", world.tokens["collaborator"] or "")
+    cron = world.ids["cron"]["owner"]
+    await move_cron(api, alice, cron, "old")
+    in_old = await fire(pool, config, cron)
+    await move_cron(api, alice, cron, "open")
+    in_open = await fire(pool, config, cron)
+    tokens = await readers(pool, world)
+    path = f"/api/cron/{cron}/builds"
+    assert await seen(api, path, tokens) == dict.fromkeys(READERS, sorted([in_old, in_open]))
+    resp = await api.patch(
+        "/api/n/alice/old", headers=bearer(alice), json={"visibility": "private"}
+    )
+    assert resp.status == 200, await resp.text()
+    everyone_else = {key: [in_open] for key in ("anonymous", "no_build_read", "stranger")}
+    members = dict.fromkeys(("collaborator", "owner"), sorted([in_old, in_open]))
+    assert await seen(api, path, tokens) == {**everyone_else, **members}
+    resp = await api.delete("/api/n/alice/old", headers=bearer(alice))
+    assert resp.status == 204, await resp.text()
+    assert await seen(api, path, tokens) == {
+        **everyone_else,
+        "collaborator": [in_open],
+        "owner": sorted([in_old, in_open]),
+    }
+
+
+async def test_listings_follow_a_namespace_made_public_then_private_and_a_removed_collaborator(
+    api: TestClient, pool: asyncpg.Pool, world: World
+):
+    """Every listing of `team`'s crons, objects and builds opens to everyone while `team` is
+    public and closes again with it; bob loses them all when he stops collaborating."""
+    alice = world.tokens["owner"]
+    assert alice is not None
+    cron, obj = world.ids["cron"]["owner"], world.ids["object"]["owner"]
+    listings = (f"{N}/-/builds", f"{N}/-/objects", f"/api/cron/{cron}/builds",
+                f"/api/objects/{obj}/builds")  # fmt: skip
+    tokens = await readers(pool, world)
+
+    async def statuses(role: str) -> list[int]:
+        value = tokens[role]
+        return [(await api.get(path, headers=bearer(value) if value else {})).status
+                for path in listings]  # fmt: skip
+
+    async def visibility(value: str) -> None:
+        resp = await api.patch(N, headers=bearer(alice), json={"visibility": value})
+        assert resp.status == 200, await resp.text()
+
+    await visibility("public")
+    for role in READERS:
+        assert await statuses(role) == [200] * 4, role
+    await visibility("private")
+    for role in ("anonymous", "stranger"):
+        assert await statuses(role) == [404] * 4, role
+    resp = await api.delete(f"{N}/-/collaborators/bob", headers=bearer(alice))
+    assert resp.status == 204, await resp.text()
+    assert await statuses("collaborator") == [404] * 4
+    bob = bearer(world.tokens["collaborator"] or "")
+    for mine_path in ("/api/builds", "/api/cron", "/api/objects"):
+        resp = await api.get(mine_path, headers=bob)
+        assert await resp.json() == [], mine_path
