@@ -242,8 +242,8 @@ async def _choose_driver(cfg: config.Config, allow_os: bool) -> tuple[config.Con
         drivers = [driver for driver in cfg.drivers if driver != "docker"]
     else:
         return cfg, (
-            f"runner: no Docker engine at {cfg.docker.host}: builds need Docker and wait "
-            "until one answers there (docker.host); or restart with --allow-os-driver to let "
+            f"runner: no Docker engine at {cfg.docker.host}: builds need Docker and fail until "
+            "one answers there (docker.host); or restart with --allow-os-driver to let "
             f"`{ADMIN}` alone run builds as local processes on this host (no isolation)"
         )
     if not allow_os:
