@@ -157,6 +157,9 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         given = request.payload.redirect_uri
         if given is not None and not client.check_redirect_uri(given):
             raise SpecError("redirect_uri does not match")
+        if not apps.is_redirect_uri(client.app.redirect_uri):
+            # Registered before http(s)-only redirect URIs (issue 11 row 11): no code goes there.
+            raise SpecError("Registered redirect_uri is not allowed")
         return str(given or client.get_default_redirect_uri())
 
     def save_authorization_code(self, code: str, request: Request) -> None:
@@ -170,6 +173,10 @@ class CodeGrant(grants.AuthorizationCodeGrant):
 
     def query_authorization_code(self, code: str, client: Client) -> AuthorizationCode | None:
         found = self.server.run(oauth.find_usable(self.server.conn, code, client.app.id))
+        if found is None:
+            # Maybe a replay: the handler revokes its token once this transaction has rolled
+            # back (RFC 6749 §4.1.2).
+            self.server.refused_code = (code, client.app.id)
         return AuthorizationCode(found) if found else None
 
     def delete_authorization_code(self, authorization_code: AuthorizationCode) -> None:
@@ -188,11 +195,19 @@ class Server(AuthorizationServer):
         super().__init__()
         self.conn = conn
         self.loop = loop
+        # The code and app of a refused token request (unknown, expired or used code).
+        self.refused_code: tuple[str, int] | None = None
         self.register_grant(CodeGrant)
         self.register_token_generator("default", generate_token)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def revoke_replayed(self) -> None:
+        """After a refused token request: if its code had been used, revoke the token issued
+        for it (RFC 6749 §4.1.2). Call on the event loop, in a transaction of its own."""
+        if self.refused_code is not None:
+            await oauth.revoke_replayed(self.conn, *self.refused_code)
 
     def query_client(self, client_id: str) -> Client | None:
         app = self.run(apps.get(self.conn, client_id))
@@ -210,6 +225,8 @@ class Server(AuthorizationServer):
                 token["access_token"],
             )
         )
+        code: AuthorizationCode = request.authorization_code
+        self.run(oauth.record_token(self.conn, code.code.id, tokens.digest(token["access_token"])))
 
     def validate_requested_scope(self, scope: str | None) -> None:
         try:

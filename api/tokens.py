@@ -51,7 +51,9 @@ async def create_token(request: web.Request, caller: Caller) -> web.Response:
     body.errors.raise_if_any()
     assert scope is not None
     async with request.config_dict[POOL].acquire() as conn:
-        token, value = await tokens.create(conn, caller.user, body.data["name"], scope)
+        token, value = await tokens.create(
+            conn, caller.user, body.data["name"], scope, minted_with=caller.token_id
+        )
     return web.json_response(
         {**tokens.to_json(token, api_url(request)), "token": value}, status=201
     )

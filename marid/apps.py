@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,7 +19,12 @@ from marid.times import rfc3339
 from marid.users import User
 from marid.validation import Body, ValidationError
 
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+# Native apps listen on a loopback port (RFC 8252 §7.3); custom schemes are refused (issue 11).
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+REDIRECT_URI_MESSAGE = (
+    "Redirect URI must be an https URL, or an http URL on a loopback host "
+    "(127.0.0.1, [::1] or localhost), without a fragment"
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,8 @@ class AppForm:
         if homepage is not None and not _is_web_url(homepage):
             body.errors.add("homepage_uri", "Homepage URI must be an absolute http or https URL")
         redirect = body.required_string("redirect_uri", "Redirect URI")
-        if redirect is not None and not _is_redirect_uri(redirect):
-            body.errors.add(
-                "redirect_uri", "Redirect URI must be an absolute URL without a fragment"
-            )
+        if redirect is not None and not is_redirect_uri(redirect):
+            body.errors.add("redirect_uri", REDIRECT_URI_MESSAGE)
         body.errors.raise_if_any()
         assert name is not None and homepage is not None and redirect is not None
         return cls(name, description, homepage, redirect)
@@ -83,13 +85,18 @@ def _is_web_url(value: str) -> bool:
     return parts is not None and parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
-def _is_redirect_uri(value: str) -> bool:
+def is_redirect_uri(value: str) -> bool:
+    """Whether codes may be sent to `value`: https with a host, or http to a loopback host.
+    javascript:, data:, file: and custom schemes are refused (issue 11 row 11)."""
     parts = _parts(value)
-    if parts is None or "#" in value or not _SCHEME.fullmatch(parts.scheme):
+    if parts is None or "#" in value or not parts.hostname:
         return False
-    if parts.scheme.lower() in ("http", "https"):
-        return bool(parts.hostname)
-    return bool(parts.netloc or parts.path)
+    try:
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        return False
+    scheme = parts.scheme.lower()
+    return scheme == "https" or (scheme == "http" and parts.hostname in LOOPBACK_HOSTS)
 
 
 def digest(secret: str) -> str:
@@ -163,8 +170,9 @@ async def get(conn: asyncpg.Connection, client_id: str) -> App | None:
 
 
 async def delete(conn: asyncpg.Connection, user: User, client_id: str) -> bool:
-    """Delete one of `user`'s apps with its codes and tokens (ON DELETE CASCADE); False when
-    they have no such app."""
+    """Delete one of `user`'s apps with its codes and every token that came through it: its
+    tokens (`app_id`) and personal tokens minted with them (`via_app_id`), both by ON DELETE
+    CASCADE. False when they have no such app."""
     result = await conn.execute(
         "DELETE FROM apps WHERE client_id = $1 AND user_id = $2", client_id, user.id
     )

@@ -71,6 +71,29 @@ async def mark_used(conn: asyncpg.Connection, code_id: int) -> None:
     await conn.execute("UPDATE oauth_codes SET used = true WHERE id = $1", code_id)
 
 
+async def record_token(conn: asyncpg.Connection, code_id: int, token_digest: str) -> None:
+    """Remember which token the code produced, so that a replay can revoke it."""
+    await conn.execute(
+        "UPDATE oauth_codes SET token_digest = $2 WHERE id = $1", code_id, token_digest
+    )
+
+
+async def revoke_replayed(conn: asyncpg.Connection, code: str, app_id: int) -> bool:
+    """A used code of `app_id` came back: delete the token issued for it, if it still exists
+    (RFC 6749 §4.1.2). True when one was deleted. The caller owns the transaction, which must
+    not be the refused exchange's (that one rolls back)."""
+    result = await conn.execute(
+        """
+        DELETE FROM tokens WHERE digest = (
+            SELECT token_digest FROM oauth_codes WHERE digest = $1 AND app_id = $2 AND used
+        )
+        """,
+        digest(code),
+        app_id,
+    )
+    return bool(result == "DELETE 1")
+
+
 async def user_of(conn: asyncpg.Connection, code: Code) -> User | None:
     row = await conn.fetchrow(
         "SELECT id, username, email, created_at FROM users WHERE id = $1", code.user_id

@@ -94,20 +94,31 @@ def check_new_token(
 
 
 async def create(
-    conn: asyncpg.Connection, user: User, name: str, scope: scopes.Scope
+    conn: asyncpg.Connection,
+    user: User,
+    name: str,
+    scope: scopes.Scope,
+    minted_with: int | None = None,
 ) -> tuple[Token, str]:
-    """Insert a personal token; returns it with its value (the only time it is known)."""
+    """Insert a personal token; returns it with its value (the only time it is known).
+
+    `minted_with` is the id of the token the request authenticated with: when that token came
+    through an app (OAuth, or minted with such a token), the new one does too and is revoked
+    with the app (issue 11 row 11)."""
     value = new_value()
     try:
         row = await conn.fetchrow(
             """
-            INSERT INTO tokens (user_id, name, scope, digest) VALUES ($1, $2, $3, $4)
+            INSERT INTO tokens (user_id, name, scope, digest, via_app_id)
+            VALUES ($1, $2, $3, $4,
+                    (SELECT coalesce(app_id, via_app_id) FROM tokens WHERE id = $5))
             RETURNING id, user_id, name, scope, created_at, last_used_at
             """,
             user.id,
             name,
             str(scope),
             digest(value),
+            minted_with,
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "tokens_user_id_name_key":

@@ -4,6 +4,7 @@ import hashlib
 import re
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
 
 from marid.users import User
@@ -73,24 +74,58 @@ async def test_register_app_validation(api: TestClient, alice: User):
             {**APP, "homepage_uri": "/relative"},
             {"homepage_uri": ["Homepage URI must be an absolute http or https URL"]},
         ),
-        (
-            {**APP, "redirect_uri": "https://x.org/cb#frag"},
-            {"redirect_uri": ["Redirect URI must be an absolute URL without a fragment"]},
-        ),
-        (
-            {**APP, "redirect_uri": "cb"},
-            {"redirect_uri": ["Redirect URI must be an absolute URL without a fragment"]},
-        ),
     ]
     for body, errors in cases:
         resp = await api.post("/api/apps", headers=basic(), json=body)
         assert resp.status == 400, body
         assert await resp.json() == errors, body
-    # A custom scheme (a native app's callback) is an absolute URL.
-    resp = await api.post(
-        "/api/apps", headers=basic(), json={**APP, "redirect_uri": "org.example.app:/cb"}
-    )
+
+
+REDIRECT_URI_ERROR = {
+    "redirect_uri": [
+        "Redirect URI must be an https URL, or an http URL on a loopback host "
+        "(127.0.0.1, [::1] or localhost), without a fragment"
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "javascript:alert(document.cookie)",
+        "javascript://x.org/%0aalert(1)",
+        "data:text/html,<script>alert(1)</script>",
+        "file:///etc/passwd",
+        "org.example.app:/cb",  # custom schemes: native apps use a loopback http URI
+        "ftp://x.org/cb",
+        "http://x.org/cb",
+        "http://127.0.0.1.x.org/cb",
+        "https:///cb",
+        "https://x.org/cb#frag",
+        "cb",
+    ],
+)
+async def test_redirect_uri_must_be_https_or_loopback_http(api: TestClient, alice: User, uri: str):
+    resp = await api.post("/api/apps", headers=basic(), json={**APP, "redirect_uri": uri})
+    assert resp.status == 400
+    assert await resp.json() == REDIRECT_URI_ERROR
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://x.org/cb?a=1",
+        "http://127.0.0.1:8123/cb",
+        "http://[::1]:8123/",
+        "http://localhost/cb",
+    ],
+)
+async def test_https_and_loopback_http_redirect_uris_are_accepted(
+    api: TestClient, alice: User, uri: str
+):
+    resp = await api.post("/api/apps", headers=basic(), json={**APP, "redirect_uri": uri})
     assert resp.status == 201
+    assert (await resp.json())["redirect_uri"] == uri
 
 
 async def test_duplicate_app_name_is_a_field_error(api: TestClient, alice: User):

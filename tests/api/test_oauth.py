@@ -286,3 +286,67 @@ async def test_a_personal_token_may_share_its_name_with_an_app(
     listed = await (await api.get("/api/tokens", headers=basic())).json()
     assert [(t["name"], t["app"] is None) for t in listed] == [(app["name"], False),
                                                               (app["name"], True)]  # fmt: skip
+
+
+async def test_a_replayed_code_is_refused_and_revokes_the_token_issued_for_it(
+    api: TestClient, app: dict[str, Any]
+):
+    code = await code_for(api, app)
+    token = (await (await exchange(api, app, code)).json())["access_token"]
+    assert (await api.get("/api/builds", headers=bearer(token))).status == 200
+    resp = await exchange(api, app, code)  # RFC 6749 §4.1.2
+    assert resp.status == 400
+    assert await resp.json() == {"message": "Invalid or expired code"}
+    assert (await api.get("/api/builds", headers=bearer(token))).status == 404
+    assert await (await api.get("/api/tokens", headers=basic())).json() == []
+    # Only that code's token: a later one (same user and app) survives a replay of the old code.
+    newer = (await (await exchange(api, app, await code_for(api, app))).json())["access_token"]
+    assert (await exchange(api, app, code)).status == 400
+    assert (await api.get("/api/builds", headers=bearer(newer))).status == 200
+
+
+async def test_a_replay_by_another_app_or_with_a_bad_secret_revokes_nothing(
+    api: TestClient, app: dict[str, Any]
+):
+    code = await code_for(api, app)
+    token = (await (await exchange(api, app, code)).json())["access_token"]
+    other = await register(api, "other")
+    assert (await exchange(api, other, code)).status == 400
+    assert (await exchange(api, {**app, "client_secret": "wrong"}, code)).status == 401
+    assert (await api.get("/api/builds", headers=bearer(token))).status == 200
+
+
+async def test_deleting_an_app_revokes_tokens_minted_with_its_tokens(
+    api: TestClient, app: dict[str, Any]
+):
+    scope = "token:write build:read"
+    token = (await (await exchange(api, app, await code_for(api, app, scope))).json())[
+        "access_token"
+    ]
+    minted = []
+    for name, using in (("child", token), ("grandchild", None)):
+        resp = await api.post(
+            "/api/tokens",
+            headers=bearer(using or minted[-1]),
+            json={"name": name, "scope": scope},
+        )
+        assert resp.status == 201, await resp.text()
+        minted.append((await resp.json())["token"])
+    resp = await api.post("/api/tokens", headers=basic(), json={"name": "own", "scope": scope})
+    own = (await resp.json())["token"]
+    resp = await api.delete(f"/api/apps/{app['client_id']}", headers=basic())
+    assert resp.status == 204
+    for value in (token, *minted):
+        assert (await api.get("/api/builds", headers=bearer(value))).status == 404
+    assert (await api.get("/api/builds", headers=bearer(own))).status == 200
+    listed = await (await api.get("/api/tokens", headers=basic())).json()
+    assert [t["name"] for t in listed] == ["own"]
+
+
+async def test_an_app_registered_with_a_now_refused_redirect_uri_gets_no_code(
+    api: TestClient, app: dict[str, Any], pool: asyncpg.Pool
+):
+    await pool.execute("UPDATE apps SET redirect_uri = 'javascript:alert(1)'")
+    resp = await api.post("/login/oauth/authorize", data=consent_form(app), allow_redirects=False)
+    assert resp.status == 400
+    assert await resp.json() == {"message": "Registered redirect_uri is not allowed"}
