@@ -10,13 +10,16 @@ import asyncio
 import base64
 import binascii
 import functools
+import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import asyncpg
 from aiohttp import web
 
 from marid import scopes, tokens, users
-from marid.api.keys import POOL
+from marid.api.keys import POOL, RATE_LIMITER
 from marid.namespaces import Rights
 from marid.users import User
 from marid.validation import NotFound, RequestError
@@ -155,12 +158,38 @@ async def _basic(request: web.Request) -> Caller | None:
         handle, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
         return None
-    async with request.config_dict[POOL].acquire() as conn:
-        found = await users.password_hash_of(conn, handle)
-    if found is None:
-        return None
-    user, stored = found
+    user = await login(request, handle, password)
+    return Caller(user, None) if user is not None else None
+
+
+async def login(
+    request: web.Request, handle: str, password: str, conn: asyncpg.Connection | None = None
+) -> User | None:
+    """The user whose `handle` (name or email) and `password` these are, else None.
+
+    Every password check goes through here (docs/api.md §1.5, issue 11 rows 6 and 10): when
+    the user's or the client address's failed-login budget is spent, 429 before any hashing,
+    the same answer whether or not the password is right; an unknown handle costs one scrypt
+    like a known one. `conn` looks the user up; without it one is taken from the pool.
+    """
+    if conn is None:
+        async with request.config_dict[POOL].acquire() as conn:
+            found = await users.password_hash_of(conn, handle) if handle else None
+    else:
+        found = await users.password_hash_of(conn, handle) if handle else None
+    limiter = request.config_dict.get(RATE_LIMITER)
+    keys: tuple[str, ...] = ()
+    if limiter is not None:
+        who = f"login-user:{found[0].id}" if found else f"login-handle:{handle.lower()}"
+        peer = limiter.client(request.remote or "", request.headers.get("X-Forwarded-For", ""))
+        keys = (who, f"login-ip:{peer}")
+        now = time.time()
+        reset = limiter.begin_login(keys, now)
+        if reset is not None:
+            retry = {"Retry-After": str(max(1, math.ceil(reset - now)))}
+            raise RequestError("Too many failed logins, try again later", 429, retry)
     # The KDF is deliberately slow: keep it off the event loop.
-    if not await asyncio.to_thread(users.verify_password, password, stored):
-        return None
-    return Caller(user, None)
+    user = await asyncio.to_thread(users.login, password, found)
+    if user is not None and limiter is not None:
+        limiter.forgive_login(keys)
+    return user

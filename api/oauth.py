@@ -14,8 +14,8 @@ from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import InsecureTransportError, InvalidClientError
 from multidict import MultiMapping
 
-from marid import apps, tokens, users
-from marid.api.auth import bearer
+from marid import apps, tokens
+from marid.api.auth import bearer, login
 from marid.api.keys import CONFIG, POOL
 from marid.api.oauth_server import (
     CodeGrant,
@@ -27,7 +27,6 @@ from marid.api.oauth_server import (
     in_thread,
 )
 from marid.api.openapi import BEARER, STRING, Operations, json_response, obj, query_param, ref
-from marid.users import User
 from marid.validation import NotFound, RequestError
 
 routes = web.RouteTableDef()
@@ -100,7 +99,8 @@ async def authorize(request: web.Request) -> web.Response:
         server, grant = await _consent(conn, data)
         user = None
         if values.get("authorize") == "true":
-            user = await _login(conn, values.get("handle", ""), values.get("password", ""))
+            handle, password = values.get("handle", ""), values.get("password", "")
+            user = await login(request, handle, password, conn)
             if user is None:
                 return _page(grant, data, error="Incorrect username, email or password", status=401)
         async with conn.transaction():
@@ -110,15 +110,6 @@ async def authorize(request: web.Request) -> web.Response:
         raise RequestError(reply.error.get_error_description() if reply.error else "Bad request")
     # 303: the browser follows a POST with a GET (authlib answers 302).
     return web.Response(status=303, headers={"Location": location})
-
-
-async def _login(conn: asyncpg.Connection, handle: str, password: str) -> User | None:
-    found = await users.password_hash_of(conn, handle) if handle else None
-    if found is None:
-        return None
-    user, stored = found
-    # The KDF is deliberately slow: keep it off the event loop.
-    return user if await asyncio.to_thread(users.verify_password, password, stored) else None
 
 
 @routes.post("/login/oauth/token")
@@ -132,17 +123,10 @@ async def exchange_code(request: web.Request) -> web.Response:
         values.pop("client_id", None)
         values.pop("client_secret", None)
     data = _data(request, values, grant_type="authorization_code")
-    async with request.config_dict[POOL].acquire() as conn:
-        server = Server(conn, asyncio.get_running_loop())
-        try:
-            async with conn.transaction():
-                reply = await in_thread(server.exchange, data)
-                if reply.error is not None:  # raised inside: the transaction rolls back
-                    raise _token_error(reply)
-        except RequestError:
-            async with conn.transaction():  # so the revocation is not rolled back with it
-                await server.revoke_replayed()
-            raise
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        reply = await in_thread(Server(conn, asyncio.get_running_loop()).exchange, data)
+        if reply.error is not None:  # raised inside: the transaction rolls back
+            raise _token_error(reply)
     return _token_response(request, reply)
 
 

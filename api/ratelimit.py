@@ -16,7 +16,7 @@ from aiohttp import web
 
 from marid.api.auth import basic, bearer
 from marid.api.keys import HTTP_METRICS, RATE_LIMITER
-from marid.ratelimit import Limiter, address
+from marid.ratelimit import Limiter
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HEADERS = web.RequestKey("rate_limit_headers", dict[str, str])
@@ -56,15 +56,8 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 def client(limiter: Limiter, request: web.Request) -> str:
-    """The client's address: the first X-Forwarded-For entry when the peer is a trusted proxy
-    and the entry is an address, else the peer."""
-    peer = request.remote or ""
-    forwarded = request.headers.get("X-Forwarded-For", "")
-    if forwarded and limiter.trusted(peer):
-        first = forwarded.split(",")[0].strip()
-        if address(first) is not None:
-            return first
-    return peer
+    """The client's address (Limiter.client)."""
+    return limiter.client(request.remote or "", request.headers.get("X-Forwarded-For", ""))
 
 
 async def add_headers(request: web.Request, response: web.StreamResponse) -> None:

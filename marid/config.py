@@ -166,6 +166,7 @@ class RateLimitConfig:
     window: Annotated[float, Duration] = 60.0
     authenticated: int = 600
     anonymous: int = 60
+    failed_logins: int = 10  # wrong passwords per window for each user and each address
     trusted_proxies: list[str] = field(default_factory=list)
 
 
@@ -310,6 +311,8 @@ def _finish(config: Config, source: str) -> Config:
     limits = config.rate_limit
     if limits.window <= 0:
         raise ConfigError(f"{source}: rate_limit.window: must be longer than 0s")
+    if limits.failed_logins < 1:
+        raise ConfigError(f"{source}: rate_limit.failed_logins: must be at least 1")
     for entry in limits.trusted_proxies:
         try:
             ipaddress.ip_network(entry, strict=False)

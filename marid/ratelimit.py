@@ -44,6 +44,33 @@ class Limiter:
         used, reset = self._used(key, now)
         return True, max(0, limit - used), reset
 
+    def begin_login(self, keys: tuple[str, ...], now: float) -> int | None:
+        """Count a password check against each failed-login budget in `keys` before any
+        hashing (issue 11 row 6); returns when the window ends if one is spent (nothing
+        counted then), else None. Counting first bounds concurrent guesses too."""
+        limit = self.settings.failed_logins
+        used = [self._used(key, now) for key in keys]
+        if any(count >= limit for count, _ in used):
+            return max(reset for _, reset in used)
+        for key, (count, _) in zip(keys, used, strict=True):
+            self.counts[key] = count + 1
+        return None
+
+    def forgive_login(self, keys: tuple[str, ...]) -> None:
+        """A right password: take back what `begin_login` counted, so only failures count."""
+        for key in keys:
+            if self.counts.get(key, 0) > 0:  # the window may have started again meanwhile
+                self.counts[key] -= 1
+
+    def client(self, peer: str, forwarded: str) -> str:
+        """The client's address: the first X-Forwarded-For entry when the peer is a trusted
+        proxy and the entry is an address, else the peer."""
+        if forwarded and self.trusted(peer):
+            first = forwarded.split(",")[0].strip()
+            if address(first) is not None:
+                return first
+        return peer
+
     def _used(self, key: str, now: float) -> tuple[int, int]:
         """Requests counted for `key` in the window of `now`, and when that window ends."""
         length = self.settings.window

@@ -38,10 +38,19 @@ def to_json(user: User) -> dict[str, Any]:
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    return _stored(salt, digest)
+
+
+def _stored(salt: bytes, digest: bytes) -> str:
     encode = base64.b64encode
     return (
         f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${encode(salt).decode()}${encode(digest).decode()}"
     )
+
+
+# An unknown user's password is checked against this, so that answer costs the same scrypt as a
+# known user's (issue 11 row 10). Its digest is random, derived from no password: nothing matches.
+DUMMY_HASH = _stored(secrets.token_bytes(16), secrets.token_bytes(64))
 
 
 def verify_password(password: str, stored: str) -> bool:
@@ -54,6 +63,14 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(actual, expected)
+
+
+def login(password: str, found: tuple[User, str] | None) -> User | None:
+    """The user of `found` (from `password_hash_of`) if `password` is theirs, else None. Blocking:
+    one scrypt whether or not the user exists (against DUMMY_HASH when not)."""
+    stored = DUMMY_HASH if found is None else found[1]
+    right = verify_password(password, stored)
+    return found[0] if found is not None and right else None
 
 
 def check_new_user(username: str | None, email: str | None, password: str | None) -> Errors:
