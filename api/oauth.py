@@ -123,10 +123,17 @@ async def exchange_code(request: web.Request) -> web.Response:
         values.pop("client_id", None)
         values.pop("client_secret", None)
     data = _data(request, values, grant_type="authorization_code")
-    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        reply = await in_thread(Server(conn, asyncio.get_running_loop()).exchange, data)
-        if reply.error is not None:  # raised inside: the transaction rolls back
-            raise _token_error(reply)
+    async with request.config_dict[POOL].acquire() as conn:
+        server = Server(conn, asyncio.get_running_loop())
+        try:
+            async with conn.transaction():
+                reply = await in_thread(server.exchange, data)
+                if reply.error is not None:  # raised inside: the transaction rolls back
+                    raise _token_error(reply)
+        except RequestError:
+            async with conn.transaction():  # so the revocation is not rolled back with it
+                await server.revoke_replayed()
+            raise
     return _token_response(request, reply)
 
 
