@@ -54,10 +54,15 @@ async def db_dsn(pg_cluster: Cluster, template_db: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 def config(db_dsn: str, tmp_path: Path) -> config_module.Config:
+    return base_config(db_dsn, tmp_path)
+
+
+def base_config(dsn: str, tmp_path: Path) -> config_module.Config:
+    """The configuration every test starts from: the database `dsn`, blobs under `tmp_path`."""
     return config_module.from_dict(
         {
             "server": {"url": "https://ci.example.com"},
-            "database": {"dsn": db_dsn},
+            "database": {"dsn": dsn},
             "crypto": {"key": "test-crypto-key-" + "0" * 32},
             "storage": {"backend": "fs", "path": str(tmp_path / "blobs")},
             # Tests never reach a registry: a missing image must not send the engine to Docker

@@ -24,7 +24,7 @@ from marid.api import errors
 from marid.api.app import create_app
 from marid.pgcluster import Cluster, free_port
 from tests.api.test_tokens import basic
-from tests.conftest import bearer
+from tests.conftest import base_config, bearer
 from tests.fixtures.outage import start_database, stop_database
 
 Client = Callable[..., Awaitable[TestClient]]
@@ -46,16 +46,7 @@ def dsn(outage_dsn: str) -> str:
 
 @pytest.fixture
 def own_config(dsn: str, tmp_path: Path) -> config_module.Config:
-    return config_module.from_dict(
-        {
-            "server": {"url": "https://ci.example.com"},
-            "database": {"dsn": dsn},
-            "crypto": {"key": "test-crypto-key-" + "0" * 32},
-            "storage": {"backend": "fs", "path": str(tmp_path / "blobs")},
-            "docker": {"pull": "never"},
-            "rate_limit": {"enabled": False},
-        }
-    )
+    return base_config(dsn, tmp_path)
 
 
 @pytest.fixture
