@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from marid import images, namespaces, webhooks
+from marid import images, webhooks
 from marid.api import idempotency, uploads
 from marid.api.auth import Caller, optional, requires
 from marid.api.downloads import DOWNLOADS
@@ -37,8 +37,14 @@ from marid.api.openapi import (
     ref,
     search_params,
 )
-from marid.api.resources import announce, list_in_namespace, list_mine, readable, usable
-from marid.namespaces import Namespace
+from marid.api.resources import (
+    announce,
+    list_in_namespace,
+    list_mine,
+    readable,
+    resolve_and_check_name,
+    usable,
+)
 from marid.uploads import stored
 from marid.users import User
 from marid.validation import Errors, NotFound
@@ -46,22 +52,6 @@ from marid.validation import Errors, NotFound
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 FIELDS = ("name", "namespace", "driver")
-
-
-async def resolve_and_check_name(
-    conn: asyncpg.Connection, user: User, reference: str | None, name: str | None, errors: Errors
-) -> Namespace | None:
-    """The `namespace` (§3.4), then the uniqueness of `name` unless either already failed."""
-    ns = await namespaces.resolve(conn, user, reference, errors)
-    owner_id = ns.user_id if ns else user.id
-    if (
-        name
-        and not errors.has("name")
-        and not errors.has("namespace")
-        and await images.name_taken(conn, owner_id, ns, name)
-    ):
-        errors.add("name", "Name already exists")
-    return ns
 
 
 @routes.get("/images")
@@ -114,7 +104,7 @@ async def _create_upload(
         conn.transaction(),
     ):
         reference = upload.fields.get("namespace")
-        ns = await resolve_and_check_name(conn, user, reference, name, errors)
+        ns = await resolve_and_check_name(conn, user, reference, name, errors, images.name_taken)
         errors.raise_if_any()
         assert driver is not None and name is not None and blob is not None
         image_id = await images.create(conn, user, ns, driver, name, blob)
@@ -138,7 +128,7 @@ async def _create_download(request: web.Request, user: User, key: str | None) ->
     elif not errors.has("download_url"):
         errors.add("file", "File field required")  # neither a file nor a URL (§12.3)
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        ns = await resolve_and_check_name(conn, user, reference, name, errors)
+        ns = await resolve_and_check_name(conn, user, reference, name, errors, images.name_taken)
         errors.raise_if_any()
         assert name is not None and url is not None
         image_id = await images.create(conn, user, ns, "qemu", name, None)

@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from marid import mime, namespaces, objects
+from marid import mime, objects
 from marid.api import idempotency, uploads
 from marid.api.auth import Caller, optional, requires
 from marid.api.http import api_url
@@ -32,7 +32,14 @@ from marid.api.openapi import (
     ref,
     search_params,
 )
-from marid.api.resources import announce, list_in_namespace, list_mine, readable, usable
+from marid.api.resources import (
+    announce,
+    list_in_namespace,
+    list_mine,
+    readable,
+    resolve_and_check_name,
+    usable,
+)
 from marid.uploads import check_file, stored
 from marid.users import User
 from marid.validation import Errors
@@ -81,15 +88,8 @@ async def _create(
         request.config_dict[POOL].acquire() as conn,
         conn.transaction(),
     ):
-        ns = await namespaces.resolve(conn, user, upload.fields.get("namespace"), errors)
-        owner_id = ns.user_id if ns else user.id
-        if (
-            name
-            and not errors.has("name")
-            and not errors.has("namespace")
-            and await objects.name_taken(conn, owner_id, ns, name)
-        ):
-            errors.add("name", "Name already exists")
+        reference = upload.fields.get("namespace")
+        ns = await resolve_and_check_name(conn, user, reference, name, errors, objects.name_taken)
         errors.raise_if_any()
         assert name is not None and blob is not None
         created = await objects.create(conn, user, ns, name, mime.detect(upload.content.head), blob)

@@ -18,9 +18,9 @@ from marid.api.http import Page, api_url, path_id, query
 from marid.api.keys import POOL
 from marid.api.namespaces import load_namespace
 from marid.listing import Listing
-from marid.namespaces import Rights
+from marid.namespaces import Namespace, Rights
 from marid.users import User
-from marid.validation import NotFound
+from marid.validation import Errors, NotFound
 
 
 class Namespaced(Protocol):
@@ -127,3 +127,28 @@ async def usable(conn: asyncpg.Connection, request: web.Request, user: User, get
     if not rights.use:
         raise NotFound()
     return found
+
+
+NameTaken = Callable[[asyncpg.Connection, int, Namespace | None, str], Awaitable[bool]]
+
+
+async def resolve_and_check_name(
+    conn: asyncpg.Connection,
+    user: User,
+    reference: str | None,
+    name: str | None,
+    errors: Errors,
+    taken: NameTaken,
+) -> Namespace | None:
+    """The `namespace` (docs/api.md §3.4), then the uniqueness of `name` among the owner's
+    resources of its kind (`taken`), unless either already failed."""
+    ns = await namespaces.resolve(conn, user, reference, errors)
+    owner_id = ns.user_id if ns else user.id
+    if (
+        name
+        and not errors.has("name")
+        and not errors.has("namespace")
+        and await taken(conn, owner_id, ns, name)
+    ):
+        errors.add("name", "Name already exists")
+    return ns
