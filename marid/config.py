@@ -247,6 +247,7 @@ class Config:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_OUTPUT = 64 * 1024  # builds.max_output: room for a head, a tail and the line between
 DRIVERS = ("docker", "qemu", "ssh", "os")
 STORAGE_BACKENDS = ("fs", "s3")
 
@@ -308,6 +309,10 @@ def _finish(config: Config, source: str) -> Config:
     if config.crypto.key and len(config.crypto.key) < 32:
         raise ConfigError(f"{source}: crypto.key: must be at least 32 characters")
     _check_storage(config.storage, source)
+    if config.builds.max_output < MIN_OUTPUT:
+        raise ConfigError(f"{source}: builds.max_output: must be at least 64k")
+    if config.reaper.interval <= 0:
+        raise ConfigError(f"{source}: reaper.interval: must be longer than 0s")
     limits = config.rate_limit
     if limits.window <= 0:
         raise ConfigError(f"{source}: rate_limit.window: must be longer than 0s")
