@@ -69,6 +69,10 @@ class ServerConfig:
     api_url: Annotated[str, Url] = ""  # default: url + "/api"
     debug: bool = False
     listen: str = "127.0.0.1:8080"
+    # Slow clients (docs/configuration.md §1): the longest a request's head may take to
+    # arrive, and the longest wait for the next bytes of its body.
+    header_timeout: Annotated[float, Duration] = 30.0
+    body_timeout: Annotated[float, Duration] = 60.0
 
 
 @dataclass(frozen=True)
@@ -125,11 +129,20 @@ PULL_POLICIES = ("never", "if-not-present", "always")
 PULL_BOOLEANS = {True: "if-not-present", False: "never"}
 
 
+# Capabilities job containers lose from the engine's default set (docs/configuration.md §1.4):
+# raw sockets, device nodes, chroot, audit writes and passing file capabilities on.
+DEFAULT_CAP_DROP = ["NET_RAW", "MKNOD", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP", "SETPCAP"]
+
+
 @dataclass(frozen=True)
 class DockerConfig:
     host: str = "unix:///var/run/docker.sock"
     pull: Annotated[str, PullPolicy] = "if-not-present"
-    network: str | None = None  # job containers' network; None = the engine's default
+    # Job containers' network: the name of an engine network, "none", or None (the engine's
+    # default network).
+    network: str | None = None
+    runtime: str | None = None  # an OCI runtime the engine knows (e.g. runsc); None = its default
+    cap_drop: list[str] = field(default_factory=lambda: list(DEFAULT_CAP_DROP))
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,14 @@ class WebhooksConfig:
     attempts: int = 6  # per event, the first included
     retry_delay: Annotated[float, Duration] = 30.0  # before the 2nd attempt; x4 each time
     concurrency: int = 16  # deliveries one scheduler sends at once
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    """What marid's own requests (image downloads, webhooks) may reach besides the public
+    internet: IP networks or host names (docs/configuration.md §1.5)."""
+
+    allow: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -223,7 +244,7 @@ class Config:
     drivers: list[str] = field(default_factory=lambda: ["docker"])
     os_driver: OsDriverConfig = field(default_factory=OsDriverConfig)
     objects: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=5 * 1024**2))
-    images: SizeLimit = field(default_factory=SizeLimit)
+    images: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=10 * 1024**3))
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     builds: BuildsConfig = field(default_factory=BuildsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -231,6 +252,7 @@ class Config:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     cron: CronConfig = field(default_factory=CronConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -325,11 +347,27 @@ def _finish(config: Config, source: str) -> Config:
             raise ConfigError(
                 f"{source}: rate_limit.trusted_proxies: {entry!r} is no IP address or network"
             ) from None
+    for entry in config.outbound.allow:
+        if not _network_or_host(entry):
+            raise ConfigError(
+                f"{source}: outbound.allow: {entry!r} is no IP address, network or host name"
+            )
     hooks = config.webhooks
     if hooks.attempts < 1 or hooks.concurrency < 1:
         key = "attempts" if hooks.attempts < 1 else "concurrency"
         raise ConfigError(f"{source}: webhooks.{key}: must be at least 1")
     return config
+
+
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?", re.I)
+
+
+def _network_or_host(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.fullmatch(entry)) and not entry.replace(".", "").isdigit()
 
 
 def _check_storage(storage: StorageConfig, source: str) -> None:

@@ -28,7 +28,7 @@ def test_minimal_file_gets_documented_defaults(tmp_path: Path):
     assert cfg.server.api_url == "https://ci.example.com/api"
     assert cfg.drivers == ["docker"]
     assert cfg.objects.max_size == 5 * 1024**2
-    assert cfg.images.max_size == 0
+    assert cfg.images.max_size == 10 * 1024**3
     assert cfg.builds.timeout == 1800
     assert cfg.limits.max.memory == 4 * 1024**3 and cfg.limits.max.pids == 4096
     assert cfg.cron.interval == 60
