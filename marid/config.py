@@ -138,9 +138,9 @@ DEFAULT_CAP_DROP = ["NET_RAW", "MKNOD", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP", 
 class DockerConfig:
     host: str = "unix:///var/run/docker.sock"
     pull: Annotated[str, PullPolicy] = "if-not-present"
-    # Job containers' network: the name of an engine network, "none", or None (the engine's
-    # default network).
-    network: str | None = None
+    # Job containers' network: "build" (a bridge network of the build's own, made for each
+    # attempt), the name of an engine network, "none", or None (the engine's default network).
+    network: str | None = "build"
     runtime: str | None = None  # an OCI runtime the engine knows (e.g. runsc); None = its default
     cap_drop: list[str] = field(default_factory=lambda: list(DEFAULT_CAP_DROP))
 
