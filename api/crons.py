@@ -32,6 +32,7 @@ from marid.api.resources import announce, list_mine, readable, usable
 from marid.crons import CronForm
 from marid.manifest import ManifestLimits
 from marid.users import User
+from marid.validation import NotFound
 
 routes = web.RouteTableDef()
 
@@ -80,6 +81,8 @@ async def update_cron(request: web.Request, user: User) -> web.Response:
     limits = ManifestLimits.from_config(request.config_dict[CONFIG])
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         cron = await usable(conn, request, user, crons.get)
+        if not crons.may_change(cron, user):
+            raise NotFound()
         form = CronForm.parse(await read_body(request), creating=False)
         cron = await crons.update(conn, user, cron, form, limits, crons.now())
         [updated] = await crons.to_json(conn, [cron], api_url(request))
@@ -92,6 +95,8 @@ async def update_cron(request: web.Request, user: User) -> web.Response:
 async def delete_cron(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         cron = await usable(conn, request, user, crons.get)
+        if not crons.may_delete(cron, user):
+            raise NotFound()
         await announce(conn, request, "cron", "deleted", cron, crons.to_json)
         await crons.delete(conn, cron)
     return web.Response(status=204)

@@ -139,6 +139,18 @@ async def create(
     return cron
 
 
+def may_change(cron: Cron, user: User) -> bool:
+    """Only its author changes a cron job (docs/api.md §11.3): its builds run with the author's
+    rights, so a manifest someone else wrote must never run with them (issue 11 row 2)."""
+    return cron.author_id == user.id
+
+
+def may_delete(cron: Cron, user: User) -> bool:
+    """Its author, or the owner of its namespace (who need not keep a collaborator's cron job
+    firing in their namespace), deletes a cron job (docs/api.md §11.3)."""
+    return cron.author_id == user.id or (cron.namespace_id is not None and cron.user_id == user.id)
+
+
 async def update(
     conn: asyncpg.Connection,
     user: User,

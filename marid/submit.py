@@ -23,7 +23,7 @@ from marid.namespaces import Namespace
 from marid.users import User
 
 # Whose stored variables, keys and objects a build snapshots: (owner id, namespace id, whether
-# personal resources count).
+# personal resources count: only without a namespace).
 Context = tuple[int, int | None, bool]
 # A snapshot variable: (variable id or None for a manifest `env` entry, value, sealed, masked).
 Value = tuple[int | None, str | None, bytes | None, bool]
@@ -46,9 +46,12 @@ class Submission:
 
     @property
     def context(self) -> Context:
-        # Personal resources count only when the submitter is the owner (docs/manifest.md §5.5).
-        ns_id = self.namespace.id if self.namespace else None
-        return (self.owner.id, ns_id, self.author.id == self.owner.id)
+        # Personal resources count only in a build without a namespace, whose owner is its
+        # submitter (docs/manifest.md §5.5): what a namespace's collaborators may change runs
+        # in its builds, so no personal secret of anyone may be there (issue 11 row 5).
+        if self.namespace is None:
+            return (self.owner.id, None, True)
+        return (self.owner.id, self.namespace.id, False)
 
 
 @dataclass(frozen=True)

@@ -483,8 +483,8 @@ async def test_deleting_a_namespace_detaches_its_keys(
 async def test_a_build_freezes_the_owners_and_the_namespaces_keys(
     api: TestClient, token: MakeToken, pool: asyncpg.Pool, make_user: MakeUser, config
 ):
-    """docs/manifest.md §5.5: by name, a namespace's key wins over a personal one; personal keys
-    count only when the submitter owns the build."""
+    """docs/manifest.md §5.5: personal keys count only in a build without a namespace, so a
+    namespace's build has only the namespace's, whoever submits it (issue 11 row 5)."""
     value = await token(EVERYTHING + " build:write")
     await create_key(api, value, name="b", config="personal b")
     await create_key(api, value, name="same", config="personal")
@@ -495,14 +495,18 @@ async def test_a_build_freezes_the_owners_and_the_namespaces_keys(
     bob_token = await token(EVERYTHING + " build:write", user=bob)
     await add_collaborator(api, value, "acme", "alice", bob_token, "bob")
     cipher = Cipher(config.crypto.key)
-    both = await snapshot(api, value, pool, "acme", "build_keys")
-    assert [(k["name"], k["config"], k["location"]) for k in both] == [
+    by_owner = await snapshot(api, value, pool, "acme", "build_keys")
+    assert [(k["name"], k["config"], k["location"]) for k in by_owner] == [
         ("a", "in acme", "/root/.ssh/a"),
-        ("b", "personal b", "/root/.ssh/b"),
         ("same", "in acme", "/root/.ssh/same"),
     ]
+    personal = await snapshot(api, value, pool, None, "build_keys")
+    assert [(k["name"], k["config"]) for k in personal] == [
+        ("b", "personal b"),
+        ("same", "personal"),
+    ]
     alice_id = await pool.fetchval("SELECT id FROM users WHERE username = 'alice'")
-    for k in both:
+    for k in by_owner + personal:
         assert keys.decrypt_key(cipher, alice_id, k["name"], k["key_sealed"]) == ed25519_key()
     by_collaborator = await snapshot(api, bob_token, pool, "acme@alice", "build_keys")
     assert [k["name"] for k in by_collaborator] == ["a", "same"]

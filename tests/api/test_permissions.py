@@ -463,3 +463,66 @@ async def test_listings_follow_a_namespace_made_public_then_private_and_a_remove
     for mine_path in ("/api/builds", "/api/cron", "/api/objects"):
         resp = await api.get(mine_path, headers=bob)
         assert await resp.json() == [], mine_path
+
+
+# Cron jobs run with their author's rights (issue 11 row 2, docs/api.md §11.3): only the author
+# changes one; its author or the namespace owner deletes it.
+
+
+async def cron_request(
+    api: TestClient, method: str, token: str | None, cron_id: int, body: Any = None
+) -> int:
+    resp = await api.request(method, f"/api/cron/{cron_id}", headers=bearer(token or ""),
+                             json=body)  # fmt: skip
+    return resp.status
+
+
+async def test_only_its_author_changes_a_cron_job_and_the_namespace_owner_may_delete_it(
+    api: TestClient, pool: asyncpg.Pool, world: World
+):
+    alice, bob = world.tokens["owner"], world.tokens["collaborator"]
+    alices, bobs = world.ids["cron"]["owner"], world.ids["cron"]["collaborator"]
+    takeover = {"manifest": MANIFEST.replace("namespace: team@alice\n", ""), "name": "mine"}
+    before = await pool.fetchrow("SELECT * FROM crons WHERE id = $1", alices)
+    # bob can read alice's cron job, not change or delete it
+    assert await cron_request(api, "GET", bob, alices) == 200
+    assert await cron_request(api, "PATCH", bob, alices, takeover) == 404
+    assert await cron_request(api, "PATCH", bob, alices, {"schedule": "weekly"}) == 404
+    assert await cron_request(api, "DELETE", bob, alices) == 404
+    assert await pool.fetchrow("SELECT * FROM crons WHERE id = $1", alices) == before
+    # alice owns the namespace: she may delete bob's cron job, not put her words in it
+    assert await cron_request(api, "PATCH", alice, bobs, takeover) == 404
+    assert await cron_request(api, "DELETE", alice, bobs) == 204
+    # each author still changes their own
+    assert await cron_request(api, "PATCH", alice, alices, {"schedule": "weekly"}) == 200
+
+
+async def test_a_removed_collaborators_cron_job_stops_firing_and_never_gets_personal_secrets(
+    api: TestClient, pool: asyncpg.Pool, config: Config, world: World
+):
+    """bob's cron job in alice's `team` makes builds with namespace resources only (alice's
+    personal variable never reaches bob's commands); once bob is removed it makes none."""
+    alice, bob = world.tokens["owner"], world.tokens["collaborator"]
+    assert alice is not None
+    secret = {"key": "ALICE_ONLY", "value": "s3cret", "masked": True}
+    resp = await api.post("/api/variables", headers=bearer(alice), json=secret)
+    assert resp.status == 201, await resp.text()
+    cron = world.ids["cron"]["collaborator"]
+    made = await fire(pool, config, cron)
+    keys = await pool.fetch(
+        "SELECT v.key FROM build_variables v JOIN builds b ON b.id = v.build_id"
+        " JOIN users u ON u.id = b.user_id WHERE u.username || '/' || b.number = $1",
+        made,
+    )
+    assert "ALICE_ONLY" not in {row["key"] for row in keys}
+    assert {"V_owner", "V_collaborator"} <= {row["key"] for row in keys}
+    resp = await api.delete(f"{N}/-/collaborators/bob", headers=bearer(alice))
+    assert resp.status == 204, await resp.text()
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE crons SET next_run = now() - interval '1 minute' WHERE id = $1", cron
+        )
+    assert await loop.tick(pool, datetime.now(UTC), 10, config) == 1  # fired, made nothing
+    assert await pool.fetchval("SELECT count(*) FROM builds WHERE cron_id = $1", cron) == 1
+    assert await cron_request(api, "PATCH", bob, cron, {"schedule": "weekly"}) == 404
+    assert await cron_request(api, "DELETE", alice, cron) == 204

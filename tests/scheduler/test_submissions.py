@@ -140,36 +140,22 @@ PERSONAL_ONLY = (
 )
 
 
+NAMESPACE_ONLY = (
+    ["NS_ONLY=n", "SECRET=sealed namespace", "ONLY_ENV=1", "SHARED=from env again"],
+    ["a-first=first", "deploy=namespace deploy"],
+    [True, False, False],
+)
+
+
 @pytest.mark.parametrize(
     ("author", "namespace", "expected"),
     [
-        (
-            "alice",
-            "team@alice",
-            (
-                [
-                    "OLD=attached",
-                    "PERSONAL=p",
-                    "NS_ONLY=n",
-                    "SECRET=sealed namespace",
-                    "ONLY_ENV=1",
-                    "SHARED=from env again",
-                ],
-                ["a-first=first", "deploy=namespace deploy", "own=own"],
-                [True, False, True],
-            ),
-        ),
-        (
-            "bob",
-            "team@alice",
-            (
-                ["NS_ONLY=n", "SECRET=sealed namespace", "ONLY_ENV=1", "SHARED=from env again"],
-                ["a-first=first", "deploy=namespace deploy"],
-                [True, False, False],
-            ),
-        ),
+        # Personal resources only without a namespace, whoever submits (docs/manifest.md §5.5).
+        ("alice", "team@alice", NAMESPACE_ONLY),
+        ("bob", "team@alice", NAMESPACE_ONLY),
         ("alice", None, PERSONAL_ONLY),
-        ("alice", "team/new", PERSONAL_ONLY),  # created by the scheduler, found by the API
+        # Created by the scheduler, found by the API: empty, so only the manifest's env.
+        ("alice", "team/new", (["ONLY_ENV=1", "SHARED=from env again"], [], [False] * 3)),
     ],
     ids=["owner-in-namespace", "collaborator-in-namespace", "personal", "new-namespace"],
 )
