@@ -3,11 +3,11 @@
 
 At start and every `reaper.interval` (docs/configuration.md §1.3) it removes:
 
-- containers, then volumes, labelled for this installation (`marid.instance`, set by
-  runner/drivers/docker.py) whose build attempt is not `running` under a lease that has not
-  expired: a killed or finished build, an earlier attempt, a build whose runner died. Those
-  of other installations sharing the engine, and of `marid run` (no installation), are
-  never looked at; a running build's are kept.
+- containers, then volumes and networks (`docker.network: build`), labelled for this
+  installation (`marid.instance`, set by runner/drivers/docker.py) whose build attempt is
+  not `running` under a lease that has not expired: a killed or finished build, an earlier
+  attempt, a build whose runner died. Those of other installations sharing the engine, and
+  of `marid run` (no installation), are never looked at; a running build's are kept.
 - the temporary directories the runner makes (`RUNNER_DIRS`) once older than the grace
   period plus the longest time limit of a running build (at least `builds.max_timeout`): a
   build's directories live no longer than the build, and their age is only the directory's
@@ -53,7 +53,7 @@ RUNNER_DIRS = (
     "marid-scripts-",
 )
 
-Attempt = tuple[int, int]  # (build id, attempt) from a container's or volume's labels
+Attempt = tuple[int, int]  # (build id, attempt) from a container's, volume's or network's labels
 
 
 class RunnerReaper:
@@ -90,32 +90,38 @@ class RunnerReaper:
             files=await asyncio.to_thread(remove_old_dirs, self.temp_dir, before - longest),
             partial=await self.store.remove_partial(before),
         )
+        networks = 0
         if "docker" in self.config.drivers:
-            reaped.containers, reaped.volumes = await self._engine()
+            reaped.containers, reaped.volumes, networks = await self._engine()
         if reaped:
             log.info("runner reaper removed %s", reaped)
+        if networks:  # not in Reaped, which marid/reaper.py owns
+            log.info("runner reaper removed %d networks", networks)
         return reaped
 
-    async def _engine(self) -> tuple[int, int]:
-        """Remove the containers and volumes of this installation that no live attempt uses."""
+    async def _engine(self) -> tuple[int, int, int]:
+        """Remove the containers, volumes and networks of this installation that no live
+        attempt uses; returns how many of each went."""
         if self._client is None:
             self._client = await asyncio.to_thread(docker_client, self.config.docker.host)
         try:
-            containers, volumes = await asyncio.to_thread(self._labelled)
-            builds = sorted({build for build, _ in [*containers.values(), *volumes.values()]})
+            labelled = await asyncio.to_thread(self._labelled)
+            builds = sorted({build for owners in labelled for build, _ in owners.values()})
             async with self.pool.acquire() as conn:
                 live = await live_attempts(conn, builds)
-            gone_containers = [item for item, owner in containers.items() if owner not in live]
-            gone_volumes = [item for item, owner in volumes.items() if owner not in live]
-            return await asyncio.to_thread(self._remove, gone_containers, gone_volumes)
+            gone = [
+                [item for item, owner in owners.items() if owner not in live] for owners in labelled
+            ]
+            return await asyncio.to_thread(self._remove, *gone)
         except Exception:
             if self._owns_client:  # the engine may have restarted: connect afresh next time
                 client, self._client = self._client, None
                 await asyncio.to_thread(client.close)
             raise
 
-    def _labelled(self) -> tuple[dict[str, Attempt], dict[str, Attempt]]:
-        """This installation's containers (by id) and volumes (by name), with their owners."""
+    def _labelled(self) -> tuple[dict[str, Attempt], dict[str, Attempt], dict[str, Attempt]]:
+        """This installation's containers (by id), volumes (by name) and networks (by id), with
+        their owners."""
         filters = {"label": [f"{LABEL_INSTANCE}={self.instance}"]}
         api = self._client.api
         containers = _owners(
@@ -124,13 +130,19 @@ class RunnerReaper:
         volumes = _owners(
             (v["Name"], v.get("Labels")) for v in api.volumes(filters=filters).get("Volumes") or []
         )
-        return containers, volumes
+        networks = _owners((n["Id"], n.get("Labels")) for n in api.networks(filters=filters))
+        return containers, volumes, networks
 
-    def _remove(self, containers: list[str], volumes: list[str]) -> tuple[int, int]:
-        """Force-remove `containers`, then `volumes`; returns how many of each went."""
+    def _remove(
+        self, containers: list[str], volumes: list[str], networks: list[str]
+    ) -> tuple[int, int, int]:
+        """Force-remove `containers`, then `volumes` and `networks` (which their containers
+        must have left); returns how many of each went."""
         api = self._client.api
-        return _remove_each(containers, api.remove_container), _remove_each(
-            volumes, api.remove_volume
+        return (
+            _remove_each(containers, api.remove_container),
+            _remove_each(volumes, api.remove_volume),
+            _remove_each(networks, lambda network, force: api.remove_network(network)),
         )
 
     def close(self) -> None:

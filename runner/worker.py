@@ -384,6 +384,8 @@ class Worker:
             pull=self.config.docker.pull,
             uploaded=lambda name: self._uploaded_image(build, name),
             instance=self.instance,
+            runtime=self.config.docker.runtime,
+            cap_drop=self.config.docker.cap_drop,
         )
 
     async def _uploaded_image(self, build: ClaimedBuild, name: str) -> Any:

@@ -1,5 +1,9 @@
 """The docker driver (docs/manifest.md §9.2): one volume per build, one container per job.
 
+Every container it makes runs with `no-new-privileges` and without the capabilities of
+`docker.cap_drop`, under `docker.runtime`; with `docker.network: build` the job containers
+join a bridge network of the attempt's own (docs/security.md §2).
+
 The docker SDK is blocking: every call runs in a worker thread (`asyncio.to_thread`), except
 the output stream of a running job, which gets a thread of its own (see `_pump`).
 """
@@ -27,9 +31,11 @@ from typing import IO, Any
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.networks import Network
 from docker.types import LogConfig
 from requests import RequestException
 
+from marid.config import DEFAULT_CAP_DROP
 from marid.manifest import format_size
 from marid.runner.drivers.base import (
     Driver,
@@ -67,6 +73,14 @@ NOT_FOUND = (
     "image {} not found: upload it with POST /images (driver docker) or load it on the runner"
 )
 NEVER_PULLED = " (this runner pulls no images: {} is never)"
+# What a build naming another's uploaded image is told (issue 11 row 12): as little as for any
+# image it may not use, so that it learns nothing of the upload.
+NOT_AVAILABLE = "image {} is not available to this build"
+# docker.network: a user-defined bridge network made for each attempt, labelled like its
+# containers: its jobs reach neither other builds' containers nor the engine's default bridge.
+BUILD_NETWORK = "build"
+# Given to every container: no setuid binary or file capability raises a job's privileges.
+SECURITY_OPT = ["no-new-privileges"]
 SSH_DIR = "/root/.ssh"
 SSH_CONFIG_HEAD = "\nStrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n\n"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -93,8 +107,8 @@ def docker_client(host: str) -> docker.DockerClient:
 
 
 async def remove_leftovers(client: docker.DockerClient, build_id: int, instance: str = "") -> None:
-    """Remove every container and volume of `build_id` (any attempt) of this installation.
-    Never raises."""
+    """Remove every container, volume and network of `build_id` (any attempt) of this
+    installation. Never raises."""
     labels = [f"{LABEL_BUILD}={build_id}", f"{LABEL_INSTANCE}={instance}"]
     await asyncio.to_thread(_remove_labelled, client, labels)
 
@@ -115,6 +129,8 @@ class DockerDriver(Driver):
         uploaded: Callable[[str], Awaitable[UploadedImage | None]],
         instance: str = "",
         pull_setting: str = "docker.pull",
+        runtime: str | None = None,
+        cap_drop: list[str] | None = None,
     ) -> None:
         self._client = client
         self._instance = instance
@@ -122,7 +138,9 @@ class DockerDriver(Driver):
         self._image = image
         self._workspace = _absolute(workspace)
         self._limits = limits
-        self._network = network
+        self._network = network  # docker.network: BUILD_NETWORK, a network's name, none or None
+        self._runtime = runtime  # docker.runtime; None: the engine's default
+        self._cap_drop = list(DEFAULT_CAP_DROP if cap_drop is None else cap_drop)
         self._pull = pull  # docker.pull: never, if-not-present or always (docs/configuration.md)
         self._pull_setting = pull_setting  # where the policy came from, for the messages
         self._uploaded = uploaded
@@ -152,15 +170,49 @@ class DockerDriver(Driver):
         """The name of the build's workspace volume."""
         return self._prefix
 
+    @property
+    def network(self) -> str | None:
+        """The network job containers join: the build's own with BUILD_NETWORK, else
+        docker.network (None: the engine's default)."""
+        return self._prefix if self._network == BUILD_NETWORK else self._network
+
     async def clear_previous(self) -> None:
-        """Remove containers and volumes of this build's earlier attempts."""
+        """Remove containers, volumes and networks of this build's earlier attempts."""
         await remove_leftovers(self._client, self.build_id, self._instance)
 
     async def create(self, out: OutputSink) -> None:
-        """Resolve the image (h.2), then create the workspace volume."""
+        """Check docker.runtime, resolve the image (h.2), then create the workspace volume and,
+        with docker.network `build`, the build's network."""
+        if self._runtime is not None:
+            await asyncio.to_thread(self._check_runtime, self._runtime)
         self._image_id = await self._resolve_image(out)
         await self._make(self._client.volumes.create, self.volume, labels=self._labels)
         log.info("build %d: created volume %s", self.build_id, self.volume)
+        if self._network == BUILD_NETWORK:
+            await self._make(self._create_network)
+            log.info("build %d: created network %s", self.build_id, self._prefix)
+
+    def _check_runtime(self, runtime: str) -> None:
+        """Raise DriverError naming docker.runtime unless the engine knows `runtime`: else
+        every container would fail to be created with the engine's terse "Unknown runtime"."""
+        runtimes = sorted(_engine(self._client.info).get("Runtimes") or {})
+        if runtime not in runtimes:
+            known = ", ".join(runtimes) or "none"
+            raise DriverError(
+                f"docker.runtime {runtime!r} is not a runtime of this runner's Docker engine"
+                f" (it has: {known})"
+            )
+
+    def _create_network(self) -> Any:
+        """The build's own bridge network; DriverError saying so when the engine cannot make
+        one (e.g. its address pools are used up: docs/security.md §2)."""
+        try:
+            return self._client.networks.create(self._prefix, driver="bridge", labels=self._labels)
+        except DockerException as exc:
+            raise DriverError(
+                f"docker.network build: the engine could not create this build's network:"
+                f" {_reason(exc)}"
+            ) from exc
 
     async def place_object(self, content: Path, destination: str) -> str:
         """Place a file (0644): in the volume now if inside the workspace, else in each job."""
@@ -268,8 +320,8 @@ class DockerDriver(Driver):
             log.warning("build %d: stopping %s failed: %s", self.build_id, container.name, exc)
 
     async def destroy(self) -> None:
-        """Remove this attempt's containers and volume (by label), once every engine call that
-        makes one has returned. Never raises."""
+        """Remove this attempt's containers, volume and network (by label), once every engine
+        call that makes one has returned. Never raises."""
         self._stopped = True
         while self._making:  # calls a kill or timeout cancelled the caller of (see _make)
             await asyncio.wait(set(self._making))
@@ -284,6 +336,8 @@ class DockerDriver(Driver):
         upload = await self._uploaded(name)
         if upload is not None:
             return await self._use_upload(upload, out)
+        if _repository(name) == CACHE_REPOSITORY:  # uploads are reached through their names
+            raise DriverError(NOT_AVAILABLE.format(name))
         # docker.pull (docs/configuration.md): `always` pulls even an image the engine has.
         image: Any = None
         if self._pull != "always":
@@ -295,6 +349,8 @@ class DockerDriver(Driver):
             image, status = await asyncio.to_thread(_pull, self._client, name)
             if status:
                 await out(f"{status}\n".encode())
+        if not _public(image):  # e.g. named by its ID: an upload the engine holds for others
+            raise DriverError(NOT_AVAILABLE.format(name))
         await out(f"Using image {name} ({image.id})\n".encode())
         return str(image.id)
 
@@ -367,13 +423,16 @@ class DockerDriver(Driver):
             labels=self._labels,
             network_mode="none",
             volumes={self.volume: {"bind": self._workspace, "mode": "rw"}},
+            security_opt=SECURITY_OPT,
+            cap_drop=self._cap_drop,
         )
 
     def _create_job(self, job: str, script: bytes, env: dict[str, str]) -> tuple[Any, Any]:
         """A created job container holding the script and the files kept for every job, and
         the stream of its output (attached before it starts, so none is missed)."""
         self._jobs += 1
-        network = {} if self._network is None else {"network_mode": self._network}
+        network = {} if self.network is None else {"network_mode": self.network}
+        runtime = {} if self._runtime is None else {"runtime": self._runtime}
         inline = len(script) <= INLINE_SCRIPT_MAX
         container = _engine(
             self._client.containers.create,
@@ -396,7 +455,10 @@ class DockerDriver(Driver):
             init=True,
             # The output is streamed through attach; engine-side logs would only duplicate it.
             log_config=LogConfig(type="none"),
+            security_opt=SECURITY_OPT,
+            cap_drop=self._cap_drop,
             **network,
+            **runtime,
         )
         files = [*self._extra_files]
         if not inline:
@@ -441,7 +503,7 @@ class DockerDriver(Driver):
 
     async def _make(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`call(*args, **kwargs)` in a worker thread, for the calls that create or start a
-        container or the volume.
+        container, or create the volume or the network.
 
         A kill or timeout cancels the job's task (docs/architecture.md), but not a thread: the
         engine call goes on, and what it makes would appear after destroy() had looked for it,
@@ -645,6 +707,26 @@ def _untagged_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str)
     return json.dumps([{**entries[0], "RepoTags": None}]).encode()
 
 
+def _repository(name: str) -> str:
+    """The repository of the image reference `name` as the engine normalises it, without
+    Docker Hub's domain and `library/`: `docker.io/library/busybox:1@sha256:…` -> `busybox`."""
+    name = name.partition("@")[0]
+    head, slash, last = name.rpartition("/")
+    name = head + slash + last.partition(":")[0]
+    domain, slash, rest = name.partition("/")
+    if slash and domain in ("docker.io", "index.docker.io"):
+        name = rest.removeprefix("library/")
+    return name
+
+
+def _public(image: Any) -> bool:
+    """Whether the engine knows `image` by a name outside the upload cache: a tag or a registry
+    digest it got independently. An image known only by cache tags, or only by its ID, may be
+    another build's upload."""
+    names = [*(image.attrs.get("RepoTags") or []), *(image.attrs.get("RepoDigests") or [])]
+    return any(not n.startswith("<none>") and _repository(n) != CACHE_REPOSITORY for n in names)
+
+
 def _sha256(path: Path) -> str:
     with path.open("rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
@@ -676,10 +758,12 @@ def _reason(exc: DockerException) -> str:
 
 
 def _remove_labelled(client: docker.DockerClient, labels: list[str]) -> None:
-    """Force-remove the containers, then the volumes, carrying all `labels`. Logs failures."""
+    """Force-remove the containers, then the volumes and networks, carrying all `labels`. Logs
+    failures."""
     filters = {"label": labels}
     _remove_each(lambda: client.containers.list(all=True, filters=filters), labels)
     _remove_each(lambda: client.volumes.list(filters=filters), labels)
+    _remove_each(lambda: client.networks.list(filters=filters), labels)
 
 
 def _remove_each(listing: Callable[[], list[Any]], labels: list[str]) -> None:
@@ -691,7 +775,10 @@ def _remove_each(listing: Callable[[], list[Any]], labels: list[str]) -> None:
         return
     for item in items:
         try:
-            item.remove(force=True)
+            if isinstance(item, Network):  # no force: its containers are gone by now
+                item.remove()
+            else:
+                item.remove(force=True)
         except NotFound:
             pass
         except Exception:
