@@ -427,8 +427,10 @@ class _Digest:
 async def _spool(chunks: AsyncIterable[bytes], path: Path, digest: _Digest, durable: bool) -> Blob:
     """Write `chunks` to a new file at `path`; the caller removes it on failure."""
     # Created here rather than in a thread, so a cancelled caller never races its creation.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as out:
+    # Readable by the service's user alone (issue 11 row 18): blobs are other users' uploads.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
         hold(out.fileno())
         async for chunk in chunks:
             await asyncio.to_thread(_write, out, digest, chunk)

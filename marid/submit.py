@@ -132,7 +132,8 @@ async def _read_snapshot(conn: asyncpg.Connection, subs: list[Submission]) -> _S
 
 async def _find_objects(conn: asyncpg.Connection, subs: list[Submission]) -> list[list[int | None]]:
     """Each manifest `objects` entry's stored object id: among the namespace's objects, then the
-    personal ones; None for an unknown name."""
+    personal ones (not one a collaborator wrote in a namespace since deleted, issue 11 row 14);
+    None for an unknown name."""
     entries = [(i, source) for i, sub in enumerate(subs) for source, _ in sub.manifest.objects]
     found: list[list[int | None]] = [[] for _ in subs]
     if not entries:
@@ -143,7 +144,8 @@ async def _find_objects(conn: asyncpg.Connection, subs: list[Submission]) -> lis
         SELECT (SELECT id FROM objects
                 WHERE name = e.source AND (namespace_id = e.namespace_id
                                            OR (e.personal AND user_id = e.owner_id
-                                               AND namespace_id IS NULL))
+                                               AND namespace_id IS NULL
+                                               AND (NOT detached OR author_id = user_id)))
                 ORDER BY namespace_id IS NULL, detached, id DESC LIMIT 1) AS id
         FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::boolean[])
              WITH ORDINALITY AS e(source, owner_id, namespace_id, personal, i)

@@ -526,3 +526,37 @@ async def test_a_removed_collaborators_cron_job_stops_firing_and_never_gets_pers
     assert await pool.fetchval("SELECT count(*) FROM builds WHERE cron_id = $1", cron) == 1
     assert await cron_request(api, "PATCH", bob, cron, {"schedule": "weekly"}) == 404
     assert await cron_request(api, "DELETE", alice, cron) == 204
+
+
+async def test_deleting_a_namespace_never_hands_a_collaborators_secrets_to_the_owner(
+    api: TestClient, pool: asyncpg.Pool, world: World
+):
+    """Issue 11 row 14: bob's variable and key in alice's `team` are deleted with it, not
+    detached into alice's personal ones; his object stays detached but no build of alice's
+    uses it. alice's own are detached as before (docs/api.md §8.6)."""
+    alice = world.tokens["owner"]
+    assert alice is not None
+    resp = await api.delete(N, headers=bearer(alice))
+    assert resp.status == 204, await resp.text()
+    assert await pool.fetchval("SELECT array_agg(key ORDER BY key) FROM variables") == ["V_owner"]
+    assert await pool.fetchval("SELECT array_agg(name ORDER BY name) FROM ssh_keys") == [
+        "key_owner"
+    ]
+    listed = await api.get("/api/variables", headers=bearer(alice))
+    assert [v["key"] for v in await listed.json()] == ["V_owner"]
+    manifest = (
+        "driver: {type: docker, image: busybox, workspace: /w}\n"
+        "objects: [obj_owner, obj_collaborator]\n"
+    )
+    resp = await api.post("/api/builds", headers=bearer(alice), json={"manifest": manifest})
+    assert resp.status == 201, await resp.text()
+    build = (await resp.json())["id"]
+    placed = await pool.fetch(
+        "SELECT source, object_id FROM build_objects WHERE build_id = $1 ORDER BY source", build
+    )
+    assert [(row["source"], row["object_id"] is not None) for row in placed] == [
+        ("obj_collaborator", False),
+        ("obj_owner", True),
+    ]
+    frozen = await pool.fetch("SELECT key FROM build_variables WHERE build_id = $1", build)
+    assert [row["key"] for row in frozen] == ["V_owner"]

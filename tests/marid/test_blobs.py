@@ -290,3 +290,12 @@ def test_s3_config_is_read() -> None:
     assert storage.backend == "s3"
     assert (storage.s3.bucket, storage.s3.prefix) == ("b", "ci/")
     assert storage.s3.endpoint_url == "http://127.0.0.1:9000"
+
+
+async def test_stored_files_are_readable_by_the_service_user_alone(tmp_path: Path) -> None:
+    """Issue 11 row 18: blobs hold other users' uploads; with a umask of 022 they were 0644."""
+    store = blobs.FsStore(tmp_path / "blobs")
+    blob = await store.put(pieces(b"secret upload"))
+    path = tmp_path / "blobs" / blob.key[:2] / blob.key
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
