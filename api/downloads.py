@@ -5,6 +5,8 @@ transaction has committed. Every step is recorded in `image_downloads`, so a dow
 pending by a stopped or crashed server is started again when the app next starts (or failed,
 after MAX_ATTEMPTS starts). The URL is kept encrypted until the download finishes.
 http(s) URLs are fetched with aiohttp, sftp URLs with asyncssh; both stream into the blob store.
+Every connection, redirects included, goes only where the outbound policy allows
+(marid/outbound.py, docs/security.md §3).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import aiohttp
 import asyncpg
 import asyncssh
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
+from yarl import URL
 
-from marid import db, images, webhooks
+from marid import db, images, outbound, webhooks
 from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL
 from marid.blobs import Blob, BlobStore, BlobTooLarge
 from marid.config import parse_duration
@@ -38,6 +42,12 @@ RESUME_EVERY = LEASE  # seconds between looks for downloads whose process went a
 CHUNK_SIZE = 256 * 1024
 SFTP_PORT = 22
 SFTP_CONNECT_TIMEOUT = 60.0  # seconds, when the URL has no `timeout` query (docs/api.md §12.3)
+MAX_REDIRECTS = 5  # followed by hand, each checked against the policy (docs/api.md §12.3)
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class Resolver(outbound.Resolver, AbstractResolver):
+    """The policy's resolver as aiohttp's type: only allowed addresses are connected to."""
 
 
 class DownloadFailed(Exception):
@@ -55,8 +65,10 @@ class Downloads:
         max_size: int,
         session: aiohttp.ClientSession,
         api_url: str,
+        policy: outbound.Policy,
     ) -> None:
         self.pool = pool
+        self.policy = policy
         self.api_url = api_url  # for webhook payloads
         self.store = store
         self.cipher = cipher
@@ -185,6 +197,8 @@ class Downloads:
             ) from None
         except TimeoutError:
             raise DownloadFailed(f"download timed out after {TIMEOUT:g} seconds") from None
+        except outbound.Refused as exc:  # nothing was sent: nothing of the remote to tell
+            raise DownloadFailed(f"download failed: {exc}") from None
         except aiohttp.InvalidURL as exc:  # its text is the URL, without the user info
             raise DownloadFailed(f"download failed: invalid URL {exc}") from None
         # The SSH or SFTP server's reason (the password is never sent back).
@@ -202,22 +216,37 @@ class Downloads:
         return await self._fetch_http(parts)
 
     async def _fetch_http(self, parts: SplitResult) -> Blob:
+        """GET the URL, following up to MAX_REDIRECTS redirects by hand: each URL's host is
+        checked before its request (aiohttp connects to a literal address without asking the
+        session's Resolver, which checks names)."""
         headers = {}
         if parts.username is not None:  # user info is sent as Basic auth, not in the URL
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
-        target = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        async with self.session.get(target, headers=headers) as response:
-            if not 200 <= response.status < 300:
-                status = f"{response.status} {response.reason or ''}".strip()
-                raise DownloadFailed(f"download failed: unexpected status {status}")
-            chunks = images.qcow2_only(response.content.iter_chunked(CHUNK_SIZE))
-            return await self.store.put(chunks, self.max_size)
+        target = URL(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+        origin = target.origin()
+        for _ in range(MAX_REDIRECTS + 1):
+            checked = URL(self.policy.checked_url(str(target)), encoded=True)
+            async with self.session.get(
+                checked, headers=headers, allow_redirects=False
+            ) as response:
+                location = response.headers.get("Location")
+                if response.status in REDIRECTS and location:
+                    target = _redirect(response.url, location)
+                    if target.origin() != origin:  # credentials stay with their own server
+                        headers.pop("Authorization", None)
+                    continue
+                if not 200 <= response.status < 300:
+                    status = f"{response.status} {response.reason or ''}".strip()
+                    raise DownloadFailed(f"download failed: unexpected status {status}")
+                chunks = images.qcow2_only(response.content.iter_chunked(CHUNK_SIZE))
+                return await self.store.put(chunks, self.max_size)
+        raise DownloadFailed(f"download failed: more than {MAX_REDIRECTS} redirects")
 
     async def _fetch_sftp(self, parts: SplitResult) -> Blob:
         """Password login to host[:port], then the file at the URL path (docs/api.md §12.3)."""
         path = unquote(parts.path)
-        conn = await _sftp_connect(parts)
+        conn = await _sftp_connect(parts, self.policy)
         try:
             sftp = await conn.start_sftp_client()
             try:
@@ -259,15 +288,33 @@ class Downloads:
             log.warning("image %d download failed: %s", image_id, error)
 
 
-async def _sftp_connect(parts: SplitResult) -> asyncssh.SSHClientConnection:
-    """A logged-in SSH connection to the sftp URL's host; raises DownloadFailed."""
+def _redirect(current: URL, location: str) -> URL:
+    """The URL a redirect's Location points to, from `current`; raises DownloadFailed."""
+    try:
+        target = current.join(URL(location))
+    except ValueError:
+        raise DownloadFailed("download failed: invalid redirect location") from None
+    if target.scheme not in ("http", "https"):
+        raise DownloadFailed("download failed: redirect to a URL that is not http or https")
+    return target
+
+
+async def _sftp_connect(
+    parts: SplitResult, policy: outbound.Policy
+) -> asyncssh.SSHClientConnection:
+    """A logged-in SSH connection to the sftp URL's host, at an address the policy allows;
+    raises DownloadFailed or outbound.Refused."""
     if not parts.hostname:
         raise DownloadFailed("download failed: no host in URL")
     timeout = _connect_timeout(parts.query)
+    port = parts.port or SFTP_PORT
+    # Resolved and checked first, then connected to by address: nothing is resolved again
+    # between the check and the connection.
+    address, *_ = await policy.addresses(parts.hostname, port)
     try:
         return await asyncssh.connect(
-            parts.hostname,
-            parts.port or SFTP_PORT,
+            address,
+            port,
             username=unquote(parts.username or ""),
             password=unquote(parts.password or ""),
             # The URL carries no host key to check the server against, so none is checked.
@@ -309,9 +356,15 @@ DOWNLOADS = web.AppKey("image_downloads", Downloads)
 async def context(app: web.Application) -> AsyncIterator[None]:
     """A cleanup_ctx for the app: runs downloads while it serves, resuming pending ones at
     start-up; registered after the pool and blob store, so it stops before them."""
+    config = app[CONFIG]
+    policy = outbound.Policy.from_config(config)
     timeout = aiohttp.ClientTimeout(total=None)  # the whole download is bounded by TIMEOUT
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        config = app[CONFIG]
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=Resolver(policy)),
+        # No cookies kept from one user's download to another's.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=timeout,
+    ) as session:
         downloads = Downloads(
             app[POOL],
             app[BLOBS],
@@ -319,6 +372,7 @@ async def context(app: web.Application) -> AsyncIterator[None]:
             config.images.max_size,
             session,
             config.server.api_url,
+            policy,
         )
         app[DOWNLOADS] = downloads
         # The database may be away at start-up: the API serves meanwhile (503) and a later

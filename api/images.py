@@ -124,7 +124,7 @@ async def _create_download(request: web.Request, user: User, key: str | None) ->
     reference = form.string("namespace", "Namespace")
     url = form.string("download_url", "Download URL")
     if url:
-        images.check_download_url(url, driver, errors)
+        images.check_download_url(url, driver, errors, downloads.policy)
     elif not errors.has("download_url"):
         errors.add("file", "File field required")  # neither a file nor a URL (§12.3)
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():

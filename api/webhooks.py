@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
-from marid import namespaces, webhooks
+from marid import namespaces, outbound, webhooks
 from marid.api.auth import requires
 from marid.api.http import Page, api_url, path_id, read_body
 from marid.api.keys import CIPHER, CONFIG, POOL
@@ -78,10 +78,10 @@ async def list_webhooks(request: web.Request, user: User) -> web.Response:
 @requires("webhook:write")
 async def create_webhook(request: web.Request, user: User) -> web.Response:
     body = await read_body(request)
-    loopback = request.config_dict[CONFIG].webhooks.allow_loopback
+    policy = outbound.Policy.from_config(request.config_dict[CONFIG])
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         ns = await _namespace(conn, request, user)  # 404 before any field error
-        form = WebhookForm.parse(body, loopback, None)
+        form = WebhookForm.parse(body, policy, None)
         hook = await webhooks.create(conn, request.config_dict[CIPHER], user, ns, form)
     return web.json_response(webhooks.to_json(hook, ns, None, api_url(request)), status=201)
 
@@ -98,10 +98,10 @@ async def show_webhook(request: web.Request, user: User) -> web.Response:
 @requires("webhook:write")
 async def update_webhook(request: web.Request, user: User) -> web.Response:
     body = await read_body(request)
-    loopback = request.config_dict[CONFIG].webhooks.allow_loopback
+    policy = outbound.Policy.from_config(request.config_dict[CONFIG])
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         hook, ns = await _webhook(conn, request, user)
-        form = WebhookForm.parse(body, loopback, hook)
+        form = WebhookForm.parse(body, policy, hook)
         hook = await webhooks.update(conn, request.config_dict[CIPHER], hook, form)
         return await _shown(conn, request, hook, ns)
 

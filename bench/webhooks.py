@@ -45,7 +45,7 @@ from common import (
     write_marid_config,
 )
 
-from marid import db, namespaces, users, webhooks
+from marid import db, namespaces, outbound, users, webhooks
 from marid.crypto import Cipher
 from marid.namespaces import NamespaceForm
 from marid.pgcluster import Cluster
@@ -108,7 +108,7 @@ async def prepare(dsn: str, url: str, key: str) -> int:
         user = await users.create(conn, "bench", "bench@example.com", "password1")
         ns = await namespaces.create(conn, user, NamespaceForm.parse(Body({"name": "hooks"})))
         body = Body({"payload_url": url, "secret": SECRET, "events": ["objects"]})
-        form = webhooks.WebhookForm.parse(body, True, None)
+        form = webhooks.WebhookForm.parse(body, outbound.Policy(allow_loopback=True), None)
         await webhooks.create(conn, Cipher(key), user, ns, form)
         return ns.id
     finally:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from marid import archives, namespaces, users
+from marid import archives, namespaces, outbound, users
 from marid.blobs import Blob
 from marid.crypto import Cipher
 from marid.listing import Listing
@@ -145,13 +145,18 @@ async def check_content(
         errors.add("file", f"File too large, cannot exceed {size_text(max_size)}")
 
 
-def check_download_url(url: str, driver: str | None, errors: Errors) -> None:
-    """The `download_url` rules (docs/api.md §12.3, docs/manifest.md §9.2)."""
+def check_download_url(
+    url: str, driver: str | None, errors: Errors, policy: outbound.Policy
+) -> None:
+    """The `download_url` rules (docs/api.md §12.3, docs/manifest.md §9.2). A host that is a
+    literal address `policy` refuses, in any spelling, is refused here; a name is checked when
+    the download connects (api/downloads.py)."""
     if driver == "docker":
         errors.add("download_url", "Download URL is not supported for docker images")
         return
     try:
         parts = urlsplit(url)
+        host = parts.hostname
     except ValueError:  # e.g. an unbalanced `[` in the host
         errors.add("download_url", "Download URL invalid url scheme")
         return
@@ -160,6 +165,11 @@ def check_download_url(url: str, driver: str | None, errors: Errors) -> None:
         errors.add("download_url", "Download URL invalid url scheme")
     elif scheme == "sftp" and parts.password is None:
         errors.add("download_url", "Download URL missing password from SFTP URL")
+    elif host:
+        try:
+            policy.check_host(host)
+        except outbound.Refused as exc:
+            errors.add("download_url", f"Download URL {exc}")
 
 
 def redact(url: str) -> str:

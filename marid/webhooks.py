@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from marid import builds, channels, namespaces
+from marid import builds, channels, namespaces, outbound
 from marid.crypto import Cipher
 from marid.namespaces import Namespace
 from marid.times import rfc3339
@@ -94,23 +93,15 @@ def associated_data(webhook_id: int) -> bytes:
 
 
 def signature(secret: str, body: bytes) -> str:
-    """The `X-Djinn-CI-Signature` header value (§10.7)."""
+    """The `X-Djinn-CI-Signature` header value (§10.7): the body alone, kept as Djinn signs."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def is_loopback_host(host: str) -> bool:
-    """`localhost` (and names under it), 127.0.0.0/8, ::1, and the addresses that reach this
-    host just as well (0.0.0.0, ::, IPv4-mapped loopback)."""
-    name = host.lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(name.strip("[]").split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_loopback or address.is_unspecified
+def marid_signature(secret: str, timestamp: int, delivery_id: str, body: bytes) -> str:
+    """The `X-Marid-Signature` header value (§10.7): HMAC-SHA256 of
+    `<timestamp>.<delivery id>.<body>`, so a receiver can refuse a replayed request."""
+    signed = f"{timestamp}.{delivery_id}.".encode() + body
+    return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -126,9 +117,10 @@ class WebhookForm:
     errors: Errors = field(repr=False)
 
     @classmethod
-    def parse(cls, body: Body, allow_loopback: bool, current: Webhook | None) -> WebhookForm:
+    def parse(cls, body: Body, policy: outbound.Policy, current: Webhook | None) -> WebhookForm:
         """`current` is the webhook a PATCH changes (None for POST): its URL and `ssl` flag
-        take part in the checks when the body leaves them out."""
+        take part in the checks when the body leaves them out. A host that is a literal address
+        `policy` refuses is refused here; names are checked at each delivery."""
         if current is None:
             url = body.required_string("payload_url", "Payload URL")
         else:
@@ -147,14 +139,14 @@ class WebhookForm:
         if url is not None or (ssl and current is not None):
             effective_ssl = ssl if ssl is not None else bool(current and current.ssl)
             _check_url(url or (current.payload_url if current else ""), effective_ssl,
-                       allow_loopback, body.errors)  # fmt: skip
+                       policy, body.errors)  # fmt: skip
         return cls(url, secret or None, bool(remove), ssl, active, events, body.errors)
 
     def changes_secret(self) -> bool:
         return self.secret is not None or self.remove_secret
 
 
-def _check_url(url: str, ssl: bool, allow_loopback: bool, errors: Errors) -> None:
+def _check_url(url: str, ssl: bool, policy: outbound.Policy, errors: Errors) -> None:
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -166,10 +158,22 @@ def _check_url(url: str, ssl: bool, allow_loopback: bool, errors: Errors) -> Non
         errors.add("payload_url", "Payload URL missing http or https scheme")
     elif not host:
         errors.add("payload_url", "Payload URL missing host")
-    elif not allow_loopback and is_loopback_host(host):
-        errors.add("payload_url", "Payload URL cannot be localhost")
+    elif refused := _refusal(policy, host):
+        errors.add("payload_url", refused)
     elif ssl and parts.scheme != "https":
         errors.add("payload_url", "Payload URL cannot use SSL for plain http URL")
+
+
+def _refusal(policy: outbound.Policy, host: str) -> str | None:
+    """The message for a host the policy refuses before any lookup: Djinn's for an address of
+    this machine, the policy's reason for the others."""
+    try:
+        policy.check_host(host)
+    except outbound.Refused as exc:
+        if exc.reason in ("loopback", "unspecified"):
+            return "Payload URL cannot be localhost"
+        return f"Payload URL {exc}"
+    return None
 
 
 async def _url_taken(conn: asyncpg.Connection, ns_id: int, url: str, exclude: int) -> bool:

@@ -5,7 +5,8 @@ FOR UPDATE SKIP LOCKED, so any number of schedulers share them; a claim is a lea
 scheduler died mid-request is retried once the lease ends. A delivery that gets no answer, or a
 5xx, is retried with exponential backoff (`webhooks.attempts`, `webhooks.retry_delay`,
 docs/configuration.md §1); any other response counts as delivered. Every attempt
-is recorded, and the records expire after 30 days.
+is recorded, and the records expire after 30 days. Requests go only where the outbound policy
+allows (marid/outbound.py, docs/security.md §3), and a refusal is all the log tells of them.
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
+from aiohttp.abc import AbstractResolver
 
-from marid import __version__, channels, db, webhooks
+from marid import __version__, channels, db, outbound, webhooks
 from marid.config import Config, WebhooksConfig
 from marid.crypto import Cipher, DecryptionError
 from marid.listen import Listener
@@ -40,31 +38,16 @@ PURGE_EVERY = 3600.0  # seconds between deletions of records older than 30 days
 ERROR_LIMIT = 500  # characters of a transport error kept in the log
 
 
-class LoopbackGuard(AbstractResolver):
-    """Refuses host names that resolve to this machine, so a name cannot smuggle in what
-    §10.4 refuses as a literal (and a DNS answer cannot change after the check)."""
-
-    def __init__(self) -> None:
-        self._resolver = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._resolver.resolve(host, port, family)
-        allowed = [r for r in found if not webhooks.is_loopback_host(r["host"])]
-        if not allowed:
-            raise OSError(f"{host} resolves to a loopback address, which webhooks may not use")
-        return allowed
-
-    async def close(self) -> None:
-        await self._resolver.close()
+class Resolver(outbound.Resolver, AbstractResolver):
+    """The policy's resolver as aiohttp's type: a name is connected to only at the addresses
+    the policy allows, checked in the answer the connection uses (no DNS rebinding)."""
 
 
-def session(settings: WebhooksConfig) -> aiohttp.ClientSession:
+def session(settings: WebhooksConfig, policy: outbound.Policy) -> aiohttp.ClientSession:
     """The HTTP client for deliveries: system trust store for https (aiohttp's default), no
-    cookies kept between receivers, loopback refused unless the config allows it."""
-    resolver = DefaultResolver() if settings.allow_loopback else LoopbackGuard()
-    connector = aiohttp.TCPConnector(resolver=resolver, limit=settings.concurrency)
+    cookies kept between receivers, names resolved only to what `policy` allows (a literal
+    host is checked by `send`)."""
+    connector = aiohttp.TCPConnector(resolver=Resolver(policy), limit=settings.concurrency)
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -80,23 +63,51 @@ def retry_at(settings: WebhooksConfig, delivery: Delivery, now: datetime) -> dat
     return now + timedelta(seconds=settings.retry_delay * 4 ** (delivery.attempts - 1))
 
 
-async def send(client: aiohttp.ClientSession, delivery: Delivery, secret: str | None) -> Outcome:
-    """POST the delivery once; never raises for the receiver's or the network's failures."""
-    headers = {
+def headers(delivery: Delivery, secret: str | None, timestamp: int) -> dict[str, str]:
+    """The request headers of one attempt made at `timestamp` (unix seconds), §10.7. The
+    delivery id is the same on every attempt of a delivery, so a receiver can drop repeats."""
+    delivery_id = str(delivery.id)
+    sent = {
         "Content-Type": "application/json; charset=utf-8",
         "Accept": "*/*",
         "User-Agent": USER_AGENT,
         "X-Djinn-CI-Event": delivery.event,
         "X-Djinn-CI-Hook-ID": str(delivery.webhook_id),
+        "X-Marid-Delivery": delivery_id,
+        "X-Marid-Timestamp": str(timestamp),
     }
     if secret is not None:
-        headers["X-Djinn-CI-Signature"] = webhooks.signature(secret, delivery.body)
+        sent["X-Djinn-CI-Signature"] = webhooks.signature(secret, delivery.body)
+        sent["X-Marid-Signature"] = webhooks.marid_signature(
+            secret, timestamp, delivery_id, delivery.body
+        )
+    return sent
+
+
+async def send(
+    client: aiohttp.ClientSession, policy: outbound.Policy, delivery: Delivery, secret: str | None
+) -> Outcome:
+    """POST the delivery once; never raises for the receiver's or the network's failures. A
+    host the policy refuses is not connected to, and its error says only that."""
+    try:
+        # A literal host is checked here (aiohttp connects to it without resolving), a name's
+        # addresses by the session's Resolver.
+        url = policy.checked_url(delivery.payload_url)
+    except outbound.Refused as exc:  # a literal saved under another configuration: final
+        return Outcome(None, 0, str(exc), final=True)
+    except ValueError as exc:
+        return Outcome(None, 0, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT], final=True)
     started = time.perf_counter_ns()
     try:
         async with client.post(
-            delivery.payload_url, data=delivery.body, headers=headers, allow_redirects=False
+            url,
+            data=delivery.body,
+            headers=headers(delivery, secret, int(time.time())),
+            allow_redirects=False,
         ) as response:
             code = response.status
+    except outbound.Refused as exc:  # a name resolved to refused addresses: DNS may change
+        return Outcome(None, time.perf_counter_ns() - started, str(exc))
     except TimeoutError:
         return Outcome(None, time.perf_counter_ns() - started, f"no response in {TIMEOUT:.0f}s")
     except (aiohttp.ClientError, OSError, ValueError) as exc:
@@ -109,12 +120,12 @@ async def deliver(
     pool: asyncpg.Pool,
     client: aiohttp.ClientSession,
     cipher: Cipher,
+    policy: outbound.Policy,
     settings: WebhooksConfig,
     delivery: Delivery,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Outcome:
     """Send one claimed delivery and record the attempt."""
-    host = urlsplit(delivery.payload_url).hostname or ""
     try:
         secret = webhooks.secret_of(cipher, delivery.webhook_id, delivery.secret_sealed)
     except DecryptionError:
@@ -122,12 +133,7 @@ async def deliver(
         error = "the webhook secret cannot be decrypted (crypto.key changed?)"
         outcome = Outcome(None, 0, error, final=True)
     else:
-        if not settings.allow_loopback and webhooks.is_loopback_host(host):
-            # Made while the config allowed it; aiohttp connects to literals unresolved.
-            error = f"{host} is a loopback address, which webhooks may not use"
-            outcome = Outcome(None, 0, error, final=True)
-        else:
-            outcome = await send(client, delivery, secret)
+        outcome = await send(client, policy, delivery, secret)
     now = clock()
     again = retry_at(settings, delivery, now) if outcome.retry else None
     async with pool.acquire() as conn:
@@ -148,6 +154,7 @@ async def deliver_due(
     pool: asyncpg.Pool,
     client: aiohttp.ClientSession,
     cipher: Cipher,
+    policy: outbound.Policy,
     settings: WebhooksConfig,
     now: datetime,
 ) -> int:
@@ -155,7 +162,9 @@ async def deliver_due(
     record each attempt at `now`; returns how many were sent. Tests drive retries with it."""
     async with pool.acquire() as conn:
         due = await webhooks.claim_due(conn, now, settings.concurrency, LEASE)
-    await asyncio.gather(*(deliver(pool, client, cipher, settings, d, lambda: now) for d in due))
+    await asyncio.gather(
+        *(deliver(pool, client, cipher, policy, settings, d, lambda: now) for d in due)
+    )
     return len(due)
 
 
@@ -189,6 +198,7 @@ async def _serve(
     not be recorded stays claimed and is sent again once its lease ends (docs/architecture.md
     §3.4)."""
     settings = config.webhooks
+    policy = outbound.Policy.from_config(config)
     cipher = Cipher(config.crypto.key)
     wake = asyncio.Event()
     flying: set[asyncio.Task[Outcome]] = set()
@@ -208,7 +218,7 @@ async def _serve(
     listening.add_done_callback(lambda _: wake.set())  # to re-raise its failure below
     purged = 0.0
     try:
-        async with session(settings) as client:
+        async with session(settings, policy) as client:
             while not stop.is_set():
                 wake.clear()
                 try:
@@ -224,7 +234,9 @@ async def _serve(
                             due = await webhooks.claim_due(conn, clock(), free, LEASE)
                         outage.worked()
                         for delivery in due:
-                            sending = deliver(pool, client, cipher, settings, delivery, clock)
+                            sending = deliver(
+                                pool, client, cipher, policy, settings, delivery, clock
+                            )
                             task = asyncio.create_task(sending)
                             flying.add(task)
                             task.add_done_callback(finished)

@@ -4,6 +4,7 @@ request under the same key is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from marid.api.app import create_app
 from marid.api.downloads import DOWNLOADS
-from marid.config import Config
+from marid.config import Config, OutboundConfig
 from marid.users import User
 from tests.api.test_images import ARCHIVE, TAR, with_downloads
 from tests.conftest import MakeToken, MakeUser, bearer
@@ -24,6 +25,12 @@ from tests.conftest import MakeToken, MakeUser, bearer
 SCOPES = "object:read,write image:read,write build:write"
 CONTENT = b"name,value\nalpha,1\nbeta,2\n"
 DIFFERENT = {"message": "Idempotency-Key was used with a different request"}
+
+
+@pytest.fixture
+def config(config: Config) -> Config:
+    """The download URL is on loopback, which the outbound policy refuses unless allowed."""
+    return dataclasses.replace(config, outbound=OutboundConfig(["127.0.0.0/8"]))
 
 
 @pytest.fixture

@@ -150,6 +150,13 @@ def with_downloads(app: web.Application) -> web.Application:
 
 
 @pytest.fixture
+def config(config: Config) -> Config:
+    """The download sources here listen on loopback, which the outbound policy refuses unless
+    it is allowed (tests/api/test_download_policy.py tests the refusals)."""
+    return dataclasses.replace(config, outbound=config_module.OutboundConfig(["127.0.0.0/8"]))
+
+
+@pytest.fixture
 def make_client(aiohttp_client: Any, config: Config, pool: asyncpg.Pool) -> MakeClient:
     """`await make_client(max_size=..., storage=...)` -> an API client running downloads."""
 

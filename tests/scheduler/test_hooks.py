@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from marid import __version__
+from marid import __version__, outbound
 from marid import config as config_module
 from marid.crypto import Cipher
 from marid.scheduler import hooks
@@ -62,8 +62,11 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 @pytest.fixture
 def config(config: config_module.Config) -> config_module.Config:
-    settings = config_module.WebhooksConfig(allow_loopback=True, attempts=3, retry_delay=30.0)
-    return dataclasses.replace(config, webhooks=settings)
+    """The receivers listen on loopback: allowed (the refusals are tested with a policy
+    without it)."""
+    settings = config_module.WebhooksConfig(attempts=3, retry_delay=30.0)
+    allow = config_module.OutboundConfig(["127.0.0.0/8"])
+    return dataclasses.replace(config, webhooks=settings, outbound=allow)
 
 
 @pytest.fixture
@@ -75,7 +78,7 @@ async def owner(api: TestClient, token: MakeToken) -> str:
 
 @pytest.fixture
 async def client(config: config_module.Config) -> AsyncIterator[aiohttp.ClientSession]:
-    async with hooks.session(config.webhooks) as session:
+    async with hooks.session(config.webhooks, outbound.Policy.from_config(config)) as session:
         yield session
 
 
@@ -89,7 +92,8 @@ async def deliver(
     pool: asyncpg.Pool, client: aiohttp.ClientSession, config: config_module.Config, at: datetime
 ) -> int:
     cipher = Cipher(config.crypto.key)
-    return await hooks.deliver_due(pool, client, cipher, config.webhooks, at)
+    policy = outbound.Policy.from_config(config)
+    return await hooks.deliver_due(pool, client, cipher, policy, config.webhooks, at)
 
 
 async def log_of(api: TestClient, token: str, hook_id: int) -> list[dict[str, Any]]:
@@ -202,25 +206,30 @@ async def test_redirects_are_not_followed(
     assert (attempt["code"], attempt["state"]) == (302, "delivered")
 
 
-@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "127.1", "0x7f000001"])
 async def test_loopback_targets_are_refused_when_the_config_forbids_them(
     api: TestClient, owner: str, pool: asyncpg.Pool, receiver: Receiver, config: Any, host: str
 ):
     """A webhook made while loopback was allowed, delivered by a scheduler that forbids it: a
-    name that resolves to loopback is refused by the resolver, a literal before connecting."""
+    name that resolves to loopback is refused by the resolver, a literal before connecting.
+    The log says that and nothing else: a closed port reads the same as the open one."""
     port = receiver.url.split(":")[2].split("/")[0]
-    created = await hook(api, owner, f"http://{host}:{port}/hook")
+    open_hook = await hook(api, owner, f"http://{host}:{port}/hook")
+    closed_hook = await hook(api, owner, f"http://{host}:{closed_port()}/hook")
     await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
-    strict = dataclasses.replace(config.webhooks, allow_loopback=False)
-    async with hooks.session(strict) as guarded:
+    strict = outbound.Policy()
+    async with hooks.session(config.webhooks, strict) as guarded:
         cipher = Cipher(config.crypto.key)
         at = datetime.now(UTC) + timedelta(seconds=1)
-        assert await hooks.deliver_due(pool, guarded, cipher, strict, at) == 1
+        assert await hooks.deliver_due(pool, guarded, cipher, strict, config.webhooks, at) == 2
     assert receiver.got == []
-    [attempt] = await log_of(api, owner, created["id"])
-    assert "loopback" in attempt["error"], attempt
-    if host == "127.0.0.1":  # refused before sending: no retry would fare better
-        assert attempt["state"] == "failed"
+    [attempt] = await log_of(api, owner, open_hook["id"])
+    [closed] = await log_of(api, owner, closed_hook["id"])
+    shown = "localhost" if host == "localhost" else "127.0.0.1"
+    assert attempt["error"] == f"{shown} is refused by policy (loopback); see outbound.allow"
+    assert (closed["error"], closed["code"]) == (attempt["error"], None)
+    if host != "localhost":  # a literal, refused before sending: no retry would fare better
+        assert attempt["state"] == closed["state"] == "failed"
 
 
 async def test_old_records_are_purged(
