@@ -32,7 +32,7 @@ from tests.runner.conftest import BUSYBOX
 from tests.runner.test_worker import finished, submit, wait_for
 
 pytestmark = pytest.mark.docker
-SCOPE = "build:read,write image:read,write"
+SCOPE = "build:read,write image:read,write namespace:read,write"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +114,10 @@ async def upload(client: TestClient, token: str, image: Private, **params: str) 
     assert resp.status == 201, await resp.text()
 
 
-async def build(client: TestClient, token: str, image: str) -> dict[str, Any]:
-    """The finished build of one job printing /secret in `image`."""
+async def build(client: TestClient, token: str, image: str, extra: str = "") -> dict[str, Any]:
+    """The finished build of one job printing /secret in `image` (`extra`: manifest lines)."""
     manifest = (
-        f"driver: {{type: docker, image: '{image}', workspace: /w}}\n"
+        extra + f"driver: {{type: docker, image: '{image}', workspace: /w}}\n"
         "stages: [one]\njobs:\n- stage: one\n  commands: ['cat /secret']\n"
     )
     return await wait_for(client, token, (await submit(client, token, manifest))["url"], finished)
@@ -220,3 +220,31 @@ async def test_an_image_the_engine_also_has_under_a_public_tag_stays_usable(
     assert (by_tag["status"], by_id["status"]) == ("passed", "passed"), by_id["output"]
     assert f"Using image {image_id} ({image_id})\n" in by_id["output"]
     assert refused(by_cache, private_image)  # the cache repository is never a build's
+
+
+async def test_a_namespaces_upload_serves_the_namespaces_builds_only(
+    client: TestClient,
+    token: MakeToken,
+    bob: User,
+    worker: Worker,
+    docker_engine: docker.DockerClient,
+    private_image: Private,
+) -> None:
+    alice = await token(SCOPE)
+    resp = await client.post("/api/namespaces", headers=bearer(alice), json={"name": "team"})
+    assert resp.status == 201, await resp.text()
+    await upload(client, alice, private_image, namespace="team")
+
+    in_team = await build(client, alice, private_image.name, "namespace: team\n")
+    image_id = str(docker_engine.images.get(f"{CACHE_REPOSITORY}:{private_image.digest}").id)
+    personal = await build(client, alice, private_image.name)  # not among her personal images
+    by_cache = await build(client, alice, f"{CACHE_REPOSITORY}:{private_image.digest}")
+    by_id = await build(client, await token(SCOPE, user=bob), image_id)
+
+    assert in_team["status"] == "passed", in_team["output"]
+    assert f"{private_image.secret}\n" in in_team["output"]
+    assert refused(personal, private_image)
+    assert f"error: image {private_image.name} not found" in personal["output"]
+    for body in (by_cache, by_id):
+        assert refused(body, private_image), body["output"]
+        assert "is not available to this build\n" in body["output"]
