@@ -100,12 +100,31 @@ class Engine:
         )
         return container.id, volume.name
 
+    def networked(self, build_id: int, attempt: int, instance: str) -> tuple[str, str]:
+        """A build's own network (docker.network build) with a running job container on it:
+        (container id, network id)."""
+        labels = {
+            LABEL_BUILD: str(build_id),
+            LABEL_ATTEMPT: str(attempt),
+            LABEL_INSTANCE: instance,
+            LABEL_TEST: self.test_id,
+        }
+        network = self.client.networks.create(
+            f"marid-test-{secrets.token_hex(6)}", driver="bridge", labels=labels
+        )
+        container = self.client.containers.run(
+            BUSYBOX, ["sleep", "600"], detach=True, labels=labels, network=network.name
+        )
+        return container.id, network.id
+
     def present(self) -> set[str]:
-        """Ids of this test's containers and names of its volumes still on the engine."""
+        """Ids of this test's containers and networks and names of its volumes still on the
+        engine."""
         filters = {"label": [f"{LABEL_TEST}={self.test_id}"]}
         containers = self.client.containers.list(all=True, filters=filters)
         volumes = self.client.volumes.list(filters=filters)
-        return {c.id for c in containers} | {v.name for v in volumes}
+        networks = self.client.networks.list(filters=filters)
+        return {c.id for c in containers} | {v.name for v in volumes} | {n.id for n in networks}
 
     def remove_all(self) -> None:
         filters = {"label": [f"{LABEL_TEST}={self.test_id}"]}
@@ -113,6 +132,8 @@ class Engine:
             container.remove(force=True)
         for volume in self.client.volumes.list(filters=filters):
             volume.remove(force=True)
+        for network in self.client.networks.list(filters=filters):
+            network.remove()
 
 
 @pytest.mark.docker
@@ -149,6 +170,36 @@ async def test_a_killed_builds_containers_and_volumes_go_running_and_foreign_one
         sweeper.close()
     assert (reaped.containers, reaped.volumes) == (5, 5)
     assert engine.present() == kept and len(gone) == 10
+
+
+@pytest.mark.docker
+async def test_the_networks_of_dead_attempts_go_after_their_containers(
+    config: Config,
+    pool: asyncpg.Pool,
+    alice: User,
+    engine: Engine,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+):
+    instance = secrets.token_hex(8)
+    killed = await add_build(pool, alice, "killed", 1, -timedelta(minutes=1))
+    running = await add_build(pool, alice, "running", 2, timedelta(hours=1))
+    gone = {*engine.networked(killed, 1, instance), *engine.networked(running, 1, instance)}
+    kept = {
+        *engine.networked(running, 2, instance),
+        *engine.networked(killed, 1, secrets.token_hex(8)),  # another installation's build
+    }
+    sweeper = reaper.RunnerReaper(
+        runner_config(config, ["docker"]), pool, FsStore(tmp_path / "blobs"), instance, tmp_path
+    )
+    try:
+        with caplog.at_level("INFO", logger="marid.runner.reaper"):
+            reaped = await sweeper.tick(datetime.now(UTC))
+    finally:
+        sweeper.close()
+    assert (reaped.containers, reaped.volumes) == (2, 0)
+    assert engine.present() == kept and len(gone) == 4
+    assert "runner reaper removed 2 networks" in caplog.messages
 
 
 # docker-py leaves the socket of a refused connection to the garbage collector.
