@@ -35,6 +35,12 @@ SCHEME = {"payload_url": ["Payload URL missing http or https scheme"]}
 LOCAL = {"payload_url": ["Payload URL cannot be localhost"]}
 
 
+def refused(host: str, reason: str) -> dict[str, list[str]]:
+    return {
+        "payload_url": [f"Payload URL {host} is refused by policy ({reason}); see outbound.allow"]
+    }
+
+
 @pytest.fixture
 def config(config: config_module.Config) -> config_module.Config:
     """The os driver is accepted so builds can be submitted (none runs in these tests)."""
@@ -120,6 +126,21 @@ async def test_events_default_to_all_in_spec_order(api: TestClient, owner: str):
         ({"payload_url": "http://[::1]:8080/"}, LOCAL),
         ({"payload_url": "http://[::ffff:127.0.0.1]/"}, LOCAL),
         ({"payload_url": "http://0.0.0.0/"}, LOCAL),
+        ({"payload_url": "http://127.1:8080/"}, LOCAL),
+        ({"payload_url": "http://0x7f000001/"}, LOCAL),
+        ({"payload_url": "http://2130706433/"}, LOCAL),
+        ({"payload_url": "http://017700000001/"}, LOCAL),
+        ({"payload_url": "http://a.localhost./"}, LOCAL),
+        ({"payload_url": "http://10.0.0.1/"}, refused("10.0.0.1", "private")),
+        ({"payload_url": "http://10.1/"}, refused("10.0.0.1", "private")),
+        ({"payload_url": "http://100.64.0.1/"}, refused("100.64.0.1", "private")),
+        ({"payload_url": "http://192.168.0.1/"}, refused("192.168.0.1", "private")),
+        ({"payload_url": "http://169.254.169.254/latest"},
+         refused("169.254.169.254", "link-local")),
+        ({"payload_url": "http://[fe80::1]/"}, refused("fe80::1", "link-local")),
+        ({"payload_url": "http://[fd12::1]/"}, refused("fd12::1", "unique-local")),
+        ({"payload_url": "http://[::ffff:10.0.0.1]/"}, refused("::ffff:a00:1", "private")),
+        ({"payload_url": "http://224.0.0.1/"}, refused("224.0.0.1", "multicast")),
         ({"payload_url": "http://x.org/", "ssl": True},
          {"payload_url": ["Payload URL cannot use SSL for plain http URL"]}),
         ({"payload_url": 5}, {"payload_url": ["Payload URL must be a string"]}),
@@ -155,6 +176,7 @@ async def test_payload_url_is_unique_per_namespace(api: TestClient, owner: str):
 async def test_loopback_is_allowed_when_the_config_says_so(
     aiohttp_client: Any, config: config_module.Config, pool: asyncpg.Pool, token: MakeToken
 ):
+    """The legacy switch adds loopback to outbound.allow, and nothing else."""
     from marid.api.app import create_app
 
     allowing = dataclasses.replace(
@@ -163,8 +185,39 @@ async def test_loopback_is_allowed_when_the_config_says_so(
     client = await aiohttp_client(create_app(allowing, pool))
     value = await token(ALL)
     await create_namespace(client, value, "team")
-    status, body = await create(client, value, payload_url="http://127.0.0.1:9/hook")
-    assert status == 201, body
+    for url in ("http://127.0.0.1:9/hook", "http://localhost/", "http://[::1]/", "http://127.1/"):
+        status, body = await create(client, value, payload_url=url)
+        assert status == 201, body
+    assert await create(client, value, payload_url="http://10.0.0.1/") == (
+        400,
+        refused("10.0.0.1", "private"),
+    )
+
+
+async def test_outbound_allow_opens_exactly_what_it_lists(
+    aiohttp_client: Any, config: config_module.Config, pool: asyncpg.Pool, token: MakeToken
+):
+    from marid.api.app import create_app
+
+    outbound = config_module.OutboundConfig(["10.1.0.0/16", "127.0.0.2", "hooks.internal"])
+    client = await aiohttp_client(create_app(dataclasses.replace(config, outbound=outbound), pool))
+    value = await token(ALL)
+    await create_namespace(client, value, "team")
+    for url in ("http://10.1.2.3/", "http://10.1.515/", "http://127.0.0.2:8/",
+                "http://hooks.internal/", "http://[::ffff:10.1.0.9]/"):  # fmt: skip
+        status, body = await create(client, value, payload_url=url)
+        assert status == 201, (url, body)
+    assert await create(client, value, payload_url="http://10.2.0.1/") == (
+        400,
+        refused("10.2.0.1", "private"),
+    )
+    assert await create(client, value, payload_url="http://127.0.0.1/") == (400, LOCAL)
+    # PATCH applies the same rules.
+    _, hook = await create(client, value, payload_url=URL)
+    resp = await client.patch(
+        f"{HOOKS}/{hook['id']}", headers=bearer(value), json={"payload_url": "http://10.0.0.1/"}
+    )
+    assert (resp.status, await resp.json()) == (400, refused("10.0.0.1", "private"))
 
 
 async def test_patch_changes_only_what_is_given(api: TestClient, owner: str, pool: asyncpg.Pool):

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from marid import __version__, outbound
 from marid import config as config_module
 from marid.crypto import Cipher
 from marid.scheduler import hooks
+from marid.webhooks import Delivery
 from tests.api.helpers import create_namespace
 from tests.conftest import MakeToken, bearer
 
@@ -33,17 +35,23 @@ VARIABLE = {"key": "K", "value": "v", "namespace": "team"}
 
 @dataclasses.dataclass
 class Receiver:
-    """A webhook receiver on 127.0.0.1: records what it gets, answers `statuses` in turn."""
+    """A webhook receiver on 127.0.0.1: records what it gets, answers `statuses` in turn.
+    With a `secret`, it verifies X-Marid-Signature first and answers 401 when that fails."""
 
     url: str = ""
     statuses: list[int] = dataclasses.field(default_factory=list)
     got: list[tuple[dict[str, str], bytes]] = dataclasses.field(default_factory=list)
     hold: asyncio.Event | None = None  # when set, requests wait for it before the answer
+    secret: str | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         self.got.append((dict(request.headers), await request.read()))
         if self.hold is not None:
             await self.hold.wait()
+        if self.secret is not None and not verify(
+            self.got[-1][0], self.got[-1][1], self.secret, time.time()
+        ):
+            return web.Response(status=401)
         status = self.statuses.pop(0) if self.statuses else 200
         headers = {"Location": self.url + "/elsewhere"} if 300 <= status < 400 else None
         return web.Response(status=status, headers=headers)
@@ -102,6 +110,16 @@ async def log_of(api: TestClient, token: str, hook_id: int) -> list[dict[str, An
     return list(await resp.json())
 
 
+def verify(headers: dict[str, str], body: bytes, secret: str, now: float) -> bool:
+    """A receiver's check, as docs/api.md §10.7 describes it: the HMAC of
+    `<timestamp>.<delivery id>.<body>` matches, and the timestamp is at most 5 minutes off."""
+    timestamp, delivery = headers["X-Marid-Timestamp"], headers["X-Marid-Delivery"]
+    signed = f"{timestamp}.{delivery}.".encode() + body
+    expected = "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    fresh = abs(now - int(timestamp)) <= 300
+    return hmac.compare_digest(expected, headers.get("X-Marid-Signature", "")) and fresh
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,6 +168,52 @@ async def test_no_secret_no_signature(
     assert await deliver(pool, client, config, datetime.now(UTC) + timedelta(seconds=1)) == 1
     [(headers, _)] = receiver.got
     assert "X-Djinn-CI-Signature" not in headers
+    assert "X-Marid-Signature" not in headers
+    assert headers["X-Marid-Delivery"] and headers["X-Marid-Timestamp"]  # for dedupe all the same
+
+
+async def test_the_marid_signature_covers_timestamp_delivery_id_and_body(
+    api: TestClient, owner: str, pool: asyncpg.Pool, receiver: Receiver, client: Any, config: Any
+):
+    """A receiver that verifies X-Marid-Signature accepts every attempt; the delivery id is
+    the same on a retry, so a receiver that saw it can drop the repeat."""
+    created = await hook(api, owner, receiver.url, secret="s3cret")
+    receiver.secret = "s3cret"
+    receiver.statuses = [503]
+    await api.post("/api/variables", headers=bearer(owner), json=VARIABLE)
+    t0 = datetime.now(UTC) + timedelta(seconds=1)
+    before = int(time.time())
+    assert await deliver(pool, client, config, t0) == 1
+    assert await deliver(pool, client, config, t0 + timedelta(seconds=30)) == 1
+    log = await log_of(api, owner, created["id"])
+    assert [(a["attempt"], a["code"]) for a in log] == [(2, 200), (1, 503)]  # none was a 401
+    [(first, body), (second, again)] = receiver.got
+    assert body == again
+    assert first["X-Marid-Delivery"] == second["X-Marid-Delivery"] == str(log[0]["delivery_id"])
+    for headers in (first, second):
+        assert before <= int(headers["X-Marid-Timestamp"]) <= time.time()
+        expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+        assert headers["X-Djinn-CI-Signature"] == f"sha256={expected}"  # Djinn's, unchanged
+    # What a receiver refuses: a replay older than 5 minutes, another body, another id.
+    now = time.time()
+    assert verify(first, body, "s3cret", now)
+    assert not verify(first, body, "s3cret", now + 301)
+    assert not verify(first, body + b" ", "s3cret", now)
+    assert not verify({**first, "X-Marid-Delivery": "1" + first["X-Marid-Delivery"]}, body,
+                      "s3cret", now)  # fmt: skip
+    assert not verify(first, body, "other secret", now)
+
+
+def test_each_attempt_has_its_own_timestamp_and_the_delivery_its_id():
+    delivery = Delivery(7, 3, "https://hooks.example.org/", None, "objects",
+                                        b'{"a":1}', 1)  # fmt: skip
+    one, two = hooks.headers(delivery, "s", 1000), hooks.headers(delivery, "s", 1060)
+    assert one["X-Marid-Delivery"] == two["X-Marid-Delivery"] == "7"
+    assert (one["X-Marid-Timestamp"], two["X-Marid-Timestamp"]) == ("1000", "1060")
+    signed = hmac.new(b"s", b'1000.7.{"a":1}', hashlib.sha256).hexdigest()
+    assert one["X-Marid-Signature"] == f"sha256={signed}"
+    assert one["X-Marid-Signature"] != two["X-Marid-Signature"]
+    assert one["X-Djinn-CI-Signature"] == two["X-Djinn-CI-Signature"]
 
 
 async def test_a_receiver_that_is_down_is_retried_with_backoff_and_logged(
