@@ -2,7 +2,7 @@
 
 Image downloads (api/downloads.py) and webhook deliveries (scheduler/hooks.py) reach public
 addresses only, unless `outbound.allow` names the address, its network or the host name
-(docs/configuration.md §1.5). The check is made on every connection, on the address actually
+(docs/configuration.md §1.3). The check is made on every connection, on the address actually
 connected to: a literal host is read the way the C library reads it (`127.1`, `0x7f000001`,
 `2130706433` and `017700000001` are all 127.0.0.1) and a name's DNS answers are checked one by
 one, and only the addresses that pass are connected to.
