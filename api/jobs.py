@@ -12,7 +12,7 @@ from aiohttp import web
 
 from marid import builds, jobs, output
 from marid.api import errors
-from marid.api.auth import Caller, optional
+from marid.api.auth import CALLER, Caller, bearer, optional
 from marid.api.builds import PARAMS, B, readable_build
 from marid.api.http import api_url, query
 from marid.api.keys import BLOBS, POOL
@@ -43,7 +43,6 @@ from marid.validation import NotFound
 
 routes = web.RouteTableDef()
 KEEPALIVE = 15.0  # seconds without an event before a `: keepalive` comment
-POLL = 1.0  # upper bound on a missed notification's delay
 
 
 @routes.get(B + "/jobs")
@@ -183,13 +182,19 @@ async def stream(request: web.Request, job: Job, offset: int) -> web.StreamRespo
     blobs = request.config_dict[BLOBS]
     last_event = time.monotonic()
     printed = False  # whether `offset` counts printed bytes of a running job (docs/api.md §19)
+    generation = live.access_generation
     with live.subscribe(job.id) as changed:
         while True:
             changed.clear()  # before reading: a notification during the read is kept
             try:
+                if live.access_generation != generation:
+                    generation = live.access_generation
+                    if not await _still_readable(request):
+                        return response  # ended: asked again, the reader gets a 404
                 async with pool.acquire() as conn:
                     current = await jobs.get_by_name(conn, job.build_id, job.name, excerpt=False)
-                    assert current is not None
+                    if current is None:  # the build was deleted
+                        return response
                     if printed and current.stored.ended:
                         offset, printed = jobs.final_offset(current.stored, offset), False
                     printed = printed or not current.stored.ended
@@ -213,11 +218,29 @@ async def stream(request: web.Request, job: Job, offset: int) -> web.StreamRespo
                 status = {"status": current.status, "finished_at": rfc3339(current.finished_at)}
                 await response.write(f"event: status\ndata: {json.dumps(status)}\n\n".encode())
                 return response
-            if time.monotonic() - last_event >= KEEPALIVE:
-                await response.write(b": keepalive\n\n")
-                last_event = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), POLL)
+            # Woken by NOTIFY only (issue 11 row 13): the job's output or end, a change of
+            # access, or the database back after an outage (api/live.py).
+            while not changed.is_set():
+                idle = KEEPALIVE - (time.monotonic() - last_event)
+                if idle <= 0:
+                    await response.write(b": keepalive\n\n")
+                    last_event = time.monotonic()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), idle)
+
+
+async def _still_readable(request: web.Request) -> bool:
+    """Whether the stream's reader may still read its job, their token looked up again: a
+    revoked token, a namespace made private, a collaborator removed end the stream."""
+    del request[CALLER]
+    caller = await bearer(request)
+    try:
+        async with request.config_dict[POOL].acquire() as conn:
+            await load_job(conn, request, caller, excerpt=False)
+    except NotFound:
+        return False
+    return True
 
 
 JOB = [*PARAMS, path_param("name", "job name")]

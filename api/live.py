@@ -1,7 +1,8 @@
 """One LISTEN connection per API process, fanning database notifications out to waiters.
 
-Runners `NOTIFY marid_output, '<job id>'` when they append output; SSE handlers wait here
-instead of each holding a database connection.
+Runners `NOTIFY marid_output, '<job id>'` when they append output or a job ends; triggers
+`NOTIFY marid_access` when who may read a build changes. SSE handlers wait here instead of each
+holding a database connection, and never poll (issue 11 row 13).
 
 It is also the process's watch on the database (docs/api.md §1.4): the LISTEN connection is the
 first to see PostgreSQL go away, and requests that find it away say so. Either way the outage
@@ -32,6 +33,9 @@ class Live:
     def __init__(self, dsn: str, pool: asyncpg.Pool) -> None:
         self.dsn, self.pool = dsn, pool
         self.waiters: dict[int, set[asyncio.Event]] = defaultdict(set)
+        # Bumped whenever readers' access may have changed (an `ACCESS` notification, or an
+        # outage in which one may have been missed): streams re-check their reader then.
+        self.access_generation = 0
         self.conn: asyncpg.Connection | None = None
         self.down_since: float | None = None  # time.monotonic() when this outage was seen
         self._watch: asyncio.Task[None] | None = None
@@ -40,6 +44,15 @@ class Live:
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
             for event in self.waiters.get(int(payload), ()):
+                event.set()
+
+    def _access_changed(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        self.access_generation += 1
+        for events in self.waiters.values():
+            for event in events:
                 event.set()
 
     @contextlib.contextmanager
@@ -65,6 +78,7 @@ class Live:
         conn = await asyncpg.connect(self.dsn)
         try:
             await conn.add_listener(channels.OUTPUT, self._notified)
+            await conn.add_listener(channels.ACCESS, self._access_changed)
         except BaseException:
             conn.terminate()
             raise
@@ -83,6 +97,9 @@ class Live:
         self.down_since = time.monotonic()
         log.warning("database unavailable (%s): requests answer 503 until it is back", reason)
         self._watch = asyncio.create_task(self._reconnect())
+        # Streams waiting for a notification would wait through the outage: they look now,
+        # find the database gone and end, for their clients to resume once it is back.
+        self._wake_all()
 
     async def _reconnect(self) -> None:
         delay = RETRY_MIN
@@ -92,10 +109,9 @@ class Live:
         assert self.down_since is not None
         log.info("database available again after %.1f s", time.monotonic() - self.down_since)
         self.down_since = None
-        # Notifications sent while the LISTEN connection was gone are lost: readers look again.
-        for events in self.waiters.values():
-            for event in events:
-                event.set()
+        # Notifications sent while the LISTEN connection was gone are lost: readers look again,
+        # and check again that they may.
+        self._wake_all()
 
     async def _answers(self) -> bool:
         """Whether the LISTEN connection is (re)established and the pool answers `SELECT 1`."""

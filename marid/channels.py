@@ -16,6 +16,10 @@ KILL = "marid_kill"
 # A job has new output or has finished. Payload: the job id. Sent by runners; every API
 # process listens for its live-output readers (docs/api.md §19).
 OUTPUT = "marid_output"
+# Something that decides who may read a build changed (a namespace's visibility, a collaborator
+# removed, a token deleted...). Payload: empty. Sent by triggers (migration 0017); every API
+# process listens and re-checks the readers of its live outputs (docs/api.md §19).
+ACCESS = "marid_access"
 # Webhook deliveries are queued. Payload: empty. Every scheduler's deliverer listens.
 HOOKS = "marid_hooks"
 # A cron job's next_run was written. Payload: the new next_run (ISO 8601). Every scheduler's

@@ -465,14 +465,21 @@ async def finish_killed(conn: asyncpg.Connection, build_id: int) -> None:
     """End a build and its unfinished jobs `killed`, when no runner will: a queued build's kill,
     or a running build's whose runner vanished after the kill was asked. The caller holds the
     build row locked."""
-    await conn.execute(
+    ended = await conn.fetch(
         """
         UPDATE build_jobs SET status = 'killed', finished_at = now()
-        WHERE build_id = $1 AND status IN ('queued', 'running')
+        WHERE build_id = $1 AND status IN ('queued', 'running') RETURNING id
         """,
         build_id,
     )
     await _end(conn, build_id, "killed")
+    await _notify_jobs(conn, [row["id"] for row in ended])
+
+
+async def _notify_jobs(conn: asyncpg.Connection, job_ids: list[int]) -> None:
+    """Wake the live readers of jobs whose status changed without new output (on commit)."""
+    for job_id in job_ids:
+        await conn.execute("SELECT pg_notify($1, $2)", channels.OUTPUT, str(job_id))
 
 
 @dataclass(frozen=True)
@@ -630,10 +637,11 @@ async def _reset(conn: asyncpg.Connection, build_id: int, owner_id: int) -> list
             finished_at = NULL, output_blob_key = NULL, output_size = NULL,
             output_printed = NULL, output_head = NULL, output_tail = NULL
         FROM build_jobs old WHERE old.id = j.id AND j.build_id = $1
-        RETURNING old.output_blob_key
+        RETURNING j.id, old.output_blob_key
         """,
         build_id,
     )
+    await _notify_jobs(conn, [row["id"] for row in outputs])
     await conn.execute(
         "DELETE FROM build_job_output o USING build_jobs j"
         " WHERE o.job_id = j.id AND j.build_id = $1",

@@ -55,7 +55,25 @@ def test_no_source_spells_out_a_channel_name() -> None:
 
 def test_the_check_sees_every_module_and_channel() -> None:
     assert len(sources()) > 50  # the symlinked process packages included
-    assert {"marid_builds", "marid_kill", "marid_output", "marid_hooks", "marid_crons"} == NAMES
+    assert {
+        "marid_builds",
+        "marid_kill",
+        "marid_output",
+        "marid_access",
+        "marid_hooks",
+        "marid_crons",
+    } == NAMES
     assert INLINE.search("SELECT pg_notify('marid_kill', $1)")
     assert INLINE.search("LISTEN marid_output")
     assert not INLINE.search("SELECT pg_notify($1, $2)")
+
+
+def test_migrations_notify_only_channels_of_the_module() -> None:
+    """Triggers cannot take a Python constant: a channel they spell out must be one of
+    marid/channels.py's."""
+    spelled = {
+        match
+        for path in (ROOT / "migrations").glob("*.sql")
+        for match in re.findall(r"pg_notify\s*\(\s*'([^']*)'", path.read_text())
+    }
+    assert spelled and spelled <= NAMES
