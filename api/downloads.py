@@ -224,17 +224,18 @@ class Downloads:
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
         target = URL(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
-        origin = target.origin()
+        origin = None
         for _ in range(MAX_REDIRECTS + 1):
             checked = URL(self.policy.checked_url(str(target)), encoded=True)
+            origin = origin or checked.origin()
+            if checked.origin() != origin:  # credentials stay with their own server
+                headers.pop("Authorization", None)
             async with self.session.get(
                 checked, headers=headers, allow_redirects=False
             ) as response:
                 location = response.headers.get("Location")
                 if response.status in REDIRECTS and location:
                     target = _redirect(response.url, location)
-                    if target.origin() != origin:  # credentials stay with their own server
-                        headers.pop("Authorization", None)
                     continue
                 if not 200 <= response.status < 300:
                     status = f"{response.status} {response.reason or ''}".strip()

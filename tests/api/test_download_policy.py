@@ -266,10 +266,11 @@ async def test_credentials_follow_a_redirect_only_on_their_own_server(
     api = await make_api(["127.0.0.0/8"])
     value = await token(SCOPES)
     auth = "Basic " + base64.b64encode(b"me:secret").decode()
-    url = f"http://me:secret@127.0.0.1:{origin.port}/to?url=/disk.qcow2"
-    assert (await download(api, value, url, "same"))["download"]["error"] is None
-    assert origin.requests == [("/to", auth), ("/disk.qcow2", auth)]
-    origin.requests.clear()
+    for number, host in enumerate(("127.0.0.1", "127.1")):  # one server, however it is spelled
+        url = f"http://me:secret@{host}:{origin.port}/to?url=/disk.qcow2"
+        assert (await download(api, value, url, f"same{number}"))["download"]["error"] is None
+        assert origin.requests == [("/to", auth), ("/disk.qcow2", auth)]
+        origin.requests.clear()
     elsewhere = f"http://127.0.0.2:{second.port}/disk.qcow2"
     url = f"http://me:secret@127.0.0.1:{origin.port}/to?url={elsewhere}"
     assert (await download(api, value, url, "other"))["download"]["error"] is None
