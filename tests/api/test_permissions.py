@@ -560,3 +560,31 @@ async def test_deleting_a_namespace_never_hands_a_collaborators_secrets_to_the_o
     ]
     frozen = await pool.fetch("SELECT key FROM build_variables WHERE build_id = $1", build)
     assert [row["key"] for row in frozen] == ["V_owner"]
+
+
+async def test_a_removed_collaborator_lists_nothing_of_the_namespace_not_even_his_own(
+    api: TestClient, world: World
+):
+    """The "my" listings (docs/api.md §3.3) follow access, not authorship: once bob is removed
+    from `team`, none of its crons, objects, images, variables, keys or builds is his to list,
+    those he wrote included, and a public namespace's stay out of them too."""
+    alice, bob = world.tokens["owner"], world.tokens["collaborator"]
+    assert alice is not None and bob is not None
+    listings = ("cron", "objects", "images", "variables", "keys", "builds")
+
+    async def listed(token: str) -> dict[str, int]:
+        counts = {}
+        for name in listings:
+            resp = await api.get(f"/api/{name}", headers=bearer(token))
+            assert resp.status == 200, await resp.text()
+            counts[name] = len(await resp.json())
+        return counts
+
+    assert await listed(bob) == dict.fromkeys(listings, 2)  # his copy and alice's
+    resp = await api.delete(f"{N}/-/collaborators/bob", headers=bearer(alice))
+    assert resp.status == 204, await resp.text()
+    assert await listed(bob) == dict.fromkeys(listings, 0)
+    resp = await api.patch(N, headers=bearer(alice), json={"visibility": "public"})
+    assert resp.status == 200, await resp.text()
+    assert await listed(bob) == dict.fromkeys(listings, 0)
+    assert await listed(alice) == dict.fromkeys(listings, 2)
