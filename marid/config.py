@@ -176,7 +176,7 @@ class WebhooksConfig:
 @dataclass(frozen=True)
 class OutboundConfig:
     """What marid's own requests (image downloads, webhooks) may reach besides the public
-    internet: IP networks or host names (docs/configuration.md §1.5)."""
+    internet: IP networks or host names (docs/configuration.md §1.3)."""
 
     allow: list[str] = field(default_factory=list)
 
