@@ -8,9 +8,8 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiohttp import web
 
-from marid.api import downloads, errors, ratelimit
+from marid.api import downloads, errors, http, ratelimit
 from marid.api.app_modules import MODULES, ROOT_MODULES
-from marid.api.http import MAX_JSON_BODY
 from marid.api.keys import (
     API_MODULES,
     API_PREFIX,
@@ -37,8 +36,8 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     Without `pool` the app opens (and closes) its own from `database.dsn`.
     """
     app = web.Application(
-        middlewares=[errors.request_log, errors.errors, ratelimit.rate_limit],
-        client_max_size=MAX_JSON_BODY,
+        middlewares=[errors.request_log, errors.errors, http.body_timeout, ratelimit.rate_limit],
+        client_max_size=http.MAX_JSON_BODY,
     )
     app[CONFIG] = config
     app[API_MODULES] = MODULES
@@ -58,7 +57,7 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     if config.rate_limit.enabled:
         app[RATE_LIMITER] = Limiter(config.rate_limit, prefix)
         app.on_response_prepare.append(ratelimit.add_headers)
-    api = web.Application(client_max_size=MAX_JSON_BODY) if prefix else app
+    api = web.Application(client_max_size=http.MAX_JSON_BODY) if prefix else app
     api[API_PREFIX] = prefix
     for module in MODULES:
         api.add_routes(module.routes)

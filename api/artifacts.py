@@ -11,7 +11,7 @@ from aiohttp import web
 from marid import builds, jobs, mime, users
 from marid.api.auth import Caller, optional
 from marid.api.builds import PARAMS, B, Loaded, readable_build
-from marid.api.http import Page, api_url, query
+from marid.api.http import Page, api_url, query, url_path
 from marid.api.keys import BLOBS, POOL
 from marid.api.openapi import (
     BOOL,
@@ -62,7 +62,7 @@ async def artifacts_json(
             "sha256": row["sha256"],
             "created_at": rfc3339(row["created_at"]),
             "deleted_at": rfc3339(row["deleted_at"]),
-            "url": f"{url}/artifacts/{row['name']}",
+            "url": f"{url}/artifacts/{url_path(row['name'])}",
             "user": users.to_json(loaded.owner),
             "build": build,
             "job": jobs.to_json(found[row["job_id"]], url, build),

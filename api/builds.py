@@ -11,7 +11,17 @@ from aiohttp import web
 from marid import builds, lifecycle, manifest, namespaces, objects, users, webhooks
 from marid.api import idempotency, resources
 from marid.api.auth import Caller, optional, requires
-from marid.api.http import Page, api_url, query, query_flag, read_body, read_json
+from marid.api.http import (
+    MAX_NUMBER,
+    Page,
+    api_url,
+    path_id,
+    query,
+    query_flag,
+    read_body,
+    read_json,
+    url_path,
+)
 from marid.api.keys import BLOBS, CONFIG, POOL
 from marid.api.namespaces import NS, NS_PARAMS, load_namespace
 from marid.api.openapi import (
@@ -66,9 +76,7 @@ class Loaded:
 
 async def load_build(conn: asyncpg.Connection, request: web.Request, user: User | None) -> Loaded:
     """The build of `/b/:username/:number` and the caller's rights on it; NotFound if missing."""
-    number = int(request.match_info["number"])
-    if number > 2**31 - 1:
-        raise NotFound()
+    number = path_id(request, "number", MAX_NUMBER)
     blobs = request.config_dict[BLOBS]
     build = await builds.get_by_number(conn, request.match_info["username"], number, blobs)
     if build is None:
@@ -252,7 +260,7 @@ def tag_json(tag: builds.Tag, tagger: User, loaded: Loaded, base: str) -> dict[s
         "build_id": tag.build_id,
         "name": tag.name,
         "created_at": tag.created_at.isoformat().replace("+00:00", "Z"),
-        "url": f"{build_url}/tags/{tag.name}",
+        "url": f"{build_url}/tags/{url_path(tag.name)}",
         "user": users.to_json(tagger),
         "build": loaded.json(base),
     }

@@ -138,7 +138,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if reason is not None:  # logged once per outage, not per request
             note_outage(request, reason)
             return unavailable()
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s", printable(f"{request.method} {request.path}"))
         body = {"message": "Internal Server Error"}
         if request.config_dict[CONFIG].server.debug:
             body["stack"] = "".join(traceback.format_exception(exc))
@@ -164,8 +164,10 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
         raise
     finally:
         elapsed = time.perf_counter() - start
-        # The path only: query strings may carry secrets (OAuth codes, tokens).
-        access_log.info("%s %s %d %.1fms", request.method, request.path, status, elapsed * 1000)
+        # The path only: query strings may carry secrets (OAuth codes, tokens). Both come from
+        # the client: escaped, so that `%0A` in a path cannot start a forged log line.
+        what = printable(f"{request.method} {request.path}")
+        access_log.info("%s %d %.1fms", what, status, elapsed * 1000)
         metrics = request.config_dict.get(HTTP_METRICS)
         if metrics is not None:
             method = request.method if request.method in METHODS else "other"
@@ -188,6 +190,22 @@ def _route(request: web.Request) -> str:
     if prefix and template.startswith(prefix + "/"):
         return template[len(prefix) :]
     return template
+
+
+def printable(text: str) -> str:
+    """`text` for a log line, with every character that is not printable escaped as Python
+    writes it (`\\n`, `\\x85`, `\\u2028`, `\\ud800`), and `\\` as `\\\\`: control characters,
+    line and paragraph separators, format characters such as bidirectional overrides and lone
+    surrogates. No client-sent text can then end a log line or pass for an escape."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    if char.isprintable() and char != "\\":
+        return char
+    return char.encode("unicode_escape").decode("ascii")
 
 
 def _safe_id(value: str) -> bool:

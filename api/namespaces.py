@@ -32,7 +32,9 @@ from marid.validation import NotFound
 routes = web.RouteTableDef()
 
 # A namespace path in a URL: 1 to 20 segments; the segment `-` ends it (docs/api.md §1.1).
-NS = r"/n/{username}/{path:[A-Za-z0-9]+(?:/[A-Za-z0-9]+)*}"
+# Segments may be separated by `%2F` too, as OpenAPI clients encode a path parameter's slashes
+# (issue 11 row 17): aiohttp matches with `%2F` still encoded and decodes the value.
+NS = r"/n/{username}/{path:[A-Za-z0-9]+(?:(?:/|%2F)[A-Za-z0-9]+)*}"
 
 
 async def load_namespace(conn: asyncpg.Connection, request: web.Request) -> Namespace:

@@ -16,6 +16,7 @@ from multidict import MultiMapping
 
 from marid import apps, tokens
 from marid.api.auth import bearer, login
+from marid.api.http import read_form
 from marid.api.keys import CONFIG, POOL
 from marid.api.oauth_server import (
     CodeGrant,
@@ -26,7 +27,16 @@ from marid.api.oauth_server import (
     denied_location,
     in_thread,
 )
-from marid.api.openapi import BEARER, STRING, Operations, json_response, obj, query_param, ref
+from marid.api.openapi import (
+    BAD_REQUEST,
+    OPTIONAL,
+    STRING,
+    Operations,
+    json_response,
+    obj,
+    query_param,
+    ref,
+)
 from marid.validation import NotFound, RequestError
 
 routes = web.RouteTableDef()
@@ -93,7 +103,7 @@ async def show_consent(request: web.Request) -> web.Response:
 
 @routes.post("/login/oauth/authorize")
 async def authorize(request: web.Request) -> web.Response:
-    values = _first_values(await request.post())
+    values = _first_values(await read_form(request))
     data = _authorize_data(request, values)
     async with request.config_dict[POOL].acquire() as conn:
         server, grant = await _consent(conn, data)
@@ -114,7 +124,7 @@ async def authorize(request: web.Request) -> web.Response:
 
 @routes.post("/login/oauth/token")
 async def exchange_code(request: web.Request) -> web.Response:
-    values = _first_values(await request.post())
+    values = _first_values(await read_form(request))
     secret = values.pop("secret", None)
     if secret is not None:
         values.setdefault("client_secret", secret)
@@ -212,7 +222,11 @@ def _form_body(schema: dict[str, Any]) -> dict[str, Any]:
 HTML = {"text/html": {"schema": STRING}}
 MESSAGE = {"application/json": {"schema": ref("Message")}}
 AUTHORIZE_ERRORS = {
-    "400": {"description": "Bad client_id, redirect_uri or scope (§16.1)", "content": MESSAGE},
+    "400": {
+        "description": "Bad client_id, redirect_uri or scope (§16.1), or a form body that"
+        " cannot be read (docs/api.md §1.4)",
+        "content": {"application/json": {"schema": BAD_REQUEST}},
+    },
     "404": {"description": "Unknown client_id", "content": MESSAGE},
 }
 
@@ -262,13 +276,16 @@ OPERATIONS: Operations = {
                     "application/x-www-form-urlencoded": {"schema": ref("OAuthToken")},
                 },
             },
-            "400": json_response("Invalid or expired code", ref("Message")),
+            "400": json_response(
+                "Invalid or expired code, or a form body that cannot be read", BAD_REQUEST
+            ),
             "401": json_response("Invalid client credentials", ref("Message")),
         },
     },
     ("post", "/logout/oauth/revoke"): {
         "summary": "Revoke the bearer token of the request (docs/api.md §16.4)",
-        "security": BEARER,
+        # Always 204, with a token, an unknown one or none (§16.4).
+        "security": OPTIONAL,
         "responses": {"204": {"description": "Revoked (or already unknown)"}},
     },
 }

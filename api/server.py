@@ -65,7 +65,21 @@ async def start(config: Config, sockets: list[socket.socket] | None = None) -> w
     sockets = sockets or bind(*split_listen(config.server.listen))
     app = create_app(config)
     app.cleanup_ctx.append(reaper_context)  # after the pool and the blob store: stops first
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # server.header_timeout (docs/security.md §5.2): aiohttp's keep-alive timer closes a
+    # connection still waiting for a complete request line and headers `keepalive_timeout`
+    # seconds after it opened or after its previous response, whether none of the next request
+    # came or only some of it; so it bounds how long a request's head may take from the moment
+    # the server waits for it, and idle keep-alive connections end after the same time. (A
+    # timer from a request's first byte would need the state of aiohttp's C parser, which it
+    # does not show: bytes of a next request that come with the end of the previous one could
+    # not be told from none.) A request whose head is complete is not timed here: its body has
+    # server.body_timeout (api/http.py's body_timeout middleware), its handler no limit.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=config.server.header_timeout,
+    )
     await runner.setup()
     for sock in sockets:
         await web.SockSite(runner, sock, backlog=BACKLOG).start()

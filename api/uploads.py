@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
 
-from marid.api.http import query
+from marid.api.http import multipart_reader, next_part, query
 from marid.blobs import BlobNotFound, BlobStore
 from marid.logs import REQUEST_ID
 from marid.uploads import Content, spool
@@ -56,8 +56,8 @@ async def _multipart(request: web.Request, names: tuple[str, ...], max_size: int
     upload = Upload({})
     seen_file = False
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
+        reader = await multipart_reader(request)
+        while (part := await next_part(reader)) is not None:
             if isinstance(part, BodyPartReader) and part.name == FILE and not seen_file:
                 seen_file = True
                 upload.content = await spool(_chunks(part), max_size)

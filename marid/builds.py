@@ -87,7 +87,7 @@ def output_text(build: Build, build_url: str) -> str | None:
     if build.output is None:
         return None
     return "".join(
-        excerpt.render(f"{build_url}/jobs/{name}/output")
+        excerpt.render(f"{build_url}/jobs/{jobs.url_segment(name)}/output")
         for name, excerpt in build.output
         if excerpt is not None
     )

@@ -333,6 +333,9 @@ def _finish(config: Config, source: str) -> Config:
     _check_storage(config.storage, source)
     if config.builds.max_output < MIN_OUTPUT:
         raise ConfigError(f"{source}: builds.max_output: must be at least 64k")
+    for key in ("header_timeout", "body_timeout"):
+        if getattr(config.server, key) <= 0:
+            raise ConfigError(f"{source}: server.{key}: must be longer than 0s")
     if config.reaper.interval <= 0:
         raise ConfigError(f"{source}: reaper.interval: must be longer than 0s")
     limits = config.rate_limit

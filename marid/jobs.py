@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 
@@ -73,9 +74,19 @@ class Job:
     output: Excerpt | None = None  # set by `list_for` and `get_by_name`
 
 
+def url_segment(name: str) -> str:
+    """`name` (a job's, or one `/`-separated part of an artifact's or tag's) as one URL path
+    segment: percent-encoded, so that `a b?c#d` names exactly itself. `.` and `..`, which URL
+    clients resolve away, go as `%2E` (curl and requests keep that; browsers and yarl follow
+    the WHATWG URL standard, which resolves it too)."""
+    if name in (".", ".."):
+        return name.replace(".", "%2E")
+    return quote(name, safe="")
+
+
 def to_json(job: Job, build_url: str, build: dict[str, Any]) -> dict[str, Any]:
     """The Job entity; `build` is the embedded Build."""
-    url = f"{build_url}/jobs/{job.name}"
+    url = f"{build_url}/jobs/{url_segment(job.name)}"
     return {
         "id": job.id,
         "build_id": job.build_id,

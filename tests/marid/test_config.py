@@ -96,6 +96,14 @@ def test_sizes_durations_and_partial_sections(tmp_path: Path):
         ("rate_limit: {window: 0s}\n", "rate_limit.window: must be longer than 0s"),
         ("builds: {max_output: 0}\n", "builds.max_output: must be at least 64k"),
         ("reaper: {interval: 0s}\n", "reaper.interval: must be longer than 0s"),
+        (
+            "server: {url: https://ci.example.com, header_timeout: 0s}\n",
+            "server.header_timeout: must be longer than 0s",
+        ),
+        (
+            "server: {url: https://ci.example.com, body_timeout: 0s}\n",
+            "server.body_timeout: must be longer than 0s",
+        ),
         ("drivers: docker\n", "drivers: must be a list of strings"),
         (
             "docker: {pull: sometimes}\n",
