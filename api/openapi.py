@@ -134,15 +134,48 @@ SCHEMAS: dict[str, Schema] = {
 RETRY_AFTER_HEADER = {
     "Retry-After": {"description": "seconds to wait before trying again", "schema": INT}
 }
-# Every operation can answer it (docs/api.md §1.4); `document` adds it to each.
+MESSAGE = {"application/json": {"schema": ref("Message")}}
+# Field-keyed validation errors, or a request refused as a whole (docs/api.md §1.4).
+BAD_REQUEST: Schema = {"anyOf": [ref("ValidationErrors"), ref("Message")]}
+# What every operation can answer (docs/api.md §1.4); `document` adds each to every operation
+# that does not describe its own, and those of a request body to every operation with one.
 RESPONSES = {
+    "BadRequest": {
+        "description": "Refused: text PostgreSQL cannot store in the path or query, a body"
+        " that cannot be read (docs/api.md §1.4)",
+        "content": {"application/json": {"schema": BAD_REQUEST}},
+    },
+    "NotFound": {
+        "description": "Not Found, or not for this caller (docs/api.md §1.6)",
+        "content": MESSAGE,
+    },
+    "RequestTimeout": {
+        "description": "The request body stopped coming (docs/api.md §1.2)",
+        "content": MESSAGE,
+    },
+    "TooLarge": {"description": "Request body too large (docs/api.md §1.2)", "content": MESSAGE},
+    "RateLimited": {
+        "description": "Rate limit exceeded (docs/api.md §20)",
+        "headers": RETRY_AFTER_HEADER,
+        "content": MESSAGE,
+    },
     "Unavailable": {
         "description": "The database is unavailable (docs/api.md §1.4)",
         "headers": RETRY_AFTER_HEADER,
-        "content": {"application/json": {"schema": ref("Message")}},
-    }
+        "content": MESSAGE,
+    },
 }
 UNAVAILABLE = {"$ref": "#/components/responses/Unavailable"}
+COMMON = {
+    "400": {"$ref": "#/components/responses/BadRequest"},
+    "404": {"$ref": "#/components/responses/NotFound"},
+    "429": {"$ref": "#/components/responses/RateLimited"},
+    "503": UNAVAILABLE,
+}
+WITH_BODY = {
+    "408": {"$ref": "#/components/responses/RequestTimeout"},
+    "413": {"$ref": "#/components/responses/TooLarge"},
+}
 
 NOT_FOUND = {
     "404": {
@@ -191,7 +224,7 @@ OPTIONAL: list[dict[str, list[str]]] = [{}, {"bearer": []}]
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 BASIC_OR_BEARER: list[dict[str, list[str]]] = [{"basic": []}, {"bearer": []}]
 UNAUTHORIZED = {"401": json_response("Missing or bad credentials", ref("Message"))}
-INVALID = {"400": json_response("Validation failed", ref("ValidationErrors"))}
+INVALID = {"400": json_response("Validation failed, or the request was refused", BAD_REQUEST)}
 
 Operations = dict[tuple[str, str], dict[str, Any]]
 
@@ -225,10 +258,12 @@ def namespace_params() -> list[dict[str, Any]]:
     ]
 
 
-def with_unavailable(operation: dict[str, Any]) -> dict[str, Any]:
-    """The operation with a 503 response, unless it documents its own (GET /health)."""
+def with_common_responses(operation: dict[str, Any]) -> dict[str, Any]:
+    """The operation with the answers any operation can give (400, 404, 429, 503; 408 and 413
+    when it takes a body), except those it documents itself (GET /health's 503)."""
     responses = dict(operation["responses"])
-    responses.setdefault("503", UNAVAILABLE)
+    for status, response in {**COMMON, **(WITH_BODY if "requestBody" in operation else {})}.items():
+        responses.setdefault(status, response)
     return {**operation, "responses": responses}
 
 
@@ -246,12 +281,12 @@ def document(
     for module in modules:
         schemas.update(getattr(module, "SCHEMAS", {}))
         for (method, path), operation in module.OPERATIONS.items():
-            paths.setdefault(path, {})[method] = with_unavailable(operation)
+            paths.setdefault(path, {})[method] = with_common_responses(operation)
     for module in root_modules:
         schemas.update(getattr(module, "SCHEMAS", {}))
         for (method, path), operation in module.OPERATIONS.items():
             paths.setdefault(path, {})[method] = {
-                **with_unavailable(operation),
+                **with_common_responses(operation),
                 "servers": [{"url": root_url}],
             }
     return {
