@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from marid import channels, manifest, namespaces, schedules, users
+from marid import channels, manifest, namespaces, schedules, users, yamltext
 from marid.listing import Listing
 from marid.manifest import Manifest, ManifestLimits
 from marid.namespaces import Namespace
@@ -55,6 +55,8 @@ class CronForm:
         else:  # "" leaves name and manifest unchanged (§11.8)
             name = body.string("name", "Name") or None
             text = body.string("manifest", "Manifest") or None
+            if text is not None and is_empty_manifest(text):
+                text = None
         schedule = body.string("schedule", "Schedule")
         if schedule is not None:
             schedule = schedules.normalise(schedule)
@@ -70,6 +72,23 @@ class CronForm:
             body.errors.add("timezone", f"Timezone unknown time zone {timezone}")
             timezone = None
         return cls(name, schedule, text, timezone, body.errors)
+
+
+def is_empty_manifest(text: str) -> bool:
+    """Whether a PATCH manifest means "unchanged": a document with no value in it (§11.8).
+
+    Djinn's own client sends the zero manifest its YAML library writes (`namespace: ""`,
+    `driver: {}`, `jobs: []` …) on every update, and Djinn's form reads a manifest that marshals
+    to `{}` as not given (cron/http/form.go); a document that does not load is not empty, so
+    the manifest check reports it.
+    """
+    try:
+        data = yamltext.load(text)
+    except yamltext.LoadError:
+        return False
+    if data is None:
+        return True
+    return isinstance(data, dict) and all(value in (None, "", {}, []) for value in data.values())
 
 
 async def check_manifest(

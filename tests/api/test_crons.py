@@ -171,6 +171,42 @@ async def test_patch_changes_given_fields_and_recomputes_next_run(
     )
 
 
+# What Djinn's Go client (integration/djinn/cron.go, Cron.Update) sends for
+# `c.Update(cli, CronParams{Schedule: Monthly})`: the zero Manifest marshalled by yaml.v2.
+DJINN_EMPTY_MANIFEST = (
+    'namespace: ""\ndriver: {}\nenv: []\nobjects: []\nsources: []\nstages: []\n'
+    "allow_failures: []\njobs: []\n"
+)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"name": "", "schedule": "monthly", "manifest": DJINN_EMPTY_MANIFEST},
+        {"schedule": "monthly"},
+        {"schedule": "monthly", "manifest": None},
+        {"schedule": "monthly", "manifest": "{}\n"},
+        {"schedule": "monthly", "manifest": "# nothing\n"},
+    ],
+)
+async def test_patch_with_an_empty_manifest_leaves_it_unchanged(
+    api: TestClient, token: MakeToken, change: dict[str, Any]
+):
+    value = await token(ALL)
+    _, cron = await post(api, value, name="c", manifest=MANIFEST)
+    resp = await api.patch(f"/api/cron/{cron['id']}", headers=bearer(value), json=change)
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body == {**cron, "schedule": "monthly", "next_run": "2024-04-01T00:00:00Z"}
+    # One value that is not empty makes it a manifest, checked as any other.
+    manifest = DJINN_EMPTY_MANIFEST.replace("stages: []", "stages: [a]")
+    resp = await api.patch(
+        f"/api/cron/{cron['id']}", headers=bearer(value), json={"manifest": manifest}
+    )
+    assert resp.status == 400
+    assert list(await resp.json()) == ["manifest"]
+
+
 async def test_writes_that_set_next_run_notify_the_schedulers_with_it(
     api: TestClient, token: MakeToken, config: config_module.Config
 ):
