@@ -1,6 +1,7 @@
 """The `os` driver (docs/manifest.md §9.3): jobs as local processes in a temporary workspace.
 
-No isolation: for development, tests, trusted runners and the offline runner.
+No isolation: for development, tests, trusted runners and the offline runner. Objects and keys
+are written inside the workspace; artifacts are read from absolute paths as they are.
 """
 
 from __future__ import annotations
@@ -157,11 +158,16 @@ class OsDriver(Driver):
             await out(chunk)
 
     async def collect(self, source: str, destination: Path, max_size: int) -> None:
-        path = self.inside(source)
+        # An absolute source is read where it is, as Djinn's os driver does (its
+        # Test_WorkerCollectArtifacts collects /etc/hosts): a job here can read anything the
+        # runner can anyway, so confining artifacts would protect nothing (issue 12).
+        path = Path(source) if source.startswith("/") else self.inside(source)
         if not path.exists():
             raise DriverError(f"{source}: no such file")
         if path.is_dir():
             raise DriverError(f"{source}: is a directory")
+        if not path.is_file():  # a device or FIFO (/dev/zero) would never end
+            raise DriverError(f"{source}: not a regular file")
         size = path.stat().st_size
         if max_size and size > max_size:
             raise DriverError(f"{source} exceeds the maximum artifact size of {max_size} bytes")
