@@ -15,17 +15,21 @@ import os
 import subprocess
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+import asyncpg
 import docker
 import pytest
 from docker.errors import DockerException, ImageNotFound
 from docker.models.containers import Container, ContainerCollection
 from docker.models.volumes import Volume, VolumeCollection
 
+from marid.blobs import open_store
+from marid.config import Config
 from marid.runner.drivers.docker import docker_client
+from marid.runner.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = "marid-test/busybox:latest"
@@ -34,6 +38,23 @@ SETUP = (["scripts/docker-up"], ["scripts/test-images", "--only", "busybox"])
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+@contextlib.asynccontextmanager
+async def background_worker(
+    config: Config, pool: asyncpg.Pool, stop_timeout: float = 60.0
+) -> AsyncIterator[Worker]:
+    """A runner working in the background while the block runs, then stopped."""
+    blobs = open_store(config.storage)
+    worker = Worker(config, pool, blobs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, stop_timeout)
+        await blobs.close()
 
 
 @pytest.fixture(scope="session")

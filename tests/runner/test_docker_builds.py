@@ -18,13 +18,19 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from marid.api.app import create_app
-from marid.blobs import open_store
 from marid.config import Config
 from marid.pgcluster import free_port
 from marid.runner.drivers.docker import STOP_TIMEOUT
 from marid.runner.worker import Worker, instance_of
 from tests.conftest import MakeToken, bearer
-from tests.runner.conftest import BUSYBOX, ROOT, Gate, GatedClient, LoopbackRegistry
+from tests.runner.conftest import (
+    BUSYBOX,
+    ROOT,
+    Gate,
+    GatedClient,
+    LoopbackRegistry,
+    background_worker,
+)
 from tests.runner.test_worker import finished, submit, wait_for
 
 pytestmark = pytest.mark.docker
@@ -57,14 +63,8 @@ async def client(
 
 @pytest.fixture
 async def worker(docker_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
-    blobs = open_store(docker_config.storage)
-    w = Worker(docker_config, pool, blobs)
-    stop = asyncio.Event()
-    task = asyncio.create_task(w.run(stop))
-    yield w
-    stop.set()
-    await asyncio.wait_for(task, 60)
-    await blobs.close()
+    async with background_worker(docker_config, pool) as running:
+        yield running
 
 
 def leftovers(engine: docker.DockerClient, build_id: int, dsn: str) -> list[str]:

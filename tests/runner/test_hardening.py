@@ -4,7 +4,6 @@ OCI runtime of docker.runtime, and with docker.network `build` a network of the 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import json
@@ -21,13 +20,12 @@ from aiohttp.test_utils import TestClient
 from docker.models.networks import Network, NetworkCollection
 
 from marid.api.app import create_app
-from marid.blobs import open_store
 from marid.config import Config, DockerConfig
 from marid.runner.drivers.base import DriverError
 from marid.runner.drivers.docker import LABEL_BUILD, LABEL_INSTANCE, DockerDriver
 from marid.runner.worker import Worker, instance_of
 from tests.conftest import MakeToken
-from tests.runner.conftest import BUSYBOX, DEFAULT_HOST, ROOT
+from tests.runner.conftest import BUSYBOX, DEFAULT_HOST, ROOT, background_worker
 from tests.runner.test_docker_builds import GIT_IMAGE, SCOPE, leftovers
 from tests.runner.test_docker_driver import LIMITS, WORKSPACE, Output, nothing_uploaded, run
 from tests.runner.test_worker import finished, submit, wait_for
@@ -285,14 +283,8 @@ async def client(aiohttp_client: Any, docker_config: Config, pool: asyncpg.Pool)
 
 @pytest.fixture
 async def worker(docker_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
-    blobs = open_store(docker_config.storage)
-    w = Worker(docker_config, pool, blobs)
-    stop = asyncio.Event()
-    task = asyncio.create_task(w.run(stop))
-    yield w
-    stop.set()
-    await asyncio.wait_for(task, 60)
-    await blobs.close()
+    async with background_worker(docker_config, pool) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

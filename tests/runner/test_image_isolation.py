@@ -5,7 +5,6 @@ two users on the real engine."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -22,13 +21,12 @@ from aiohttp.test_utils import TestClient
 from docker.errors import ImageNotFound
 
 from marid.api.app import create_app
-from marid.blobs import open_store
 from marid.config import Config
 from marid.runner.drivers.docker import CACHE_REPOSITORY
 from marid.runner.worker import Worker
 from marid.users import User
 from tests.conftest import MakeToken, MakeUser, bearer
-from tests.runner.conftest import BUSYBOX
+from tests.runner.conftest import BUSYBOX, background_worker
 from tests.runner.test_worker import finished, submit, wait_for
 
 pytestmark = pytest.mark.docker
@@ -88,14 +86,8 @@ async def client(aiohttp_client: Any, docker_config: Config, pool: asyncpg.Pool)
 
 @pytest.fixture
 async def worker(docker_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
-    blobs = open_store(docker_config.storage)
-    w = Worker(docker_config, pool, blobs)
-    stop = asyncio.Event()
-    task = asyncio.create_task(w.run(stop))
-    yield w
-    stop.set()
-    await asyncio.wait_for(task, 60)
-    await blobs.close()
+    async with background_worker(docker_config, pool) as running:
+        yield running
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from marid.runner.execute import JobSpec
 from marid.runner.reporter import DbReporter, Lease
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
+from tests.runner.conftest import background_worker
 
 SCOPE = "build:read,write,delete variable:write object:write namespace:read,write"
 
@@ -45,14 +46,8 @@ async def client(
 @pytest.fixture
 async def worker(os_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
     """A runner working in the background for the test's duration."""
-    blobs = open_store(os_config.storage)
-    w = Worker(os_config, pool, blobs)
-    stop = asyncio.Event()
-    task = asyncio.create_task(w.run(stop))
-    yield w
-    stop.set()
-    await asyncio.wait_for(task, 30)
-    await blobs.close()
+    async with background_worker(os_config, pool, stop_timeout=30) as running:
+        yield running
 
 
 async def submit(client: TestClient, token: str, manifest: str, **extra: object) -> dict:
