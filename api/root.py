@@ -59,7 +59,8 @@ async def show_health(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def show_metrics(request: web.Request) -> web.Response:
-    """Prometheus text format; a bearer `metrics.token` is required when one is configured."""
+    """Prometheus text format, or OpenMetrics when `Accept` prefers it; a bearer
+    `metrics.token` is required when one is configured."""
     expected = request.config_dict[CONFIG].metrics.token
     if expected is not None:
         given = request.headers.get("Authorization", "")
@@ -72,8 +73,10 @@ async def show_metrics(request: web.Request) -> web.Response:
                 found = await metrics.totals(conn)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         found = None
-    text = metrics.render(request.config_dict[HTTP_METRICS], found)
-    return web.Response(body=text.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+    openmetrics = metrics.wants_openmetrics(request.headers.get("Accept", ""))
+    text = metrics.render(request.config_dict[HTTP_METRICS], found, openmetrics)
+    kind = metrics.OPENMETRICS_TYPE if openmetrics else metrics.CONTENT_TYPE
+    return web.Response(body=text.encode(), headers={"Content-Type": kind, "Vary": "Accept"})
 
 
 @routes.get("/openapi.json")
@@ -103,11 +106,15 @@ OPERATIONS: Operations = {
         extension=True,
     ),
     ("get", "/metrics"): op(
-        "Prometheus metrics, text format 0.0.4 (bearer metrics.token when configured)",
+        "Prometheus metrics, text format 0.0.4, or OpenMetrics 1.0.0 when Accept prefers it"
+        " (bearer metrics.token when configured)",
         {
             "200": {
                 "description": "Metrics",
-                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/openmetrics-text": {"schema": {"type": "string"}},
+                },
             },
             "401": json_response("metrics.token required", ref("Message")),
         },

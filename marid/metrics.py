@@ -1,9 +1,11 @@
-"""Metrics for `GET /metrics` (docs/api.md §21) in the Prometheus text format 0.0.4.
+"""Metrics for `GET /metrics` (docs/api.md §21) in the Prometheus text format 0.0.4, or in
+OpenMetrics 1.0.0 when the scraper's `Accept` header prefers it.
 
 Two kinds of figures: those of this API process (HTTP requests, kept in memory by `Http`), and
 those of the whole installation, read from PostgreSQL at scrape time (builds, jobs, webhook
 deliveries), so every API process reports the same totals whatever process did the work.
-Ten families do not need a client library: the format is a few lines of text.
+Ten families do not need a client library: the format is a few lines of text (the tests read
+it with the official client library's parsers).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import asyncpg
 
@@ -20,6 +23,7 @@ from marid import __version__
 from marid.builds import FINAL
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 # Seconds; Prometheus's usual request-latency buckets.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -97,8 +101,35 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _family(name: str, kind: str, text: str, samples: Iterable[Sample]) -> list[str]:
-    lines = [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+def wants_openmetrics(accept: str) -> bool:
+    """Whether an `Accept` header prefers OpenMetrics to the text format (RFC 9110 §12.5.1
+    quality values; a tie goes to OpenMetrics, as the official client library's does)."""
+    best = {"openmetrics": 0.0, "text": 0.0}
+    for media_range in accept.split(","):
+        kind, *params = (part.strip() for part in media_range.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        kind = kind.lower()
+        if kind == "application/openmetrics-text":
+            best["openmetrics"] = max(best["openmetrics"], q)
+        elif kind in ("text/plain", "text/*", "*/*"):
+            best["text"] = max(best["text"], q)
+    return best["openmetrics"] > 0 and best["openmetrics"] >= best["text"]
+
+
+def _family(
+    name: str, kind: str, text: str, samples: Iterable[Sample], openmetrics: bool
+) -> list[str]:
+    # The text format names a counter's family after its samples (`x_total`); OpenMetrics names
+    # it without the suffix. Either way the parsers see the samples belong to the family.
+    family = f"{name}_total" if kind == "counter" and not openmetrics else name
+    lines = [f"# HELP {family} {text}", f"# TYPE {family} {kind}"]
     for suffix, labels, value in samples:
         inner = ",".join(f'{key}="{_escape(val)}"' for key, val in labels)
         lines.append(f"{name}{suffix}{{{inner}}} {_number(value)}" if inner else
@@ -118,38 +149,41 @@ def _histogram_samples(http: Http) -> Iterable[Sample]:
         yield "_count", base, hist.count
 
 
-def render(http: Http, found: Totals | None) -> str:
-    """The exposition; `found` is None when the database did not answer (its families are
-    then listed without samples and marid_database_up is 0)."""
+def render(http: Http, found: Totals | None, openmetrics: bool = False) -> str:
+    """The exposition, in OpenMetrics when `openmetrics`; `found` is None when the database did
+    not answer (its families are then listed without samples and marid_database_up is 0)."""
     t = found or Totals({}, {}, {})
     requests = (
         ("_total", (("method", m), ("route", r), ("status", str(s))), n)
         for (m, r, s), n in sorted(http.requests.items())
     )
     finished = sorted((s, n) for s, n in t.builds.items() if s in FINAL)
+    family = partial(_family, openmetrics=openmetrics)
     lines = [
-        *_family("marid_http_requests", "counter", "HTTP requests served by this process.",
-                 requests),
-        *_family("marid_http_request_duration_seconds", "histogram",
-                 "HTTP request durations in this process.", _histogram_samples(http)),
-        *_family("marid_builds_submitted", "counter", "Builds submitted.",
-                 [("_total", (), sum(t.builds.values()))] if found else []),
-        *_family("marid_builds_finished", "counter", "Builds that reached a final status.",
-                 (("_total", (("status", s),), n) for s, n in finished)),
-        *_family("marid_builds", "gauge", "Builds queued or running now.",
-                 [("", (("status", s),), t.builds.get(s, 0)) for s in ("queued", "running")]
-                 if found else []),
-        *_family("marid_jobs_finished", "counter", "Jobs that reached a final status.",
-                 (("_total", (("status", s),), n) for s, n in sorted(t.jobs_finished.items()))),
-        *_family("marid_webhook_deliveries", "counter",
-                 "Webhook delivery attempts, by whether a response came back.",
-                 [("_total", (("result", r),), t.deliveries.get(r, 0))
-                  for r in ("response", "error")] if found else []),
-        *_family("marid_rate_limited", "counter", "Requests this process answered 429.",
-                 [("_total", (), http.rate_limited)]),
-        *_family("marid_database_up", "gauge", "Whether PostgreSQL answered this scrape.",
-                 [("", (), 1 if found else 0)]),
-        *_family("marid_build_info", "gauge", "The marid version.",
-                 [("", (("version", __version__),), 1)]),
+        *family("marid_http_requests", "counter", "HTTP requests served by this process.",
+                requests),
+        *family("marid_http_request_duration_seconds", "histogram",
+                "HTTP request durations in this process.", _histogram_samples(http)),
+        *family("marid_builds_submitted", "counter", "Builds submitted.",
+                [("_total", (), sum(t.builds.values()))] if found else []),
+        *family("marid_builds_finished", "counter", "Builds that reached a final status.",
+                (("_total", (("status", s),), n) for s, n in finished)),
+        *family("marid_builds", "gauge", "Builds queued or running now.",
+                [("", (("status", s),), t.builds.get(s, 0)) for s in ("queued", "running")]
+                if found else []),
+        *family("marid_jobs_finished", "counter", "Jobs that reached a final status.",
+                (("_total", (("status", s),), n) for s, n in sorted(t.jobs_finished.items()))),
+        *family("marid_webhook_deliveries", "counter",
+                "Webhook delivery attempts, by whether a response came back.",
+                [("_total", (("result", r),), t.deliveries.get(r, 0))
+                 for r in ("response", "error")] if found else []),
+        *family("marid_rate_limited", "counter", "Requests this process answered 429.",
+                [("_total", (), http.rate_limited)]),
+        *family("marid_database_up", "gauge", "Whether PostgreSQL answered this scrape.",
+                [("", (), 1 if found else 0)]),
+        *family("marid_build_info", "gauge", "The marid version.",
+                [("", (("version", __version__),), 1)]),
     ]  # fmt: skip
+    if openmetrics:
+        lines.append("# EOF")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,10 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
+from prometheus_client.parser import text_string_to_metric_families
 
 from marid import __version__, metrics, webhooks
 from marid import config as config_module
@@ -133,5 +136,74 @@ def test_without_the_database_its_families_have_no_samples():
     got = parse(text)
     assert got["marid_database_up"] == 0
     assert not any(key.startswith("marid_builds") for key in got)
-    assert "# TYPE marid_builds_submitted counter" in text
+    assert "# TYPE marid_builds_submitted_total counter" in text
     assert "# TYPE marid_http_request_duration_seconds histogram" in text
+
+
+TYPES = {
+    "marid_http_requests": "counter",
+    "marid_http_request_duration_seconds": "histogram",
+    "marid_builds_submitted": "counter",
+    "marid_builds_finished": "counter",
+    "marid_builds": "gauge",
+    "marid_jobs_finished": "counter",
+    "marid_webhook_deliveries": "counter",
+    "marid_rate_limited": "counter",
+    "marid_database_up": "gauge",
+    "marid_build_info": "gauge",
+}
+# What Prometheus 2.x/3.x sends when it scrapes.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+async def test_the_official_parser_reads_every_family_with_its_type(
+    api: TestClient, token: MakeToken
+):
+    assert (await api.get("/api/user", headers=bearer(await token("build:read")))).status == 200
+    resp = await api.get("/api/metrics")
+    assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    families = list(text_string_to_metric_families(await resp.text()))
+    assert {family.name: family.type for family in families} == TYPES
+    [requests] = [family for family in families if family.name == "marid_http_requests"]
+    [sample] = [s for s in requests.samples if s.labels["route"] == "/user"]
+    assert (sample.name, sample.labels, sample.value) == (
+        "marid_http_requests_total",
+        {"method": "GET", "route": "/user", "status": "200"},
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [PROMETHEUS_ACCEPT, "application/openmetrics-text", "application/openmetrics-text; q=0.9"],
+)
+async def test_openmetrics_when_the_accept_header_asks_for_it(
+    api: TestClient, token: MakeToken, accept: str
+):
+    assert (await api.get("/api/user", headers=bearer(await token("build:read")))).status == 200
+    resp = await api.get("/api/metrics", headers={"Accept": accept})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == (
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    )
+    text = await resp.text()
+    assert text.endswith("\n# EOF\n")
+    families = list(om_families(text))
+    assert {family.name: family.type for family in families} == TYPES
+    [duration] = [f for f in families if f.name == "marid_http_request_duration_seconds"]
+    user = [s for s in duration.samples if s.labels.get("route") == "/user"]
+    assert [s.value for s in user if s.name.endswith("_count")] == [1]
+    # Anything else gets the text format.
+    for other in ("text/plain", "*/*", "application/openmetrics-text;q=0.4,text/plain;q=0.5"):
+        resp = await api.get("/api/metrics", headers={"Accept": other})
+        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert "# EOF" not in await resp.text()
+
+
+def test_openmetrics_without_the_database_parses_too():
+    text = metrics.render(Http(), None, openmetrics=True)
+    families = list(om_families(text))
+    assert {family.name: family.type for family in families} == TYPES
