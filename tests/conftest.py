@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from marid import config as config_module
 from marid import db, scopes, tokens, users
 from marid.api.app import create_app
+from marid.blobs import BlobStore, open_store
 from marid.pgcluster import Cluster
 from tests.fixtures.clusters import copy_database, migrated_template, throwaway_cluster
 
@@ -80,6 +81,14 @@ async def pool(config: config_module.Config) -> AsyncIterator[asyncpg.Pool]:
     pool = await db.create_pool(config.database.dsn, size=5)
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def blobs(config: config_module.Config) -> AsyncIterator[BlobStore]:
+    """The blob store of the test's configuration (a directory under tmp_path)."""
+    store = open_store(config.storage)
+    yield store
+    await store.close()
 
 
 @pytest.fixture

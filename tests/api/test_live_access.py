@@ -14,7 +14,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from marid import lifecycle, manifest, namespaces
-from marid.blobs import BlobStore, open_store
+from marid.blobs import BlobStore
 from marid.config import Config
 from marid.lifecycle import Claim
 from marid.runner.execute import JobSpec
@@ -34,13 +34,6 @@ class Running:
     reporter: DbReporter
     job: JobSpec
     claim: Claim
-
-
-@pytest.fixture
-async def blobs(config: Config) -> AsyncIterator[BlobStore]:
-    store = open_store(config.storage)
-    yield store
-    await store.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -12,8 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from marid import lifecycle, manifest, output
-from marid.blobs import BlobNotFound, BlobStore, new_key, open_store
-from marid.config import Config
+from marid.blobs import BlobNotFound, BlobStore, new_key
 from marid.lifecycle import Claim
 from marid.reaper import Reaper
 from marid.runner.execute import JobSpec
@@ -24,13 +22,6 @@ from tests.conftest import MakeToken, bearer
 
 MANIFEST = "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: [echo hi]\n"
 BUILD = "/api/b/alice/1"
-
-
-@pytest.fixture
-async def blobs(config: Config) -> AsyncIterator[BlobStore]:
-    store = open_store(config.storage)
-    yield store
-    await store.close()
 
 
 @pytest.fixture
