@@ -237,12 +237,29 @@ class OsDriverConfig:
 
 
 @dataclass(frozen=True)
+class SshDriverConfig:
+    """How a runner reaches the hosts of `driver: ssh` builds (docs/configuration.md §1.3): the
+    private key it logs in with and the known_hosts file every host key is checked against. A
+    runner offers `ssh` only when both are set (runner/worker.py)."""
+
+    key: str | None = None  # path of the runner's private key (OpenSSH or PEM, no passphrase)
+    known_hosts: str | None = None  # path of an OpenSSH known_hosts file; never skipped
+    user: str = "root"
+    connect_timeout: Annotated[float, Duration] = 30.0
+
+    @property
+    def configured(self) -> bool:
+        return self.key is not None and self.known_hosts is not None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     drivers: list[str] = field(default_factory=lambda: ["docker"])
     os_driver: OsDriverConfig = field(default_factory=OsDriverConfig)
+    ssh_driver: SshDriverConfig = field(default_factory=SshDriverConfig)
     objects: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=5 * 1024**2))
     images: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=10 * 1024**3))
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
@@ -326,6 +343,7 @@ def _finish(config: Config, source: str) -> Config:
             )
     if "os" in config.drivers and config.os_driver.users is None:
         config = dataclasses.replace(config, os_driver=OsDriverConfig(users=[]))
+    _check_ssh_driver(config.ssh_driver, source)
     if config.logging.level not in LOG_LEVELS:
         raise ConfigError(f"{source}: logging.level: must be one of {', '.join(LOG_LEVELS)}")
     if config.crypto.key and len(config.crypto.key) < 32:
@@ -372,6 +390,22 @@ def _network_or_host(entry: str) -> bool:
         return True
     except ValueError:
         return bool(_HOST_NAME.fullmatch(entry)) and not entry.replace(".", "").isdigit()
+
+
+def _check_ssh_driver(ssh: SshDriverConfig, source: str) -> None:
+    if (ssh.key is None) != (ssh.known_hosts is None):
+        missing, given = (
+            ("known_hosts", "key") if ssh.known_hosts is None else ("key", "known_hosts")
+        )
+        raise ConfigError(
+            f"{source}: ssh_driver.{missing}: required with ssh_driver.{given}"
+            " (a runner logs in with the key and checks every host key against known_hosts)"
+        )
+    for name in ("key", "known_hosts", "user"):
+        if getattr(ssh, name) == "":
+            raise ConfigError(f"{source}: ssh_driver.{name}: must not be empty")
+    if ssh.connect_timeout <= 0:
+        raise ConfigError(f"{source}: ssh_driver.connect_timeout: must be longer than 0s")
 
 
 def _check_storage(storage: StorageConfig, source: str) -> None:

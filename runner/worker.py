@@ -63,14 +63,36 @@ class Worker:
         self.blobs = blobs
         self.cipher = Cipher(config.crypto.key)
         self.name = config.runner.name or f"{socket.gethostname()}-{os.getpid()}"
-        # The driver types this server accepts that a runner can execute.
-        self.drivers = [d for d in config.drivers if d in ("docker", "os")]
+        self.ssh_key = self._ssh_key()  # None: this runner cannot run `ssh` builds
+        # The driver types this server accepts that this runner can execute: it claims no
+        # other build.
+        runnable = ("docker", "os") if self.ssh_key is None else ("docker", "os", "ssh")
+        self.drivers = [d for d in config.drivers if d in runnable]
         self.running: dict[int, Execution] = {}
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.docker: Any = None  # docker.DockerClient, made on first use
         self.instance = instance_of(config.database.dsn)
         self.api_url = config.server.api_url  # for webhook payloads
+
+    def _ssh_key(self) -> Any:
+        """The private key of config ssh_driver, when `ssh` is enabled and the driver set up
+        (key and known_hosts readable); else None, logged once."""
+        from marid.runner.drivers import ssh
+
+        if "ssh" not in self.config.drivers:
+            return None
+        settings = self.config.ssh_driver
+        if settings.key is None or settings.known_hosts is None:
+            log.warning("runner: drivers lists ssh but ssh_driver is not set; not running ssh")
+            return None
+        try:
+            key = ssh.load_key(settings.key)
+            ssh.check_known_hosts(settings.known_hosts)
+        except ValueError as exc:
+            log.error("runner: ssh_driver: %s; not running ssh builds", exc)
+            return None
+        return key
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
@@ -368,6 +390,8 @@ class Worker:
         limits = Limits(resources.memory, resources.cpus, resources.pids)
         if build.driver == "os":
             return OsDriver(limits)
+        if build.driver == "ssh":
+            return self._ssh_driver(build)
         from marid.runner.drivers import docker
 
         if self.docker is None:  # one client per runner: connecting costs a round trip
@@ -387,6 +411,21 @@ class Worker:
             runtime=self.config.docker.runtime,
             cap_drop=self.config.docker.cap_drop,
         )
+
+    def _ssh_driver(self, build: ClaimedBuild) -> Driver:
+        from marid.runner.drivers import ssh
+
+        settings = self.config.ssh_driver
+        assert self.ssh_key is not None and settings.known_hosts is not None  # claimed: set up
+        target = ssh.Target(
+            build.driver_config["address"],
+            settings.user,
+            self.ssh_key,
+            settings.known_hosts,
+            settings.connect_timeout,
+        )
+        claim = build.claim
+        return ssh.SshDriver(target, f"marid-{self.instance}-{claim.build_id}-{claim.attempt}")
 
     async def _uploaded_image(self, build: ClaimedBuild, name: str) -> Any:
         from marid import images
