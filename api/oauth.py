@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import html
+import re
 from typing import Any
 from urllib.parse import urlencode
 
 import asyncpg
 from aiohttp import web
 from authlib.oauth2 import OAuth2Error
-from authlib.oauth2.rfc6749 import InsecureTransportError, InvalidClientError
+from authlib.oauth2.rfc6749 import InvalidClientError, InvalidGrantError
 from multidict import MultiMapping
 
 from marid import apps, tokens
@@ -29,7 +30,6 @@ from marid.api.oauth_server import (
 )
 from marid.api.openapi import (
     BAD_REQUEST,
-    OPTIONAL,
     STRING,
     Operations,
     json_response,
@@ -37,7 +37,7 @@ from marid.api.openapi import (
     query_param,
     ref,
 )
-from marid.validation import NotFound, RequestError
+from marid.validation import NotFound, RequestError, ValidationError
 
 routes = web.RouteTableDef()
 
@@ -48,6 +48,7 @@ PAGE_HEADERS = {
     "Content-Security-Policy": "frame-ancestors 'none'",
     "Cache-Control": "no-store",
 }
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1, §5.2
 
 
 def _first_values(values: MultiMapping[Any]) -> dict[str, str]:
@@ -122,39 +123,93 @@ async def authorize(request: web.Request) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
-@routes.post("/login/oauth/token")
-async def exchange_code(request: web.Request) -> web.Response:
-    values = _first_values(await read_form(request))
+class TokenError(RequestError):
+    """An error of the token or revocation endpoint: RFC 6749 §5.2's `error` code and
+    `error_description`, with §16.3's `message` beside them."""
+
+    def __init__(
+        self,
+        error: str,
+        message: str,
+        status: int = 400,
+        headers: dict[str, str] | None = None,
+        field: str = "message",
+    ) -> None:
+        super().__init__(message, status, headers)
+        self.error = error
+        self.field = field  # "body" for a form that cannot be read: field-keyed, as elsewhere
+
+
+BAD_CLIENT = TokenError(
+    "invalid_client", "Invalid client credentials", 401, {"WWW-Authenticate": 'Basic realm="marid"'}
+)
+# RFC 6749 §5.2: error_description holds only %x20-21 / %x23-5B / %x5D-7E.
+_DESCRIPTION = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
+
+
+def _token_error_response(exc: TokenError) -> web.Response:
+    body: dict[str, object] = {
+        "error": exc.error,
+        "error_description": _DESCRIPTION.sub("?", exc.message),
+    }
+    body[exc.field] = exc.message if exc.field == "message" else [exc.message]
+    headers = {**(exc.headers or {}), **NO_STORE}
+    return web.json_response(body, status=exc.status, headers=headers)
+
+
+async def _client_form(request: web.Request) -> dict[str, str]:
+    """The form of a token or revocation request, client credentials as authlib takes them;
+    a form that cannot be read is RFC 6749's invalid_request."""
+    try:
+        values = _first_values(await read_form(request))
+    except ValidationError as exc:
+        raise TokenError("invalid_request", exc.errors["body"][0], field="body") from None
     secret = values.pop("secret", None)
     if secret is not None:
         values.setdefault("client_secret", secret)
-    if request.headers.get("Authorization", "").lower().startswith("basic "):
+    if _has_basic(request):
         # HTTP Basic takes precedence over form credentials (§16.3).
         values.pop("client_id", None)
         values.pop("client_secret", None)
-    data = _data(request, values, grant_type="authorization_code")
+    return values
+
+
+@routes.post("/login/oauth/token")
+async def exchange_code(request: web.Request) -> web.Response:
+    try:
+        return await _exchange_code(request)
+    except TokenError as exc:
+        return _token_error_response(exc)
+
+
+async def _exchange_code(request: web.Request) -> web.Response:
+    values = await _client_form(request)
+    # §16 requests name no grant type; an RFC 6749 client's other grant types are refused by
+    # authlib (unsupported_grant_type).
+    values.setdefault("grant_type", "authorization_code")
+    data = _data(request, values)
     async with request.config_dict[POOL].acquire() as conn:
         server = Server(conn, asyncio.get_running_loop())
         try:
             async with conn.transaction():
                 reply = await in_thread(server.exchange, data)
                 if reply.error is not None:  # raised inside: the transaction rolls back
-                    raise _token_error(reply)
-        except RequestError:
+                    raise _token_error(reply.error)
+        except TokenError:
             async with conn.transaction():  # so the revocation is not rolled back with it
                 await server.revoke_replayed()
             raise
     return _token_response(request, reply)
 
 
-def _token_error(reply: Reply) -> RequestError:
-    if isinstance(reply.error, InvalidClientError):
-        return RequestError(
-            "Invalid client credentials", 401, {"WWW-Authenticate": 'Basic realm="marid"'}
-        )
-    if isinstance(reply.error, InsecureTransportError):  # server.url is plain http, not loopback
-        return RequestError(reply.error.get_error_description())
-    return RequestError("Invalid or expired code")
+def _token_error(error: OAuth2Error) -> TokenError:
+    if isinstance(error, InvalidClientError):
+        return BAD_CLIENT
+    if isinstance(error, InvalidGrantError):  # unknown, used, expired or another app's code
+        return TokenError("invalid_grant", "Invalid or expired code")
+    # invalid_request (no code; server.url plain http, not loopback), unsupported_grant_type
+    description = error.get_error_description() or error.error
+    return TokenError(error.error or "invalid_request", description, error.status_code or 400)
 
 
 def _token_response(request: web.Request, reply: Reply) -> web.Response:
@@ -172,13 +227,43 @@ def _token_response(request: web.Request, reply: Reply) -> web.Response:
 
 @routes.post("/logout/oauth/revoke")
 async def revoke_token(request: web.Request) -> web.Response:
-    """§16.4. Not authlib's RevocationEndpoint: RFC 7009 authenticates a client and names the
-    token in the body, while §16.4 revokes the request's own bearer token with no client."""
+    """§16.4 in two forms: RFC 7009's (a `token` form field, 200) and Djinn's (the request's
+    own bearer token, 204)."""
+    if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        try:
+            values = await _client_form(request)
+            if "token" in values:
+                return await _revoke_named(request, values)
+        except TokenError as exc:
+            return _token_error_response(exc)
     caller = await bearer(request)
     if caller.user is not None and caller.token_id is not None:
         async with request.config_dict[POOL].acquire() as conn:
             await tokens.delete(conn, caller.user, caller.token_id)
     return web.Response(status=204)
+
+
+async def _revoke_named(request: web.Request, values: dict[str, str]) -> web.Response:
+    """RFC 7009: client credentials, when given, must be right (401 invalid_client); the named
+    token is deleted, whoever it was issued to, since whoever holds it could delete it with
+    Djinn's form anyway; an unknown token is answered 200 as well (§2.2). `token_type_hint` is
+    ignored: every marid token is an access token."""
+    async with request.config_dict[POOL].acquire() as conn:
+        if "client_id" in values or _has_basic(request):
+            server = Server(conn, asyncio.get_running_loop())
+            try:
+                await in_thread(server.authenticate, _data(request, values))
+            except OAuth2Error:
+                raise BAD_CLIENT from None
+        async with conn.transaction():
+            found = await tokens.authenticate(conn, values["token"])
+            if found is not None:
+                await tokens.delete(conn, found.user, found.token_id)
+    return web.Response(status=200, headers=NO_STORE)
+
+
+def _has_basic(request: web.Request) -> bool:
+    return request.headers.get("Authorization", "").lower().startswith("basic ")
 
 
 def _page(grant: CodeGrant, data: RequestData, error: str = "", status: int = 200) -> web.Response:
@@ -232,7 +317,30 @@ AUTHORIZE_ERRORS = {
 
 SCHEMAS = {
     "OAuthToken": obj({"access_token": STRING, "token_type": STRING, "scope": STRING}),
+    "OAuthError": {
+        **obj(
+            {
+                "error": {
+                    "enum": [
+                        "invalid_request",
+                        "invalid_client",
+                        "invalid_grant",
+                        "unauthorized_client",
+                        "unsupported_grant_type",
+                        "invalid_scope",
+                    ]
+                },
+                "error_description": STRING,
+                "message": STRING,
+                "body": {"type": "array", "items": STRING},
+            },
+            optional=("message", "body"),
+        ),
+        "description": "RFC 6749 §5.2, with `message` (or, for a form that cannot be read,"
+        " the field-keyed `body`) beside it (docs/api.md §16.3)",
+    },
 }
+OAUTH_ERROR = ref("OAuthError")
 
 OPERATIONS: Operations = {
     ("get", "/login/oauth/authorize"): {
@@ -277,15 +385,36 @@ OPERATIONS: Operations = {
                 },
             },
             "400": json_response(
-                "Invalid or expired code, or a form body that cannot be read", BAD_REQUEST
+                "invalid_grant (invalid or expired code), invalid_request,"
+                " unsupported_grant_type (RFC 6749 §5.2)",
+                OAUTH_ERROR,
             ),
-            "401": json_response("Invalid client credentials", ref("Message")),
+            "401": json_response("invalid_client: invalid client credentials", OAUTH_ERROR),
         },
     },
     ("post", "/logout/oauth/revoke"): {
-        "summary": "Revoke the bearer token of the request (docs/api.md §16.4)",
-        # Always 204, with a token, an unknown one or none (§16.4).
-        "security": OPTIONAL,
-        "responses": {"204": {"description": "Revoked (or already unknown)"}},
+        "summary": "Revoke a token: RFC 7009's `token` form field (200), or the request's own"
+        " bearer token (204) (docs/api.md §16.4)",
+        "security": [{}, {"bearer": []}, {"basic": []}],
+        "requestBody": {
+            "required": False,
+            **_form_body(
+                obj(
+                    {
+                        "token": STRING,
+                        "token_type_hint": STRING,
+                        "client_id": STRING,
+                        "client_secret": STRING,
+                    },
+                    optional=("token_type_hint", "client_id", "client_secret"),
+                )
+            ),
+        },
+        "responses": {
+            "200": {"description": "RFC 7009: revoked (or already unknown)"},
+            "204": {"description": "The bearer token: revoked (or already unknown)"},
+            "400": json_response("A form that cannot be read (invalid_request)", OAUTH_ERROR),
+            "401": json_response("invalid_client: invalid client credentials", OAUTH_ERROR),
+        },
     },
 }

@@ -13,7 +13,8 @@ Where authlib's defaults differ from the spec, the spec wins, mapped here:
 * Client auth (§16.3): `secret` is an alias of `client_secret`; HTTP Basic takes precedence,
   so form credentials are dropped when it is present.
 * Responses come back as a `Reply` (status, body, headers, the OAuth2Error if any) and the
-  handlers render them as §16 says (303 not 302, `{"message": ...}` errors, form or JSON).
+  handlers render them as §16 says (303 not 302, RFC 6749 §5.2 errors with a `message`
+  beside them, form or JSON).
 """
 
 from __future__ import annotations
@@ -256,6 +257,13 @@ class Server(AuthorizationServer):
     def authorize(self, grant: CodeGrant, user: User | None) -> Reply:
         """Grant (`user`) or deny (None) a request `consent` validated (§16.2)."""
         return self.create_authorization_response(grant.request, grant_user=user, grant=grant)
+
+    def authenticate(self, data: RequestData) -> Client:
+        """The client of a revocation request (RFC 7009 §2.1); raises OAuth2Error."""
+        request = self.create_oauth2_request(data)
+        methods = ["client_secret_basic", "client_secret_post"]
+        client: Client = self.authenticate_client(request, methods, "revoke")
+        return client
 
     def exchange(self, data: RequestData) -> Reply:
         """The token endpoint (§16.3)."""

@@ -1,5 +1,6 @@
 """The OAuth authorization-code flow (docs/api.md §16), driven like a third-party client would."""
 
+import asyncio
 import logging
 import re
 from typing import Any
@@ -8,12 +9,24 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
+from authlib.integrations.requests_client import OAuth2Session, OAuthError
 
 from marid.users import User
 from tests.api.test_tokens import basic
 from tests.conftest import MakeUser, bearer
 
 REDIRECT = "https://dash.example.org/cb"
+# RFC 6749 §5.2 bodies; `message` stays beside them for Djinn's clients (docs/api.md §16.3).
+BAD_CLIENT = {
+    "error": "invalid_client",
+    "error_description": "Invalid client credentials",
+    "message": "Invalid client credentials",
+}
+BAD_CODE = {
+    "error": "invalid_grant",
+    "error_description": "Invalid or expired code",
+    "message": "Invalid or expired code",
+}
 SCOPE = "namespace:read build:read"  # canonical: "build:read namespace:read"
 
 
@@ -143,7 +156,7 @@ async def test_bad_client_credentials_are_401(api: TestClient, app: dict[str, An
     ]
     for resp in attempts:
         assert resp.status == 401
-        assert await resp.json() == {"message": "Invalid client credentials"}
+        assert await resp.json() == BAD_CLIENT
     # The code survived the failed attempts.
     assert (await exchange(api, app, code)).status == 200
 
@@ -160,7 +173,18 @@ async def test_reused_expired_and_foreign_codes_are_refused(
     for client, value in ((app, code), (app, expired), (other, foreign), (app, "nope"), (app, "")):
         resp = await exchange(api, client, value)
         assert resp.status == 400, value
-        assert await resp.json() == {"message": "Invalid or expired code"}
+        assert await resp.json() == BAD_CODE
+        assert (resp.headers["Cache-Control"], resp.headers["Pragma"]) == ("no-store", "no-cache")
+    form = {"client_id": app["client_id"], "client_secret": app["client_secret"]}
+    resp = await api.post("/login/oauth/token", data=form)
+    assert (resp.status, await resp.json()) == (
+        400,
+        {
+            "error": "invalid_request",
+            "error_description": "Missing 'code' in request.",
+            "message": "Missing 'code' in request.",
+        },
+    )
     assert (await exchange(api, app, foreign)).status == 200
 
 
@@ -296,7 +320,7 @@ async def test_a_replayed_code_is_refused_and_revokes_the_token_issued_for_it(
     assert (await api.get("/api/builds", headers=bearer(token))).status == 200
     resp = await exchange(api, app, code)  # RFC 6749 §4.1.2
     assert resp.status == 400
-    assert await resp.json() == {"message": "Invalid or expired code"}
+    assert await resp.json() == BAD_CODE
     assert (await api.get("/api/builds", headers=bearer(token))).status == 404
     assert await (await api.get("/api/tokens", headers=basic())).json() == []
     # Only that code's token: a later one (same user and app) survives a replay of the old code.
@@ -350,3 +374,58 @@ async def test_an_app_registered_with_a_now_refused_redirect_uri_gets_no_code(
     resp = await api.post("/login/oauth/authorize", data=consent_form(app), allow_redirects=False)
     assert resp.status == 400
     assert await resp.json() == {"message": "Registered redirect_uri is not allowed"}
+
+
+def session(api: TestClient, app: dict[str, Any], secret: str | None = None) -> OAuth2Session:
+    """authlib's own OAuth 2 client (client_secret_basic), talking to the live test server."""
+    client = OAuth2Session(app["client_id"], secret or app["client_secret"])
+    client.trust_env = False  # loopback only, whatever proxy the environment names
+    return client
+
+
+async def test_authlib_client_reads_rfc_6749_errors_and_tokens(
+    api: TestClient, app: dict[str, Any]
+):
+    url = str(api.make_url("/login/oauth/token"))
+    code = await code_for(api, app)
+    with pytest.raises(OAuthError) as bad_code:
+        await asyncio.to_thread(session(api, app).fetch_token, url, code="nope")
+    assert (bad_code.value.error, bad_code.value.description) == (
+        "invalid_grant",
+        "Invalid or expired code",
+    )
+    with pytest.raises(OAuthError) as bad_client:
+        await asyncio.to_thread(session(api, app, "0" * 64).fetch_token, url, code=code)
+    assert bad_client.value.error == "invalid_client"
+    with pytest.raises(OAuthError) as wrong_grant:
+        await asyncio.to_thread(
+            session(api, app).fetch_token, url, grant_type="password", username="a", password="b"
+        )
+    assert wrong_grant.value.error == "unsupported_grant_type"
+    token = await asyncio.to_thread(session(api, app).fetch_token, url, code=code)
+    assert (token["token_type"], token["scope"]) == ("bearer", "build:read namespace:read")
+    assert (await api.get("/api/builds", headers=bearer(token["access_token"]))).status == 200
+
+
+async def test_rfc_7009_revoke_with_authlib_revokes_the_named_token(
+    api: TestClient, app: dict[str, Any]
+):
+    token = await asyncio.to_thread(
+        session(api, app).fetch_token,
+        str(api.make_url("/login/oauth/token")),
+        code=await code_for(api, app),
+    )
+    url = str(api.make_url("/logout/oauth/revoke"))
+    value = token["access_token"]
+    # Wrong client credentials: refused (RFC 7009 §2.2.1), the token keeps working.
+    resp = await asyncio.to_thread(session(api, app, "0" * 64).revoke_token, url, value)
+    assert (resp.status_code, resp.json()) == (401, BAD_CLIENT)
+    assert (await api.get("/api/builds", headers=bearer(value))).status == 200
+    resp = await asyncio.to_thread(
+        session(api, app).revoke_token, url, value, token_type_hint="access_token"
+    )
+    assert resp.status_code == 200
+    assert (await api.get("/api/builds", headers=bearer(value))).status == 404
+    # An unknown (or already revoked) token is answered 200 as well (RFC 7009 §2.2).
+    resp = await asyncio.to_thread(session(api, app).revoke_token, url, value)
+    assert resp.status_code == 200
