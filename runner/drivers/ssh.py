@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import re
 import shlex
 import signal
 from dataclasses import dataclass
@@ -239,12 +240,19 @@ class SshDriver(Driver):
         """Run the script, the build's variables exported before it, in the workspace."""
         if self.stopped:
             return exited(128 + signal.SIGKILL)
-        exports = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
+        # Names the shell cannot export (docker would pass them on) are left out.
+        exports = "".join(
+            f"export {key}={shlex.quote(value)}\n"
+            for key, value in env.items()
+            if _NAME.fullmatch(key)
+        )
         script_path = f"{self.root}/job.sh"
         try:  # mode 0600: masked values are in it
             await self._write(script_path, (exports + script).encode(), 0o600)
         except (OSError, asyncssh.SFTPError) as exc:
             raise DriverError(f"cannot write the job script: {describe(exc)}") from None
+        # The shell sshd starts leads the job's process group; its pid is kept while the job
+        # runs, for stop() and destroy(), and removed once all of it has ended.
         command = (
             f"echo $$ >{shlex.quote(self.root + '/job.pid')}"
             f" && cd {shlex.quote(self.workspace)} && exec /bin/sh {shlex.quote(script_path)}"
@@ -272,6 +280,8 @@ class SshDriver(Driver):
                 if not await _finished(pump, DRAIN):
                     raise DriverError("a background process of the job keeps its output open")
             pump.result()
+            with contextlib.suppress(asyncssh.SFTPError):  # a later kill must not hit a reused pid
+                await self._require_sftp().remove(f"{self.root}/job.pid")
             return session.ending()
         except asyncio.CancelledError:
             await _finished(pump, DRAIN)  # what the job wrote last is still passed on
@@ -362,11 +372,9 @@ class SshDriver(Driver):
         if self.conn is None:
             return
         try:
-            if self.channel is not None:
-                await self._signal(signal.SIGKILL)
             await self._undo()
-            if self.root:
-                await self._shell(f"rm -rf -- {shlex.quote(self.root)}")
+            # By name, not self.root: a create() cancelled after mktemp has no root yet.
+            await self._shell(f"{_CLEAR} {shlex.quote(f'/tmp/{self.name}-')}")
         except Exception:
             log.exception("ssh driver: cleaning up %s on %s failed", self.name, self.target.address)
         finally:
@@ -436,7 +444,9 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         return exited(self.status)
 
 
-# Earlier attempts' jobs killed (their process groups) and their directories removed.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The jobs of the attempts whose directories start with $1 killed (their process groups), and
+# their directories removed: earlier attempts' at create(), the attempt's own at destroy().
 _CLEAR = (
     'clear() { for dir in "$1"*; do [ -d "$dir" ] || continue;'
     ' pid=$(cat "$dir/job.pid" 2>/dev/null) && kill -9 -- -"$pid" 2>/dev/null;'

@@ -16,9 +16,10 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from marid import config as config_module
 from marid.api.app import create_app
 from marid.blobs import open_store
-from marid.config import Config, SshDriverConfig
+from marid.config import Config, ConfigError, SshDriverConfig
 from marid.runner.drivers.base import DriverError, Exit, SshKey
 from marid.runner.drivers.ssh import SshDriver, Target, load_key, parse_address
 from marid.runner.worker import Worker
@@ -253,6 +254,21 @@ async def test_a_closed_port_is_a_clear_error(make_driver: MakeDriver) -> None:
     assert str(caught.value) == f"cannot connect to root@127.0.0.1:{port}: Connection refused"
 
 
+async def test_a_host_that_never_answers_is_a_clear_error(sshd: Sshd) -> None:
+    with socket.socket() as silent:  # accepts connections (backlog) and never speaks SSH
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        driver = SshDriver(
+            Target(address, "root", load_key(str(sshd.key)), str(sshd.known_hosts), 0.5),
+            "marid-test-silent-1-1",
+        )
+        with pytest.raises(DriverError) as caught:
+            await driver.create(Output())
+    assert str(caught.value) == f"cannot connect to root@{address}: no answer within 0.5s"
+    await driver.destroy()
+
+
 def test_addresses_are_parsed() -> None:
     assert parse_address("example.com:2222") == ("example.com", 2222)
     assert parse_address("example.com") == ("example.com", 22)
@@ -438,3 +454,60 @@ def test_a_runner_offers_ssh_only_when_the_driver_is_set_up(
     both = dataclasses.replace(ssh_config, drivers=["os", "ssh"])
     assert offered(both) == ["os", "ssh"]
     assert offered(dataclasses.replace(both, ssh_driver=SshDriverConfig())) == ["os"]
+
+
+async def test_a_job_time_limit_ends_the_remote_job(
+    client: TestClient, token: MakeToken, worker: Worker, sshd: Sshd
+) -> None:
+    value = await token(SCOPE)
+    marker = f"marid-limit-{secrets.token_hex(4)}"
+    manifest = (
+        f"driver: {{type: ssh, address: '{sshd.address}'}}\n"
+        f"stages: [test]\njobs:\n- stage: test\n  timeout: 1s\n  commands:\n"
+        f"  - \"sh -c 'sleep 300; : {marker}'\"\n"
+    )
+    build = await wait_for(client, value, (await submit(client, value, manifest))["url"], finished)
+    assert build["status"] == "timed_out"
+    assert build["output"].endswith("time limit 1s reached\n"), build["output"]
+    assert remote(marker) == []
+    assert workspaces(worker, build["id"]) == []
+
+
+BOTH = " (a runner logs in with the key and checks every host key against known_hosts)"
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"key": "/k"}, "ssh_driver.known_hosts: required with ssh_driver.key" + BOTH),
+        ({"known_hosts": "/h"}, "ssh_driver.key: required with ssh_driver.known_hosts" + BOTH),
+        ({"key": "/k", "known_hosts": "/h", "user": ""}, "ssh_driver.user: must not be empty"),
+        (
+            {"key": "/k", "known_hosts": "/h", "connect_timeout": "0s"},
+            "ssh_driver.connect_timeout: must be longer than 0s",
+        ),
+        ({"address": "x"}, "ssh_driver.address: unknown key"),
+    ],
+)
+def test_ssh_driver_settings_are_checked(section: dict[str, str], message: str) -> None:
+    data = {
+        "server": {"url": "https://ci.example.com"},
+        "database": {"dsn": "postgresql://localhost/marid"},
+        "crypto": {"key": "k" * 32},
+        "drivers": ["ssh"],
+        "ssh_driver": section,
+    }
+    with pytest.raises(ConfigError) as caught:
+        config_module.from_dict(data)
+    assert str(caught.value) == f"config: {message}"
+
+
+def test_ssh_driver_settings_have_defaults() -> None:
+    data = {
+        "server": {"url": "https://ci.example.com"},
+        "database": {"dsn": "postgresql://localhost/marid"},
+        "crypto": {"key": "k" * 32},
+        "ssh_driver": {"key": "/etc/marid/id", "known_hosts": "/etc/marid/known_hosts"},
+    }
+    settings = config_module.from_dict(data).ssh_driver
+    assert settings == SshDriverConfig("/etc/marid/id", "/etc/marid/known_hosts", "root", 30.0)
