@@ -221,6 +221,29 @@ async def test_destroy_removes_the_workspace(driver: SshDriver) -> None:
     assert not Path(root).exists()
 
 
+async def test_a_retried_attempt_clears_what_an_earlier_attempt_left(sshd: Sshd) -> None:
+    build = f"marid-test-{secrets.token_hex(4)}-7"
+    marker = f"marid-orphan-{secrets.token_hex(4)}"
+    first, out = SshDriver(target(sshd), f"{build}-1"), Output()
+    await first.create(out)
+    job = asyncio.create_task(
+        first.run("job", sh(f"echo go; sh -c 'sleep 300; : {marker}'"), {}, out)
+    )
+    await out.wait_for("go")
+    assert first.conn is not None
+    first.conn.close()  # its runner died: the connection is gone, the job runs on
+    assert (await job).status is None
+    assert remote(marker) and Path(first.root).is_dir()
+    second = SshDriver(target(sshd), f"{build}-2")
+    await second.clear_previous()
+    try:
+        await second.create(Output())
+        assert remote(marker) == []
+        assert not Path(first.root).exists() and Path(second.root).is_dir()
+    finally:
+        await second.destroy()
+
+
 async def test_an_unknown_host_key_is_refused(make_driver: MakeDriver, sshd: Sshd) -> None:
     driver = make_driver(known_hosts=sshd.other_known_hosts)
     with pytest.raises(DriverError) as caught:
