@@ -1,7 +1,7 @@
-"""The ssh driver (docs/manifest.md §9.4): every job runs as `root` on `driver.address` over SSH.
+"""The ssh driver (docs/manifest.md §9.5): every job runs as `root` on `driver.address` over SSH.
 
 The runner authenticates with the key of config `ssh_driver` and accepts the host only if its
-key is in `ssh_driver.known_hosts` (docs/configuration.md §1.5). One connection serves the
+key is in `ssh_driver.known_hosts` (docs/configuration.md §1.3). One connection serves the
 build: files go over SFTP, each job is one exec channel running `/bin/sh` on its script in the
 build's workspace, a directory made on the host for this attempt (`/tmp/marid-…/workspace`).
 
@@ -240,38 +240,14 @@ class SshDriver(Driver):
         """Run the script, the build's variables exported before it, in the workspace."""
         if self.stopped:
             return exited(128 + signal.SIGKILL)
-        # Names the shell cannot export (docker would pass them on) are left out.
-        exports = "".join(
-            f"export {key}={shlex.quote(value)}\n"
-            for key, value in env.items()
-            if _NAME.fullmatch(key)
-        )
-        script_path = f"{self.root}/job.sh"
-        try:  # mode 0600: masked values are in it
-            await self._write(script_path, (exports + script).encode(), 0o600)
-        except (OSError, asyncssh.SFTPError) as exc:
-            raise DriverError(f"cannot write the job script: {describe(exc)}") from None
-        # The shell sshd starts leads the job's process group; its pid is kept while the job
-        # runs, for stop() and destroy(), and removed once all of it has ended.
-        command = (
-            f"echo $$ >{shlex.quote(self.root + '/job.pid')}"
-            f" && cd {shlex.quote(self.workspace)} && exec /bin/sh {shlex.quote(script_path)}"
-        )
-        assert self.conn is not None
-        session = _Session()
-        try:
-            self.channel, _ = await self.conn.create_session(
-                lambda: session, command, encoding=None
-            )
-        except (OSError, asyncssh.Error) as exc:
-            raise DriverError(f"cannot start the job: {describe(exc)}") from None
+        session = await self._start(script, env)
         pump = asyncio.create_task(self._pump(session, out))
         try:
-            exited_ = asyncio.ensure_future(session.exited.wait())
+            exiting = asyncio.ensure_future(session.exited.wait())
             try:
-                await asyncio.wait({pump, exited_}, return_when="FIRST_COMPLETED")
+                await asyncio.wait({pump, exiting}, return_when="FIRST_COMPLETED")
             finally:
-                exited_.cancel()
+                exiting.cancel()
             if not await _finished(pump, DRAIN):
                 # The shell is gone and a background process (`server &`) holds the output
                 # open: end the job's process group, as the os driver does.
@@ -295,6 +271,37 @@ class SshDriver(Driver):
                 self.channel.close()
             self.channel = None
 
+    async def _start(self, script: str, env: dict[str, str]) -> _Session:
+        """Write the job script (mode 0600: masked values are in it) and start it."""
+        # Names the shell cannot export (docker would pass them on) are left out.
+        exports = "".join(
+            f"export {key}={shlex.quote(value)}\n"
+            for key, value in env.items()
+            if _NAME.fullmatch(key)
+        )
+        path = f"{self.root}/job.sh"
+        try:
+            await self._write(path, (exports + script).encode(), 0o600)
+        except (OSError, asyncssh.SFTPError) as exc:
+            raise DriverError(f"cannot write the job script: {describe(exc)}") from None
+        # The shell sshd starts leads the job's process group; its pid is kept while the job
+        # runs, for stop() and destroy(), and removed once all of it has ended.
+        command = (
+            f"echo $$ >{shlex.quote(self.root + '/job.pid')}"
+            f" && cd {shlex.quote(self.workspace)} && exec /bin/sh {shlex.quote(path)}"
+        )
+        assert self.conn is not None
+        session = _Session()
+        try:
+            self.channel, _ = await self.conn.create_session(
+                lambda: session, command, encoding=None
+            )
+        except (OSError, asyncssh.Error) as exc:
+            raise DriverError(f"cannot start the job: {describe(exc)}") from None
+        if self.stopped:  # stop() came while the job was being started
+            await self._signal(signal.SIGKILL)
+        return session
+
     @staticmethod
     async def _pump(session: _Session, out: OutputSink) -> None:
         while (chunk := await session.output.get()) is not None:
@@ -311,7 +318,7 @@ class SshDriver(Driver):
             f'pid=$(cat {pid_file} 2>/dev/null) && [ -n "$pid" ]'
             f" && {{ kill -{sig} -- -$pid 2>/dev/null || kill -{sig} $pid 2>/dev/null; }}"
         )
-        with contextlib.suppress(OSError, asyncssh.Error):
+        with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
             await asyncio.wait_for(self.conn.run(command), GRACE)
 
     async def collect(self, source: str, destination: Path, max_size: int) -> None:
@@ -372,11 +379,15 @@ class SshDriver(Driver):
         if self.conn is None:
             return
         try:
-            await self._undo()
+            if self.sftp is not None:
+                await self._undo()
+        except Exception as exc:
+            log.warning("%s: undoing files on %s failed: %s", self.name, self.target.address, exc)
+        try:
             # By name, not self.root: a create() cancelled after mktemp has no root yet.
             await self._shell(f"{_CLEAR} {shlex.quote(f'/tmp/{self.name}-')}")
-        except Exception:
-            log.exception("ssh driver: cleaning up %s on %s failed", self.name, self.target.address)
+        except Exception as exc:
+            log.warning("%s: cleaning up on %s failed: %s", self.name, self.target.address, exc)
         finally:
             if self.sftp is not None:
                 self.sftp.exit()
