@@ -126,6 +126,10 @@ SCHEMAS = {
         {"name": STRING, "schedule": STRING, "manifest": STRING, "timezone": STRING},
         optional=("name", "schedule", "manifest", "timezone"),
     ),
+    "CronCreateRequest": obj(
+        {"name": STRING, "schedule": STRING, "manifest": STRING, "timezone": STRING},
+        optional=("schedule", "timezone"),
+    ),
 }
 ID = [path_param("id", "cron job id")]
 OPERATIONS: Operations = {
@@ -139,7 +143,7 @@ OPERATIONS: Operations = {
         "Create a cron job (cron:write); name and manifest are required",
         {"201": json_response("Created", ref("Cron")), **INVALID, **NOT_FOUND},
         security=BEARER,
-        body=ref("CronRequest"),
+        body=ref("CronCreateRequest"),
     ),
     ("get", "/cron/{id}"): op(
         "A cron job (cron:read; waived when public)",
@@ -154,7 +158,8 @@ OPERATIONS: Operations = {
         parameters=[*ID, *FILTERS],
     ),
     ("patch", "/cron/{id}"): op(
-        "Change a cron job (cron:write; owner or collaborator)",
+        "Change a cron job (cron:write; its author); a field left out, or an empty manifest,"
+        " keeps its value",
         {"200": json_response("OK", ref("Cron")), **INVALID, **NOT_FOUND},
         security=BEARER,
         body=ref("CronRequest"),

@@ -6,6 +6,7 @@ SCHEMAS; tests/api/test_openapi.py checks the document against the app's router.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +39,23 @@ OUTPUT: Schema = {
     " <job url>/output followed by the job's last 1 MiB (docs/api.md §7.1)",
 }
 URL: Schema = {"type": "string", "format": "uri"}
+# Path parameters as the router and the data take them (marid/users.py, marid/namespaces.py).
+ID: Schema = {"type": "integer", "minimum": 0}
+USERNAME: Schema = {"type": "string", "pattern": r"^[A-Za-z0-9.-]+$"}
+SEGMENT: Schema = {"type": "string", "pattern": r"^[A-Za-z0-9]+$"}
+NAMESPACE_PATH: Schema = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9]+(/[A-Za-z0-9]+){0,19}$",
+    "description": "1 to 20 segments joined by / (%2F in a URL path works as well)",
+}
+CLIENT_ID: Schema = {"type": "string", "pattern": r"^[0-9a-f]{32}$"}
+PATH_SCHEMAS = {
+    "id": ID,
+    "number": ID,
+    "username": USERNAME,
+    "path": NAMESPACE_PATH,
+    "client_id": CLIENT_ID,
+}
 
 SCHEMAS: dict[str, Schema] = {
     "Message": obj({"message": STRING, "stack": STRING}, optional=("stack",)),
@@ -68,8 +86,8 @@ SCHEMAS: dict[str, Schema] = {
             "user_id": INT,
             "root_id": INT,
             "parent_id": nullable(INT),
-            "name": STRING,
-            "path": STRING,
+            "name": SEGMENT,
+            "path": NAMESPACE_PATH,
             "description": STRING,
             "visibility": {"enum": ["private", "internal", "public"]},
             "created_at": TIME,
@@ -95,8 +113,8 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "NamespaceRequest": obj(
         {
-            "name": STRING,
-            "parent": STRING,
+            "name": SEGMENT,
+            "parent": NAMESPACE_PATH,
             "description": STRING,
             "visibility": {"enum": ["private", "internal", "public"]},
         },
@@ -211,11 +229,13 @@ def op(
 
 
 def path_param(name: str, description: str) -> dict[str, Any]:
+    """A path parameter; ids, build numbers, usernames, namespace paths and client ids get
+    their integer or pattern schema, anything else (tag, job, artifact names) is a string."""
     return {
         "name": name,
         "in": "path",
         "required": True,
-        "schema": STRING,
+        "schema": PATH_SCHEMAS.get(name, STRING),
         "description": description,
     }
 
@@ -258,6 +278,60 @@ def namespace_params() -> list[dict[str, Any]]:
     ]
 
 
+LINK_HEADER = {
+    "Link": {
+        "description": 'The previous and next pages: `<url>; rel="prev", <url>; rel="next"`'
+        " (docs/api.md §1.7)",
+        "schema": STRING,
+    }
+}
+
+
+def operation_ids(module: Any) -> dict[tuple[str, str], str]:
+    """(method, path template) -> operationId: the name of the route's handler (`list_crons`,
+    `show_namespace`), unique and as stable as the handlers' names (docs/api.md §21)."""
+    found = {}
+    for route in getattr(module, "routes", ()):
+        handler = getattr(route, "handler", None)
+        if handler is not None:
+            path = re.sub(r"\{(\w+):[^}]*\}", r"{\1}", route.path)
+            found[(route.method.lower(), path)] = handler.__name__
+    return found
+
+
+def _body_required(body: dict[str, Any], schemas: dict[str, Schema]) -> bool:
+    """Whether a request body must be sent: its schema requires a field (an empty JSON body
+    reads as {}, so a body of optional fields may be left out)."""
+    for media in body.get("content", {}).values():
+        schema = media.get("schema", {})
+        if "$ref" in schema:
+            schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+        if schema.get("type") != "object" or schema.get("required"):
+            return True  # an array (tags), or an object with a required field
+    return False
+
+
+def _complete(
+    operation: dict[str, Any], operation_id: str | None, schemas: dict[str, Schema]
+) -> dict[str, Any]:
+    """The operation with its operationId, whether its body is required, the Link header of
+    a paginated listing's 200 and the answers every operation can give."""
+    operation = dict(operation)
+    if operation_id is not None:
+        operation.setdefault("operationId", operation_id)
+    if "requestBody" in operation and "required" not in operation["requestBody"]:
+        body = operation["requestBody"]
+        operation["requestBody"] = {**body, "required": _body_required(body, schemas)}
+    paged = any(p["name"] == "page" and p["in"] == "query" for p in operation.get("parameters", ()))
+    if paged and "200" in operation["responses"]:
+        ok = operation["responses"]["200"]
+        operation["responses"] = {
+            **operation["responses"],
+            "200": {**ok, "headers": {**ok.get("headers", {}), **LINK_HEADER}},
+        }
+    return with_common_responses(operation)
+
+
 def with_common_responses(operation: dict[str, Any]) -> dict[str, Any]:
     """The operation with the answers any operation can give (400, 404, 429, 503; 408 and 413
     when it takes a body), except those it documents itself (GET /health's 503)."""
@@ -278,15 +352,18 @@ def document(
     of `root_modules` are relative to the server root and say so with a `servers` override."""
     paths: dict[str, dict[str, Any]] = {}
     schemas = dict(SCHEMAS)
+    for module in (*modules, *root_modules):
+        schemas.update(getattr(module, "SCHEMAS", {}))
     for module in modules:
-        schemas.update(getattr(module, "SCHEMAS", {}))
+        ids = operation_ids(module)
         for (method, path), operation in module.OPERATIONS.items():
-            paths.setdefault(path, {})[method] = with_common_responses(operation)
+            complete = _complete(operation, ids.get((method, path)), schemas)
+            paths.setdefault(path, {})[method] = complete
     for module in root_modules:
-        schemas.update(getattr(module, "SCHEMAS", {}))
+        ids = operation_ids(module)
         for (method, path), operation in module.OPERATIONS.items():
             paths.setdefault(path, {})[method] = {
-                **with_common_responses(operation),
+                **_complete(operation, ids.get((method, path)), schemas),
                 "servers": [{"url": root_url}],
             }
     return {

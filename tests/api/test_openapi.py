@@ -7,6 +7,7 @@ from aiohttp.test_utils import TestClient
 
 from marid.api.app import create_app
 from marid.config import Config
+from tests.conftest import MakeToken, bearer
 
 
 def routes_of(app: web.Application, prefix: str = "") -> set[tuple[str, str]]:
@@ -62,3 +63,69 @@ async def test_oauth_operations_are_served_from_the_root(api: TestClient):
             assert operation["servers"] == [{"url": "https://ci.example.com"}]
     for operation in doc["paths"]["/apps"].values():
         assert operation["x-marid-extension"] is True
+
+
+async def test_every_operation_has_a_unique_snake_case_operation_id(api: TestClient):
+    doc = await (await api.get("/api/openapi.json")).json()
+    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids)) == 82
+    assert all(re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", i) for i in ids), ids
+    # Stable: the handlers' names (docs/api.md §21).
+    assert doc["paths"]["/n/{username}/{path}"]["get"]["operationId"] == "show_namespace"
+    assert doc["paths"]["/cron/{id}"]["patch"]["operationId"] == "update_cron"
+    assert doc["paths"]["/login/oauth/token"]["post"]["operationId"] == "exchange_code"
+
+
+async def test_bodies_are_required_where_the_server_requires_them(api: TestClient):
+    doc = await (await api.get("/api/openapi.json")).json()
+    optional = {
+        (method, path)
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+        if "requestBody" in op and not op["requestBody"]["required"]
+    }
+    # Every field optional (an empty body reads as {}), or no body at all (Djinn's revoke).
+    assert optional == {
+        ("patch", "/n/{username}/{path}"),
+        ("patch", "/keys/{id}"),
+        ("patch", "/cron/{id}"),
+        ("post", "/logout/oauth/revoke"),
+    }
+    assert doc["paths"]["/cron"]["post"]["requestBody"]["required"] is True
+    assert doc["paths"]["/b/{username}/{number}/tags"]["post"]["requestBody"]["required"] is True
+
+
+async def test_ids_numbers_and_namespace_paths_are_typed(api: TestClient):
+    doc = await (await api.get("/api/openapi.json")).json()
+    params = {
+        p["name"]: p["schema"]
+        for ops in doc["paths"].values()
+        for op in ops.values()
+        for p in op.get("parameters", ())
+        if p["in"] == "path"
+    }
+    assert params["id"]["type"] == params["number"]["type"] == "integer"
+    path = re.compile(params["path"]["pattern"])
+    assert path.fullmatch("acme") and path.fullmatch("acme/web/api")
+    assert not path.fullmatch("acme/") and not path.fullmatch("/".join(["a"] * 21))
+    assert not re.fullmatch(params["username"]["pattern"], "a/b")
+    namespace = doc["components"]["schemas"]["Namespace"]["properties"]
+    assert namespace["path"]["pattern"] == params["path"]["pattern"]
+
+
+async def test_responses_document_the_link_header_and_the_message_400(
+    api: TestClient, token: MakeToken
+):
+    doc = await (await api.get("/api/openapi.json")).json()
+    responses = doc["components"]["responses"]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            paged = any(p["name"] == "page" for p in op.get("parameters", ()))
+            headers = op["responses"]["200"].get("headers", {}) if paged else {}
+            assert ("Link" in headers) == paged, (method, path)
+            bad = op["responses"]["400"]
+            bad = responses[bad["$ref"].rsplit("/", 1)[1]] if "$ref" in bad else bad
+            schema = str(bad["content"]["application/json"]["schema"])
+            assert "Message" in schema or "OAuthError" in schema, (method, path)
+    resp = await api.get("/api/namespaces", headers=bearer(await token("namespace:read")))
+    assert "Link" in resp.headers
