@@ -9,6 +9,8 @@ import pytest
 
 from marid.runner.drivers.base import DriverError
 from marid.runner.drivers.os import OsDriver
+from marid.runner.execute import JobSpec, StageSpec
+from tests.runner.test_execute import run, spec
 
 
 async def discard(chunk: bytes) -> None:
@@ -46,3 +48,27 @@ async def test_relative_sources_stay_in_the_workspace(tmp_path: Path):
             await driver.collect("/dev/zero", tmp_path / "z", 0)
     finally:
         await driver.destroy()
+
+
+async def test_a_build_collects_absolute_paths_as_djinns_test_does(tmp_path: Path):
+    """Djinn's Test_WorkerCollectArtifacts: `cat /etc/os-release`, then /etc/hosts,
+    /etc/os-release and /etc/shells collected under their base names."""
+    sources = ["/etc/hosts", "/etc/os-release", "/etc/shells"]
+    build = spec(
+        StageSpec(
+            "collect",
+            False,
+            [
+                JobSpec(
+                    "collect.1",
+                    "cat /etc/os-release",
+                    artifacts=[(source, Path(source).name) for source in sources],
+                )
+            ],
+        ),
+        artifact_max_size=0,
+    )
+    status, rec, _ = await run(build)
+    assert status == "passed", rec.output
+    assert rec.artifacts == {Path(s).name: Path(s).read_bytes() for s in sources}
+    assert "artifact error" not in rec.output["collect.1"]
