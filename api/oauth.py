@@ -140,9 +140,15 @@ class TokenError(RequestError):
         self.field = field  # "body" for a form that cannot be read: field-keyed, as elsewhere
 
 
-BAD_CLIENT = TokenError(
-    "invalid_client", "Invalid client credentials", 401, {"WWW-Authenticate": 'Basic realm="marid"'}
-)
+def _bad_client() -> TokenError:
+    return TokenError(
+        "invalid_client",
+        "Invalid client credentials",
+        401,
+        {"WWW-Authenticate": 'Basic realm="marid"'},
+    )
+
+
 # RFC 6749 §5.2: error_description holds only %x20-21 / %x23-5B / %x5D-7E.
 _DESCRIPTION = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
 
@@ -204,7 +210,7 @@ async def _exchange_code(request: web.Request) -> web.Response:
 
 def _token_error(error: OAuth2Error) -> TokenError:
     if isinstance(error, InvalidClientError):
-        return BAD_CLIENT
+        return _bad_client()
     if isinstance(error, InvalidGrantError):  # unknown, used, expired or another app's code
         return TokenError("invalid_grant", "Invalid or expired code")
     # invalid_request (no code; server.url plain http, not loopback), unsupported_grant_type
@@ -254,7 +260,7 @@ async def _revoke_named(request: web.Request, values: dict[str, str]) -> web.Res
             try:
                 await in_thread(server.authenticate, _data(request, values))
             except OAuth2Error:
-                raise BAD_CLIENT from None
+                raise _bad_client() from None
         async with conn.transaction():
             found = await tokens.authenticate(conn, values["token"])
             if found is not None:
