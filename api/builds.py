@@ -182,7 +182,7 @@ async def create_build(request: web.Request, user: User) -> web.Response:
 async def _submit(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         sub = await parse_submission(conn, request, user)
-        build = await submit(conn, sub)
+        [build] = await builds.with_pending(conn, [await submit(conn, sub)])
         body = builds.to_json(build, sub.owner, sub.namespace, api_url(request))
         await webhooks.emit(conn, build.namespace_id, "build.submitted", body)
     return web.json_response(body, status=201)
@@ -340,6 +340,16 @@ FILTERS = [
 ]
 SCHEMAS = {
     "Trigger": obj({"type": STRING, "comment": STRING, "data": {"type": "object"}}),
+    "Pending": obj(
+        {
+            "reason": {
+                "type": "string",
+                "description": "why the build has not started (docs/api.md §7.1): "
+                f"`{builds.NO_RUNNER}`, `{builds.NOT_OFFERED.format(driver='<type>')}` or "
+                f"`{builds.WAITING}`",
+            }
+        }
+    ),
     "Build": obj(
         {
             "id": INT,
@@ -352,6 +362,7 @@ SCHEMAS = {
             "tags": {"type": "array", "items": STRING},
             "pinned": BOOL,
             "attempts": INT,
+            "pending": nullable(ref("Pending")),
             "created_at": TIME,
             "started_at": nullable(TIME),
             "finished_at": nullable(TIME),

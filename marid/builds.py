@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from marid import jobs, namespaces, users
+from marid import jobs, namespaces, runners, users
 from marid.blobs import BlobStore
 from marid.jobs import Excerpt
 from marid.namespaces import Namespace
@@ -24,6 +24,20 @@ FINAL = frozenset(STATUSES[2:])
 LINKS = ("objects", "variables", "jobs", "artifacts", "tags")
 # Tag names: Unicode letters, ASCII digits, - _ . / (docs/api.md §7.1).
 _TAG_CHAR = re.compile(r"[0-9\-_./]|[^\W\d_]")
+
+
+# Why a queued build has not started (docs/api.md §7.1), from what the alive runners offer.
+NO_RUNNER = "no runner is running"
+NOT_OFFERED = "no runner offers driver {driver}"
+WAITING = "waiting for a runner"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Why a queued build has not started yet (docs/api.md §7.1). Later reasons may add
+    fields (a position in the queue, a limit reached) beside `reason`."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,7 @@ class Build:
     finished_at: datetime | None
     tags: list[str]
     attempts: int = 0  # runs started, retries included (docs/manifest.md §6.13)
+    pending: Pending | None = None  # queued builds only, once read (`with_pending`)
 
 
 def from_row(row: asyncpg.Record) -> Build:
@@ -76,10 +91,38 @@ async def with_outputs(
     ]
 
 
+def pending(offer: runners.Offer, driver: str) -> Pending:
+    """Why a queued build for `driver` waits, given what the alive runners offer."""
+    if not offer.runners:
+        return Pending(NO_RUNNER)
+    if driver not in offer.drivers:
+        return Pending(NOT_OFFERED.format(driver=driver))
+    return Pending(WAITING)
+
+
+async def with_pending(conn: asyncpg.Connection, found: list[Build]) -> list[Build]:
+    """`found` with each queued build's `pending` reason: one query for all of them, none
+    when no build is queued."""
+    if not any(b.status == "queued" for b in found):
+        return found
+    offer = await runners.offered(conn)
+    return [
+        dataclasses.replace(b, pending=pending(offer, b.driver)) if b.status == "queued" else b
+        for b in found
+    ]
+
+
+async def complete(
+    conn: asyncpg.Connection, found: list[Build], blobs: BlobStore | None
+) -> list[Build]:
+    """`found` as entities show them: with outputs (`with_outputs`) and pending reasons."""
+    return await with_pending(conn, await with_outputs(conn, found, blobs))
+
+
 async def _one(
     conn: asyncpg.Connection, row: asyncpg.Record | None, blobs: BlobStore | None
 ) -> Build | None:
-    return (await with_outputs(conn, [from_row(row)], blobs))[0] if row else None
+    return (await complete(conn, [from_row(row)], blobs))[0] if row else None
 
 
 def output_text(build: Build, build_url: str) -> str | None:
@@ -153,6 +196,7 @@ def to_json(
         "tags": build.tags,
         "pinned": build.pinned,
         "attempts": build.attempts,
+        "pending": {"reason": build.pending.reason} if build.pending else None,
         "created_at": rfc3339(build.created_at),
         "started_at": rfc3339(build.started_at),
         "finished_at": rfc3339(build.finished_at),
@@ -180,7 +224,7 @@ async def many_to_json(
 async def get(
     conn: asyncpg.Connection, build_id: int, blobs: BlobStore | None = None
 ) -> Build | None:
-    """The build with its output (`with_outputs`)."""
+    """The build with its output and pending reason (`complete`)."""
     row = await conn.fetchrow("SELECT * FROM build_rows WHERE id = $1", build_id)
     return await _one(conn, row, blobs)
 
@@ -188,7 +232,7 @@ async def get(
 async def get_by_number(
     conn: asyncpg.Connection, username: str, number: int, blobs: BlobStore | None = None
 ) -> Build | None:
-    """The build with its output (`with_outputs`)."""
+    """The build with its output and pending reason (`complete`)."""
     row = await conn.fetchrow(
         """
         SELECT b.* FROM build_rows b JOIN users u ON u.id = b.user_id
@@ -283,7 +327,7 @@ async def page(
         viewer.user_id,
         viewer.may_read,
     )
-    return await with_outputs(conn, [from_row(row) for row in rows], blobs)
+    return await complete(conn, [from_row(row) for row in rows], blobs)
 
 
 @dataclass(frozen=True)
@@ -370,5 +414,5 @@ async def latest_by_namespace(conn: asyncpg.Connection, ids: list[int]) -> dict[
         """,
         ids,
     )
-    found = await with_outputs(conn, [from_row(row) for row in rows], None)
+    found = await complete(conn, [from_row(row) for row in rows], None)
     return {build.namespace_id or 0: build for build in found}

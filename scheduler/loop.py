@@ -85,6 +85,8 @@ async def _announce(
     """Queue `build.submitted` (docs/api.md §10.6) for the builds whose namespace wants it."""
     spaces = {build.namespace_id for build in made if build.namespace_id is not None}
     hooked = await webhooks.listening(conn, spaces, "build.submitted") if spaces else set()
+    if hooked:  # the payload is the Build entity, its `pending` reason included (§7.1)
+        made = await builds.with_pending(conn, made)
     for (_, sub), build in zip(firing, made, strict=True):
         if build.namespace_id in hooked:
             body = builds.to_json(build, sub.owner, sub.namespace, api_url)

@@ -4,6 +4,7 @@ of one (docs/manifest.md §5, docs/api.md §7.4)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import asyncpg
 
@@ -35,7 +36,8 @@ async def test_a_batch_numbers_each_owners_builds_in_order_and_returns_them_as_s
             ],
         )
         stored = [await builds.get(conn, build.id) for build in [first, *made]]
-    assert [first, *made] == stored
+    # `pending` is not stored: reading a build adds it from the runners alive then.
+    assert [first, *made] == [dataclasses.replace(b, pending=None) for b in stored if b]
     assert [(b.user_id, b.number) for b in made] == [(alice.id, 1), (bob.id, 2), (alice.id, 2)]
     assert [b.tags for b in made] == [["b", "z", "é"], ["cron:nightly"], []]
     assert made[2].trigger_data == {"username": "x"}
