@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from marid import channels, keys, lifecycle, variables, webhooks
+from marid import channels, keys, lifecycle, runners, variables, webhooks
 from marid.blobs import BlobNotFound, BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
@@ -108,6 +108,17 @@ class Worker:
             reaper.run(self.config, self.pool, self.blobs, self.instance, stop),
             name="runner reaper",
         )
+        presence = asyncio.create_task(
+            runners.run(
+                self.pool,
+                self.name,
+                self.drivers,
+                self.config.runner.parallelism,
+                stop,
+                runners.interval_for(self.config.runner.lease),
+            ),
+            name="runner presence",
+        )
         drivers, parallelism = ",".join(self.drivers), self.config.runner.parallelism
         log.info("runner %s: drivers %s, parallelism %d", self.name, drivers, parallelism)
         try:
@@ -117,7 +128,9 @@ class Worker:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             listening.cancel()
             reaping.cancel()
-            await asyncio.gather(listening, reaping, return_exceptions=True)
+            if not stop.is_set():  # else it is withdrawing, which a cancel would interrupt
+                presence.cancel()
+            await asyncio.gather(listening, reaping, presence, return_exceptions=True)
             if self.docker is not None:
                 self.docker.close()
 
