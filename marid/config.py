@@ -253,6 +253,23 @@ class SshDriverConfig:
 
 
 @dataclass(frozen=True)
+class QemuDriverConfig:
+    """How a runner boots the virtual machines of `driver: qemu` builds (docs/configuration.md
+    §1.3). A runner offers `qemu` only when `binary` and qemu-img are installed."""
+
+    binary: str = "qemu-system-x86_64"
+    # Directory of base images: `image: debian/stable` is images/debian/stable.qcow2.
+    images: str | None = None
+    work_dir: str = ".marid/qemu"  # uploaded images fetched, each attempt's disk overlay and keys
+    accel: str = "auto"  # kvm, tcg, or auto: kvm where /dev/kvm is hardware KVM, else tcg
+    boot_timeout: Annotated[float, Duration] = 120.0  # from qemu's start to an SSH login
+    # "none": the guest reaches nothing (only the runner's forwarded SSH port reaches it);
+    # "user": qemu's user-mode NAT, through which the guest reaches what the runner's host
+    # reaches, its loopback services included (10.0.2.2).
+    network: str = "none"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -260,6 +277,7 @@ class Config:
     drivers: list[str] = field(default_factory=lambda: ["docker"])
     os_driver: OsDriverConfig = field(default_factory=OsDriverConfig)
     ssh_driver: SshDriverConfig = field(default_factory=SshDriverConfig)
+    qemu_driver: QemuDriverConfig = field(default_factory=QemuDriverConfig)
     objects: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=5 * 1024**2))
     images: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=10 * 1024**3))
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
@@ -344,6 +362,7 @@ def _finish(config: Config, source: str) -> Config:
     if "os" in config.drivers and config.os_driver.users is None:
         config = dataclasses.replace(config, os_driver=OsDriverConfig(users=[]))
     _check_ssh_driver(config.ssh_driver, source)
+    _check_qemu_driver(config.qemu_driver, source)
     if config.logging.level not in LOG_LEVELS:
         raise ConfigError(f"{source}: logging.level: must be one of {', '.join(LOG_LEVELS)}")
     if config.crypto.key and len(config.crypto.key) < 32:
@@ -406,6 +425,24 @@ def _check_ssh_driver(ssh: SshDriverConfig, source: str) -> None:
             raise ConfigError(f"{source}: ssh_driver.{name}: must not be empty")
     if ssh.connect_timeout <= 0:
         raise ConfigError(f"{source}: ssh_driver.connect_timeout: must be longer than 0s")
+
+
+QEMU_ACCELS = ("auto", "kvm", "tcg")
+QEMU_NETWORKS = ("none", "user")
+
+
+def _check_qemu_driver(qemu: QemuDriverConfig, source: str) -> None:
+    if qemu.accel not in QEMU_ACCELS:
+        raise ConfigError(f"{source}: qemu_driver.accel: must be one of {', '.join(QEMU_ACCELS)}")
+    if qemu.network not in QEMU_NETWORKS:
+        raise ConfigError(
+            f"{source}: qemu_driver.network: must be one of {', '.join(QEMU_NETWORKS)}"
+        )
+    for name in ("binary", "images", "work_dir"):
+        if getattr(qemu, name) == "":
+            raise ConfigError(f"{source}: qemu_driver.{name}: must not be empty")
+    if qemu.boot_timeout <= 0:
+        raise ConfigError(f"{source}: qemu_driver.boot_timeout: must be longer than 0s")
 
 
 def _check_storage(storage: StorageConfig, source: str) -> None:

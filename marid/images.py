@@ -71,7 +71,7 @@ class Image:
 
 @dataclass(frozen=True)
 class DockerArchive:
-    """A docker image's stored `docker save` archive, for the runner."""
+    """An image's stored upload (a `docker save` archive or a QCOW2 disk), for the runner."""
 
     image_id: int
     blob_key: str
@@ -460,10 +460,19 @@ async def find_docker_image(
     """docs/manifest.md §9.2 image resolution, step 1, for the runner: the `docker` image named
     exactly `name` in the build's namespace or, for a build without one, among its owner's
     personal (un-namespaced, not detached) images."""
+    return await find_upload(conn, "docker", owner_id, namespace_id, name)
+
+
+async def find_upload(
+    conn: asyncpg.Connection, driver: str, owner_id: int, namespace_id: int | None, name: str
+) -> DockerArchive | None:
+    """The stored upload of `driver` named exactly `name` a build may use: in the build's
+    namespace or, for a build without one, among its owner's personal (un-namespaced, not
+    detached) images (docs/manifest.md §9.2, §9.6)."""
     row = await conn.fetchrow(
         """
         SELECT id, blob_key, sha256 FROM images
-        WHERE driver = 'docker' AND name = $3 AND blob_key IS NOT NULL
+        WHERE driver = $4 AND name = $3 AND blob_key IS NOT NULL
           AND CASE WHEN $2::bigint IS NULL
               THEN namespace_id IS NULL AND NOT detached AND user_id = $1
               ELSE namespace_id = $2 END
@@ -471,5 +480,6 @@ async def find_docker_image(
         owner_id,
         namespace_id,
         name,
+        driver,
     )
     return DockerArchive(row["id"], row["blob_key"], row["sha256"]) if row else None

@@ -66,7 +66,11 @@ class Worker:
         self.ssh_key = self._ssh_key()  # None: this runner cannot run `ssh` builds
         # The driver types this server accepts that this runner can execute: it claims no
         # other build.
-        runnable = ("docker", "os") if self.ssh_key is None else ("docker", "os", "ssh")
+        runnable = ["docker", "os"]
+        if self.ssh_key is not None:
+            runnable.append("ssh")
+        if self._can_boot():
+            runnable.append("qemu")
         self.drivers = [d for d in config.drivers if d in runnable]
         self.running: dict[int, Execution] = {}
         self.wake = asyncio.Event()
@@ -93,6 +97,20 @@ class Worker:
             log.error("runner: ssh_driver: %s; not running ssh builds", exc)
             return None
         return key
+
+    def _can_boot(self) -> bool:
+        """Whether `qemu` is enabled and this host has the programs it needs (logged if not)."""
+        from marid.runner.drivers import qemu
+
+        if "qemu" not in self.config.drivers:
+            return False
+        missing = qemu.missing_programs(self.config.qemu_driver)
+        if missing:
+            log.warning(
+                "runner: drivers lists qemu but %s not installed; not running qemu builds",
+                " and ".join(missing) + (" is" if len(missing) == 1 else " are"),
+            )
+        return not missing
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
@@ -405,6 +423,8 @@ class Worker:
             return OsDriver(limits)
         if build.driver == "ssh":
             return self._ssh_driver(build)
+        if build.driver == "qemu":
+            return self._qemu_driver(build, limits)
         from marid.runner.drivers import docker
 
         if self.docker is None:  # one client per runner: connecting costs a round trip
@@ -439,6 +459,36 @@ class Worker:
         )
         claim = build.claim
         return ssh.SshDriver(target, f"marid-{self.instance}-{claim.build_id}-{claim.attempt}")
+
+    def _qemu_driver(self, build: ClaimedBuild, limits: Limits) -> Driver:
+        from marid import images
+        from marid.runner.drivers import qemu
+
+        async def find_upload(name: str) -> qemu.Upload | None:
+            async with self.pool.acquire() as conn:
+                found = await images.find_upload(
+                    conn, "qemu", build.owner_id, build.namespace_id, name
+                )
+            if found is None:
+                return None
+            blob_key = found.blob_key
+
+            async def fetch(path: Path) -> None:
+                try:
+                    await self.blobs.copy_to_file(blob_key, path)
+                except BlobNotFound:  # deleted since it was found
+                    raise DriverError(f"image {name}: no such image") from None
+
+            return qemu.Upload(found.sha256, fetch)
+
+        claim = build.claim
+        return qemu.QemuDriver(
+            self.config.qemu_driver,
+            build.driver_config["image"],
+            limits,
+            find_upload,
+            f"marid-{self.instance}-{claim.build_id}-{claim.attempt}",
+        )
 
     async def _uploaded_image(self, build: ClaimedBuild, name: str) -> Any:
         from marid import images

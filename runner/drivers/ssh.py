@@ -96,9 +96,13 @@ def check_known_hosts(path: str) -> None:
 
 
 class SshDriver(Driver):
-    def __init__(self, target: Target, name: str) -> None:
+    def __init__(self, target: Target, name: str, workspace: str = "") -> None:
+        """`workspace`, when given, is the jobs' working directory on a throwaway host (the
+        qemu driver's VM, docs/manifest.md §9.6): nothing written there is undone, as the
+        host is discarded. Else it is a directory of this attempt's, undone by destroy()."""
         self.target = target
         self.name = name  # unique per installation, build and attempt; names the directory
+        self.fixed = workspace
         self.conn: asyncssh.SSHClientConnection | None = None
         self.sftp: asyncssh.SFTPClient | None = None
         self.root = ""  # the attempt's directory on the host: workspace, job script, pid file
@@ -111,19 +115,21 @@ class SshDriver(Driver):
 
     @property
     def workspace(self) -> str:
-        return f"{self.root}/workspace"
+        return self.fixed or f"{self.root}/workspace"
 
     async def clear_previous(self) -> None:
         """Earlier attempts' jobs are killed and their directories removed once connected."""
         self.clear = self.name.rpartition("-")[0] + "-"  # <build>-<attempt>: any attempt
 
     async def create(self, out: OutputSink) -> None:
+        """Connect (unless a connection was handed over in `conn`), make the directories."""
         t = self.target
         host, port = parse_address(t.address)
         where = f"{t.user}@{_joined(host, port)}"
-        await out(f"Connecting to {where}\n".encode())
         try:
-            self.conn = await asyncio.wait_for(self._connect(host, port), t.connect_timeout)
+            if self.conn is None:
+                await out(f"Connecting to {where}\n".encode())
+                self.conn = await asyncio.wait_for(self._connect(host, port), t.connect_timeout)
             self.sftp = await self.conn.start_sftp_client()
         except TimeoutError:
             raise DriverError(
@@ -143,26 +149,15 @@ class SshDriver(Driver):
         if self.clear:
             await self._shell(f"{_CLEAR} {shlex.quote('/tmp/' + self.clear)}")
         template = shlex.quote(f"/tmp/{self.name}-XXXXXXXX")
+        workspace = shlex.quote(self.fixed) if self.fixed else '"$root/workspace"'
         made = await self._shell(
-            f'root=$(mktemp -d {template}) && mkdir "$root/workspace" && echo "$root"'
+            f'root=$(mktemp -d {template}) && mkdir -p {workspace} && echo "$root"'
         )
         self.root = made.strip()
         await out(f"Connected to {where}; workspace {self.workspace}\n".encode())
 
     async def _connect(self, host: str, port: int) -> asyncssh.SSHClientConnection:
-        t = self.target
-        return await asyncssh.connect(
-            host,
-            port,
-            username=t.user,
-            client_keys=[t.key],
-            known_hosts=t.known_hosts,  # never None: an unknown host is refused
-            config=None,  # the runner's own ~/.ssh/config has no say
-            agent_path=None,
-            preferred_auth="publickey",
-            keepalive_interval=KEEPALIVE,
-            keepalive_count_max=KEEPALIVE_MISSED,
-        )
+        return await connect(self.target, host, port)
 
     async def _shell(self, command: str) -> str:
         """Run `command` on the host; its stdout. Raises DriverError with its stderr."""
@@ -180,8 +175,10 @@ class SshDriver(Driver):
         """`path` on the host: relative paths are in the workspace."""
         return posixpath.normpath(posixpath.join(self.workspace, path))
 
-    def _inside(self, path: str) -> bool:
-        return path.startswith(self.root + "/")
+    def _undoable(self, path: str) -> bool:
+        """Whether destroy() must undo writing `path`: outside the attempt's directory on a
+        host that is kept."""
+        return not self.fixed and not path.startswith(self.root + "/")
 
     async def place_object(self, content: Path, destination: str) -> str:
         path = self._path(destination)
@@ -207,7 +204,7 @@ class SshDriver(Driver):
         undo it."""
         sftp = self._require_sftp()
         await self._parents(posixpath.dirname(path))
-        if not self._inside(path) and path not in self.replaced and path not in self.created:
+        if self._undoable(path) and path not in self.replaced and path not in self.created:
             try:
                 attrs = await sftp.lstat(path)
             except asyncssh.SFTPNoSuchFile:
@@ -233,7 +230,7 @@ class SshDriver(Driver):
             await sftp.mkdir(
                 path, asyncssh.SFTPAttrs(permissions=0o700 if path == SSH_DIR else 0o755)
             )
-            if not self._inside(path):
+            if self._undoable(path):
                 self.created.append(path)
 
     async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> Exit:
@@ -256,8 +253,9 @@ class SshDriver(Driver):
                 if not await _finished(pump, DRAIN):
                     raise DriverError("a background process of the job keeps its output open")
             pump.result()
-            with contextlib.suppress(asyncssh.SFTPError):  # a later kill must not hit a reused pid
-                await self._require_sftp().remove(f"{self.root}/job.pid")
+            if self.sftp is not None:  # None once destroyed, as after a kill
+                with contextlib.suppress(asyncssh.SFTPError, OSError):  # no reused pid hit later
+                    await self.sftp.remove(f"{self.root}/job.pid")
             return session.ending()
         except asyncio.CancelledError:
             await _finished(pump, DRAIN)  # what the job wrote last is still passed on
@@ -378,6 +376,9 @@ class SshDriver(Driver):
         self.stopped = True
         if self.conn is None:
             return
+        if self.fixed:  # a throwaway host: its owner discards it
+            await self._close()
+            return
         try:
             if self.sftp is not None:
                 await self._undo()
@@ -389,12 +390,16 @@ class SshDriver(Driver):
         except Exception as exc:
             log.warning("%s: cleaning up on %s failed: %s", self.name, self.target.address, exc)
         finally:
-            if self.sftp is not None:
-                self.sftp.exit()
-            self.conn.close()
-            with contextlib.suppress(Exception):
-                await self.conn.wait_closed()
-            self.conn = self.sftp = None
+            await self._close()
+
+    async def _close(self) -> None:
+        assert self.conn is not None
+        if self.sftp is not None:
+            self.sftp.exit()
+        self.conn.close()
+        with contextlib.suppress(Exception):
+            await self.conn.wait_closed()
+        self.conn = self.sftp = None
 
     async def _undo(self) -> None:
         sftp = self._require_sftp()
@@ -463,6 +468,25 @@ _CLEAR = (
     ' pid=$(cat "$dir/job.pid" 2>/dev/null) && kill -9 -- -"$pid" 2>/dev/null;'
     ' rm -rf -- "$dir"; done; }; clear'
 )
+
+
+async def connect(
+    target: Target, host: str, port: int, **options: float
+) -> asyncssh.SSHClientConnection:
+    """A connection to the host as `target.user` with `target.key`, its host key verified."""
+    return await asyncssh.connect(
+        host,
+        port,
+        username=target.user,
+        client_keys=[target.key],
+        known_hosts=target.known_hosts,  # never None: an unknown host is refused
+        config=None,  # the runner's own ~/.ssh/config has no say
+        agent_path=None,
+        preferred_auth="publickey",
+        keepalive_interval=KEEPALIVE,
+        keepalive_count_max=KEEPALIVE_MISSED,
+        **options,
+    )
 
 
 def _joined(host: str, port: int) -> str:

@@ -232,3 +232,21 @@ def loopback_registry(docker_engine: docker.DockerClient) -> Iterator[LoopbackRe
     registry.close()
     with contextlib.suppress(ImageNotFound):
         docker_engine.images.remove(f"{registry.address}/marid-pulled:latest")
+
+
+QEMU_IMAGE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "qemu-test-image"
+
+
+@pytest.fixture(scope="session")
+def qemu_image() -> Path:
+    """The QCOW2 test image of scripts/qemu-test-image, built first if it is not cached (about
+    90 s; `.ci/run` builds it before the suite). Never a skip."""
+    try:
+        done = subprocess.run(
+            [str(QEMU_IMAGE_SCRIPT)], capture_output=True, text=True, timeout=1200, check=True
+        )
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"scripts/qemu-test-image failed: {exc.stderr[-2000:]}", pytrace=False)
+    image = Path(done.stdout.strip().splitlines()[-1])
+    assert image.suffix == ".qcow2" and image.is_file(), done.stdout
+    return image

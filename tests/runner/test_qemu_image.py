@@ -28,24 +28,8 @@ import pytest
 
 from marid.pgcluster import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "qemu-test-image"
 SSH_WAIT = 300.0  # seconds from qemu's start to an SSH login, as Djinn waits (TCG: about 25)
 POWEROFF_WAIT = 120.0
-
-
-@pytest.fixture(scope="module")
-def qemu_image() -> Path:
-    """The cached test image, built by the script first if needed (never a skip)."""
-    try:
-        done = subprocess.run(
-            [str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=1200, check=True
-        )
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"scripts/qemu-test-image failed: {exc.stderr[-2000:]}", pytrace=False)
-    image = Path(done.stdout.strip().splitlines()[-1])
-    assert image.suffix == ".qcow2" and image.is_file(), done.stdout
-    return image
 
 
 def accelerator() -> str:
