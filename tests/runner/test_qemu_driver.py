@@ -236,6 +236,22 @@ async def test_a_kill_during_a_job_powers_the_vm_off(
     assert vms(worker, build["id"]) == [] and vm_directories(qemu_config) == []
 
 
+async def test_a_job_time_limit_ends_the_job_and_powers_the_vm_off(
+    client: TestClient, token: MakeToken, worker: Worker, qemu_config: Config
+) -> None:
+    value = await token(SCOPE)
+    manifest = (
+        "driver: {type: qemu, image: marid/test}\nstages: [test, later]\njobs:\n"
+        "- stage: test\n  timeout: 2s\n  commands:\n  - sleep 600\n"
+        "- stage: later\n  commands:\n  - echo never\n"
+    )
+    build = await wait_until(client, value, await submit(client, value, manifest), finished)
+    assert build["status"] == "timed_out"
+    assert build["output"].endswith("time limit 2s reached\n"), build["output"]
+    assert "never" not in build["output"]
+    assert vms(worker, build["id"]) == [] and vm_directories(qemu_config) == []
+
+
 async def test_a_vm_that_does_not_answer_ssh_in_time_fails_with_the_console(
     client: TestClient, token: MakeToken, qemu_config: Config, pool: asyncpg.Pool
 ) -> None:
