@@ -57,6 +57,16 @@ async def background_worker(
         await blobs.close()
 
 
+def settings(**sections: object) -> dict[str, object]:
+    """A configuration file's content: the keys every configuration needs, and `sections`."""
+    return {
+        "server": {"url": "https://ci.example.com"},
+        "database": {"dsn": "postgresql://localhost/marid"},
+        "crypto": {"key": "k" * 32},
+        **sections,
+    }
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[docker.DockerClient]:
     """A client for an engine that has marid-test/busybox:latest."""

@@ -25,6 +25,7 @@ from marid.config import Config, ConfigError, QemuDriverConfig
 from marid.runner.drivers.qemu import accelerator
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
+from tests.runner.conftest import background_worker, settings
 from tests.runner.test_worker import finished, submit
 
 SCOPE = "build:read,write,delete variable:write object:write image:write"
@@ -60,14 +61,8 @@ async def client(
 
 @pytest.fixture
 async def worker(qemu_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
-    blobs = open_store(qemu_config.storage)
-    running = Worker(qemu_config, pool, blobs)
-    stop = asyncio.Event()
-    task = asyncio.create_task(running.run(stop))
-    yield running
-    stop.set()
-    await asyncio.wait_for(task, 60)
-    await blobs.close()
+    async with background_worker(qemu_config, pool) as running:
+        yield running
 
 
 async def wait_until(
@@ -259,18 +254,10 @@ async def test_a_vm_that_does_not_answer_ssh_in_time_fails_with_the_console(
         qemu_config,
         qemu_driver=dataclasses.replace(qemu_config.qemu_driver, boot_timeout=2.0),
     )
-    blobs = open_store(hasty.storage)
-    runner = Worker(hasty, pool, blobs)
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    try:
+    async with background_worker(hasty, pool) as runner:
         value = await token(SCOPE)
         build = await submit(client, value, "driver: {type: qemu, image: marid/test}\n")
         build = await wait_until(client, value, build, finished)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        await blobs.close()
     assert build["status"] == "failed"
     assert "error: the VM did not answer SSH within 2s" in build["output"], build["output"]
     assert vms(runner, build["id"]) == [] and vm_directories(hasty) == []
@@ -409,25 +396,13 @@ def test_a_runner_offers_qemu_only_where_qemu_is_installed(
     ],
 )
 def test_qemu_driver_settings_are_checked(section: dict[str, str], message: str) -> None:
-    data = {
-        "server": {"url": "https://ci.example.com"},
-        "database": {"dsn": "postgresql://localhost/marid"},
-        "crypto": {"key": "k" * 32},
-        "drivers": ["qemu"],
-        "qemu_driver": section,
-    }
     with pytest.raises(ConfigError) as caught:
-        config_module.from_dict(data)
+        config_module.from_dict(settings(drivers=["qemu"], qemu_driver=section))
     assert str(caught.value) == f"config: {message}"
 
 
 def test_qemu_driver_settings_have_defaults() -> None:
-    data = {
-        "server": {"url": "https://ci.example.com"},
-        "database": {"dsn": "postgresql://localhost/marid"},
-        "crypto": {"key": "k" * 32},
-        "qemu_driver": {"images": "/srv/images", "boot_timeout": "3m"},
-    }
-    qemu = config_module.from_dict(data).qemu_driver
+    section = {"images": "/srv/images", "boot_timeout": "3m"}
+    qemu = config_module.from_dict(settings(qemu_driver=section)).qemu_driver
     assert qemu == QemuDriverConfig(images="/srv/images", boot_timeout=180.0)
     assert (qemu.accel, qemu.network, qemu.binary) == ("auto", "none", "qemu-system-x86_64")

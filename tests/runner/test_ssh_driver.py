@@ -25,6 +25,7 @@ from marid.runner.drivers.ssh import SshDriver, Target, load_key, parse_address
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
 from tests.fixtures.sshd import Sshd, keygen, running_sshd
+from tests.runner.conftest import settings
 from tests.runner.test_worker import finished, submit, wait_for
 
 MakeDriver = Callable[..., SshDriver]
@@ -513,24 +514,12 @@ BOTH = " (a runner logs in with the key and checks every host key against known_
     ],
 )
 def test_ssh_driver_settings_are_checked(section: dict[str, str], message: str) -> None:
-    data = {
-        "server": {"url": "https://ci.example.com"},
-        "database": {"dsn": "postgresql://localhost/marid"},
-        "crypto": {"key": "k" * 32},
-        "drivers": ["ssh"],
-        "ssh_driver": section,
-    }
     with pytest.raises(ConfigError) as caught:
-        config_module.from_dict(data)
+        config_module.from_dict(settings(drivers=["ssh"], ssh_driver=section))
     assert str(caught.value) == f"config: {message}"
 
 
 def test_ssh_driver_settings_have_defaults() -> None:
-    data = {
-        "server": {"url": "https://ci.example.com"},
-        "database": {"dsn": "postgresql://localhost/marid"},
-        "crypto": {"key": "k" * 32},
-        "ssh_driver": {"key": "/etc/marid/id", "known_hosts": "/etc/marid/known_hosts"},
-    }
-    settings = config_module.from_dict(data).ssh_driver
-    assert settings == SshDriverConfig("/etc/marid/id", "/etc/marid/known_hosts", "root", 30.0)
+    section = {"key": "/etc/marid/id", "known_hosts": "/etc/marid/known_hosts"}
+    ssh = config_module.from_dict(settings(ssh_driver=section)).ssh_driver
+    assert ssh == SshDriverConfig("/etc/marid/id", "/etc/marid/known_hosts", "root", 30.0)
