@@ -9,6 +9,7 @@ import asyncpg
 from aiohttp import web
 
 from marid.api import downloads, errors, http, ratelimit
+from marid.api import web as web_interface
 from marid.api.app_modules import MODULES, ROOT_MODULES
 from marid.api.keys import (
     API_MODULES,
@@ -22,6 +23,7 @@ from marid.api.keys import (
     ROOT_MODULES_KEY,
 )
 from marid.api.live import LIVE, live_context
+from marid.api.web import pages as web_pages
 from marid.blobs import open_store
 from marid.config import Config
 from marid.crypto import Cipher
@@ -35,8 +37,18 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
 
     Without `pool` the app opens (and closes) its own from `database.dsn`.
     """
+    prefix = urlsplit(config.server.api_url).path.rstrip("/")
+    # The web interface lives at the server root, so it needs the API under a path of its own
+    # (the default /api); with the API at the root there are no pages (docs/web.md §1).
+    pages = bool(prefix)
     app = web.Application(
-        middlewares=[errors.request_log, errors.errors, http.body_timeout, ratelimit.rate_limit],
+        middlewares=[
+            errors.request_log,
+            errors.errors,
+            *([web_pages.html_errors] if pages else []),
+            http.body_timeout,
+            ratelimit.rate_limit,
+        ],
         client_max_size=http.MAX_JSON_BODY,
     )
     app[CONFIG] = config
@@ -53,7 +65,6 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     app.cleanup_ctx.append(_blob_store_context)
     app.cleanup_ctx.append(_live_context)
     app.cleanup_ctx.append(downloads.context)
-    prefix = urlsplit(config.server.api_url).path.rstrip("/")
     if config.rate_limit.enabled:
         app[RATE_LIMITER] = Limiter(config.rate_limit, prefix)
         app.on_response_prepare.append(ratelimit.add_headers)
@@ -66,6 +77,8 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
     if prefix:
         app.router.add_get(prefix, MODULES[0].show_root)  # the API root without its trailing slash
         app.add_subapp(prefix, api)
+    if pages:
+        web_interface.setup(app)
     return app
 
 

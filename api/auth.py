@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
-from marid import scopes, tokens, users
-from marid.api.keys import POOL, RATE_LIMITER
+from marid import scopes, sessions, tokens, users
+from marid.api.keys import POOL, RATE_LIMITER, SESSION_COOKIE
 from marid.namespaces import Rights
+from marid.sessions import Session
 from marid.users import User
 from marid.validation import NotFound, RequestError
 
@@ -193,3 +194,21 @@ async def login(
     if user is not None and limiter is not None:
         limiter.forgive_login(keys)
     return user
+
+
+_SESSION = web.RequestKey("web_session", object)  # the Session, or False: none (looked up once)
+
+
+async def session_of(request: web.Request) -> Session | None:
+    """The web session of the request's cookie (api/web), looked up once per request; None
+    without a live one. Only pages and the rate limiter read it: the API takes tokens and
+    Basic credentials alone, so a session cookie never authorizes an API call."""
+    if _SESSION not in request:
+        value = request.cookies.get(SESSION_COOKIE, "")
+        found: Session | None = None
+        if 0 < len(value) <= 100:
+            async with request.config_dict[POOL].acquire() as conn:
+                found = await sessions.get(conn, value)
+        request[_SESSION] = found or False
+    stored = request[_SESSION]
+    return stored if isinstance(stored, Session) else None

@@ -27,3 +27,5 @@ API_PREFIX = web.AppKey("api_prefix", str)
 API_MODULES = web.AppKey("api_modules", tuple[ModuleType, ...])
 # The modules served at the server root (outside the API base), e.g. OAuth.
 ROOT_MODULES_KEY = web.AppKey("root_modules", tuple[ModuleType, ...])
+# The web interface's session cookie (api/web, marid/sessions.py).
+SESSION_COOKIE = "marid_session"

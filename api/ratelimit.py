@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from marid.api.auth import basic, bearer
+from marid.api.auth import basic, bearer, session_of
 from marid.api.keys import HTTP_METRICS, RATE_LIMITER
 from marid.ratelimit import Limiter
 
@@ -31,10 +31,13 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     settings = limiter.settings
     caller = await basic(request) or await bearer(request)
+    session = await session_of(request) if caller.user is None else None
     if caller.token_id is not None:
         key, limit = f"token:{caller.token_id}", settings.authenticated
     elif caller.user is not None:
         key, limit = f"user:{caller.user.id}", settings.authenticated
+    elif session is not None:  # a signed-in browser (api/web) counts as its user
+        key, limit = f"user:{session.user.id}", settings.authenticated
     else:
         key, limit = f"ip:{client(limiter, request)}", settings.anonymous
     now = time.time()

@@ -119,9 +119,11 @@ async def create(conn: asyncpg.Connection, username: str, email: str, password: 
 
 
 async def set_password(conn: asyncpg.Connection, user: User, password: str) -> None:
+    """Set the password; the user's web sessions end (signed in with the old one)."""
     await conn.execute(
         "UPDATE users SET password_hash = $2 WHERE id = $1", user.id, hash_password(password)
     )
+    await conn.execute("DELETE FROM web_sessions WHERE user_id = $1", user.id)
 
 
 async def any_exist(conn: asyncpg.Connection) -> bool:

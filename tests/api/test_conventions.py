@@ -74,10 +74,13 @@ async def test_two_mebibyte_body_is_413(api: TestClient, alice: User, pool: asyn
 
 
 async def test_unknown_path_trailing_slash_and_bad_ids_are_404(api: TestClient):
-    for path in ("/api/nope", "/api/user/", "/nope", "/api/tokens/abc"):
+    for path in ("/api/nope", "/api/user/", "/api/tokens/abc"):
         resp = await api.get(path)
         assert resp.status == 404, path
         assert await resp.json() == {"message": "Not Found"}
+    # Outside the API, the web interface's HTML 404 (tests/web/test_pages.py)
+    resp = await api.get("/nope")
+    assert resp.status == 404 and resp.content_type == "text/html"
 
 
 async def test_wrong_method_is_405(api: TestClient):

@@ -1,0 +1,409 @@
+"""The pages of the web interface (docs/web.md): sign-in, builds, a build.
+
+Every handler is a `@page`: it gets the visitor's session (None when signed out), sends a
+signed-out visitor of a page that needs one to the sign-in page, and renders what the domain
+raises (NotFound, ValidationError, RequestError) as an HTML page with the API's status. What a
+page shows is read with the API's own functions and access checks (api/builds.py
+`readable_build`, marid/builds.py listings with their Viewer), as the user's own full access,
+as with HTTP Basic credentials.
+
+Forms: every POST carries a CSRF secret (the session's; for the sign-in form, a cookie of its
+own that the form repeats) and is refused with 403 without it. Cookies are HttpOnly,
+SameSite=Lax (Strict for the sign-in form's) and Secure when server.url is https.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+import jinja2
+from aiohttp import web
+from multidict import MultiDict, MultiDictProxy
+
+from marid import builds, jobs, namespaces, sessions, users
+from marid.api.auth import ANONYMOUS, Caller, login, session_of
+from marid.api.builds import readable_build
+from marid.api.keys import CONFIG, POOL, SESSION_COOKIE
+from marid.builds import Build, Filters, Listing, Viewer
+from marid.namespaces import Namespace
+from marid.sessions import Session
+from marid.users import User
+from marid.validation import NotFound, RequestError, ValidationError
+
+TEMPLATES = web.AppKey("web_templates", jinja2.Environment)
+SIGNIN_COOKIE = "marid_signin"  # the sign-in form's CSRF secret (double submit)
+PAGE_SIZE = 25
+MAX_FORM = 64 * 1024  # bytes of a urlencoded form
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; "
+        "object-src 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+# Status shapes beside the colours (docs/web.md §3): readable without telling colours apart.
+STATUS_SYMBOLS = {
+    "queued": "○",
+    "running": "◔",
+    "passed": "✔",
+    "passed_with_failures": "✔",
+    "failed": "✘",
+    "killed": "■",
+    "timed_out": "⌛",
+}
+STATUS_LABELS = {"passed_with_failures": "passed with failures", "timed_out": "timed out"}
+
+routes = web.RouteTableDef()
+Handler = Callable[[web.Request, Session | None], Awaitable[web.StreamResponse]]
+
+
+def add_filters(env: jinja2.Environment) -> None:
+    env.filters["duration"] = duration
+    env.filters["ago"] = ago
+    env.globals["STATUS_SYMBOLS"] = STATUS_SYMBOLS
+    env.globals["STATUS_LABELS"] = STATUS_LABELS
+
+
+def duration(start: datetime | None, end: datetime | None = None) -> str:
+    """`1h 2m`, `3m 4s`, `5s` from start to end (or now); empty without a start."""
+    if start is None:
+        return ""
+    seconds = int(((end or datetime.now(UTC)) - start).total_seconds())
+    hours, rest = divmod(max(seconds, 0), 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {seconds}s" if minutes else f"{seconds}s"
+
+
+def ago(moment: datetime | None) -> str:
+    if moment is None:
+        return ""
+    return f"{duration(moment)} ago"
+
+
+def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+    session: Session | None = context.pop("session", None)
+    html = (
+        request.config_dict[TEMPLATES]
+        .get_template(template)
+        .render(
+            user=session.user if session else None,
+            csrf=session.csrf if session else "",
+            path=request.path,
+            static=lambda name: str(request.app.router["static"].url_for(filename=name)),
+            **context,
+        )
+    )
+    response = web.Response(text=html, content_type="text/html", status=status)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+def redirect(location: str) -> web.Response:
+    response = web.Response(status=303, headers={"Location": location})
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+def error_page(
+    request: web.Request, session: Session | None, status: int, title: str, message: str
+) -> web.Response:
+    return render(request, "error.html", status, session=session, title=title, message=message)
+
+
+def not_found(request: web.Request, session: Session | None) -> web.Response:
+    return error_page(
+        request, session, 404, "Not found", "There is nothing here, or nothing you may see."
+    )
+
+
+def page(signed_in: bool = True) -> Callable[[Handler], Callable[[web.Request], Any]]:
+    """A page handler: `signed_in` pages send signed-out visitors to the sign-in page; what
+    the domain raises becomes an HTML page."""
+
+    def decorate(handler: Handler) -> Callable[[web.Request], Any]:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            session = await session_of(request)
+            if signed_in and session is None:
+                return redirect(f"/signin?{urlencode({'next': request.path_qs})}")
+            try:
+                return await handler(request, session)
+            except NotFound:
+                return not_found(request, session)
+            except ValidationError as exc:
+                lines = [f"{field}: {m}" for field, ms in exc.errors.items() for m in ms]
+                return error_page(request, session, 400, "Bad request", "; ".join(lines))
+            except RequestError as exc:
+                return error_page(request, session, exc.status, "Request refused", exc.message)
+
+        wrapped.__name__ = handler.__name__
+        wrapped.__doc__ = handler.__doc__
+        return wrapped
+
+    return decorate
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str]:
+    """A urlencoded form body of at most MAX_FORM bytes (RequestError otherwise)."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise RequestError("Forms must be sent as application/x-www-form-urlencoded", 415)
+    if request.content_length is not None and request.content_length > MAX_FORM:
+        raise RequestError("The form is too large", 413)
+    body = await request.content.read(MAX_FORM + 1)
+    if len(body) > MAX_FORM:
+        raise RequestError("The form is too large", 413)
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise RequestError("The form is not UTF-8 text", 400) from None
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False, max_num_fields=100)
+    except ValueError:
+        raise RequestError("The form has too many fields", 400) from None
+    if any("\x00" in key or "\x00" in value for key, value in pairs):
+        raise RequestError("Form fields must not contain NUL characters", 400)
+    return MultiDictProxy(MultiDict(pairs))
+
+
+def csrf_refused(request: web.Request, session: Session | None) -> web.Response:
+    return error_page(
+        request,
+        session,
+        403,
+        "Form refused",
+        "The form's security token is missing or stale. Reload the page and send it again.",
+    )
+
+
+def _secure(request: web.Request) -> bool:
+    return urlsplit(request.config_dict[CONFIG].server.url).scheme == "https"
+
+
+def _local(target: str | None) -> str:
+    """`target` when it is a path of this site (no scheme, host or `//`), else /builds."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/builds"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return "/builds"
+    return target
+
+
+# --- signing in and out ---------------------------------------------------------------------
+
+
+@routes.get("/")
+@page(signed_in=False)
+async def home(request: web.Request, session: Session | None) -> web.StreamResponse:
+    return redirect("/builds" if session else "/signin")
+
+
+def _signin_page(
+    request: web.Request, status: int = 200, error: str = "", username: str = ""
+) -> web.Response:
+    secret = request.cookies.get(SIGNIN_COOKIE) or secrets.token_urlsafe(32)
+    response = render(
+        request,
+        "signin.html",
+        status,
+        signin_csrf=secret,
+        error=error,
+        username=username,
+        next=_local(request.query.get("next")),
+    )
+    response.set_cookie(
+        SIGNIN_COOKIE,
+        secret,
+        httponly=True,
+        samesite="Strict",
+        secure=_secure(request),
+        path="/signin",
+        max_age=3600,
+    )
+    return response
+
+
+@routes.get("/signin")
+@page(signed_in=False)
+async def signin_form(request: web.Request, session: Session | None) -> web.StreamResponse:
+    if session is not None:
+        return redirect(_local(request.query.get("next")))
+    return _signin_page(request)
+
+
+@routes.post("/signin")
+@page(signed_in=False)
+async def signin(request: web.Request, session: Session | None) -> web.StreamResponse:
+    form = await read_form(request)
+    expected = request.cookies.get(SIGNIN_COOKIE)
+    sent = form.get("csrf")
+    if not expected or not sent or not secrets.compare_digest(expected, sent):
+        return csrf_refused(request, session)
+    username, password = form.get("username", ""), form.get("password", "")
+    try:
+        user = await login(request, username, password) if username and password else None
+    except RequestError as exc:  # too many failed sign-ins
+        return _signin_page(request, exc.status, exc.message, username)
+    if user is None:
+        return _signin_page(request, 400, "Wrong username or password", username)
+    async with request.config_dict[POOL].acquire() as conn:
+        value, _ = await sessions.create(conn, user, request.headers.get("User-Agent", ""))
+        await sessions.forget_expired(conn)
+    response = redirect(_local(form.get("next")))
+    response.set_cookie(
+        SESSION_COOKIE,
+        value,
+        httponly=True,
+        samesite="Lax",
+        secure=_secure(request),
+        path="/",
+        max_age=int(sessions.LIFETIME.total_seconds()),
+    )
+    response.del_cookie(SIGNIN_COOKIE, path="/signin")
+    return response
+
+
+@routes.post("/signout")
+@page(signed_in=False)
+async def signout(request: web.Request, session: Session | None) -> web.StreamResponse:
+    form = await read_form(request)
+    if session is None:
+        return redirect("/signin")
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn:
+        await sessions.end(conn, session.id)
+    response = redirect("/signin")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# --- builds ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildRow:
+    """A build as a listing shows it."""
+
+    build: Build
+    owner: User
+    namespace: Namespace | None
+
+    @property
+    def path(self) -> str:
+        return f"/b/{quote(self.owner.username)}/{self.build.number}"
+
+    @property
+    def title(self) -> str:
+        comment = self.build.trigger_comment.strip().splitlines()
+        return comment[0] if comment else f"Build #{self.build.number}"
+
+
+def _filters(request: web.Request) -> tuple[Filters, dict[str, str]]:
+    """The listing's filters from the query, and what the filter form shows."""
+    shown = {name: request.query.get(name, "").strip() for name in ("status", "tag", "search")}
+    status = shown["status"] if shown["status"] in builds.STATUSES else ""
+    shown["status"] = status
+    filters = Filters(tag=shown["tag"] or None, search=shown["search"] or None,
+                      status=status or None)  # fmt: skip
+    return filters, shown
+
+
+def _page_number(request: web.Request, total: int) -> tuple[int, int]:
+    last = max(1, -(-total // PAGE_SIZE))
+    try:
+        number = int(request.query.get("page", "1"))
+    except ValueError:
+        number = 1
+    return min(max(number, 1), last), last
+
+
+def _page_link(request: web.Request, number: int) -> str:
+    query = {k: v for k, v in request.query.items() if k != "page" and v}
+    return f"{request.path}?{urlencode({**query, 'page': str(number)})}"
+
+
+@routes.get("/builds")
+@page()
+async def builds_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """The builds the user may see: their own, and those of namespaces they belong to."""
+    assert session is not None
+    user = session.user
+    filters, shown = _filters(request)
+    listing, viewer = Listing(visible_to=user.id), Viewer(user.id, may_read=True)
+    async with request.config_dict[POOL].acquire() as conn:
+        total = await builds.count(conn, listing, filters, viewer)
+        number, last = _page_number(request, total)
+        found = await builds.page(
+            conn, listing, filters, viewer, (number - 1) * PAGE_SIZE, PAGE_SIZE
+        )
+        found = await builds.with_pending(conn, found)
+        owners = await users.by_ids(conn, {b.user_id for b in found})
+        spaces = await namespaces.by_ids(conn, {b.namespace_id for b in found if b.namespace_id})
+    rows = [BuildRow(b, owners[b.user_id], spaces.get(b.namespace_id or 0)) for b in found]
+    return render(
+        request,
+        "builds.html",
+        session=session,
+        rows=rows,
+        total=total,
+        filters=shown,
+        statuses=builds.STATUSES,
+        page=number,
+        last=last,
+        previous_url=_page_link(request, number - 1) if number > 1 else "",
+        next_url=_page_link(request, number + 1) if number < last else "",
+    )
+
+
+@routes.get(r"/b/{username}/{number:\d+}")
+@page(signed_in=False)
+async def build_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """A build: status, stages and jobs; signed out, only builds of public namespaces."""
+    caller = Caller(session.user) if session else ANONYMOUS
+    async with request.config_dict[POOL].acquire() as conn:
+        loaded = await readable_build(conn, request, caller)
+        build = (await builds.with_pending(conn, [loaded.build]))[0]
+        found = await jobs.list_for(conn, build.id)
+    row = BuildRow(build, loaded.owner, loaded.namespace)
+    return render(
+        request,
+        "build.html",
+        session=session,
+        row=row,
+        build=build,
+        jobs=found,
+        may_use=session is not None and loaded.rights.use,
+    )
+
+
+async def not_found_page(request: web.Request) -> web.StreamResponse:
+    """The HTML 404 of a path no page or API route has (api/web `html_errors`)."""
+    return not_found(request, await session_of(request))
+
+
+@web.middleware
+async def html_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An unknown path outside the API (and its static files) gets the HTML 404 page."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        prefix = request.config_dict[CONFIG].server.api_url
+        api_path = urlsplit(prefix).path.rstrip("/")
+        if request.path == api_path or request.path.startswith(api_path + "/"):
+            raise
+        if request.path.startswith("/static/"):
+            raise
+        return await not_found_page(request)

@@ -1,0 +1,251 @@
+"""The web interface over HTTP (issue 13): sign-in with CSRF, sessions, the builds pages, and
+that a page shows nothing the API hides. tests/web/test_browser.py drives the same pages in
+a real browser."""
+
+from __future__ import annotations
+
+import re
+from http.cookies import SimpleCookie
+
+import asyncpg
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient
+
+from marid import sessions, users
+from tests.conftest import MakeToken, MakeUser, bearer
+from tests.runner.test_worker import submit
+
+MANIFEST = (
+    "driver: {type: docker, image: busybox, workspace: /w}\n"
+    "stages: [s]\njobs:\n- stage: s\n  commands: [true]\n"
+)
+
+
+def cookies_of(resp: ClientResponse) -> dict[str, SimpleCookie]:
+    """The Set-Cookie headers of `resp` by cookie name (the test client would drop Secure
+    cookies over plain HTTP, so tests carry them by hand)."""
+    found = {}
+    for header in resp.headers.getall("Set-Cookie", []):
+        jar: SimpleCookie = SimpleCookie()
+        jar.load(header)
+        for name in jar:
+            found[name] = jar
+    return found
+
+
+def hidden(html: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert match, html
+    return match.group(1)
+
+
+class Browser:
+    """A client that keeps cookies by hand and never follows redirects."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+        self.cookies: dict[str, str] = {}
+
+    def _headers(self) -> dict[str, str]:
+        jar = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        return {"Cookie": jar} if jar else {}
+
+    def _keep(self, resp: ClientResponse) -> None:
+        for name, jar in cookies_of(resp).items():
+            if jar[name]["max-age"] == "0" or not jar[name].value:
+                self.cookies.pop(name, None)
+            else:
+                self.cookies[name] = jar[name].value
+
+    async def get(self, path: str) -> tuple[ClientResponse, str]:
+        resp = await self.client.get(path, headers=self._headers(), allow_redirects=False)
+        self._keep(resp)
+        return resp, await resp.text()
+
+    async def post(self, path: str, form: dict[str, str]) -> tuple[ClientResponse, str]:
+        resp = await self.client.post(
+            path, data=form, headers=self._headers(), allow_redirects=False
+        )
+        self._keep(resp)
+        return resp, await resp.text()
+
+    async def sign_in(self, username: str = "alice", password: str = "password1") -> ClientResponse:
+        _, html = await self.get("/signin")
+        resp, _ = await self.post(
+            "/signin",
+            {"csrf": hidden(html, "csrf"), "username": username, "password": password},
+        )
+        return resp
+
+
+@pytest.fixture
+def browser(api: TestClient) -> Browser:
+    return Browser(api)
+
+
+async def test_the_sign_in_page_sets_its_csrf_cookie_and_safe_headers(browser: Browser) -> None:
+    resp, html = await browser.get("/signin")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    assert '<form id="signin" method="post" action="/signin">' in html
+    cookie = cookies_of(resp)["marid_signin"]["marid_signin"]
+    assert cookie.value == hidden(html, "csrf") and len(cookie.value) >= 40
+    assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["secure"]
+    assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Frame-Options"] == "DENY"
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def test_signing_in_needs_the_forms_csrf_token(browser: Browser, alice: users.User) -> None:
+    await browser.get("/signin")
+    form = {"username": "alice", "password": "password1"}
+    resp, html = await browser.post("/signin", form)
+    assert resp.status == 403 and "Form refused" in html
+    resp, _ = await browser.post("/signin", {**form, "csrf": "guessed"})
+    assert resp.status == 403
+    assert "marid_session" not in browser.cookies
+
+
+async def test_a_wrong_password_is_refused_and_signs_nobody_in(
+    browser: Browser, alice: users.User
+) -> None:
+    resp = await browser.sign_in(password="wrong")
+    assert resp.status == 400
+    assert 'class="error"' in await resp.text()
+    assert "Wrong username or password" in await resp.text()
+    assert "marid_session" not in browser.cookies
+
+
+async def test_signing_in_opens_a_session_and_lands_on_the_builds(
+    browser: Browser, alice: users.User, pool: asyncpg.Pool
+) -> None:
+    resp = await browser.sign_in()
+    assert resp.status == 303 and resp.headers["Location"] == "/builds"
+    cookie = cookies_of(resp)["marid_session"]["marid_session"]
+    assert cookie["httponly"] and cookie["samesite"] == "Lax" and cookie["secure"]
+    assert cookie["path"] == "/"
+    async with pool.acquire() as conn:  # stored as a digest only
+        row = await conn.fetchrow("SELECT digest, user_id FROM web_sessions")
+    assert row["digest"] == sessions.digest(cookie.value) != cookie.value
+    assert row["user_id"] == alice.id
+    resp, html = await browser.get("/builds")
+    assert resp.status == 200
+    assert '<span id="user" class="who">alice</span>' in html
+
+
+async def test_pages_that_need_a_session_send_visitors_to_sign_in(browser: Browser) -> None:
+    resp, _ = await browser.get("/builds?status=failed")
+    assert resp.status == 303
+    assert resp.headers["Location"] == "/signin?next=%2Fbuilds%3Fstatus%3Dfailed"
+    resp, _ = await browser.get("/")
+    assert resp.headers["Location"] == "/signin"
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil"])
+async def test_after_sign_in_only_a_local_path_is_followed(
+    browser: Browser, alice: users.User, target: str
+) -> None:
+    _, html = await browser.get("/signin")
+    resp, _ = await browser.post(
+        "/signin",
+        {"csrf": hidden(html, "csrf"), "username": "alice", "password": "password1",
+         "next": target},
+    )  # fmt: skip
+    assert resp.status == 303 and resp.headers["Location"] == "/builds"
+
+
+async def test_the_builds_page_lists_what_the_api_lists_and_nothing_else(
+    browser: Browser, api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
+) -> None:
+    mine = await submit(api, await token("build:write"), MANIFEST)
+    bob = await make_user("bob")
+    theirs = await submit(api, await token("build:write", user=bob), MANIFEST)
+    await browser.sign_in()
+    _, html = await browser.get("/builds")
+    assert f'href="/b/alice/{mine["number"]}"' in html
+    assert 'href="/b/bob/' not in html
+    assert 'data-status="queued"' in html
+    # bob's private build is a 404 page, as GET /api/b/bob/1 is a 404 for alice
+    resp, html = await browser.get(f"/b/bob/{theirs['number']}")
+    assert resp.status == 404 and "<h1>Not found</h1>" in html
+    resp, html = await browser.get(f"/b/alice/{mine['number']}")
+    assert resp.status == 200
+    assert f"Build #{mine['number']}" in html and 'class="job-name">create-driver<' in html
+
+
+async def test_a_session_cookie_does_not_authorize_the_api(
+    browser: Browser, alice: users.User
+) -> None:
+    await browser.sign_in()
+    resp, _ = await browser.get("/api/builds")
+    assert resp.status == 404  # as without a token: the API takes tokens and Basic alone
+
+
+async def test_signing_out_needs_the_csrf_token_and_ends_the_session(
+    browser: Browser, alice: users.User, pool: asyncpg.Pool
+) -> None:
+    await browser.sign_in()
+    _, html = await browser.get("/builds")
+    resp, _ = await browser.post("/signout", {})
+    assert resp.status == 403
+    resp, _ = await browser.post("/signout", {"csrf": hidden(html, "csrf")})
+    assert resp.status == 303 and resp.headers["Location"] == "/signin"
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM web_sessions") == 0
+    resp, _ = await browser.get("/builds")
+    assert resp.status == 303
+
+
+async def test_setting_the_password_again_ends_the_users_sessions(
+    browser: Browser, alice: users.User, pool: asyncpg.Pool
+) -> None:
+    await browser.sign_in()
+    async with pool.acquire() as conn:
+        await users.set_password(conn, alice, "another-password")
+    resp, _ = await browser.get("/builds")
+    assert resp.status == 303 and resp.headers["Location"].startswith("/signin")
+
+
+async def test_an_unknown_page_is_an_html_404_and_the_api_keeps_json(browser: Browser) -> None:
+    resp, html = await browser.get("/no/such/page")
+    assert resp.status == 404 and resp.content_type == "text/html"
+    assert "<h1>Not found</h1>" in html
+    resp, _ = await browser.get("/api/no/such/thing")
+    assert resp.status == 404 and resp.content_type == "application/json"
+
+
+async def test_a_form_that_is_not_urlencoded_or_too_large_is_refused(
+    browser: Browser, api: TestClient
+) -> None:
+    resp = await api.post("/signin", json={"username": "alice"}, allow_redirects=False)
+    assert resp.status == 415
+    resp = await api.post(
+        "/signin",
+        data="x=" + "a" * 70000,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        allow_redirects=False,
+    )
+    assert resp.status == 413
+
+
+async def test_the_stylesheet_is_served_with_a_version(browser: Browser) -> None:
+    _, html = await browser.get("/signin")
+    href = re.search(r'href="(/static/marid\.css\?v=[^"]+)"', html)
+    assert href, html
+    resp, css = await browser.get(href.group(1))
+    assert resp.status == 200 and "prefers-color-scheme: dark" in css
+
+
+async def test_a_public_build_is_readable_signed_out_and_a_private_one_is_not(
+    browser: Browser, api: TestClient, token: MakeToken, alice: users.User
+) -> None:
+    value = await token("build:write namespace:write")
+    await api.post(
+        "/api/namespaces", headers=bearer(value), json={"name": "open", "visibility": "public"}
+    )
+    public = await submit(api, value, "namespace: open\n" + MANIFEST)
+    private = await submit(api, value, MANIFEST)
+    resp, html = await browser.get(f"/b/alice/{public['number']}")
+    assert resp.status == 200 and "alice/open" in html
+    resp, html = await browser.get(f"/b/alice/{private['number']}")
+    assert resp.status == 404 and "<h1>Not found</h1>" in html
