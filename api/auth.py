@@ -199,11 +199,12 @@ async def login(
 _SESSION = web.RequestKey("web_session", object)  # the Session, or False: none (looked up once)
 
 
-async def session_of(request: web.Request) -> Session | None:
-    """The web session of the request's cookie (api/web), looked up once per request; None
-    without a live one. Only pages and the rate limiter read it: the API takes tokens and
-    Basic credentials alone, so a session cookie never authorizes an API call."""
-    if _SESSION not in request:
+async def session_of(request: web.Request, fresh: bool = False) -> Session | None:
+    """The web session of the request's cookie (api/web), looked up once per request (again
+    when `fresh`: a long stream re-checks it); None without a live one. Only pages and the
+    rate limiter read it: the API takes tokens and Basic credentials alone, so a session
+    cookie never authorizes an API call."""
+    if fresh or _SESSION not in request:
         value = request.cookies.get(SESSION_COOKIE, "")
         found: Session | None = None
         if 0 < len(value) <= 100:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
@@ -172,8 +173,16 @@ async def plain(
     return response
 
 
-async def stream(request: web.Request, job: Job, offset: int) -> web.StreamResponse:
-    """Server-Sent Events: output chunks as they are written, then one `status` event."""
+async def stream(
+    request: web.Request,
+    job: Job,
+    offset: int,
+    still_readable: Callable[[web.Request], Awaitable[bool]] | None = None,
+) -> web.StreamResponse:
+    """Server-Sent Events: output chunks as they are written, then one `status` event.
+    `still_readable` re-checks the reader when access may have changed (default: the
+    request's token, `_still_readable`; the web interface passes its session's check)."""
+    recheck = still_readable or _still_readable
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
@@ -189,7 +198,7 @@ async def stream(request: web.Request, job: Job, offset: int) -> web.StreamRespo
             try:
                 if live.access_generation != generation:
                     generation = live.access_generation
-                    if not await _still_readable(request):
+                    if not await recheck(request):
                         return response  # ended: asked again, the reader gets a 404
                 async with pool.acquire() as conn:
                     current = await jobs.get_by_name(conn, job.build_id, job.name, excerpt=False)

@@ -21,15 +21,19 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
+import asyncpg
 import jinja2
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from marid import builds, jobs, namespaces, sessions, users
+from marid import builds, jobs, namespaces, output, sessions, users
 from marid.api.auth import ANONYMOUS, Caller, login, session_of
 from marid.api.builds import readable_build
-from marid.api.keys import CONFIG, POOL, SESSION_COOKIE
+from marid.api.jobs import output_from, plain, start_offset, stream
+from marid.api.keys import BLOBS, CONFIG, POOL, SESSION_COOKIE
+from marid.api.web import ansi
 from marid.builds import Build, Filters, Listing, Viewer
+from marid.jobs import Job
 from marid.namespaces import Namespace
 from marid.sessions import Session
 from marid.users import User
@@ -69,6 +73,7 @@ Handler = Callable[[web.Request, Session | None], Awaitable[web.StreamResponse]]
 def add_filters(env: jinja2.Environment) -> None:
     env.filters["duration"] = duration
     env.filters["ago"] = ago
+    env.filters["segment"] = jobs.url_segment
     env.globals["STATUS_SYMBOLS"] = STATUS_SYMBOLS
     env.globals["STATUS_LABELS"] = STATUS_LABELS
 
@@ -385,6 +390,95 @@ async def build_page(request: web.Request, session: Session | None) -> web.Strea
         jobs=found,
         may_use=session is not None and loaded.rights.use,
     )
+
+
+JOB = r"/b/{username}/{number:\d+}/jobs/{name}"
+LOG_TAIL = 256 * 1024  # bytes of a job's log a page shows; the raw log has all of it
+
+
+async def _readable_job(
+    conn: asyncpg.Connection, request: web.Request, session: Session | None
+) -> tuple[BuildRow, Job]:
+    """The job of the URL, if its build is readable as the API's GET .../jobs/:name is."""
+    caller = Caller(session.user) if session else ANONYMOUS
+    loaded = await readable_build(conn, request, caller)
+    job = await jobs.get_by_name(conn, loaded.build.id, request.match_info["name"], excerpt=False)
+    if job is None:
+        raise NotFound()
+    return BuildRow(loaded.build, loaded.owner, loaded.namespace), job
+
+
+@routes.get(JOB)
+@page(signed_in=False)
+async def job_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """A job and its log: the last LOG_TAIL bytes rendered (ANSI colours, numbered lines),
+    then what it prints live (api/web/static/log.js, over `/live`)."""
+    blobs = request.config_dict[BLOBS]
+    async with request.config_dict[POOL].acquire() as conn:
+        row, job = await _readable_job(conn, request, session)
+        chunked = job.stored.text is None and job.stored.blob_key is None
+        total = jobs.length(job, await jobs.live_total(conn, job) if chunked else 0)
+        start = max(0, total - LOG_TAIL)
+        pieces, _ = await output_from(conn if chunked else None, blobs, job, start)
+    text = "".join(piece for _, piece in pieces)
+    offset = pieces[-1][0] + output.byte_length(pieces[-1][1]) if pieces else start
+    skipped = start > 0
+    if skipped and "\n" in text:  # the first line shown whole
+        cut = text.index("\n") + 1
+        text, start = text[cut:], start + output.byte_length(text[:cut])
+    ended = job.status in builds.FINAL
+    if not ended and text and not text.endswith("\n"):
+        # The unfinished last line comes again over the stream, whole with what follows.
+        cut = text.rfind("\n") + 1
+        offset -= output.byte_length(text[cut:])
+        text = text[:cut]
+    lines = ansi.render(text)
+    return render(
+        request,
+        "job.html",
+        session=session,
+        row=row,
+        build=row.build,
+        job=job,
+        lines=lines,
+        skipped=start if skipped else 0,
+        offset=offset,
+        ended=ended,
+        job_path=f"{row.path}/jobs/{jobs.url_segment(job.name)}",
+    )
+
+
+@routes.get(JOB + "/raw")
+@page(signed_in=False)
+async def job_raw(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """The whole log as text, as the API's GET .../output gives it."""
+    async with request.config_dict[POOL].acquire() as conn:
+        _, job = await _readable_job(conn, request, session)
+        chunked = job.stored.text is None and job.stored.blob_key is None
+        written = await jobs.live_total(conn, job) if chunked else 0
+    return await plain(request, job, 0, jobs.length(job, written), written)
+
+
+@routes.get(JOB + "/live")
+@page(signed_in=False)
+async def job_live(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Server-Sent Events of the job's output from `offset` (or Last-Event-ID), as the API's
+    stream; the reader's session is checked again whenever access may have changed."""
+    async with request.config_dict[POOL].acquire() as conn:
+        _, job = await _readable_job(conn, request, session)
+
+    async def still_readable(request: web.Request) -> bool:
+        current = await session_of(request, fresh=True)
+        if session is not None and current is None:  # signed out meanwhile
+            return False
+        try:
+            async with request.config_dict[POOL].acquire() as conn:
+                await _readable_job(conn, request, current)
+        except NotFound:
+            return False
+        return True
+
+    return await stream(request, job, start_offset(request), still_readable)
 
 
 async def not_found_page(request: web.Request) -> web.StreamResponse:
