@@ -31,7 +31,7 @@ import pytest
 os.environ["SE_OFFLINE"] = "true"
 
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
@@ -230,11 +230,22 @@ class Page:
         loaded: the old document gone, the new one complete."""
 
         def submit() -> None:
-            old = self.driver.find_element(By.TAG_NAME, "html")
+            # A mark on the old page's window: a new document has a window without it. (Not
+            # Selenium's staleness_of: chromedriver can answer an element of a document being
+            # replaced with a plain error instead of a stale element one.)
+            self.driver.execute_script("window.maridOldPage = true")
             self.driver.find_element(By.CSS_SELECTOR, css).click()
-            wait = self._wait(f"a new page after clicking {css!r}")
-            wait.until(ec.staleness_of(old))
-            wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+            WebDriverWait(
+                self.driver,
+                WAIT,
+                # While the page is replaced, a script may find no document to run in.
+                ignored_exceptions=[WebDriverException],
+            ).until(
+                lambda d: d.execute_script(
+                    "return window.maridOldPage === undefined && document.readyState === 'complete'"
+                ),
+                f"waited {WAIT:.0f} s for a new page after clicking {css!r}",
+            )
 
         await self.run(submit)
 
