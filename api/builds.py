@@ -45,7 +45,9 @@ from marid.api.openapi import (
     query_param,
     ref,
 )
+from marid.blobs import BlobStore
 from marid.builds import Build, Filters, Listing, Viewer
+from marid.config import Config
 from marid.manifest import ManifestLimits
 from marid.namespaces import Namespace, Rights
 from marid.submit import Submission, submit
@@ -146,11 +148,25 @@ async def parse_submission(
     text = body.string("manifest", "Manifest")
     comment = body.string("comment", "Comment")
     tags = body.strings("tags", "Tags")
-    if not text and not body.errors.has("manifest"):
-        body.errors.add("manifest", "Manifest field required")
+    config = request.config_dict[CONFIG]
+    return await check_submission(conn, config, user, text, comment, tags, body.errors)
+
+
+async def check_submission(
+    conn: asyncpg.Connection,
+    config: Config,
+    user: User,
+    text: str | None,
+    comment: str | None,
+    tags: list[str] | None,
+    errors: Errors,
+) -> Submission:
+    """A submission of `text` (the manifest) by `user` checked, `errors` found so far
+    included; raises ValidationError. The API and the web interface's form share it."""
+    if not text and not errors.has("manifest"):
+        errors.add("manifest", "Manifest field required")
     parsed, ns = None, None
     if text:
-        config = request.config_dict[CONFIG]
         try:
             limits, drivers = ManifestLimits.from_config(config), config.drivers_for(user.username)
             parsed = manifest.parse(text, limits, drivers)
@@ -158,15 +174,21 @@ async def parse_submission(
             ns_errors = Errors()
             await namespaces.resolve(conn, user, exc.namespace, ns_errors, "manifest", True)
             messages = ns_errors.by_field.get("manifest", [])
-            body.errors.by_field.update(exc.with_namespace(messages).errors)
+            errors.by_field.update(exc.with_namespace(messages).errors)
         else:
-            ns = await namespaces.resolve(
-                conn, user, parsed.namespace, body.errors, "manifest", True
-            )
-    body.errors.raise_if_any()
+            ns = await namespaces.resolve(conn, user, parsed.namespace, errors, "manifest", True)
+    errors.raise_if_any()
     assert parsed is not None
     owner = ns.owner if ns else user
     return Submission(user, owner, ns, parsed, comment or "", tuple(tags or ()))
+
+
+async def submit_checked(conn: asyncpg.Connection, sub: Submission, base: str) -> dict[str, Any]:
+    """Store the submission as a queued build and announce it (build.submitted); its JSON."""
+    [build] = await builds.with_pending(conn, [await submit(conn, sub)])
+    body = builds.to_json(build, sub.owner, sub.namespace, base)
+    await webhooks.emit(conn, build.namespace_id, "build.submitted", body)
+    return body
 
 
 @routes.post("/builds")
@@ -182,9 +204,7 @@ async def create_build(request: web.Request, user: User) -> web.Response:
 async def _submit(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         sub = await parse_submission(conn, request, user)
-        [build] = await builds.with_pending(conn, [await submit(conn, sub)])
-        body = builds.to_json(build, sub.owner, sub.namespace, api_url(request))
-        await webhooks.emit(conn, build.namespace_id, "build.submitted", body)
+        body = await submit_checked(conn, sub, api_url(request))
     return web.json_response(body, status=201)
 
 
@@ -225,19 +245,33 @@ async def kill_build(request: web.Request, user: User) -> web.Response:
     runner."""
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, user)
-        if await lifecycle.kill(conn, loaded.build.id):
-            await webhooks.emit_build(conn, loaded.build.id, "build.finished", api_url(request))
+        await kill(conn, loaded, api_url(request))
     return web.Response(status=204)
+
+
+async def kill(conn: asyncpg.Connection, loaded: Loaded, base: str) -> None:
+    """Kill a build the caller may use (docs/api.md §7.6); build.finished once it ends so."""
+    if await lifecycle.kill(conn, loaded.build.id):
+        await webhooks.emit_build(conn, loaded.build.id, "build.finished", base)
+
+
+async def pin(
+    conn: asyncpg.Connection, loaded: Loaded, pinned: bool, blobs: BlobStore, base: str
+) -> dict[str, Any]:
+    """Pin or unpin a build the caller may use; its JSON (build.pinned / build.unpinned)."""
+    build = await builds.set_pinned(conn, loaded.build, pinned, blobs)
+    body = builds.to_json(build, loaded.owner, loaded.namespace, base)
+    if loaded.build.pinned != pinned:
+        event = "build.pinned" if pinned else "build.unpinned"
+        await webhooks.emit(conn, build.namespace_id, event, body)
+    return body
 
 
 async def set_pinned(request: web.Request, user: User, pinned: bool) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, user)
-        build = await builds.set_pinned(conn, loaded.build, pinned, request.config_dict[BLOBS])
-        body = builds.to_json(build, loaded.owner, loaded.namespace, api_url(request))
-        if loaded.build.pinned != pinned:
-            event = "build.pinned" if pinned else "build.unpinned"
-            await webhooks.emit(conn, build.namespace_id, event, body)
+        blobs = request.config_dict[BLOBS]
+        body = await pin(conn, loaded, pinned, blobs, api_url(request))
     return web.json_response(body)
 
 

@@ -14,6 +14,7 @@ SameSite=Lax (Strict for the sign-in form's) and Secure when server.url is https
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,7 +29,16 @@ from multidict import MultiDict, MultiDictProxy
 
 from marid import builds, jobs, namespaces, output, sessions, users
 from marid.api.auth import ANONYMOUS, Caller, login, session_of
-from marid.api.builds import readable_build
+from marid.api.builds import (
+    Loaded,
+    check_submission,
+    kill,
+    pin,
+    readable_build,
+    submit_checked,
+    usable_build,
+)
+from marid.api.http import api_url
 from marid.api.jobs import output_from, plain, start_offset, stream
 from marid.api.keys import BLOBS, CONFIG, POOL, SESSION_COOKIE
 from marid.api.web import ansi
@@ -37,7 +47,7 @@ from marid.jobs import Job
 from marid.namespaces import Namespace
 from marid.sessions import Session
 from marid.users import User
-from marid.validation import NotFound, RequestError, ValidationError
+from marid.validation import Errors, NotFound, RequestError, ValidationError
 
 TEMPLATES = web.AppKey("web_templates", jinja2.Environment)
 SIGNIN_COOKIE = "marid_signin"  # the sign-in form's CSRF secret (double submit)
@@ -389,6 +399,101 @@ async def build_page(request: web.Request, session: Session | None) -> web.Strea
         build=build,
         jobs=found,
         may_use=session is not None and loaded.rights.use,
+    )
+
+
+# --- submitting, killing, pinning ----------------------------------------------------------
+
+BUILD = r"/b/{username}/{number:\d+}"
+_TAG_SPLIT = re.compile(r"[\s,]+")
+
+
+def _new_build_page(
+    request: web.Request,
+    session: Session,
+    status: int = 200,
+    form: dict[str, str] | None = None,
+    errors: dict[str, list[str]] | None = None,
+) -> web.Response:
+    return render(
+        request,
+        "new_build.html",
+        status,
+        session=session,
+        form=form or {"manifest": "", "comment": "", "tags": ""},
+        errors=errors or {},
+    )
+
+
+@routes.get("/builds/new")
+@page()
+async def new_build_form(request: web.Request, session: Session | None) -> web.StreamResponse:
+    assert session is not None
+    return _new_build_page(request, session)
+
+
+@routes.post("/builds/new")
+@page()
+async def new_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Submit a build from the form; its errors are shown beside the fields they are about."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    shown = {name: form.get(name, "") for name in ("manifest", "comment", "tags")}
+    tags = [tag for tag in _TAG_SPLIT.split(shown["tags"].strip()) if tag]
+    config = request.config_dict[CONFIG]
+    try:
+        async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+            sub = await check_submission(
+                conn, config, session.user, shown["manifest"].replace("\r\n", "\n"),
+                shown["comment"], tags, Errors(),
+            )  # fmt: skip
+            body = await submit_checked(conn, sub, api_url(request))
+    except ValidationError as exc:
+        return _new_build_page(request, session, 400, shown, exc.errors)
+    return redirect(f"/b/{quote(sub.owner.username)}/{body['number']}")
+
+
+async def _build_action(
+    request: web.Request,
+    session: Session | None,
+    act: Callable[[asyncpg.Connection, Loaded], Awaitable[object]],
+) -> web.StreamResponse:
+    """A form's action on a build the user may use (owner or collaborator), then its page."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        loaded = await usable_build(conn, request, session.user)
+        await act(conn, loaded)
+    return redirect(loaded.url_path)
+
+
+@routes.post(BUILD + "/kill")
+@page()
+async def kill_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+    return await _build_action(
+        request, session, lambda conn, loaded: kill(conn, loaded, api_url(request))
+    )
+
+
+@routes.post(BUILD + "/pin")
+@page()
+async def pin_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+    blobs = request.config_dict[BLOBS]
+    return await _build_action(
+        request, session, lambda conn, loaded: pin(conn, loaded, True, blobs, api_url(request))
+    )
+
+
+@routes.post(BUILD + "/unpin")
+@page()
+async def unpin_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+    blobs = request.config_dict[BLOBS]
+    return await _build_action(
+        request, session, lambda conn, loaded: pin(conn, loaded, False, blobs, api_url(request))
     )
 
 

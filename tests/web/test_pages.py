@@ -250,3 +250,67 @@ async def test_a_public_build_is_readable_signed_out_and_a_private_one_is_not(
     assert resp.status == 200 and "alice/open" in html
     resp, html = await browser.get(f"/b/alice/{private['number']}")
     assert resp.status == 404 and "<h1>Not found</h1>" in html
+
+
+async def test_a_build_is_submitted_from_the_form_and_its_errors_shown_beside_the_fields(
+    browser: Browser, alice: users.User, pool: asyncpg.Pool
+) -> None:
+    await browser.sign_in()
+    resp, html = await browser.get("/builds/new")
+    assert resp.status == 200 and '<form id="new-build"' in html
+    csrf = hidden(html, "csrf")
+    resp, _ = await browser.post("/builds/new", {"manifest": MANIFEST})
+    assert resp.status == 403
+    bad = "driver: {type: docker}\nstages: [s]\n"
+    resp, html = await browser.post(
+        "/builds/new", {"csrf": csrf, "manifest": bad, "comment": "c", "tags": "a, b"}
+    )
+    assert resp.status == 400
+    errors = re.search(r'<ul class="field-errors" id="manifest-errors">(.*?)</ul>', html)
+    assert errors and "Manifest driver docker requires image" in errors.group(1)
+    assert "driver: {type: docker}\nstages: [s]\n</textarea>" in html  # kept for fixing
+    assert 'value="a, b"' in html
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM builds") == 0
+    resp, _ = await browser.post(
+        "/builds/new", {"csrf": csrf, "manifest": MANIFEST, "comment": "from the web",
+                        "tags": "web, first"},
+    )  # fmt: skip
+    assert resp.status == 303 and resp.headers["Location"] == "/b/alice/1"
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT status, trigger_comment, user_id FROM builds")
+        tags = await conn.fetchval("SELECT array_agg(name ORDER BY name) FROM build_tags")
+    assert dict(row) == {"status": "queued", "trigger_comment": "from the web", "user_id": alice.id}
+    assert tags == ["first", "web"]
+
+
+async def test_a_build_is_killed_and_pinned_from_its_page_by_those_who_may(
+    browser: Browser, api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
+) -> None:
+    value = await token("build:read,write")
+    mine = await submit(api, value, MANIFEST)
+    bob = await make_user("bob")
+    theirs = await submit(api, await token("build:write", user=bob), MANIFEST)
+    await browser.sign_in()
+    _, html = await browser.get(f"/b/alice/{mine['number']}")
+    assert 'id="kill"' in html and 'id="pin"' in html
+    csrf = hidden(html, "csrf")
+    resp, _ = await browser.post(f"/b/alice/{mine['number']}/kill", {})
+    assert resp.status == 403
+    resp, _ = await browser.post(f"/b/alice/{mine['number']}/kill", {"csrf": csrf})
+    assert resp.status == 303 and resp.headers["Location"] == f"/b/alice/{mine['number']}"
+    resp, _ = await browser.post(f"/b/alice/{mine['number']}/pin", {"csrf": csrf})
+    assert resp.status == 303
+    build = await (await api.get(f"/api/b/alice/{mine['number']}", headers=bearer(value))).json()
+    assert (build["status"], build["pinned"]) == ("killed", True)
+    _, html = await browser.get(f"/b/alice/{mine['number']}")
+    assert 'id="kill"' not in html and 'id="unpin"' in html and 'id="pinned"' in html
+    # bob's build: not found, and untouched
+    resp, html = await browser.post(f"/b/bob/{theirs['number']}/kill", {"csrf": csrf})
+    assert resp.status == 404 and "<h1>Not found</h1>" in html
+    bobs = await (
+        await api.get(
+            f"/api/b/bob/{theirs['number']}", headers=bearer(await token("build:read", user=bob))
+        )
+    ).json()
+    assert bobs["status"] == "queued"

@@ -1,0 +1,40 @@
+"""Submitting and killing a build in a real browser (issue 13): the form shows a manifest's
+errors beside it, a good one becomes a build whose job's log is followed live, and Kill ends
+it. The job runs on a real runner (os driver) until killed."""
+
+from __future__ import annotations
+
+from marid.runner.worker import Worker
+from tests.web.conftest import Live, MakePerson, Page, finished, sign_in, wait_build
+
+RUNS_UNTIL_KILLED = (
+    "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands:\n"
+    "  - echo started from the browser\n  - sleep 600\n"
+)
+
+
+async def test_a_build_submitted_from_the_page_is_followed_and_killed(
+    browser: Page, live: Live, worker: Worker, person: MakePerson
+) -> None:
+    dave = await person("dave")
+    await sign_in(browser, dave.username, dave.password)
+    await browser.submit("#new-build-link")
+    await browser.wait_path("/builds/new")
+    await browser.fill("#manifest", "driver: {type: docker}\nstages: [s]\n")
+    await browser.submit("#new-build button[type=submit]")
+    errors = await browser.wait_for("#manifest-errors")
+    assert "Manifest driver docker requires image" in await browser.run(lambda: errors.text)
+    assert await browser.attribute("#manifest", "aria-invalid") == "true"
+    await browser.fill("#manifest", RUNS_UNTIL_KILLED)
+    await browser.fill("#comment", "from a browser")
+    await browser.submit("#new-build button[type=submit]")
+    await browser.wait_path("/b/dave/1")
+    await browser.get("/b/dave/1/jobs/s.1")
+    await browser.wait_text("#log", "started from the browser")
+    await browser.get("/b/dave/1")
+    assert await browser.text("h1") == "Build #1"
+    await browser.submit("#kill button")
+    await browser.wait_for(".heading .status[data-status=killed]")
+    assert not await browser.exists("#kill")
+    build = await wait_build(live, dave, {"url": f"{live.api_url}/b/dave/1"}, finished)
+    assert build["status"] == "killed" and build["trigger"]["comment"] == "from a browser"
