@@ -27,7 +27,7 @@ import jinja2
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from marid import builds, jobs, namespaces, output, sessions, users
+from marid import builds, jobs, namespaces, output, sessions, users, variables
 from marid.api.auth import ANONYMOUS, Caller, login, session_of
 from marid.api.builds import (
     Loaded,
@@ -40,14 +40,17 @@ from marid.api.builds import (
 )
 from marid.api.http import api_url
 from marid.api.jobs import output_from, plain, start_offset, stream
-from marid.api.keys import BLOBS, CONFIG, POOL, SESSION_COOKIE
+from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL, SESSION_COOKIE
+from marid.api.resources import announce, usable
 from marid.api.web import ansi
 from marid.builds import Build, Filters, Listing, Viewer
 from marid.jobs import Job
+from marid.listing import Listing as ResourceListing
 from marid.namespaces import Namespace
 from marid.sessions import Session
 from marid.users import User
-from marid.validation import Errors, NotFound, RequestError, ValidationError
+from marid.validation import Body, Errors, NotFound, RequestError, ValidationError
+from marid.variables import VariableForm
 
 TEMPLATES = web.AppKey("web_templates", jinja2.Environment)
 SIGNIN_COOKIE = "marid_signin"  # the sign-in form's CSRF secret (double submit)
@@ -495,6 +498,85 @@ async def unpin_build(request: web.Request, session: Session | None) -> web.Stre
     return await _build_action(
         request, session, lambda conn, loaded: pin(conn, loaded, False, blobs, api_url(request))
     )
+
+
+# --- variables --------------------------------------------------------------------------
+
+
+async def _variables_page(
+    request: web.Request,
+    session: Session,
+    status: int = 200,
+    form: dict[str, str] | None = None,
+    errors: dict[str, list[str]] | None = None,
+) -> web.Response:
+    search = request.query.get("search", "").strip()
+    listing = ResourceListing(visible_to=session.user.id)
+    async with request.config_dict[POOL].acquire() as conn:
+        total = await variables.count(conn, listing, search)
+        number, last = _page_number(request, total)
+        found = await variables.page(conn, listing, search, (number - 1) * PAGE_SIZE, PAGE_SIZE)
+        shown = await variables.to_json(conn, found, api_url(request))
+    return render(
+        request,
+        "variables.html",
+        status,
+        session=session,
+        rows=shown,
+        total=total,
+        search=search,
+        page=number,
+        last=last,
+        previous_url=_page_link(request, number - 1) if number > 1 else "",
+        next_url=_page_link(request, number + 1) if number < last else "",
+        form=form or {"key": "", "value": "", "namespace": "", "mask": ""},
+        errors=errors or {},
+    )
+
+
+@routes.get("/variables")
+@page()
+async def variables_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Your variables and those of your namespaces, masked values shown as xxxxxx."""
+    assert session is not None
+    return await _variables_page(request, session)
+
+
+@routes.post("/variables")
+@page()
+async def create_variable(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Create a variable with the API's rules (VariableForm, variables.create)."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    shown = {name: form.get(name, "") for name in ("key", "value", "namespace")}
+    masked = form.get("mask") == "on"
+    body = Body({**shown, "namespace": shown["namespace"].strip() or None, "mask": masked})
+    try:
+        async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+            created = await variables.create(
+                conn, request.config_dict[CIPHER], session.user, VariableForm.parse(body)
+            )
+            await announce(conn, request, "variables", "created", created, variables.to_json)
+    except ValidationError as exc:
+        kept = {**shown, "value": "" if masked else shown["value"], "mask": "on" if masked else ""}
+        return await _variables_page(request, session, 400, kept, exc.errors)
+    return redirect("/variables")
+
+
+@routes.post(r"/variables/{id:\d+}/delete")
+@page()
+async def delete_variable(request: web.Request, session: Session | None) -> web.StreamResponse:
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        variable = await usable(conn, request, session.user, variables.get)
+        await announce(conn, request, "variables", "deleted", variable, variables.to_json)
+        await variables.delete(conn, variable)
+    return redirect("/variables")
 
 
 JOB = r"/b/{username}/{number:\d+}/jobs/{name}"

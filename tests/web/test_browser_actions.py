@@ -38,3 +38,22 @@ async def test_a_build_submitted_from_the_page_is_followed_and_killed(
     assert not await browser.exists("#kill")
     build = await wait_build(live, dave, {"url": f"{live.api_url}/b/dave/1"}, finished)
     assert build["status"] == "killed" and build["trigger"]["comment"] == "from a browser"
+
+
+async def test_a_masked_variable_is_created_from_the_page_and_never_shown(
+    browser: Page, live: Live, person: MakePerson
+) -> None:
+    erin = await person("erin")
+    await sign_in(browser, erin.username, erin.password)
+    await browser.submit("nav a[href='/variables']")
+    await browser.wait_path("/variables")
+    await browser.fill("#key", "DEPLOY_TOKEN")
+    await browser.fill("#value", "s3cret-value-123")
+    await browser.click("#mask")
+    await browser.submit("#new-variable button[type=submit]")
+    await browser.wait_path("/variables")
+    row = await browser.wait_for("#variables tr.variable")
+    assert "DEPLOY_TOKEN" in await browser.run(lambda: row.text)
+    assert await browser.text("#variables .value") == "xxxxxx"
+    source = await browser.run(lambda: browser.driver.page_source)
+    assert "s3cret-value-123" not in source

@@ -13,6 +13,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from marid import sessions, users
+from marid.api.keys import POOL
 from tests.conftest import MakeToken, MakeUser, bearer
 from tests.runner.test_worker import submit
 
@@ -314,3 +315,46 @@ async def test_a_build_is_killed_and_pinned_from_its_page_by_those_who_may(
         )
     ).json()
     assert bobs["status"] == "queued"
+
+
+async def test_variables_are_listed_created_and_deleted_with_masked_values_hidden(
+    browser: Browser, api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
+) -> None:
+    value = await token("variable:read,write")
+    bob = await make_user("bob")
+    bobs = await token("variable:write", user=bob)
+    await api.post("/api/variables", headers=bearer(bobs), json={"key": "BOBS", "value": "b"})
+    await browser.sign_in()
+    resp, html = await browser.get("/variables")
+    assert resp.status == 200 and "No variables" in html
+    csrf = hidden(html, "csrf")
+    resp, _ = await browser.post("/variables", {"key": "PLAIN", "value": "shown"})
+    assert resp.status == 403
+    resp, _ = await browser.post("/variables", {"csrf": csrf, "key": "PLAIN", "value": "shown"})
+    assert resp.status == 303 and resp.headers["Location"] == "/variables"
+    form = {"csrf": csrf, "key": "TOKEN", "value": "hunter2-secret", "mask": "on"}
+    resp, _ = await browser.post("/variables", form)
+    assert resp.status == 303
+    _, html = await browser.get("/variables")
+    assert "<code>PLAIN</code>" in html and "<code>shown</code>" in html
+    assert "<code>TOKEN</code>" in html and "hunter2" not in html and "xxxxxx" in html
+    assert "BOBS" not in html
+    # a refused form: errors beside the fields, a masked value not sent back
+    resp, html = await browser.post(
+        "/variables", {"csrf": csrf, "key": "1bad", "value": "short", "mask": "on"}
+    )
+    assert resp.status == 400
+    assert re.search(r'id="key-errors"><li>Key can only have letters', html)
+    assert re.search(r'id="value-errors"><li>Value cannot be shorter than 6', html)
+    assert 'value="short"' not in html
+    listed = await (await api.get("/api/variables", headers=bearer(value))).json()
+    ids = {v["key"]: v["id"] for v in listed}
+    assert set(ids) == {"PLAIN", "TOKEN"}
+    resp, _ = await browser.post(f"/variables/{ids['PLAIN']}/delete", {"csrf": csrf})
+    assert resp.status == 303
+    async with api.app[POOL].acquire() as conn:
+        remaining = await conn.fetch("SELECT key FROM variables ORDER BY key")
+        bobs_id = await conn.fetchval("SELECT id FROM variables WHERE key = 'BOBS'")
+    assert [r["key"] for r in remaining] == ["BOBS", "TOKEN"]
+    resp, html = await browser.post(f"/variables/{bobs_id}/delete", {"csrf": csrf})
+    assert resp.status == 404 and "<h1>Not found</h1>" in html
