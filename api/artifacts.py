@@ -11,7 +11,7 @@ from aiohttp import web
 from marid import builds, jobs, mime, users
 from marid.api.auth import Caller, optional
 from marid.api.builds import PARAMS, B, Loaded, readable_build
-from marid.api.http import Page, api_url, query, url_path
+from marid.api.http import UNTRUSTED_CONTENT, Page, api_url, query, url_path
 from marid.api.keys import BLOBS, POOL
 from marid.api.openapi import (
     BOOL,
@@ -84,18 +84,37 @@ async def list_artifacts(request: web.Request, caller: Caller) -> web.Response:
             search,
         )
         page = Page(request, total)
-        rows = await conn.fetch(
+        rows = await artifact_rows(conn, loaded.build.id, search, page.offset, page.limit)
+        return page.response(await artifacts_json(conn, rows, loaded, api_url(request)))
+
+
+async def artifact_rows(
+    conn: asyncpg.Connection, build_id: int, search: str, offset: int, limit: int
+) -> list[asyncpg.Record]:
+    """The build's artifacts whose name contains `search`, by name."""
+    return list(
+        await conn.fetch(
             """
             SELECT * FROM build_artifacts
             WHERE build_id = $1 AND strpos(lower(name), lower($2)) > 0
             ORDER BY name OFFSET $3 LIMIT $4
             """,
-            loaded.build.id,
+            build_id,
             search,
-            page.offset,
-            page.limit,
+            offset,
+            limit,
         )
-        return page.response(await artifacts_json(conn, rows, loaded, api_url(request)))
+    )
+
+
+async def artifact_named(conn: asyncpg.Connection, build_id: int, name: str) -> asyncpg.Record:
+    """The build's artifact `name`; NotFound if there is none."""
+    row = await conn.fetchrow(
+        "SELECT * FROM build_artifacts WHERE build_id = $1 AND name = $2", build_id, name
+    )
+    if row is None:
+        raise NotFound()
+    return row
 
 
 @routes.get(B + "/artifacts/{name:.+}")
@@ -103,13 +122,7 @@ async def list_artifacts(request: web.Request, caller: Caller) -> web.Response:
 async def show_artifact(request: web.Request, caller: Caller) -> web.StreamResponse:
     async with request.config_dict[POOL].acquire() as conn:
         loaded = await readable_build(conn, request, caller)
-        row = await conn.fetchrow(
-            "SELECT * FROM build_artifacts WHERE build_id = $1 AND name = $2",
-            loaded.build.id,
-            request.match_info["name"],
-        )
-        if row is None:
-            raise NotFound()
+        row = await artifact_named(conn, loaded.build.id, request.match_info["name"])
         if request.headers.get("Accept") != "application/octet-stream":
             [body] = await artifacts_json(conn, [row], loaded, api_url(request))
             return web.json_response(body)
@@ -118,15 +131,22 @@ async def show_artifact(request: web.Request, caller: Caller) -> web.StreamRespo
     return await download(request, row["blob_key"], row["size"])
 
 
-async def download(request: web.Request, key: str, size: int) -> web.StreamResponse:
-    """Stream a blob with its sniffed type (docs/api.md §7.11)."""
+async def download(
+    request: web.Request, key: str, size: int, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
+    """Stream a blob with its sniffed type (docs/api.md §7.11) and `headers`."""
     chunks = await request.config_dict[BLOBS].open(key)
     first = b""
     async for chunk in chunks:
         first = chunk
         break
     response = web.StreamResponse(
-        headers={"Content-Type": mime.detect(first[:512]), "Content-Length": str(size)}
+        headers={
+            "Content-Type": mime.detect(first[:512]),
+            "Content-Length": str(size),
+            **UNTRUSTED_CONTENT,
+            **(headers or {}),
+        }
     )
     await response.prepare(request)
     await response.write(first)
@@ -149,19 +169,7 @@ async def list_build_objects(request: web.Request, caller: Caller) -> web.Respon
             search,
         )
         page = Page(request, total)
-        rows = await conn.fetch(
-            """
-            SELECT bo.id, bo.build_id, bo.source, bo.name, bo.placed, bo.object_id,
-                   o.type, o.md5, o.sha256
-            FROM build_objects bo LEFT JOIN objects o ON o.id = bo.object_id
-            WHERE bo.build_id = $1 AND strpos(lower(bo.source), lower($2)) > 0
-            ORDER BY bo.source, bo.id OFFSET $3 LIMIT $4
-            """,
-            loaded.build.id,
-            search,
-            page.offset,
-            page.limit,
-        )
+        rows = await object_rows(conn, loaded.build.id, search, page.offset, page.limit)
     base = api_url(request)
     build = loaded.json(base)
     return page.response(
@@ -188,13 +196,7 @@ async def list_build_objects(request: web.Request, caller: Caller) -> web.Respon
 async def list_build_variables(request: web.Request, caller: Caller) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
         loaded = await readable_build(conn, request, caller)
-        rows = await conn.fetch(
-            """
-            SELECT id, build_id, variable_id, key, value, masked FROM build_variables
-            WHERE build_id = $1 ORDER BY key, id
-            """,
-            loaded.build.id,
-        )
+        rows = await variable_rows(conn, loaded.build.id)
     base = api_url(request)
     build = loaded.json(base)
     return web.json_response(
@@ -212,6 +214,40 @@ async def list_build_variables(request: web.Request, caller: Caller) -> web.Resp
             }
             for row in rows
         ]
+    )
+
+
+async def object_rows(
+    conn: asyncpg.Connection, build_id: int, search: str, offset: int, limit: int
+) -> list[asyncpg.Record]:
+    """The objects the build declared whose source contains `search`, by source."""
+    return list(
+        await conn.fetch(
+            """
+            SELECT bo.id, bo.build_id, bo.source, bo.name, bo.placed, bo.object_id,
+                   o.type, o.md5, o.sha256
+            FROM build_objects bo LEFT JOIN objects o ON o.id = bo.object_id
+            WHERE bo.build_id = $1 AND strpos(lower(bo.source), lower($2)) > 0
+            ORDER BY bo.source, bo.id OFFSET $3 LIMIT $4
+            """,
+            build_id,
+            search,
+            offset,
+            limit,
+        )
+    )
+
+
+async def variable_rows(conn: asyncpg.Connection, build_id: int) -> list[asyncpg.Record]:
+    """The variables the build was submitted with, by key (values of masked ones sealed)."""
+    return list(
+        await conn.fetch(
+            """
+            SELECT id, build_id, variable_id, key, value, masked FROM build_variables
+            WHERE build_id = $1 ORDER BY key, id
+            """,
+            build_id,
+        )
     )
 
 

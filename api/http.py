@@ -91,6 +91,15 @@ async def read_body(request: web.Request) -> Body:
     return Body(data)
 
 
+# Content users uploaded or builds produced (objects, artifacts, job output) is served from the
+# web interface's origin (docs/web.md §4): a browser must never run it there as a page of
+# marid's. `sandbox` gives such a document an origin of its own and no scripts.
+UNTRUSTED_CONTENT = {
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 def query(request: web.Request, name: str) -> str | None:
     """The first value of a query parameter (repeats are ignored)."""
     values = request.query.getall(name, [])

@@ -15,7 +15,7 @@ from marid import builds, jobs, output
 from marid.api import errors
 from marid.api.auth import CALLER, Caller, bearer, optional
 from marid.api.builds import PARAMS, B, readable_build
-from marid.api.http import api_url, query
+from marid.api.http import UNTRUSTED_CONTENT, api_url, query
 from marid.api.keys import BLOBS, POOL
 from marid.api.live import LIVE
 from marid.api.openapi import (
@@ -145,6 +145,7 @@ async def plain(
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/plain; charset=utf-8",
+            **UNTRUSTED_CONTENT,
             "X-Marid-Job-Status": job.status,
             "X-Marid-Output-Length": str(total),
             # The request-log middleware adds it too late for a prepared (streamed) response.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
 
-from marid.api.http import multipart_reader, next_part, query
+from marid.api.http import UNTRUSTED_CONTENT, multipart_reader, next_part, query
 from marid.blobs import BlobNotFound, BlobStore
 from marid.logs import REQUEST_ID
 from marid.uploads import Content, spool
@@ -98,7 +98,7 @@ async def send_blob(
     except BlobNotFound:
         raise NotFound() from None
     # The request-log middleware adds X-Request-Id too late for a prepared (streamed) response.
-    headers = {"Content-Type": content_type, "X-Request-Id": REQUEST_ID.get()}
+    headers = {"Content-Type": content_type, "X-Request-Id": REQUEST_ID.get(), **UNTRUSTED_CONTENT}
     response = web.StreamResponse(headers=headers)
     response.content_length = size
     await response.prepare(request)

@@ -28,6 +28,13 @@ from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
 from marid import builds, jobs, namespaces, output, sessions, users, variables
+from marid.api.artifacts import (
+    artifact_named,
+    artifact_rows,
+    download,
+    object_rows,
+    variable_rows,
+)
 from marid.api.auth import ANONYMOUS, Caller, login, session_of
 from marid.api.builds import (
     Loaded,
@@ -38,7 +45,7 @@ from marid.api.builds import (
     submit_checked,
     usable_build,
 )
-from marid.api.http import api_url
+from marid.api.http import api_url, url_path
 from marid.api.jobs import output_from, plain, start_offset, stream
 from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL, SESSION_COOKIE
 from marid.api.resources import announce, usable
@@ -87,6 +94,8 @@ def add_filters(env: jinja2.Environment) -> None:
     env.filters["duration"] = duration
     env.filters["ago"] = ago
     env.filters["segment"] = jobs.url_segment
+    env.filters["filesize"] = filesize
+    env.filters["artifact_path"] = url_path
     env.globals["STATUS_SYMBOLS"] = STATUS_SYMBOLS
     env.globals["STATUS_LABELS"] = STATUS_LABELS
 
@@ -101,6 +110,18 @@ def duration(start: datetime | None, end: datetime | None = None) -> str:
     if hours:
         return f"{hours}h {minutes}m"
     return f"{minutes}m {seconds}s" if minutes else f"{seconds}s"
+
+
+def filesize(size: int | None) -> str:
+    """`512 B`, `1.5 KiB`, `3.2 MiB`, `1.1 GiB`."""
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def ago(moment: datetime | None) -> str:
@@ -384,7 +405,11 @@ async def builds_page(request: web.Request, session: Session | None) -> web.Stre
     )
 
 
-@routes.get(r"/b/{username}/{number:\d+}")
+BUILD_PATH = r"/b/{username}/{number:\d+}"
+SHOWN_PARTS = 100  # artifacts and objects a build's page lists; the API has them all
+
+
+@routes.get(BUILD_PATH)
 @page(signed_in=False)
 async def build_page(request: web.Request, session: Session | None) -> web.StreamResponse:
     """A build: status, stages and jobs; signed out, only builds of public namespaces."""
@@ -393,6 +418,9 @@ async def build_page(request: web.Request, session: Session | None) -> web.Strea
         loaded = await readable_build(conn, request, caller)
         build = (await builds.with_pending(conn, [loaded.build]))[0]
         found = await jobs.list_for(conn, build.id)
+        artifacts = await artifact_rows(conn, build.id, "", 0, SHOWN_PARTS)
+        declared = await object_rows(conn, build.id, "", 0, SHOWN_PARTS)
+        exported = await variable_rows(conn, build.id)
     row = BuildRow(build, loaded.owner, loaded.namespace)
     return render(
         request,
@@ -401,13 +429,32 @@ async def build_page(request: web.Request, session: Session | None) -> web.Strea
         row=row,
         build=build,
         jobs=found,
+        job_names={job.id: job.name for job in found},
+        artifacts=artifacts,
+        objects=declared,
+        variables=exported,
+        shown_parts=SHOWN_PARTS,
         may_use=session is not None and loaded.rights.use,
     )
 
 
+@routes.get(BUILD_PATH + "/artifacts/{name:.+}")
+@page(signed_in=False)
+async def artifact(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """An artifact's content, as a download (never shown as a page of this site)."""
+    caller = Caller(session.user) if session else ANONYMOUS
+    async with request.config_dict[POOL].acquire() as conn:
+        loaded = await readable_build(conn, request, caller)
+        found = await artifact_named(conn, loaded.build.id, request.match_info["name"])
+    if found["blob_key"] is None or found["deleted_at"] is not None:
+        raise NotFound()
+    filename = quote(found["name"].rsplit("/", 1)[-1], safe="")
+    disposition = {"Content-Disposition": f"attachment; filename*=UTF-8''{filename}"}
+    return await download(request, found["blob_key"], found["size"], disposition)
+
+
 # --- submitting, killing, pinning ----------------------------------------------------------
 
-BUILD = r"/b/{username}/{number:\d+}"
 _TAG_SPLIT = re.compile(r"[\s,]+")
 
 
@@ -474,7 +521,7 @@ async def _build_action(
     return redirect(loaded.url_path)
 
 
-@routes.post(BUILD + "/kill")
+@routes.post(BUILD_PATH + "/kill")
 @page()
 async def kill_build(request: web.Request, session: Session | None) -> web.StreamResponse:
     return await _build_action(
@@ -482,7 +529,7 @@ async def kill_build(request: web.Request, session: Session | None) -> web.Strea
     )
 
 
-@routes.post(BUILD + "/pin")
+@routes.post(BUILD_PATH + "/pin")
 @page()
 async def pin_build(request: web.Request, session: Session | None) -> web.StreamResponse:
     blobs = request.config_dict[BLOBS]
@@ -491,7 +538,7 @@ async def pin_build(request: web.Request, session: Session | None) -> web.Stream
     )
 
 
-@routes.post(BUILD + "/unpin")
+@routes.post(BUILD_PATH + "/unpin")
 @page()
 async def unpin_build(request: web.Request, session: Session | None) -> web.StreamResponse:
     blobs = request.config_dict[BLOBS]

@@ -149,3 +149,53 @@ async def test_another_users_job_is_not_found_in_every_form(
         assert resp.status == 404 and "<h1>Not found</h1>" in page, suffix
     resp, page = await browser.get(f"/b/alice/{theirs['number']}/jobs/nope")
     assert resp.status == 404 and html.unescape("Not found") in page
+
+
+PARTS = """\
+driver: {type: os}
+env:
+- PLAIN=visible
+objects:
+- notes.txt => notes.txt
+stages: [s]
+jobs:
+- stage: s
+  commands:
+  - mkdir -p dist && printf '<html><script>alert(1)</script>' > dist/page.html
+  artifacts:
+  - dist/page.html => out/page.html
+"""
+
+
+async def test_a_builds_page_lists_its_artifacts_objects_and_variables(
+    client: TestClient, token: MakeToken, worker: Worker, alice: users.User, make_user: MakeUser
+) -> None:
+    value = await token("build:read,write variable:write object:write")
+    await client.post(
+        "/api/variables",
+        headers={"Authorization": f"Bearer {value}"},
+        json={"key": "SECRET", "value": "hunter2-web", "mask": True},
+    )
+    await client.post(
+        "/api/objects?name=notes.txt", headers={"Authorization": f"Bearer {value}"}, data=b"n\n"
+    )
+    build = await wait_for(client, value, (await submit(client, value, PARTS))["url"], finished)
+    assert build["status"] == "passed", build["output"]
+    browser = Browser(client)
+    await browser.sign_in()
+    resp, page = await browser.get(f"/b/alice/{build['number']}")
+    assert resp.status == 200
+    link = f'href="/b/alice/{build["number"]}/artifacts/out/page.html" download>out/page.html<'
+    assert link in page
+    assert "<code>notes.txt</code>" in page
+    assert "<code>SECRET</code>" in page and "hunter2" not in page and "xxxxxx" in page
+    assert "<code>PLAIN</code>" in page and "<code>visible</code>" in page
+    resp, body = await browser.get(f"/b/alice/{build['number']}/artifacts/out/page.html")
+    assert resp.status == 200 and body == "<html><script>alert(1)</script>"
+    assert resp.headers["Content-Disposition"] == "attachment; filename*=UTF-8''page.html"
+    assert resp.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    other = Browser(client)
+    await make_user("bob")
+    await other.sign_in("bob")
+    resp, page = await other.get(f"/b/alice/{build['number']}/artifacts/out/page.html")
+    assert resp.status == 404 and "<h1>Not found</h1>" in page

@@ -358,3 +358,20 @@ async def test_variables_are_listed_created_and_deleted_with_masked_values_hidde
     assert [r["key"] for r in remaining] == ["BOBS", "TOKEN"]
     resp, html = await browser.post(f"/variables/{bobs_id}/delete", {"csrf": csrf})
     assert resp.status == 404 and "<h1>Not found</h1>" in html
+
+
+async def test_uploaded_html_is_never_served_as_a_page_of_the_site(
+    api: TestClient, token: MakeToken, alice: users.User
+) -> None:
+    value = await token("object:read,write")
+    page = b"<!doctype html><html><script>fetch('/builds/new')</script></html>"
+    resp = await api.post("/api/objects?name=page.html", headers=bearer(value), data=page)
+    assert resp.status == 201, await resp.text()
+    found = await resp.json()
+    assert found["type"].startswith("text/html")  # sniffed as the API always did
+    resp = await api.get(
+        f"/api/objects/{found['id']}", headers={**bearer(value), "Accept": found["type"]}
+    )
+    assert resp.status == 200 and await resp.read() == page
+    assert resp.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
