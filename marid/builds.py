@@ -157,7 +157,8 @@ class Filters:
 
 @dataclass(frozen=True)
 class Listing:
-    """Which builds a listing covers; set exactly one field."""
+    """Which builds a listing covers: every field set narrows it (the web interface filters
+    a user's builds by namespace with `visible_to` and `namespace_id`)."""
 
     visible_to: int | None = None  # "my" builds of docs/api.md §3.3 for this user id
     namespace_id: int | None = None  # builds in this exact namespace (§8.8)

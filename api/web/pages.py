@@ -350,7 +350,8 @@ class BuildRow:
 
 def _filters(request: web.Request) -> tuple[Filters, dict[str, str]]:
     """The listing's filters from the query, and what the filter form shows."""
-    shown = {name: request.query.get(name, "").strip() for name in ("status", "tag", "search")}
+    names = ("status", "tag", "search", "namespace")
+    shown = {name: request.query.get(name, "").strip() for name in names}
     status = shown["status"] if shown["status"] in builds.STATUSES else ""
     shown["status"] = status
     filters = Filters(tag=shown["tag"] or None, search=shown["search"] or None,
@@ -372,6 +373,19 @@ def _page_link(request: web.Request, number: int) -> str:
     return f"{request.path}?{urlencode({**query, 'page': str(number)})}"
 
 
+async def _listing(conn: asyncpg.Connection, user: User, namespace: str) -> Listing | None:
+    """The user's builds, those of `namespace` (`owner/path`) alone when it is given; None
+    when it names no namespace (the listing is then empty, whether the namespace is missing
+    or hidden: the user's own listing holds only what they may see either way)."""
+    if not namespace:
+        return Listing(visible_to=user.id)
+    owner, _, path = namespace.strip("/").partition("/")
+    if not path or path.count("/") >= namespaces.MAX_DEPTH:
+        return None
+    found = await namespaces.get_by_path(conn, owner, path)
+    return Listing(visible_to=user.id, namespace_id=found.id) if found else None
+
+
 @routes.get("/builds")
 @page()
 async def builds_page(request: web.Request, session: Session | None) -> web.StreamResponse:
@@ -379,12 +393,15 @@ async def builds_page(request: web.Request, session: Session | None) -> web.Stre
     assert session is not None
     user = session.user
     filters, shown = _filters(request)
-    listing, viewer = Listing(visible_to=user.id), Viewer(user.id, may_read=True)
+    viewer = Viewer(user.id, may_read=True)
     async with request.config_dict[POOL].acquire() as conn:
-        total = await builds.count(conn, listing, filters, viewer)
+        listing = await _listing(conn, user, shown["namespace"])
+        total = await builds.count(conn, listing, filters, viewer) if listing else 0
         number, last = _page_number(request, total)
-        found = await builds.page(
-            conn, listing, filters, viewer, (number - 1) * PAGE_SIZE, PAGE_SIZE
+        found = (
+            await builds.page(conn, listing, filters, viewer, (number - 1) * PAGE_SIZE, PAGE_SIZE)
+            if listing
+            else []
         )
         found = await builds.with_pending(conn, found)
         owners = await users.by_ids(conn, {b.user_id for b in found})

@@ -375,3 +375,25 @@ async def test_uploaded_html_is_never_served_as_a_page_of_the_site(
     assert resp.status == 200 and await resp.read() == page
     assert resp.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_the_builds_can_be_narrowed_to_a_namespace_without_telling_hidden_ones_apart(
+    browser: Browser, api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
+) -> None:
+    value = await token("build:write namespace:write")
+    await api.post("/api/namespaces", headers=bearer(value), json={"name": "team"})
+    in_team = await submit(api, value, "namespace: team\n" + MANIFEST)
+    outside = await submit(api, value, MANIFEST)
+    bob = await make_user("bob")
+    bobs = await token("build:write namespace:write", user=bob)
+    await api.post("/api/namespaces", headers=bearer(bobs), json={"name": "secret"})
+    await submit(api, bobs, "namespace: secret\n" + MANIFEST)
+    await browser.sign_in()
+    _, html = await browser.get("/builds?namespace=alice/team")
+    assert f'href="/b/alice/{in_team["number"]}"' in html
+    assert f'href="/b/alice/{outside["number"]}"' not in html
+    assert 'href="/builds?namespace=alice/team"' in html
+    _, hidden_page = await browser.get("/builds?namespace=bob/secret")
+    _, missing_page = await browser.get("/builds?namespace=bob/nothing")
+    assert "No builds match these filters" in hidden_page
+    assert hidden_page.replace("bob/secret", "X") == missing_page.replace("bob/nothing", "X")
