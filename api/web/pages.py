@@ -27,7 +27,7 @@ import jinja2
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from marid import builds, jobs, namespaces, output, sessions, users, variables
+from marid import builds, invites, jobs, namespaces, output, sessions, users, variables
 from marid.api.artifacts import (
     artifact_named,
     artifact_rows,
@@ -48,6 +48,7 @@ from marid.api.builds import (
 from marid.api.http import api_url, url_path
 from marid.api.jobs import output_from, plain, start_offset, stream
 from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL, SESSION_COOKIE
+from marid.api.namespaces import load_namespace
 from marid.api.resources import announce, usable
 from marid.api.web import ansi
 from marid.builds import Build, Filters, Listing, Viewer
@@ -468,6 +469,68 @@ async def artifact(request: web.Request, session: Session | None) -> web.StreamR
     filename = quote(found["name"].rsplit("/", 1)[-1], safe="")
     disposition = {"Content-Disposition": f"attachment; filename*=UTF-8''{filename}"}
     return await download(request, found["blob_key"], found["size"], disposition)
+
+
+# --- namespaces -------------------------------------------------------------------------
+
+NAMESPACE_PATH = r"/n/{username}/{path:[A-Za-z0-9]+(?:/[A-Za-z0-9]+)*}"
+
+
+@routes.get("/namespaces")
+@page()
+async def namespaces_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """The namespaces you own or collaborate in, as GET /api/namespaces lists them."""
+    assert session is not None
+    search = request.query.get("search", "").strip()
+    async with request.config_dict[POOL].acquire() as conn:
+        total = await namespaces.count_mine(conn, session.user, search)
+        number, last = _page_number(request, total)
+        found = await namespaces.list_mine(
+            conn, session.user, search, (number - 1) * PAGE_SIZE, PAGE_SIZE
+        )
+        latest = await builds.latest_by_namespace(conn, [ns.id for ns in found])
+    return render(
+        request,
+        "namespaces.html",
+        session=session,
+        rows=[(ns, latest.get(ns.id)) for ns in found],
+        total=total,
+        search=search,
+        page=number,
+        last=last,
+        previous_url=_page_link(request, number - 1) if number > 1 else "",
+        next_url=_page_link(request, number + 1) if number < last else "",
+    )
+
+
+@routes.get(NAMESPACE_PATH)
+@page(signed_in=False)
+async def namespace_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """A namespace: what it is, its sub-namespaces, latest builds and, for its owner, its
+    collaborators; readable as GET /api/n/... is (public ones signed out too)."""
+    user = session.user if session else None
+    async with request.config_dict[POOL].acquire() as conn:
+        ns = await load_namespace(conn, request)
+        rights = await namespaces.rights(conn, user, ns)
+        (Caller(user) if user else ANONYMOUS).check_read(rights, "namespace:read")
+        children = await namespaces.list_children(conn, ns, "", 0, SHOWN_PARTS)
+        listing, viewer = Listing(namespace_id=ns.id), Viewer(user.id if user else None, True)
+        recent = await builds.with_pending(
+            conn, await builds.page(conn, listing, Filters(), viewer, 0, PAGE_SIZE)
+        )
+        people = await invites.collaborators(conn, ns) if rights.admin else []
+        owners = await users.by_ids(conn, {b.user_id for b in recent})
+    rows = [BuildRow(b, owners[b.user_id], ns) for b in recent]
+    return render(
+        request,
+        "namespace.html",
+        session=session,
+        ns=ns,
+        rights=rights,
+        children=children,
+        rows=rows,
+        collaborators=people,
+    )
 
 
 # --- submitting, killing, pinning ----------------------------------------------------------

@@ -397,3 +397,36 @@ async def test_the_builds_can_be_narrowed_to_a_namespace_without_telling_hidden_
     _, missing_page = await browser.get("/builds?namespace=bob/nothing")
     assert "No builds match these filters" in hidden_page
     assert hidden_page.replace("bob/secret", "X") == missing_page.replace("bob/nothing", "X")
+
+
+async def test_namespaces_are_listed_and_shown_as_the_api_shows_them(
+    browser: Browser, api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
+) -> None:
+    value = await token("build:write namespace:read,write")
+    await api.post(
+        "/api/namespaces",
+        headers=bearer(value),
+        json={"name": "team", "description": "The team's builds", "visibility": "private"},
+    )
+    await api.post(
+        "/api/namespaces", headers=bearer(value), json={"name": "open", "visibility": "public"}
+    )
+    build = await submit(api, value, "namespace: team\n" + MANIFEST)
+    bob = await make_user("bob")
+    bobs = await token("namespace:write", user=bob)
+    await api.post("/api/namespaces", headers=bearer(bobs), json={"name": "bobs"})
+    await browser.sign_in()
+    _, html = await browser.get("/namespaces")
+    assert 'href="/n/alice/team"' in html and 'href="/n/alice/open"' in html
+    assert "bobs" not in html
+    resp, html = await browser.get("/n/alice/team")
+    assert resp.status == 200 and "The team&#39;s builds" in html
+    assert f'href="/b/alice/{build["number"]}"' in html
+    assert "<h2>Collaborators</h2>" in html  # the owner sees them
+    resp, html = await browser.get("/n/bob/bobs")
+    assert resp.status == 404 and "<h1>Not found</h1>" in html
+    signed_out = Browser(browser.client)
+    resp, _ = await signed_out.get("/n/alice/open")
+    assert resp.status == 200
+    resp, html = await signed_out.get("/n/alice/team")
+    assert resp.status == 404 and "<h1>Not found</h1>" in html
