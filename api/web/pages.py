@@ -27,7 +27,18 @@ import jinja2
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
-from marid import builds, invites, jobs, namespaces, output, sessions, users, variables
+from marid import (
+    builds,
+    invites,
+    jobs,
+    namespaces,
+    output,
+    scopes,
+    sessions,
+    tokens,
+    users,
+    variables,
+)
 from marid.api.artifacts import (
     artifact_named,
     artifact_rows,
@@ -45,7 +56,7 @@ from marid.api.builds import (
     submit_checked,
     usable_build,
 )
-from marid.api.http import api_url, url_path
+from marid.api.http import api_url, path_id, url_path
 from marid.api.jobs import output_from, plain, start_offset, stream
 from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL, SESSION_COOKIE
 from marid.api.namespaces import load_namespace
@@ -469,6 +480,84 @@ async def artifact(request: web.Request, session: Session | None) -> web.StreamR
     filename = quote(found["name"].rsplit("/", 1)[-1], safe="")
     disposition = {"Content-Disposition": f"attachment; filename*=UTF-8''{filename}"}
     return await download(request, found["blob_key"], found["size"], disposition)
+
+
+# --- personal access tokens ----------------------------------------------------------------
+
+
+async def _tokens_page(
+    request: web.Request,
+    session: Session,
+    status: int = 200,
+    created: str = "",
+    form: dict[str, Any] | None = None,
+    errors: dict[str, list[str]] | None = None,
+) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn:
+        found = await tokens.list_for(conn, session.user)
+    return render(
+        request,
+        "tokens.html",
+        status,
+        session=session,
+        tokens=found,
+        created=created,
+        resources=scopes.RESOURCES,
+        permissions=scopes.PERMISSIONS,
+        form=form or {"name": "", "scope": set()},
+        errors=errors or {},
+    )
+
+
+@routes.get("/tokens")
+@page()
+async def tokens_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Your personal access tokens (never their values) and a form for a new one."""
+    assert session is not None
+    return await _tokens_page(request, session)
+
+
+@routes.post("/tokens")
+@page()
+async def create_token(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Create a token; its value is in this answer only (not stored, never shown again)."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    name = form.get("name", "").strip()
+    chosen = {item for item in form.getall("scope", []) if ":" in item}
+    by_resource: dict[str, list[str]] = {}
+    for item in sorted(chosen):
+        resource, _, permission = item.partition(":")
+        by_resource.setdefault(resource, []).append(permission)
+    text = " ".join(f"{r}:{','.join(ps)}" for r, ps in by_resource.items())
+    errors = Errors()
+    scope = tokens.check_new_token(name, text, errors)
+    if not chosen and not errors.has("scope"):
+        errors.add("scope", "Choose at least one permission")
+    try:
+        errors.raise_if_any()
+        assert scope is not None
+        async with request.config_dict[POOL].acquire() as conn:
+            _, value = await tokens.create(conn, session.user, name, scope)
+    except ValidationError as exc:
+        kept = {"name": name, "scope": chosen}
+        return await _tokens_page(request, session, 400, form=kept, errors=exc.errors)
+    return await _tokens_page(request, session, 201, created=value)
+
+
+@routes.post(r"/tokens/{id:\d+}/delete")
+@page()
+async def delete_token(request: web.Request, session: Session | None) -> web.StreamResponse:
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn:
+        if not await tokens.delete(conn, session.user, path_id(request)):
+            raise NotFound()
+    return redirect("/tokens")
 
 
 # --- namespaces -------------------------------------------------------------------------

@@ -430,3 +430,36 @@ async def test_namespaces_are_listed_and_shown_as_the_api_shows_them(
     assert resp.status == 200
     resp, html = await signed_out.get("/n/alice/team")
     assert resp.status == 404 and "<h1>Not found</h1>" in html
+
+
+async def test_a_token_is_created_from_the_page_shown_once_and_revoked(
+    browser: Browser, api: TestClient, alice: users.User, pool: asyncpg.Pool
+) -> None:
+    await browser.sign_in()
+    resp, html = await browser.get("/tokens")
+    assert resp.status == 200 and "No tokens yet" in html
+    csrf = hidden(html, "csrf")
+    resp, _ = await browser.post("/tokens", {"name": "ci"})
+    assert resp.status == 403
+    resp, html = await browser.post("/tokens", {"csrf": csrf, "name": "ci"})
+    assert resp.status == 400 and "Choose at least one permission" in html
+    resp = await browser.client.post(
+        "/tokens",
+        data=[("csrf", csrf), ("name", "ci"), ("scope", "build:read"), ("scope", "build:write"),
+              ("scope", "namespace:read")],
+        headers=browser._headers(),
+    )  # fmt: skip
+    html = await resp.text()
+    assert resp.status == 201
+    value = re.search(r'<code id="new-token" class="secret">(mrd_[0-9a-f]+)</code>', html)
+    assert value, html
+    assert "<code>build:read,write namespace:read</code>" in html
+    me = await api.get("/api/user", headers=bearer(value.group(1)))
+    assert me.status == 200  # the token works
+    resp, html = await browser.get("/tokens")
+    assert value.group(1) not in html  # never shown again
+    async with pool.acquire() as conn:
+        token_id = await conn.fetchval("SELECT id FROM tokens WHERE name = 'ci'")
+    resp, _ = await browser.post(f"/tokens/{token_id}/delete", {"csrf": csrf})
+    assert resp.status == 303
+    assert (await api.get("/api/user", headers=bearer(value.group(1)))).status == 404
