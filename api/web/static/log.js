@@ -118,7 +118,7 @@
     for (const part of parts) {
       const line = lineElement(++count);
       style = renderLine(part, style, line.querySelector(".lt"));
-      log.append(line, "\n");
+      log.appendChild(line);
     }
     if (carry) {
       partial = lineElement(count + 1);
