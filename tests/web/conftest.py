@@ -106,7 +106,8 @@ class Page:
 
     `path` arguments are relative to the server root (`/builds`); absolute URLs are left as
     they are. CSS selectors name elements; `find*` return at once (NoSuchElementException when
-    there is none), `wait_*` wait up to WAIT seconds (TimeoutException).
+    there is none), `wait_*` wait up to WAIT seconds (TimeoutException). The elements they
+    return block too: read them in a thread (`run`), or use `text`, `attribute`, `script`.
     """
 
     def __init__(self, driver: WebDriver, root: str) -> None:
