@@ -29,6 +29,7 @@ from multidict import MultiDict, MultiDictProxy
 
 from marid import (
     builds,
+    crons,
     invites,
     jobs,
     namespaces,
@@ -60,11 +61,13 @@ from marid.api.http import api_url, path_id, url_path
 from marid.api.jobs import output_from, plain, start_offset, stream
 from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL, SESSION_COOKIE
 from marid.api.namespaces import load_namespace
-from marid.api.resources import announce, usable
+from marid.api.resources import announce, readable, usable
 from marid.api.web import ansi
 from marid.builds import Build, Filters, Listing, Viewer
+from marid.crons import CronForm
 from marid.jobs import Job
 from marid.listing import Listing as ResourceListing
+from marid.manifest import ManifestLimits
 from marid.namespaces import Namespace
 from marid.sessions import Session
 from marid.users import User
@@ -105,6 +108,7 @@ Handler = Callable[[web.Request, Session | None], Awaitable[web.StreamResponse]]
 def add_filters(env: jinja2.Environment) -> None:
     env.filters["duration"] = duration
     env.filters["ago"] = ago
+    env.filters["until"] = until
     env.filters["segment"] = jobs.url_segment
     env.filters["filesize"] = filesize
     env.filters["artifact_path"] = url_path
@@ -119,6 +123,8 @@ def duration(start: datetime | None, end: datetime | None = None) -> str:
     seconds = int(((end or datetime.now(UTC)) - start).total_seconds())
     hours, rest = divmod(max(seconds, 0), 3600)
     minutes, seconds = divmod(rest, 60)
+    if hours >= 48:
+        return f"{hours // 24}d {hours % 24}h"
     if hours:
         return f"{hours}h {minutes}m"
     return f"{minutes}m {seconds}s" if minutes else f"{seconds}s"
@@ -134,6 +140,13 @@ def filesize(size: int | None) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
+
+
+def until(moment: datetime) -> str:
+    """`in 3m 4s` (or `due` once it has passed)."""
+    if moment <= datetime.now(UTC):
+        return "due"
+    return f"in {duration(datetime.now(UTC), moment)}"
 
 
 def ago(moment: datetime | None) -> str:
@@ -480,6 +493,115 @@ async def artifact(request: web.Request, session: Session | None) -> web.StreamR
     filename = quote(found["name"].rsplit("/", 1)[-1], safe="")
     disposition = {"Content-Disposition": f"attachment; filename*=UTF-8''{filename}"}
     return await download(request, found["blob_key"], found["size"], disposition)
+
+
+# --- cron jobs ----------------------------------------------------------------------------
+
+CRON_FIELDS = ("name", "schedule", "timezone", "manifest")
+
+
+async def _crons_page(
+    request: web.Request,
+    session: Session,
+    status: int = 200,
+    form: dict[str, str] | None = None,
+    errors: dict[str, list[str]] | None = None,
+) -> web.Response:
+    search = request.query.get("search", "").strip()
+    listing = ResourceListing(visible_to=session.user.id)
+    async with request.config_dict[POOL].acquire() as conn:
+        total = await crons.count(conn, listing, search)
+        number, last = _page_number(request, total)
+        found = await crons.page(conn, listing, search, (number - 1) * PAGE_SIZE, PAGE_SIZE)
+        spaces = await namespaces.by_ids(conn, {c.namespace_id for c in found if c.namespace_id})
+    return render(
+        request,
+        "crons.html",
+        status,
+        session=session,
+        rows=[(c, spaces.get(c.namespace_id or 0)) for c in found],
+        total=total,
+        search=search,
+        page=number,
+        last=last,
+        previous_url=_page_link(request, number - 1) if number > 1 else "",
+        next_url=_page_link(request, number + 1) if number < last else "",
+        form=form or {"name": "", "schedule": "daily", "timezone": "UTC", "manifest": ""},
+        errors=errors or {},
+    )
+
+
+@routes.get("/cron")
+@page()
+async def crons_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Your cron jobs and your namespaces', with their next run; a form for a new one."""
+    assert session is not None
+    return await _crons_page(request, session)
+
+
+@routes.post("/cron")
+@page()
+async def create_cron(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Create a cron job with the API's CronForm and rules."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    shown = {name: form.get(name, "") for name in CRON_FIELDS}
+    body = Body({**shown, "manifest": shown["manifest"].replace("\r\n", "\n")})
+    limits = ManifestLimits.from_config(request.config_dict[CONFIG])
+    try:
+        async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+            cron = await crons.create(
+                conn, session.user, CronForm.parse(body, creating=True), limits, crons.now()
+            )
+            await announce(conn, request, "cron", "created", cron, crons.to_json)
+    except ValidationError as exc:
+        return await _crons_page(request, session, 400, shown, exc.errors)
+    return redirect(f"/cron/{cron.id}")
+
+
+@routes.get(r"/cron/{id:\d+}")
+@page()
+async def cron_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """A cron job: schedule, next and last run, manifest, the builds it made (each as
+    readable)."""
+    assert session is not None
+    caller = Caller(session.user)
+    async with request.config_dict[POOL].acquire() as conn:
+        cron = await readable(conn, request, caller, crons.get, "cron:read")
+        listing, viewer = Listing(cron_id=cron.id), Viewer(session.user.id, may_read=True)
+        made = await builds.with_pending(
+            conn, await builds.page(conn, listing, Filters(), viewer, 0, PAGE_SIZE)
+        )
+        people = await users.by_ids(conn, {cron.author_id} | {b.user_id for b in made})
+        ns = await namespaces.get(conn, cron.namespace_id) if cron.namespace_id else None
+    return render(
+        request,
+        "cron.html",
+        session=session,
+        cron=cron,
+        author=people[cron.author_id],
+        namespace=ns,
+        rows=[BuildRow(b, people[b.user_id], ns) for b in made],
+        may_delete=crons.may_delete(cron, session.user),
+    )
+
+
+@routes.post(r"/cron/{id:\d+}/delete")
+@page()
+async def delete_cron(request: web.Request, session: Session | None) -> web.StreamResponse:
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        cron = await usable(conn, request, session.user, crons.get)
+        if not crons.may_delete(cron, session.user):
+            raise NotFound()
+        await announce(conn, request, "cron", "deleted", cron, crons.to_json)
+        await crons.delete(conn, cron)
+    return redirect("/cron")
 
 
 # --- personal access tokens ----------------------------------------------------------------

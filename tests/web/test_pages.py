@@ -463,3 +463,41 @@ async def test_a_token_is_created_from_the_page_shown_once_and_revoked(
     resp, _ = await browser.post(f"/tokens/{token_id}/delete", {"csrf": csrf})
     assert resp.status == 303
     assert (await api.get("/api/user", headers=bearer(value.group(1)))).status == 404
+
+
+async def test_cron_jobs_are_created_shown_with_their_next_run_and_deleted(
+    browser: Browser, api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
+) -> None:
+    bob = await make_user("bob")
+    bobs = await token("cron:write", user=bob)
+    resp = await api.post(
+        "/api/cron", headers=bearer(bobs), json={"name": "bobs", "manifest": MANIFEST}
+    )
+    assert resp.status == 201
+    bobs_id = (await resp.json())["id"]
+    await browser.sign_in()
+    resp, html = await browser.get("/cron")
+    assert resp.status == 200 and "No cron jobs" in html
+    csrf = hidden(html, "csrf")
+    form = {"csrf": csrf, "name": "nightly", "schedule": "0 3 * *", "timezone": "Mars/Base",
+            "manifest": MANIFEST}  # fmt: skip
+    resp, html = await browser.post("/cron", form)
+    assert resp.status == 400
+    assert re.search(r'id="schedule-errors"><li>', html)
+    assert re.search(r'id="timezone-errors"><li>Timezone unknown time zone Mars/Base', html)
+    resp, _ = await browser.post("/cron", {**form, "schedule": "0 3 * * *", "timezone": "UTC"})
+    assert resp.status == 303
+    cron_path = resp.headers["Location"]
+    resp, html = await browser.get(cron_path)
+    assert resp.status == 200 and "<h1>nightly</h1>" in html
+    assert re.search(r'<dd id="next-run"><time datetime="[^"]+">in \d+h \d+m</time>', html)
+    _, listing = await browser.get("/cron")
+    assert f'href="{cron_path}">nightly</a>' in listing and "bobs" not in listing
+    resp, html = await browser.get(f"/cron/{bobs_id}")
+    assert resp.status == 404 and "<h1>Not found</h1>" in html
+    resp, _ = await browser.post(f"/cron/{bobs_id}/delete", {"csrf": csrf})
+    assert resp.status == 404
+    resp, _ = await browser.post(f"{cron_path}/delete", {"csrf": csrf})
+    assert resp.status == 303
+    _, listing = await browser.get("/cron")
+    assert "No cron jobs" in listing
