@@ -14,12 +14,13 @@ SameSite=Lax (Strict for the sign-in form's) and Secure when server.url is https
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import asyncpg
@@ -32,6 +33,7 @@ from marid import (
     crons,
     invites,
     jobs,
+    keys,
     namespaces,
     output,
     scopes,
@@ -66,6 +68,7 @@ from marid.api.web import ansi
 from marid.builds import Build, Filters, Listing, Viewer
 from marid.crons import CronForm
 from marid.jobs import Job
+from marid.keys import KeyForm
 from marid.listing import Listing as ResourceListing
 from marid.manifest import ManifestLimits
 from marid.namespaces import Namespace
@@ -102,6 +105,18 @@ STATUS_SYMBOLS = {
 STATUS_LABELS = {"passed_with_failures": "passed with failures", "timed_out": "timed out"}
 
 routes = web.RouteTableDef()
+
+
+class ResourceKind(Protocol):
+    """A resource module of marid/ (variables, keys): listed, rendered, fetched, deleted."""
+
+    count: Any
+    page: Any
+    to_json: Any
+    get: Any
+    delete: Any
+
+
 Handler = Callable[[web.Request, Session | None], Awaitable[web.StreamResponse]]
 
 
@@ -841,23 +856,27 @@ async def unpin_build(request: web.Request, session: Session | None) -> web.Stre
 # --- variables --------------------------------------------------------------------------
 
 
-async def _variables_page(
+async def _resources_page(
     request: web.Request,
     session: Session,
-    status: int = 200,
-    form: dict[str, str] | None = None,
+    template: str,
+    kind: ResourceKind,
+    form: dict[str, str],
     errors: dict[str, list[str]] | None = None,
+    status: int = 200,
 ) -> web.Response:
+    """A page listing the user's resources of `kind` (theirs and their namespaces', as the
+    API's GET /<resources>), searchable, with a form for a new one."""
     search = request.query.get("search", "").strip()
     listing = ResourceListing(visible_to=session.user.id)
     async with request.config_dict[POOL].acquire() as conn:
-        total = await variables.count(conn, listing, search)
+        total = await kind.count(conn, listing, search)
         number, last = _page_number(request, total)
-        found = await variables.page(conn, listing, search, (number - 1) * PAGE_SIZE, PAGE_SIZE)
-        shown = await variables.to_json(conn, found, api_url(request))
+        found = await kind.page(conn, listing, search, (number - 1) * PAGE_SIZE, PAGE_SIZE)
+        shown = await kind.to_json(conn, found, api_url(request))
     return render(
         request,
-        "variables.html",
+        template,
         status,
         session=session,
         rows=shown,
@@ -867,9 +886,28 @@ async def _variables_page(
         last=last,
         previous_url=_page_link(request, number - 1) if number > 1 else "",
         next_url=_page_link(request, number + 1) if number < last else "",
-        form=form or {"key": "", "value": "", "namespace": "", "mask": ""},
+        form=form,
         errors=errors or {},
     )
+
+
+async def _delete_resource(
+    request: web.Request, session: Session | None, kind: ResourceKind, event: str, back: str
+) -> web.StreamResponse:
+    """Delete the resource of the URL if the user may change it (the API's `usable`), with
+    the API's webhook event; then `back`."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        found = await usable(conn, request, session.user, kind.get)
+        await announce(conn, request, event, "deleted", found, kind.to_json)
+        await kind.delete(conn, found)
+    return redirect(back)
+
+
+VARIABLE_FORM = {"key": "", "value": "", "namespace": "", "mask": ""}
 
 
 @routes.get("/variables")
@@ -877,7 +915,7 @@ async def _variables_page(
 async def variables_page(request: web.Request, session: Session | None) -> web.StreamResponse:
     """Your variables and those of your namespaces, masked values shown as xxxxxx."""
     assert session is not None
-    return await _variables_page(request, session)
+    return await _resources_page(request, session, "variables.html", variables, VARIABLE_FORM)
 
 
 @routes.post("/variables")
@@ -899,22 +937,56 @@ async def create_variable(request: web.Request, session: Session | None) -> web.
             await announce(conn, request, "variables", "created", created, variables.to_json)
     except ValidationError as exc:
         kept = {**shown, "value": "" if masked else shown["value"], "mask": "on" if masked else ""}
-        return await _variables_page(request, session, 400, kept, exc.errors)
+        return await _resources_page(
+            request, session, "variables.html", variables, kept, exc.errors, 400
+        )
     return redirect("/variables")
 
 
 @routes.post(r"/variables/{id:\d+}/delete")
 @page()
 async def delete_variable(request: web.Request, session: Session | None) -> web.StreamResponse:
+    return await _delete_resource(request, session, variables, "variables", "/variables")
+
+
+# --- SSH keys ------------------------------------------------------------------------------
+
+KEY_FORM = {"name": "", "key": "", "config": "", "namespace": ""}
+
+
+@routes.get("/keys")
+@page()
+async def keys_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Your SSH keys and your namespaces' (never a private key), with a form for a new one."""
+    assert session is not None
+    return await _resources_page(request, session, "keys.html", keys, KEY_FORM)
+
+
+@routes.post("/keys")
+@page()
+async def create_key(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Store a key with the API's KeyForm (the private key encrypted at rest)."""
     assert session is not None
     form = await read_form(request)
     if not sessions.csrf_matches(session, form.get("csrf")):
         return csrf_refused(request, session)
-    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        variable = await usable(conn, request, session.user, variables.get)
-        await announce(conn, request, "variables", "deleted", variable, variables.to_json)
-        await variables.delete(conn, variable)
-    return redirect("/variables")
+    shown = {name: form.get(name, "") for name in KEY_FORM}
+    data = {**shown, "namespace": shown["namespace"].strip() or None}
+    try:
+        parsed = await asyncio.to_thread(KeyForm.parse, Body(data))  # slow for RSA keys
+        async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+            created = await keys.create(conn, request.config_dict[CIPHER], session.user, parsed)
+            await announce(conn, request, "ssh_keys", "created", created, keys.to_json)
+    except ValidationError as exc:
+        kept = {**shown, "key": ""}  # a private key is never sent back
+        return await _resources_page(request, session, "keys.html", keys, kept, exc.errors, 400)
+    return redirect("/keys")
+
+
+@routes.post(r"/keys/{id:\d+}/delete")
+@page()
+async def delete_key(request: web.Request, session: Session | None) -> web.StreamResponse:
+    return await _delete_resource(request, session, keys, "ssh_keys", "/keys")
 
 
 JOB = r"/b/{username}/{number:\d+}/jobs/{name}"

@@ -4,8 +4,11 @@ a real browser."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import subprocess
 from http.cookies import SimpleCookie
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -501,3 +504,32 @@ async def test_cron_jobs_are_created_shown_with_their_next_run_and_deleted(
     assert resp.status == 303
     _, listing = await browser.get("/cron")
     assert "No cron jobs" in listing
+
+
+async def test_ssh_keys_are_stored_from_the_page_and_their_private_part_never_shown(
+    browser: Browser, alice: users.User, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    command = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")]
+    await asyncio.to_thread(subprocess.run, command, check=True)
+    private = (tmp_path / "k").read_text()
+    await browser.sign_in()
+    resp, html = await browser.get("/keys")
+    assert resp.status == 200 and "No SSH keys" in html
+    csrf = hidden(html, "csrf")
+    resp, html = await browser.post(
+        "/keys", {"csrf": csrf, "name": "bad name!", "key": "not a key"}
+    )
+    assert resp.status == 400 and 'id="name-errors"' in html and 'id="key-errors"' in html
+    resp, html = await browser.post(
+        "/keys", {"csrf": csrf, "name": "deploy", "key": private, "config": "Host example"}
+    )
+    assert resp.status == 303, html
+    _, html = await browser.get("/keys")
+    assert "<code>deploy</code>" in html and "Host example" in html
+    assert "PRIVATE KEY" not in html and private.splitlines()[1] not in html
+    async with pool.acquire() as conn:
+        key_id = await conn.fetchval("SELECT id FROM ssh_keys WHERE name = 'deploy'")
+    resp, _ = await browser.post(f"/keys/{key_id}/delete", {"csrf": csrf})
+    assert resp.status == 303
+    _, html = await browser.get("/keys")
+    assert "No SSH keys" in html
