@@ -70,13 +70,15 @@ async def create_object(request: web.Request, user: User) -> web.Response:
             "POST /objects",
             FIELDS,
             upload,
-            lambda: _create(request, user, upload, key),
+            lambda: create_from_upload(request, user, upload, key),
         )
 
 
-async def _create(
+async def create_from_upload(
     request: web.Request, user: User, upload: uploads.Upload, key: str | None
 ) -> web.Response:
+    """Store the upload as the user's object (201 with its entity); raises ValidationError.
+    The web interface's upload form comes through here too."""
     errors = Errors()
     name = upload.fields.get("name")
     objects.check_name(name, errors)
@@ -118,6 +120,12 @@ async def show_object(request: web.Request, caller: Caller) -> web.StreamRespons
 @routes.delete(r"/objects/{id:\d+}")
 @requires("object:delete")
 async def delete_object(request: web.Request, user: User) -> web.Response:
+    await remove(request, user)
+    return web.Response(status=204)
+
+
+async def remove(request: web.Request, user: User) -> None:
+    """Delete the object of the URL if the user may change it, then its content."""
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         found = await usable(conn, request, user, objects.get)
         await announce(conn, request, "objects", "deleted", found, objects.to_json)
@@ -125,7 +133,6 @@ async def delete_object(request: web.Request, user: User) -> web.Response:
     # Only after the commit: a rolled-back delete must still find its content.
     await request.config_dict[BLOBS].delete(found.blob_key)
     log.info("object %d deleted", found.id)
-    return web.Response(status=204)
 
 
 @routes.get(NS + "/-/objects")

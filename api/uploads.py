@@ -90,15 +90,26 @@ async def _text(part: BodyPartReader) -> str:
 
 
 async def send_blob(
-    request: web.Request, store: BlobStore, key: str, content_type: str, size: int
+    request: web.Request,
+    store: BlobStore,
+    key: str,
+    content_type: str,
+    size: int,
+    extra: dict[str, str] | None = None,
 ) -> web.StreamResponse:
-    """Stream the blob under `key` as the response body; NotFound if it is missing."""
+    """Stream the blob under `key` as the response body, with `extra` headers; NotFound if it
+    is missing."""
     try:
         chunks = await store.open(key)
     except BlobNotFound:
         raise NotFound() from None
     # The request-log middleware adds X-Request-Id too late for a prepared (streamed) response.
-    headers = {"Content-Type": content_type, "X-Request-Id": REQUEST_ID.get(), **UNTRUSTED_CONTENT}
+    headers = {
+        "Content-Type": content_type,
+        "X-Request-Id": REQUEST_ID.get(),
+        **UNTRUSTED_CONTENT,
+        **(extra or {}),
+    }
     response = web.StreamResponse(headers=headers)
     response.content_length = size
     await response.prepare(request)

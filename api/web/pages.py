@@ -35,6 +35,7 @@ from marid import (
     jobs,
     keys,
     namespaces,
+    objects,
     output,
     scopes,
     sessions,
@@ -42,6 +43,8 @@ from marid import (
     users,
     variables,
 )
+from marid.api import objects as objects_api
+from marid.api import uploads
 from marid.api.artifacts import (
     artifact_named,
     artifact_rows,
@@ -947,6 +950,62 @@ async def create_variable(request: web.Request, session: Session | None) -> web.
 @page()
 async def delete_variable(request: web.Request, session: Session | None) -> web.StreamResponse:
     return await _delete_resource(request, session, variables, "variables", "/variables")
+
+
+# --- objects ------------------------------------------------------------------------------
+
+OBJECT_FORM = {"name": "", "namespace": ""}
+
+
+@routes.get("/objects")
+@page()
+async def objects_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Your objects and your namespaces', with an upload form."""
+    assert session is not None
+    return await _resources_page(request, session, "objects.html", objects, OBJECT_FORM)
+
+
+@routes.post("/objects")
+@page()
+async def upload_object(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Upload an object from the form (multipart: csrf, name, namespace, file) through the
+    API's own checks and storage."""
+    assert session is not None
+    max_size = request.config_dict[CONFIG].objects.max_size
+    async with uploads.receive(request, (*OBJECT_FORM, "csrf"), max_size) as upload:
+        if not sessions.csrf_matches(session, upload.fields.get("csrf")):
+            return csrf_refused(request, session)
+        try:
+            await objects_api.create_from_upload(request, session.user, upload, None)
+        except ValidationError as exc:
+            kept = {name: upload.fields.get(name, "") for name in OBJECT_FORM}
+            return await _resources_page(
+                request, session, "objects.html", objects, kept, exc.errors, 400
+            )
+    return redirect("/objects")
+
+
+@routes.get(r"/objects/{id:\d+}/download")
+@page()
+async def download_object(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """An object's content, as a download."""
+    assert session is not None
+    async with request.config_dict[POOL].acquire() as conn:
+        found = await readable(conn, request, Caller(session.user), objects.get, "object:read")
+    headers = {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(found.name)}"}
+    store = request.config_dict[BLOBS]
+    return await uploads.send_blob(request, store, found.blob_key, found.type, found.size, headers)
+
+
+@routes.post(r"/objects/{id:\d+}/delete")
+@page()
+async def delete_object(request: web.Request, session: Session | None) -> web.StreamResponse:
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    await objects_api.remove(request, session.user)
+    return redirect("/objects")
 
 
 # --- SSH keys ------------------------------------------------------------------------------

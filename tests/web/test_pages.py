@@ -10,6 +10,7 @@ import subprocess
 from http.cookies import SimpleCookie
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import ClientResponse
@@ -533,3 +534,52 @@ async def test_ssh_keys_are_stored_from_the_page_and_their_private_part_never_sh
     assert resp.status == 303
     _, html = await browser.get("/keys")
     assert "No SSH keys" in html
+
+
+async def test_objects_are_uploaded_downloaded_and_deleted_from_the_page(
+    browser: Browser, api: TestClient, token: MakeToken, alice: users.User
+) -> None:
+    await browser.sign_in()
+    resp, html = await browser.get("/objects")
+    assert resp.status == 200 and "No objects" in html
+    csrf = hidden(html, "csrf")
+
+    def form(**fields: str | bytes) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        for name, value in fields.items():
+            if name == "file":
+                data.add_field("file", value, filename="notes.html", content_type="text/html")
+            else:
+                data.add_field(name, value)
+        return data
+
+    page = b"<html><script>alert(1)</script></html>"
+    resp = await api.post(
+        "/objects", data=form(name="notes", file=page), headers=browser._headers()
+    )
+    assert resp.status == 403
+    resp = await api.post(
+        "/objects", data=form(csrf=csrf, name="bad name", file=page), headers=browser._headers()
+    )
+    assert resp.status == 400 and 'id="name-errors"' in await resp.text()
+    resp = await api.post(
+        "/objects",
+        data=form(csrf=csrf, name="notes", file=page),
+        headers=browser._headers(),
+        allow_redirects=False,
+    )
+    assert resp.status == 303, await resp.text()
+    listed = await (
+        await api.get("/api/objects", headers=bearer(await token("object:read")))
+    ).json()
+    (found,) = listed
+    _, html = await browser.get("/objects")
+    assert f'href="/objects/{found["id"]}/download" download>notes<' in html
+    resp, body = await browser.get(f"/objects/{found['id']}/download")
+    assert resp.status == 200 and body.encode() == page
+    assert resp.headers["Content-Disposition"] == "attachment; filename*=UTF-8''notes"
+    assert resp.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    resp, _ = await browser.post(f"/objects/{found['id']}/delete", {"csrf": csrf})
+    assert resp.status == 303
+    _, html = await browser.get("/objects")
+    assert "No objects" in html
