@@ -38,7 +38,7 @@ routes = web.RouteTableDef()
 HOOK = NS + r"/-/webhooks/{id:\d+}"
 
 
-async def _namespace(conn: asyncpg.Connection, request: web.Request, user: User) -> Namespace:
+async def usable_namespace(conn: asyncpg.Connection, request: web.Request, user: User) -> Namespace:
     """The namespace of the URL if the caller owns or collaborates on it (§10.2)."""
     ns = await load_namespace(conn, request)
     if not (await namespaces.rights(conn, user, ns)).use:
@@ -46,10 +46,10 @@ async def _namespace(conn: asyncpg.Connection, request: web.Request, user: User)
     return ns
 
 
-async def _webhook(
+async def usable_webhook(
     conn: asyncpg.Connection, request: web.Request, user: User
 ) -> tuple[Webhook, Namespace]:
-    ns = await _namespace(conn, request, user)
+    ns = await usable_namespace(conn, request, user)
     hook = await webhooks.get(conn, path_id(request))
     if hook is None or hook.namespace_id != ns.id:
         raise NotFound()
@@ -67,7 +67,7 @@ async def _shown(
 @requires("webhook:read")
 async def list_webhooks(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
-        ns = await _namespace(conn, request, user)
+        ns = await usable_namespace(conn, request, user)
         found = await webhooks.in_namespace(conn, ns.id)
         last = await webhooks.last_responses(conn, [hook.id for hook in found])
     base = api_url(request)
@@ -80,7 +80,7 @@ async def create_webhook(request: web.Request, user: User) -> web.Response:
     body = await read_body(request)
     policy = outbound.Policy.from_config(request.config_dict[CONFIG])
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        ns = await _namespace(conn, request, user)  # 404 before any field error
+        ns = await usable_namespace(conn, request, user)  # 404 before any field error
         form = WebhookForm.parse(body, policy, None)
         hook = await webhooks.create(conn, request.config_dict[CIPHER], user, ns, form)
     return web.json_response(webhooks.to_json(hook, ns, None, api_url(request)), status=201)
@@ -90,7 +90,7 @@ async def create_webhook(request: web.Request, user: User) -> web.Response:
 @requires("webhook:read")
 async def show_webhook(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn:
-        hook, ns = await _webhook(conn, request, user)
+        hook, ns = await usable_webhook(conn, request, user)
         return await _shown(conn, request, hook, ns)
 
 
@@ -100,7 +100,7 @@ async def update_webhook(request: web.Request, user: User) -> web.Response:
     body = await read_body(request)
     policy = outbound.Policy.from_config(request.config_dict[CONFIG])
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        hook, ns = await _webhook(conn, request, user)
+        hook, ns = await usable_webhook(conn, request, user)
         form = WebhookForm.parse(body, policy, hook)
         hook = await webhooks.update(conn, request.config_dict[CIPHER], hook, form)
         return await _shown(conn, request, hook, ns)
@@ -110,7 +110,7 @@ async def update_webhook(request: web.Request, user: User) -> web.Response:
 @requires("webhook:delete")
 async def delete_webhook(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        hook, _ = await _webhook(conn, request, user)
+        hook, _ = await usable_webhook(conn, request, user)
         await webhooks.delete(conn, hook)
     return web.Response(status=204)
 
@@ -120,7 +120,7 @@ async def delete_webhook(request: web.Request, user: User) -> web.Response:
 async def list_deliveries(request: web.Request, user: User) -> web.Response:
     """Every delivery attempt of the webhook, newest first, paginated (an extension)."""
     async with request.config_dict[POOL].acquire() as conn:
-        hook, _ = await _webhook(conn, request, user)
+        hook, _ = await usable_webhook(conn, request, user)
         page = Page(request, await webhooks.count_attempts(conn, hook))
         found = await webhooks.attempts(conn, hook, page.offset, page.limit)
     return page.response([webhooks.attempt_json(attempt) for attempt in found])

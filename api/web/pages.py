@@ -36,12 +36,14 @@ from marid import (
     keys,
     namespaces,
     objects,
+    outbound,
     output,
     scopes,
     sessions,
     tokens,
     users,
     variables,
+    webhooks,
 )
 from marid.api import objects as objects_api
 from marid.api import uploads
@@ -68,6 +70,7 @@ from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL, SESSION_COOKIE
 from marid.api.namespaces import load_namespace
 from marid.api.resources import announce, readable, usable
 from marid.api.web import ansi
+from marid.api.webhooks import usable_namespace, usable_webhook
 from marid.builds import Build, Filters, Listing, Viewer
 from marid.crons import CronForm
 from marid.jobs import Job
@@ -79,6 +82,7 @@ from marid.sessions import Session
 from marid.users import User
 from marid.validation import Body, Errors, NotFound, RequestError, ValidationError
 from marid.variables import VariableForm
+from marid.webhooks import WebhookForm
 
 TEMPLATES = web.AppKey("web_templates", jinja2.Environment)
 SIGNIN_COOKIE = "marid_signin"  # the sign-in form's CSRF secret (double submit)
@@ -760,6 +764,115 @@ async def namespace_page(request: web.Request, session: Session | None) -> web.S
         rows=rows,
         collaborators=people,
     )
+
+
+# --- webhooks ---------------------------------------------------------------------------
+
+HOOKS_PATH = NAMESPACE_PATH + "/-/webhooks"
+HOOK_FORM = {"payload_url": "", "secret": "", "ssl": "on", "active": "on"}
+
+
+async def _webhooks_page(
+    request: web.Request,
+    session: Session,
+    status: int = 200,
+    form: dict[str, str] | None = None,
+    events: set[str] | None = None,
+    errors: dict[str, list[str]] | None = None,
+) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn:
+        ns = await usable_namespace(conn, request, session.user)
+        found = await webhooks.in_namespace(conn, ns.id)
+        last = await webhooks.last_responses(conn, [hook.id for hook in found])
+    return render(
+        request,
+        "webhooks.html",
+        status,
+        session=session,
+        ns=ns,
+        hooks=[(hook, last.get(hook.id)) for hook in found],
+        all_events=webhooks.EVENTS,
+        form=form or HOOK_FORM,
+        chosen=events if events is not None else set(),
+        errors=errors or {},
+    )
+
+
+@routes.get(HOOKS_PATH)
+@page()
+async def webhooks_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """A namespace's webhooks with their last response, for its owner and collaborators."""
+    assert session is not None
+    return await _webhooks_page(request, session)
+
+
+@routes.post(HOOKS_PATH)
+@page()
+async def create_webhook(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Create a webhook with the API's WebhookForm and outbound policy."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    shown = {name: form.get(name, "") for name in HOOK_FORM}
+    chosen = {e for e in form.getall("events", []) if e in webhooks.EVENTS}
+    body = Body(
+        {
+            "payload_url": shown["payload_url"].strip(),
+            "secret": shown["secret"] or None,
+            "ssl": shown["ssl"] == "on",
+            "active": shown["active"] == "on",
+            "events": sorted(chosen) or None,
+        }
+    )
+    policy = outbound.Policy.from_config(request.config_dict[CONFIG])
+    try:
+        async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+            ns = await usable_namespace(conn, request, session.user)
+            parsed = WebhookForm.parse(body, policy, None)
+            await webhooks.create(conn, request.config_dict[CIPHER], session.user, ns, parsed)
+    except ValidationError as exc:
+        kept = {**shown, "secret": ""}  # a secret is never sent back
+        return await _webhooks_page(request, session, 400, kept, chosen, exc.errors)
+    return redirect(request.path)
+
+
+@routes.get(HOOKS_PATH + r"/{id:\d+}")
+@page()
+async def webhook_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """A webhook and its delivery log (every attempt, newest first)."""
+    assert session is not None
+    async with request.config_dict[POOL].acquire() as conn:
+        hook, ns = await usable_webhook(conn, request, session.user)
+        total = await webhooks.count_attempts(conn, hook)
+        number, last = _page_number(request, total)
+        found = await webhooks.attempts(conn, hook, (number - 1) * PAGE_SIZE, PAGE_SIZE)
+    return render(
+        request,
+        "webhook.html",
+        session=session,
+        ns=ns,
+        hook=hook,
+        attempts=found,
+        total=total,
+        page=number,
+        last=last,
+        previous_url=_page_link(request, number - 1) if number > 1 else "",
+        next_url=_page_link(request, number + 1) if number < last else "",
+    )
+
+
+@routes.post(HOOKS_PATH + r"/{id:\d+}/delete")
+@page()
+async def delete_webhook(request: web.Request, session: Session | None) -> web.StreamResponse:
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        hook, _ = await usable_webhook(conn, request, session.user)
+        await webhooks.delete(conn, hook)
+    return redirect(request.path.rsplit("/", 2)[0])
 
 
 # --- submitting, killing, pinning ----------------------------------------------------------
