@@ -1163,6 +1163,7 @@ async def delete_key(request: web.Request, session: Session | None) -> web.Strea
 
 JOB = r"/b/{username}/{number:\d+}/jobs/{name}"
 LOG_TAIL = 256 * 1024  # bytes of a job's log a page shows; the raw log has all of it
+LOG_LINES = 5000  # and lines, at most
 
 
 async def _readable_job(
@@ -1195,6 +1196,11 @@ async def job_page(request: web.Request, session: Session | None) -> web.StreamR
     if skipped and "\n" in text:  # the first line shown whole
         cut = text.index("\n") + 1
         text, start = text[cut:], start + output.byte_length(text[:cut])
+    if text.count("\n") > LOG_LINES:  # many short lines: their markup would outweigh them
+        cut = len(text)
+        for _ in range(LOG_LINES + 1):
+            cut = text.rindex("\n", 0, cut)
+        text, start, skipped = text[cut + 1 :], start + output.byte_length(text[: cut + 1]), True
     ended = job.status in builds.FINAL
     if not ended and text and not text.endswith("\n"):
         # The unfinished last line comes again over the stream, whole with what follows.

@@ -199,3 +199,23 @@ async def test_a_builds_page_lists_its_artifacts_objects_and_variables(
     await other.sign_in("bob")
     resp, page = await other.get(f"/b/alice/{build['number']}/artifacts/out/page.html")
     assert resp.status == 404 and "<h1>Not found</h1>" in page
+
+
+async def test_a_long_log_page_holds_only_its_end_and_links_to_the_rest(
+    client: TestClient, token: MakeToken, worker: Worker, alice: users.User
+) -> None:
+    value = await token("build:read,write")
+    manifest = "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands:\n  - seq 1 200000\n"
+    build = await wait_for(client, value, (await submit(client, value, manifest))["url"], finished)
+    assert build["status"] == "passed"
+    browser = Browser(client)
+    await browser.sign_in()
+    resp, page = await browser.get(f"/b/alice/{build['number']}/jobs/s.1")
+    assert resp.status == 200
+    lines = log_lines(page)
+    assert lines[-1] == "200000" and len(page) < 2 * 1024 * 1024  # 1.3 MB of output
+    assert lines[0].isdigit() and int(lines[0]) > 1  # starts at a whole line, not the top
+    skipped = re.search(r'<p class="muted" id="skipped">The first (\d+) bytes', page)
+    assert skipped and int(skipped.group(1)) > 1_000_000
+    resp, raw = await browser.get(f"/b/alice/{build['number']}/jobs/s.1/raw")
+    assert raw.startswith("+ seq 1 200000\n1\n2\n") and raw.endswith("\n200000\n")
