@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
 from aiohttp import web
 
 from marid import invites, namespaces, users, webhooks
@@ -22,6 +25,7 @@ from marid.api.openapi import (
     path_param,
     ref,
 )
+from marid.namespaces import Namespace
 from marid.users import User
 from marid.validation import NotFound
 
@@ -52,11 +56,20 @@ async def create_invite(request: web.Request, user: User) -> web.Response:
         )
         body.errors.raise_if_any()
         assert handle is not None
-        invite = await invites.send(conn, ns, user, handle)
-        [created] = await invites.to_json(conn, [invite], api_url(request))
-        sent = {key: created[key] for key in ("invitee", "inviter", "namespace")}
-        await webhooks.emit(conn, invite.namespace_id, "invite.sent", sent)
+        created = await send(conn, request, ns, user, handle)
     return web.json_response(created, status=201)
+
+
+async def send(
+    conn: asyncpg.Connection, request: web.Request, ns: Namespace, user: User, handle: str
+) -> dict[str, Any]:
+    """Invite `handle` to the tree of `ns` (its admin `user` checked by the caller), with the
+    invite.sent webhook; the Invite entity. Raises ValidationError as invites.send does."""
+    invite = await invites.send(conn, ns, user, handle)
+    [created] = await invites.to_json(conn, [invite], api_url(request))
+    sent = {key: created[key] for key in ("invitee", "inviter", "namespace")}
+    await webhooks.emit(conn, invite.namespace_id, "invite.sent", sent)
+    return created
 
 
 @routes.get("/invites")
@@ -71,38 +84,49 @@ async def list_invites(request: web.Request, user: User) -> web.Response:
 @requires("invite:write")
 async def accept_invite(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        invite = await invites.get(conn, path_id(request))
-        if invite is None or invite.invitee_id != user.id:
-            raise NotFound()
-        await invites.accept(conn, invite)
-        inviter = (await users.by_ids(conn, {invite.inviter_id}))[invite.inviter_id]
-        root = await namespaces.get(conn, invite.namespace_id)
-        assert root is not None
-        invitee, space = users.to_json(user), namespaces.to_json(root, api_url(request))
-        accepted = {"invitee": invitee, "namespace": space}
-        await webhooks.emit(conn, root.id, "invite.accepted", accepted)
-    return web.json_response(
-        {"invitee": invitee, "inviter": users.to_json(inviter), "namespace": space}
-    )
+        body = await accept(conn, request, user)
+    return web.json_response(body)
+
+
+async def accept(conn: asyncpg.Connection, request: web.Request, user: User) -> dict[str, Any]:
+    """Accept the invite of the URL, sent to `user` (NotFound otherwise), with the
+    invite.accepted webhook."""
+    invite = await invites.get(conn, path_id(request))
+    if invite is None or invite.invitee_id != user.id:
+        raise NotFound()
+    await invites.accept(conn, invite)
+    inviter = (await users.by_ids(conn, {invite.inviter_id}))[invite.inviter_id]
+    root = await namespaces.get(conn, invite.namespace_id)
+    assert root is not None
+    invitee, space = users.to_json(user), namespaces.to_json(root, api_url(request))
+    accepted = {"invitee": invitee, "namespace": space}
+    await webhooks.emit(conn, root.id, "invite.accepted", accepted)
+    return {"invitee": invitee, "inviter": users.to_json(inviter), "namespace": space}
 
 
 @routes.delete(r"/invites/{id:\d+}")
 @requires("invite:delete")
 async def delete_invite(request: web.Request, user: User) -> web.Response:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        invite = await invites.get(conn, path_id(request))
-        if invite is None or user.id not in (invite.invitee_id, invite.inviter_id):
-            raise NotFound()
-        await invites.delete(conn, invite)
-        if user.id == invite.invitee_id:  # rejected; the inviter withdrawing it is no event
-            root = await namespaces.get(conn, invite.namespace_id)
-            assert root is not None
-            rejected = {
-                "invitee": users.to_json(user),
-                "namespace": namespaces.to_json(root, api_url(request)),
-            }
-            await webhooks.emit(conn, root.id, "invite.rejected", rejected)
+        await withdraw_or_reject(conn, request, user)
     return web.Response(status=204)
+
+
+async def withdraw_or_reject(conn: asyncpg.Connection, request: web.Request, user: User) -> None:
+    """Delete the invite of the URL: its invitee rejects it (invite.rejected), its inviter
+    withdraws it; NotFound for anybody else."""
+    invite = await invites.get(conn, path_id(request))
+    if invite is None or user.id not in (invite.invitee_id, invite.inviter_id):
+        raise NotFound()
+    await invites.delete(conn, invite)
+    if user.id == invite.invitee_id:  # rejected; the inviter withdrawing it is no event
+        root = await namespaces.get(conn, invite.namespace_id)
+        assert root is not None
+        rejected = {
+            "invitee": users.to_json(user),
+            "namespace": namespaces.to_json(root, api_url(request)),
+        }
+        await webhooks.emit(conn, root.id, "invite.rejected", rejected)
 
 
 ID = [path_param("id", "invite id")]

@@ -45,6 +45,7 @@ from marid import (
     variables,
     webhooks,
 )
+from marid.api import invites as invites_api
 from marid.api import objects as objects_api
 from marid.api import uploads
 from marid.api.artifacts import (
@@ -740,7 +741,18 @@ async def namespaces_page(request: web.Request, session: Session | None) -> web.
 @page(signed_in=False)
 async def namespace_page(request: web.Request, session: Session | None) -> web.StreamResponse:
     """A namespace: what it is, its sub-namespaces, latest builds and, for its owner, its
-    collaborators; readable as GET /api/n/... is (public ones signed out too)."""
+    collaborators and pending invites; readable as GET /api/n/... is (public ones signed out
+    too)."""
+    return await _namespace_page(request, session)
+
+
+async def _namespace_page(
+    request: web.Request,
+    session: Session | None,
+    status: int = 200,
+    handle: str = "",
+    errors: dict[str, list[str]] | None = None,
+) -> web.Response:
     user = session.user if session else None
     async with request.config_dict[POOL].acquire() as conn:
         ns = await load_namespace(conn, request)
@@ -752,18 +764,116 @@ async def namespace_page(request: web.Request, session: Session | None) -> web.S
             conn, await builds.page(conn, listing, Filters(), viewer, 0, PAGE_SIZE)
         )
         people = await invites.collaborators(conn, ns) if rights.admin else []
+        pending = await invites.list_for_root(conn, ns) if rights.admin else []
+        shown_invites = await invites.to_json(conn, pending, api_url(request))
         owners = await users.by_ids(conn, {b.user_id for b in recent})
     rows = [BuildRow(b, owners[b.user_id], ns) for b in recent]
     return render(
         request,
         "namespace.html",
+        status,
         session=session,
         ns=ns,
         rights=rights,
         children=children,
         rows=rows,
         collaborators=people,
+        invites=shown_invites,
+        handle=handle,
+        errors=errors or {},
     )
+
+
+async def _admin_action(
+    request: web.Request,
+    session: Session | None,
+    act: Callable[[asyncpg.Connection, Namespace, MultiDictProxy[str]], Awaitable[object]],
+) -> web.StreamResponse:
+    """A form's action on a namespace the user administers (its owner), then its page; a
+    ValidationError shows the page again with the messages beside the invite field."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    try:
+        async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+            ns = await load_namespace(conn, request)
+            if not (await namespaces.rights(conn, session.user, ns)).admin:
+                raise NotFound()
+            await act(conn, ns, form)
+    except ValidationError as exc:
+        return await _namespace_page(request, session, 400, form.get("handle", ""), exc.errors)
+    except RequestError as exc:  # an invite the domain refuses (no such user, …)
+        errors = {"handle": [exc.message]}
+        return await _namespace_page(request, session, exc.status, form.get("handle", ""), errors)
+    return redirect(f"/n/{quote(ns.owner.username)}/{ns.path}")
+
+
+@routes.post(NAMESPACE_PATH + "/-/invites")
+@page()
+async def invite(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Invite somebody (username or email) to the namespace's tree."""
+    assert session is not None
+    user = session.user
+
+    async def send(conn: asyncpg.Connection, ns: Namespace, form: MultiDictProxy[str]) -> None:
+        handle = form.get("handle", "").strip()
+        if not handle:
+            raise ValidationError({"handle": ["Username or email field required"]})
+        await invites_api.send(conn, request, ns, user, handle)
+
+    return await _admin_action(request, session, send)
+
+
+@routes.post(NAMESPACE_PATH + "/-/collaborators/{handle}/delete")
+@page()
+async def remove_collaborator(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Remove a collaborator from the namespace's tree (their own secrets stay theirs)."""
+
+    async def remove(conn: asyncpg.Connection, ns: Namespace, form: MultiDictProxy[str]) -> None:
+        await invites.remove_collaborator(conn, ns, request.match_info["handle"])
+
+    return await _admin_action(request, session, remove)
+
+
+@routes.get("/invites")
+@page()
+async def invites_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """The invites sent to you, to accept or decline."""
+    assert session is not None
+    async with request.config_dict[POOL].acquire() as conn:
+        found = await invites.list_for_invitee(conn, session.user)
+        shown = await invites.to_json(conn, found, api_url(request))
+    return render(request, "invites.html", session=session, invites=shown)
+
+
+async def _invite_action(
+    request: web.Request,
+    session: Session | None,
+    act: Callable[[asyncpg.Connection, web.Request, User], Awaitable[object]],
+    back: str,
+) -> web.StreamResponse:
+    """An invite's action, then `back` (or the form's own local `back`, when it has one)."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        await act(conn, request, session.user)
+    return redirect(_local(form.get("back")) if form.get("back") else back)
+
+
+@routes.post(r"/invites/{id:\d+}/accept")
+@page()
+async def accept_invite(request: web.Request, session: Session | None) -> web.StreamResponse:
+    return await _invite_action(request, session, invites_api.accept, "/namespaces")
+
+
+@routes.post(r"/invites/{id:\d+}/delete")
+@page()
+async def delete_invite(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Decline an invite sent to you, or withdraw one you sent."""
+    return await _invite_action(request, session, invites_api.withdraw_or_reject, "/invites")
 
 
 # --- webhooks ---------------------------------------------------------------------------

@@ -583,3 +583,50 @@ async def test_objects_are_uploaded_downloaded_and_deleted_from_the_page(
     assert resp.status == 303
     _, html = await browser.get("/objects")
     assert "No objects" in html
+
+
+async def test_collaborators_are_invited_accepted_and_removed_from_the_pages(
+    api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
+) -> None:
+    value = await token("build:write namespace:read,write")
+    await api.post("/api/namespaces", headers=bearer(value), json={"name": "team"})
+    build = await submit(api, value, "namespace: team\n" + MANIFEST)
+    await make_user("bob")
+    await make_user("carol")
+    owner, bob = Browser(api), Browser(api)
+    await owner.sign_in()
+    await bob.sign_in("bob")
+    _, html = await owner.get("/n/alice/team")
+    csrf = hidden(html, "csrf")
+    resp, html = await owner.post("/n/alice/team/-/invites", {"csrf": csrf, "handle": "nobody"})
+    assert resp.status == 400 and 'id="handle-errors"' in html
+    resp, _ = await owner.post("/n/alice/team/-/invites", {"handle": "bob"})
+    assert resp.status == 403
+    for handle in ("bob", "carol"):
+        resp, _ = await owner.post("/n/alice/team/-/invites", {"csrf": csrf, "handle": handle})
+        assert resp.status == 303 and resp.headers["Location"] == "/n/alice/team"
+    _, html = await owner.get("/n/alice/team")
+    withdraw = re.findall(r'<form method="post" action="(/invites/\d+)/delete"', html)
+    assert len(withdraw) == 2 and "carol" in html
+    resp, _ = await owner.post(
+        f"{withdraw[1]}/delete", {"csrf": csrf, "back": "/n/alice/team"}
+    )  # carol's, withdrawn
+    assert resp.status == 303 and resp.headers["Location"] == "/n/alice/team"
+    resp, html = await bob.get(f"/b/alice/{build['number']}")
+    assert resp.status == 404  # not yet a collaborator
+    _, html = await bob.get("/invites")
+    assert "alice/team" in html
+    accept = re.search(r'action="(/invites/\d+/accept)"', html)
+    assert accept
+    resp, _ = await bob.post(accept.group(1), {"csrf": hidden(html, "csrf")})
+    assert resp.status == 303
+    resp, _ = await bob.get(f"/b/alice/{build['number']}")
+    assert resp.status == 200  # a collaborator reads the namespace's builds
+    _, html = await owner.get("/n/alice/team")
+    assert '<span class="who-name">bob</span>' in html and "carol" not in html
+    resp, _ = await owner.post("/n/alice/team/-/collaborators/bob/delete", {"csrf": csrf})
+    assert resp.status == 303
+    resp, _ = await bob.get(f"/b/alice/{build['number']}")
+    assert resp.status == 404
+    resp, html = await bob.post("/n/alice/team/-/invites", {"csrf": csrf, "handle": "carol"})
+    assert resp.status in (403, 404)  # bob's form token is not alice's; nor is he an admin
