@@ -324,22 +324,31 @@ async def create_tags(request: web.Request, user: User) -> web.Response:
         names = await read_json(request)
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise RequestError("Body must be a JSON array of strings")
-        added = await builds.add_tags_by(conn, loaded.build.id, user, builds.normalise_tags(names))
-        loaded = await load_build(conn, request, user)  # the embedded build shows its new tags
-        body = await tags_json(conn, added, loaded, api_url(request))
-        if added:
-            await webhooks.emit(
-                conn,
-                loaded.build.namespace_id,
-                "build.tagged",
-                {
-                    "build": loaded.json(api_url(request)),
-                    "tags": [{**tag, "build": None} for tag in body],
-                    "url": builds.url(loaded.build, loaded.owner, api_url(request)) + "/tags",
-                    "user": users.to_json(user),
-                },
-            )
+        body = await tag(conn, request, user, loaded, names)
     return web.json_response(body, status=201)
+
+
+async def tag(
+    conn: asyncpg.Connection, request: web.Request, user: User, loaded: Loaded, names: list[str]
+) -> list[dict[str, Any]]:
+    """Add tags to a build the user may use, with the build.tagged webhook; the new Tag
+    entities (none for names it already had)."""
+    added = await builds.add_tags_by(conn, loaded.build.id, user, builds.normalise_tags(names))
+    loaded = await load_build(conn, request, user)  # the embedded build shows its new tags
+    body = await tags_json(conn, added, loaded, api_url(request))
+    if added:
+        await webhooks.emit(
+            conn,
+            loaded.build.namespace_id,
+            "build.tagged",
+            {
+                "build": loaded.json(api_url(request)),
+                "tags": [{**tag, "build": None} for tag in body],
+                "url": builds.url(loaded.build, loaded.owner, api_url(request)) + "/tags",
+                "user": users.to_json(user),
+            },
+        )
+    return body
 
 
 @routes.get(B + "/tags/{name:.+}")

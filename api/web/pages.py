@@ -63,6 +63,7 @@ from marid.api.builds import (
     pin,
     readable_build,
     submit_checked,
+    tag,
     usable_build,
 )
 from marid.api.http import api_url, path_id, url_path
@@ -1059,6 +1060,33 @@ async def kill_build(request: web.Request, session: Session | None) -> web.Strea
     return await _build_action(
         request, session, lambda conn, loaded: kill(conn, loaded, api_url(request))
     )
+
+
+@routes.post(BUILD_PATH + "/tags")
+@page()
+async def tag_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Add the form's tags (separated by spaces or commas) to a build the user may use."""
+    assert session is not None
+    user = session.user
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    names = [t for t in _TAG_SPLIT.split(form.get("tags", "").strip()) if t]
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        loaded = await usable_build(conn, request, user)
+        if names:
+            await tag(conn, request, user, loaded, names)
+    return redirect(loaded.url_path)
+
+
+@routes.post(BUILD_PATH + "/tags/{name:.+}/delete")
+@page()
+async def untag_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+    async def untag(conn: asyncpg.Connection, loaded: Loaded) -> None:
+        if not await builds.delete_tag(conn, loaded.build, request.match_info["name"]):
+            raise NotFound()
+
+    return await _build_action(request, session, untag)
 
 
 @routes.post(BUILD_PATH + "/pin")

@@ -630,3 +630,30 @@ async def test_collaborators_are_invited_accepted_and_removed_from_the_pages(
     assert resp.status == 404
     resp, html = await bob.post("/n/alice/team/-/invites", {"csrf": csrf, "handle": "carol"})
     assert resp.status in (403, 404)  # bob's form token is not alice's; nor is he an admin
+
+
+async def test_a_build_is_tagged_and_untagged_from_its_page(
+    browser: Browser, api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
+) -> None:
+    value = await token("build:read,write")
+    build = await submit(api, value, MANIFEST)
+    path = f"/b/alice/{build['number']}"
+    await browser.sign_in()
+    _, html = await browser.get(path)
+    csrf = hidden(html, "csrf")
+    resp, _ = await browser.post(f"{path}/tags", {"tags": "x"})
+    assert resp.status == 403
+    resp, _ = await browser.post(f"{path}/tags", {"csrf": csrf, "tags": "release, v1.2 v1.2"})
+    assert resp.status == 303 and resp.headers["Location"] == path
+    shown = await (await api.get(f"/api{path}", headers=bearer(value))).json()
+    assert sorted(shown["tags"]) == ["release", "v1.2"]
+    resp, _ = await browser.post(f"{path}/tags/release/delete", {"csrf": csrf})
+    assert resp.status == 303
+    shown = await (await api.get(f"/api{path}", headers=bearer(value))).json()
+    assert shown["tags"] == ["v1.2"]
+    await make_user("bob")
+    other = Browser(api)
+    await other.sign_in("bob")
+    _, bob_html = await other.get("/builds")
+    resp, html = await other.post(f"{path}/tags", {"csrf": hidden(bob_html, "csrf"), "tags": "x"})
+    assert resp.status == 404 and "<h1>Not found</h1>" in html
