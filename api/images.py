@@ -83,13 +83,15 @@ async def create_image(request: web.Request, user: User) -> web.Response:
             "POST /images",
             FIELDS,
             upload,
-            lambda: _create_upload(request, user, upload, key),
+            lambda: create_from_upload(request, user, upload, key),
         )
 
 
-async def _create_upload(
+async def create_from_upload(
     request: web.Request, user: User, upload: uploads.Upload, key: str | None
 ) -> web.Response:
+    """Store the upload as the user's image (201 with its entity); raises ValidationError.
+    The web interface's upload form comes through here too."""
     max_size = request.config_dict[CONFIG].images.max_size
     errors = Errors()
     driver = images.check_driver(upload.fields.get("driver"), errors)
@@ -179,6 +181,13 @@ async def show_image(request: web.Request, caller: Caller) -> web.StreamResponse
 @routes.delete(r"/images/{id:\d+}")
 @requires("image:delete")
 async def delete_image(request: web.Request, user: User) -> web.Response:
+    await remove(request, user)
+    return web.Response(status=204)
+
+
+async def remove(request: web.Request, user: User) -> None:
+    """Delete the image of the URL if the user may change it, then its content (and stop its
+    download)."""
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         found = await usable(conn, request, user, images.get)
         await announce(conn, request, "images", "deleted", found, images.to_json)
@@ -190,7 +199,6 @@ async def delete_image(request: web.Request, user: User) -> web.Response:
     if key is not None:
         await request.config_dict[BLOBS].delete(key)
     log.info("image %d deleted", found.id)
-    return web.Response(status=204)
 
 
 @routes.get(NS + "/-/images")

@@ -31,6 +31,7 @@ from multidict import MultiDict, MultiDictProxy
 from marid import (
     builds,
     crons,
+    images,
     invites,
     jobs,
     keys,
@@ -45,6 +46,7 @@ from marid import (
     variables,
     webhooks,
 )
+from marid.api import images as images_api
 from marid.api import invites as invites_api
 from marid.api import objects as objects_api
 from marid.api import uploads
@@ -1257,6 +1259,50 @@ async def delete_object(request: web.Request, session: Session | None) -> web.St
         return csrf_refused(request, session)
     await objects_api.remove(request, session.user)
     return redirect("/objects")
+
+
+# --- images -------------------------------------------------------------------------------
+
+IMAGE_FORM = {"name": "", "namespace": "", "driver": "qemu"}
+
+
+@routes.get("/images")
+@page()
+async def images_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Your images and your namespaces' (qemu disks, docker archives), with an upload form."""
+    assert session is not None
+    return await _resources_page(request, session, "images.html", images, IMAGE_FORM)
+
+
+@routes.post("/images")
+@page()
+async def upload_image(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Upload an image from the form (multipart: csrf, name, namespace, driver, file) through
+    the API's own checks and storage."""
+    assert session is not None
+    max_size = request.config_dict[CONFIG].images.max_size
+    async with uploads.receive(request, (*IMAGE_FORM, "csrf"), max_size) as upload:
+        if not sessions.csrf_matches(session, upload.fields.get("csrf")):
+            return csrf_refused(request, session)
+        try:
+            await images_api.create_from_upload(request, session.user, upload, None)
+        except ValidationError as exc:
+            kept = {name: upload.fields.get(name, "") for name in IMAGE_FORM}
+            return await _resources_page(
+                request, session, "images.html", images, kept, exc.errors, 400
+            )
+    return redirect("/images")
+
+
+@routes.post(r"/images/{id:\d+}/delete")
+@page()
+async def delete_image(request: web.Request, session: Session | None) -> web.StreamResponse:
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    await images_api.remove(request, session.user)
+    return redirect("/images")
 
 
 # --- SSH keys ------------------------------------------------------------------------------

@@ -657,3 +657,41 @@ async def test_a_build_is_tagged_and_untagged_from_its_page(
     _, bob_html = await other.get("/builds")
     resp, html = await other.post(f"{path}/tags", {"csrf": hidden(bob_html, "csrf"), "tags": "x"})
     assert resp.status == 404 and "<h1>Not found</h1>" in html
+
+
+async def test_images_are_uploaded_checked_and_deleted_from_the_page(
+    browser: Browser, api: TestClient, alice: users.User, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.qcow2"
+    command = ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"]
+    await asyncio.to_thread(subprocess.run, command, check=True)
+    await browser.sign_in()
+    resp, html = await browser.get("/images")
+    assert resp.status == 200 and "No images" in html
+    csrf = hidden(html, "csrf")
+
+    def form(name: str, content: bytes) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        for field, value in (("csrf", csrf), ("name", name), ("driver", "qemu")):
+            data.add_field(field, value)
+        data.add_field("file", content, filename="disk.qcow2")
+        return data
+
+    resp = await api.post("/images", data=form("debian", b"not a disk"), headers=browser._headers())
+    assert resp.status == 400
+    assert "File not a valid QCOW2 file format" in await resp.text()
+    resp = await api.post(
+        "/images",
+        data=form("debian", disk.read_bytes()),
+        headers=browser._headers(),
+        allow_redirects=False,
+    )
+    assert resp.status == 303, await resp.text()
+    _, html = await browser.get("/images")
+    assert "<code>debian</code>" in html and "uploaded" in html
+    async with pool.acquire() as conn:
+        image_id = await conn.fetchval("SELECT id FROM images WHERE name = 'debian'")
+    resp, _ = await browser.post(f"/images/{image_id}/delete", {"csrf": csrf})
+    assert resp.status == 303
+    _, html = await browser.get("/images")
+    assert "No images" in html
