@@ -29,6 +29,7 @@ from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
 from marid import (
+    apps,
     builds,
     crons,
     images,
@@ -519,6 +520,73 @@ async def artifact(request: web.Request, session: Session | None) -> web.StreamR
     filename = quote(found["name"].rsplit("/", 1)[-1], safe="")
     disposition = {"Content-Disposition": f"attachment; filename*=UTF-8''{filename}"}
     return await download(request, found["blob_key"], found["size"], disposition)
+
+
+# --- OAuth apps ----------------------------------------------------------------------------
+
+APP_FORM = {"name": "", "description": "", "homepage_uri": "", "redirect_uri": ""}
+
+
+async def _apps_page(
+    request: web.Request,
+    session: Session,
+    status: int = 200,
+    created: tuple[str, str] | None = None,
+    form: dict[str, str] | None = None,
+    errors: dict[str, list[str]] | None = None,
+) -> web.Response:
+    async with request.config_dict[POOL].acquire() as conn:
+        found = await apps.list_for(conn, session.user)
+    return render(
+        request,
+        "apps.html",
+        status,
+        session=session,
+        apps=found,
+        created=created,
+        form=form or APP_FORM,
+        errors=errors or {},
+    )
+
+
+@routes.get("/apps")
+@page()
+async def apps_page(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Your OAuth apps (docs/api.md §23) and a form to register one."""
+    assert session is not None
+    return await _apps_page(request, session)
+
+
+@routes.post("/apps")
+@page()
+async def register_app(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Register an app with the API's AppForm; its client secret is in this answer only."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    shown = {name: form.get(name, "").strip() for name in APP_FORM}
+    try:
+        parsed = apps.AppForm.parse(Body(dict(shown)))
+        async with request.config_dict[POOL].acquire() as conn:
+            app, secret = await apps.create(conn, session.user, parsed)
+    except ValidationError as exc:
+        return await _apps_page(request, session, 400, form=shown, errors=exc.errors)
+    return await _apps_page(request, session, 201, created=(app.client_id, secret))
+
+
+@routes.post("/apps/{client_id}/delete")
+@page()
+async def delete_app(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """Delete an app: the tokens issued through it are revoked with it."""
+    assert session is not None
+    form = await read_form(request)
+    if not sessions.csrf_matches(session, form.get("csrf")):
+        return csrf_refused(request, session)
+    async with request.config_dict[POOL].acquire() as conn:
+        if not await apps.delete(conn, session.user, request.match_info["client_id"]):
+            raise NotFound()
+    return redirect("/apps")
 
 
 # --- cron jobs ----------------------------------------------------------------------------

@@ -695,3 +695,32 @@ async def test_images_are_uploaded_checked_and_deleted_from_the_page(
     assert resp.status == 303
     _, html = await browser.get("/images")
     assert "No images" in html
+
+
+async def test_an_oauth_app_is_registered_its_secret_shown_once_and_deleted(
+    browser: Browser, alice: users.User, pool: asyncpg.Pool
+) -> None:
+    await browser.sign_in()
+    resp, html = await browser.get("/apps")
+    assert resp.status == 200 and "No apps registered" in html
+    csrf = hidden(html, "csrf")
+    app = {"csrf": csrf, "name": "ci-bot", "homepage_uri": "https://bot.example.com",
+           "redirect_uri": "javascript:alert(1)"}  # fmt: skip
+    resp, html = await browser.post("/apps", app)
+    assert resp.status == 400 and 'id="redirect_uri-errors"' in html
+    resp, html = await browser.post(
+        "/apps", {**app, "redirect_uri": "https://bot.example.com/callback"}
+    )
+    assert resp.status == 201
+    client_id = re.search(r'<code id="new-client-id">([^<]+)</code>', html)
+    secret = re.search(r'<code id="new-client-secret" class="secret">([^<]+)</code>', html)
+    assert client_id and secret
+    _, html = await browser.get("/apps")
+    assert client_id.group(1) in html and secret.group(1) not in html
+    async with pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT count(*) FROM apps WHERE name = 'ci-bot'")
+    assert stored == 1
+    resp, _ = await browser.post(f"/apps/{client_id.group(1)}/delete", {"csrf": csrf})
+    assert resp.status == 303
+    _, html = await browser.get("/apps")
+    assert "No apps registered" in html
