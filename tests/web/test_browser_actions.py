@@ -4,6 +4,9 @@ it. The job runs on a real runner (os driver) until killed."""
 
 from __future__ import annotations
 
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.keys import Keys
+
 from marid.runner.worker import Worker
 from tests.web.conftest import Live, MakePerson, Page, finished, sign_in, wait_build
 
@@ -57,3 +60,30 @@ async def test_a_masked_variable_is_created_from_the_page_and_never_shown(
     assert await browser.text("#variables .value") == "xxxxxx"
     source = await browser.run(lambda: browser.driver.page_source)
     assert "s3cret-value-123" not in source
+
+
+async def test_signing_in_and_moving_around_works_with_the_keyboard_alone(
+    browser: Page, live: Live, person: MakePerson
+) -> None:
+    fay = await person("fay")
+    await browser.get("/signin")
+    await browser.wait_for("form#signin")
+
+    def type_keys(*keys: str) -> None:
+        ActionChains(browser.driver).send_keys(*keys).perform()
+
+    def focused() -> str:
+        element = browser.driver.switch_to.active_element
+        return element.get_attribute("id") or element.text
+
+    assert await browser.run(focused) == "username"  # the field has the focus at once
+    await browser.run(type_keys, fay.username, Keys.TAB, fay.password, Keys.ENTER)
+    await browser.wait_path("/builds")
+    await browser.run(type_keys, Keys.TAB)  # the first stop: past the navigation
+    assert await browser.run(focused) == "Skip to content"
+    await browser.run(type_keys, Keys.ENTER)
+    outline = await browser.script(
+        "const a = [...document.querySelectorAll('nav a')][0]; a.focus();"
+        "return getComputedStyle(a).outlineStyle;"
+    )
+    assert outline not in ("", "none")  # a visible focus ring

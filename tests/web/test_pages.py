@@ -13,11 +13,12 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from marid import sessions, users
 from marid.api.keys import POOL
+from marid.api.web import pages as web_pages
 from tests.conftest import MakeToken, MakeUser, bearer
 from tests.runner.test_worker import submit
 
@@ -724,3 +725,35 @@ async def test_an_oauth_app_is_registered_its_secret_shown_once_and_deleted(
     assert resp.status == 303
     _, html = await browser.get("/apps")
     assert "No apps registered" in html
+
+
+def _post_paths() -> list[str]:
+    """Every POST route of the pages, its parameters filled in (no such resource needed: the
+    CSRF check comes first)."""
+    fill = {"username": "alice", "number": "1", "name": "s.1", "id": "1", "path": "team",
+            "handle": "bob", "client_id": "x"}  # fmt: skip
+    paths = []
+    for route in web_pages.routes:
+        if isinstance(route, web.RouteDef) and route.method == "POST":
+            path = re.sub(
+                r"\{(\w+)(?::[^{}]*(?:\{[^}]*\}[^{}]*)*)?\}", lambda m: fill[m[1]], route.path
+            )
+            paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("path", _post_paths())
+async def test_every_form_is_refused_without_its_csrf_token(
+    browser: Browser, alice: users.User, path: str
+) -> None:
+    await browser.sign_in()
+    if path in ("/objects", "/images"):  # multipart forms
+        data = aiohttp.FormData()
+        data.add_field("name", "x")
+        data.add_field("file", b"x", filename="x")
+        resp = await browser.client.post(
+            path, data=data, headers=browser._headers(), allow_redirects=False
+        )
+    else:
+        resp, _ = await browser.post(path, {"name": "x"})
+    assert resp.status == 403, (path, await resp.text())
