@@ -74,6 +74,7 @@ from marid.api.jobs import output_from, plain, start_offset, stream
 from marid.api.keys import BLOBS, CIPHER, CONFIG, POOL, SESSION_COOKIE
 from marid.api.namespaces import load_namespace
 from marid.api.resources import announce, readable, usable
+from marid.api.uploads import Upload
 from marid.api.web import ansi
 from marid.api.webhooks import usable_namespace, usable_webhook
 from marid.builds import Build, Filters, Listing, Viewer
@@ -242,6 +243,26 @@ def page(signed_in: bool = True) -> Callable[[Handler], Callable[[web.Request], 
         return wrapped
 
     return decorate
+
+
+Form = MultiDictProxy[str]
+FormHandler = Callable[[web.Request, Session, Form], Awaitable[web.StreamResponse]]
+
+
+def form_action(handler: FormHandler) -> Callable[[web.Request], Any]:
+    """A signed-in form's POST: the urlencoded form is read and its CSRF token checked (403
+    without the session's) before `handler` runs; the rest as `page`."""
+
+    async def checked(request: web.Request, session: Session | None) -> web.StreamResponse:
+        assert session is not None
+        form = await read_form(request)
+        if not sessions.csrf_matches(session, form.get("csrf")):
+            return csrf_refused(request, session)
+        return await handler(request, session, form)
+
+    checked.__name__ = handler.__name__
+    checked.__doc__ = handler.__doc__
+    return page()(checked)
 
 
 async def read_form(request: web.Request) -> MultiDictProxy[str]:
@@ -420,6 +441,18 @@ def _page_number(request: web.Request, total: int) -> tuple[int, int]:
     return min(max(number, 1), last), last
 
 
+def _pager(request: web.Request, total: int) -> tuple[int, dict[str, Any]]:
+    """The page number `?page=` asks for among `total` items, and the template's pager
+    context (`page`, `last`, `previous_url`, `next_url`)."""
+    number, last = _page_number(request, total)
+    return number, {
+        "page": number,
+        "last": last,
+        "previous_url": _page_link(request, number - 1) if number > 1 else "",
+        "next_url": _page_link(request, number + 1) if number < last else "",
+    }
+
+
 def _page_link(request: web.Request, number: int) -> str:
     query = {k: v for k, v in request.query.items() if k != "page" and v}
     return f"{request.path}?{urlencode({**query, 'page': str(number)})}"
@@ -449,7 +482,7 @@ async def builds_page(request: web.Request, session: Session | None) -> web.Stre
     async with request.config_dict[POOL].acquire() as conn:
         listing = await _listing(conn, user, shown["namespace"])
         total = await builds.count(conn, listing, filters, viewer) if listing else 0
-        number, last = _page_number(request, total)
+        number, pager = _pager(request, total)
         found = (
             await builds.page(conn, listing, filters, viewer, (number - 1) * PAGE_SIZE, PAGE_SIZE)
             if listing
@@ -467,10 +500,7 @@ async def builds_page(request: web.Request, session: Session | None) -> web.Stre
         total=total,
         filters=shown,
         statuses=builds.STATUSES,
-        page=number,
-        last=last,
-        previous_url=_page_link(request, number - 1) if number > 1 else "",
-        next_url=_page_link(request, number + 1) if number < last else "",
+        **pager,
     )
 
 
@@ -558,13 +588,9 @@ async def apps_page(request: web.Request, session: Session | None) -> web.Stream
 
 
 @routes.post("/apps")
-@page()
-async def register_app(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def register_app(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Register an app with the API's AppForm; its client secret is in this answer only."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     shown = {name: form.get(name, "").strip() for name in APP_FORM}
     try:
         parsed = apps.AppForm.parse(Body(dict(shown)))
@@ -576,13 +602,9 @@ async def register_app(request: web.Request, session: Session | None) -> web.Str
 
 
 @routes.post("/apps/{client_id}/delete")
-@page()
-async def delete_app(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def delete_app(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Delete an app: the tokens issued through it are revoked with it."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     async with request.config_dict[POOL].acquire() as conn:
         if not await apps.delete(conn, session.user, request.match_info["client_id"]):
             raise NotFound()
@@ -605,7 +627,7 @@ async def _crons_page(
     listing = ResourceListing(visible_to=session.user.id)
     async with request.config_dict[POOL].acquire() as conn:
         total = await crons.count(conn, listing, search)
-        number, last = _page_number(request, total)
+        number, pager = _pager(request, total)
         found = await crons.page(conn, listing, search, (number - 1) * PAGE_SIZE, PAGE_SIZE)
         spaces = await namespaces.by_ids(conn, {c.namespace_id for c in found if c.namespace_id})
     return render(
@@ -616,10 +638,7 @@ async def _crons_page(
         rows=[(c, spaces.get(c.namespace_id or 0)) for c in found],
         total=total,
         search=search,
-        page=number,
-        last=last,
-        previous_url=_page_link(request, number - 1) if number > 1 else "",
-        next_url=_page_link(request, number + 1) if number < last else "",
+        **pager,
         form=form or {"name": "", "schedule": "daily", "timezone": "UTC", "manifest": ""},
         errors=errors or {},
     )
@@ -634,13 +653,9 @@ async def crons_page(request: web.Request, session: Session | None) -> web.Strea
 
 
 @routes.post("/cron")
-@page()
-async def create_cron(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def create_cron(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Create a cron job with the API's CronForm and rules."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     shown = {name: form.get(name, "") for name in CRON_FIELDS}
     body = Body({**shown, "manifest": shown["manifest"].replace("\r\n", "\n")})
     limits = ManifestLimits.from_config(request.config_dict[CONFIG])
@@ -683,12 +698,8 @@ async def cron_page(request: web.Request, session: Session | None) -> web.Stream
 
 
 @routes.post(r"/cron/{id:\d+}/delete")
-@page()
-async def delete_cron(request: web.Request, session: Session | None) -> web.StreamResponse:
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
+@form_action
+async def delete_cron(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         cron = await usable(conn, request, session.user, crons.get)
         if not crons.may_delete(cron, session.user):
@@ -734,13 +745,9 @@ async def tokens_page(request: web.Request, session: Session | None) -> web.Stre
 
 
 @routes.post("/tokens")
-@page()
-async def create_token(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def create_token(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Create a token; its value is in this answer only (not stored, never shown again)."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     name = form.get("name", "").strip()
     chosen = {item for item in form.getall("scope", []) if ":" in item}
     by_resource: dict[str, list[str]] = {}
@@ -764,12 +771,8 @@ async def create_token(request: web.Request, session: Session | None) -> web.Str
 
 
 @routes.post(r"/tokens/{id:\d+}/delete")
-@page()
-async def delete_token(request: web.Request, session: Session | None) -> web.StreamResponse:
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
+@form_action
+async def delete_token(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     async with request.config_dict[POOL].acquire() as conn:
         if not await tokens.delete(conn, session.user, path_id(request)):
             raise NotFound()
@@ -789,7 +792,7 @@ async def namespaces_page(request: web.Request, session: Session | None) -> web.
     search = request.query.get("search", "").strip()
     async with request.config_dict[POOL].acquire() as conn:
         total = await namespaces.count_mine(conn, session.user, search)
-        number, last = _page_number(request, total)
+        number, pager = _pager(request, total)
         found = await namespaces.list_mine(
             conn, session.user, search, (number - 1) * PAGE_SIZE, PAGE_SIZE
         )
@@ -801,10 +804,7 @@ async def namespaces_page(request: web.Request, session: Session | None) -> web.
         rows=[(ns, latest.get(ns.id)) for ns in found],
         total=total,
         search=search,
-        page=number,
-        last=last,
-        previous_url=_page_link(request, number - 1) if number > 1 else "",
-        next_url=_page_link(request, number + 1) if number < last else "",
+        **pager,
     )
 
 
@@ -857,15 +857,12 @@ async def _namespace_page(
 
 async def _admin_action(
     request: web.Request,
-    session: Session | None,
+    session: Session,
+    form: Form,
     act: Callable[[asyncpg.Connection, Namespace, MultiDictProxy[str]], Awaitable[object]],
 ) -> web.StreamResponse:
     """A form's action on a namespace the user administers (its owner), then its page; a
     ValidationError shows the page again with the messages beside the invite field."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     try:
         async with request.config_dict[POOL].acquire() as conn, conn.transaction():
             ns = await load_namespace(conn, request)
@@ -881,10 +878,9 @@ async def _admin_action(
 
 
 @routes.post(NAMESPACE_PATH + "/-/invites")
-@page()
-async def invite(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def invite(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Invite somebody (username or email) to the namespace's tree."""
-    assert session is not None
     user = session.user
 
     async def send(conn: asyncpg.Connection, ns: Namespace, form: MultiDictProxy[str]) -> None:
@@ -893,18 +889,20 @@ async def invite(request: web.Request, session: Session | None) -> web.StreamRes
             raise ValidationError({"handle": ["Username or email field required"]})
         await invites_api.send(conn, request, ns, user, handle)
 
-    return await _admin_action(request, session, send)
+    return await _admin_action(request, session, form, send)
 
 
 @routes.post(NAMESPACE_PATH + "/-/collaborators/{handle}/delete")
-@page()
-async def remove_collaborator(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def remove_collaborator(
+    request: web.Request, session: Session, form: Form
+) -> web.StreamResponse:
     """Remove a collaborator from the namespace's tree (their own secrets stay theirs)."""
 
     async def remove(conn: asyncpg.Connection, ns: Namespace, form: MultiDictProxy[str]) -> None:
         await invites.remove_collaborator(conn, ns, request.match_info["handle"])
 
-    return await _admin_action(request, session, remove)
+    return await _admin_action(request, session, form, remove)
 
 
 @routes.get("/invites")
@@ -920,31 +918,28 @@ async def invites_page(request: web.Request, session: Session | None) -> web.Str
 
 async def _invite_action(
     request: web.Request,
-    session: Session | None,
+    session: Session,
+    form: Form,
     act: Callable[[asyncpg.Connection, web.Request, User], Awaitable[object]],
     back: str,
 ) -> web.StreamResponse:
     """An invite's action, then `back` (or the form's own local `back`, when it has one)."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         await act(conn, request, session.user)
     return redirect(_local(form.get("back")) if form.get("back") else back)
 
 
 @routes.post(r"/invites/{id:\d+}/accept")
-@page()
-async def accept_invite(request: web.Request, session: Session | None) -> web.StreamResponse:
-    return await _invite_action(request, session, invites_api.accept, "/namespaces")
+@form_action
+async def accept_invite(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
+    return await _invite_action(request, session, form, invites_api.accept, "/namespaces")
 
 
 @routes.post(r"/invites/{id:\d+}/delete")
-@page()
-async def delete_invite(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def delete_invite(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Decline an invite sent to you, or withdraw one you sent."""
-    return await _invite_action(request, session, invites_api.withdraw_or_reject, "/invites")
+    return await _invite_action(request, session, form, invites_api.withdraw_or_reject, "/invites")
 
 
 # --- webhooks ---------------------------------------------------------------------------
@@ -988,13 +983,9 @@ async def webhooks_page(request: web.Request, session: Session | None) -> web.St
 
 
 @routes.post(HOOKS_PATH)
-@page()
-async def create_webhook(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def create_webhook(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Create a webhook with the API's WebhookForm and outbound policy."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     shown = {name: form.get(name, "") for name in HOOK_FORM}
     chosen = {e for e in form.getall("events", []) if e in webhooks.EVENTS}
     body = Body(
@@ -1026,7 +1017,7 @@ async def webhook_page(request: web.Request, session: Session | None) -> web.Str
     async with request.config_dict[POOL].acquire() as conn:
         hook, ns = await usable_webhook(conn, request, session.user)
         total = await webhooks.count_attempts(conn, hook)
-        number, last = _page_number(request, total)
+        number, pager = _pager(request, total)
         found = await webhooks.attempts(conn, hook, (number - 1) * PAGE_SIZE, PAGE_SIZE)
     return render(
         request,
@@ -1036,20 +1027,13 @@ async def webhook_page(request: web.Request, session: Session | None) -> web.Str
         hook=hook,
         attempts=found,
         total=total,
-        page=number,
-        last=last,
-        previous_url=_page_link(request, number - 1) if number > 1 else "",
-        next_url=_page_link(request, number + 1) if number < last else "",
+        **pager,
     )
 
 
 @routes.post(HOOKS_PATH + r"/{id:\d+}/delete")
-@page()
-async def delete_webhook(request: web.Request, session: Session | None) -> web.StreamResponse:
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
+@form_action
+async def delete_webhook(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         hook, _ = await usable_webhook(conn, request, session.user)
         await webhooks.delete(conn, hook)
@@ -1086,13 +1070,9 @@ async def new_build_form(request: web.Request, session: Session | None) -> web.S
 
 
 @routes.post("/builds/new")
-@page()
-async def new_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def new_build(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Submit a build from the form; its errors are shown beside the fields they are about."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     shown = {name: form.get(name, "") for name in ("manifest", "comment", "tags")}
     tags = [tag for tag in _TAG_SPLIT.split(shown["tags"].strip()) if tag]
     config = request.config_dict[CONFIG]
@@ -1110,14 +1090,10 @@ async def new_build(request: web.Request, session: Session | None) -> web.Stream
 
 async def _build_action(
     request: web.Request,
-    session: Session | None,
+    session: Session,
     act: Callable[[asyncpg.Connection, Loaded], Awaitable[object]],
 ) -> web.StreamResponse:
     """A form's action on a build the user may use (owner or collaborator), then its page."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, session.user)
         await act(conn, loaded)
@@ -1125,22 +1101,18 @@ async def _build_action(
 
 
 @routes.post(BUILD_PATH + "/kill")
-@page()
-async def kill_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def kill_build(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     return await _build_action(
         request, session, lambda conn, loaded: kill(conn, loaded, api_url(request))
     )
 
 
 @routes.post(BUILD_PATH + "/tags")
-@page()
-async def tag_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def tag_build(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Add the form's tags (separated by spaces or commas) to a build the user may use."""
-    assert session is not None
     user = session.user
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     names = [t for t in _TAG_SPLIT.split(form.get("tags", "").strip()) if t]
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         loaded = await usable_build(conn, request, user)
@@ -1150,8 +1122,8 @@ async def tag_build(request: web.Request, session: Session | None) -> web.Stream
 
 
 @routes.post(BUILD_PATH + "/tags/{name:.+}/delete")
-@page()
-async def untag_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def untag_build(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     async def untag(conn: asyncpg.Connection, loaded: Loaded) -> None:
         if not await builds.delete_tag(conn, loaded.build, request.match_info["name"]):
             raise NotFound()
@@ -1160,8 +1132,8 @@ async def untag_build(request: web.Request, session: Session | None) -> web.Stre
 
 
 @routes.post(BUILD_PATH + "/pin")
-@page()
-async def pin_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def pin_build(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     blobs = request.config_dict[BLOBS]
     return await _build_action(
         request, session, lambda conn, loaded: pin(conn, loaded, True, blobs, api_url(request))
@@ -1169,8 +1141,8 @@ async def pin_build(request: web.Request, session: Session | None) -> web.Stream
 
 
 @routes.post(BUILD_PATH + "/unpin")
-@page()
-async def unpin_build(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def unpin_build(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     blobs = request.config_dict[BLOBS]
     return await _build_action(
         request, session, lambda conn, loaded: pin(conn, loaded, False, blobs, api_url(request))
@@ -1195,7 +1167,7 @@ async def _resources_page(
     listing = ResourceListing(visible_to=session.user.id)
     async with request.config_dict[POOL].acquire() as conn:
         total = await kind.count(conn, listing, search)
-        number, last = _page_number(request, total)
+        number, pager = _pager(request, total)
         found = await kind.page(conn, listing, search, (number - 1) * PAGE_SIZE, PAGE_SIZE)
         shown = await kind.to_json(conn, found, api_url(request))
     return render(
@@ -1206,24 +1178,17 @@ async def _resources_page(
         rows=shown,
         total=total,
         search=search,
-        page=number,
-        last=last,
-        previous_url=_page_link(request, number - 1) if number > 1 else "",
-        next_url=_page_link(request, number + 1) if number < last else "",
+        **pager,
         form=form,
         errors=errors or {},
     )
 
 
 async def _delete_resource(
-    request: web.Request, session: Session | None, kind: ResourceKind, event: str, back: str
+    request: web.Request, session: Session, kind: ResourceKind, event: str, back: str
 ) -> web.StreamResponse:
     """Delete the resource of the URL if the user may change it (the API's `usable`), with
     the API's webhook event; then `back`."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
         found = await usable(conn, request, session.user, kind.get)
         await announce(conn, request, event, "deleted", found, kind.to_json)
@@ -1243,13 +1208,9 @@ async def variables_page(request: web.Request, session: Session | None) -> web.S
 
 
 @routes.post("/variables")
-@page()
-async def create_variable(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def create_variable(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Create a variable with the API's rules (VariableForm, variables.create)."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     shown = {name: form.get(name, "") for name in ("key", "value", "namespace")}
     masked = form.get("mask") == "on"
     body = Body({**shown, "namespace": shown["namespace"].strip() or None, "mask": masked})
@@ -1268,8 +1229,8 @@ async def create_variable(request: web.Request, session: Session | None) -> web.
 
 
 @routes.post(r"/variables/{id:\d+}/delete")
-@page()
-async def delete_variable(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def delete_variable(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     return await _delete_resource(request, session, variables, "variables", "/variables")
 
 
@@ -1291,19 +1252,32 @@ async def objects_page(request: web.Request, session: Session | None) -> web.Str
 async def upload_object(request: web.Request, session: Session | None) -> web.StreamResponse:
     """Upload an object from the form (multipart: csrf, name, namespace, file) through the
     API's own checks and storage."""
-    assert session is not None
     max_size = request.config_dict[CONFIG].objects.max_size
-    async with uploads.receive(request, (*OBJECT_FORM, "csrf"), max_size) as upload:
+    create = objects_api.create_from_upload
+    return await _upload(request, session, OBJECT_FORM, max_size, create, "objects.html", objects)
+
+
+async def _upload(
+    request: web.Request,
+    session: Session | None,
+    fields: dict[str, str],
+    max_size: int,
+    create: Callable[[web.Request, User, Upload, None], Awaitable[object]],
+    template: str,
+    kind: ResourceKind,
+) -> web.StreamResponse:
+    """A multipart upload form (its CSRF token among the fields) handed to the API's own
+    `create`; the listing page again with the messages, or the listing."""
+    assert session is not None
+    async with uploads.receive(request, (*fields, "csrf"), max_size) as upload:
         if not sessions.csrf_matches(session, upload.fields.get("csrf")):
             return csrf_refused(request, session)
         try:
-            await objects_api.create_from_upload(request, session.user, upload, None)
+            await create(request, session.user, upload, None)
         except ValidationError as exc:
-            kept = {name: upload.fields.get(name, "") for name in OBJECT_FORM}
-            return await _resources_page(
-                request, session, "objects.html", objects, kept, exc.errors, 400
-            )
-    return redirect("/objects")
+            kept = {name: upload.fields.get(name, "") for name in fields}
+            return await _resources_page(request, session, template, kind, kept, exc.errors, 400)
+    return redirect(request.path)
 
 
 @routes.get(r"/objects/{id:\d+}/download")
@@ -1319,12 +1293,8 @@ async def download_object(request: web.Request, session: Session | None) -> web.
 
 
 @routes.post(r"/objects/{id:\d+}/delete")
-@page()
-async def delete_object(request: web.Request, session: Session | None) -> web.StreamResponse:
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
+@form_action
+async def delete_object(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     await objects_api.remove(request, session.user)
     return redirect("/objects")
 
@@ -1347,28 +1317,14 @@ async def images_page(request: web.Request, session: Session | None) -> web.Stre
 async def upload_image(request: web.Request, session: Session | None) -> web.StreamResponse:
     """Upload an image from the form (multipart: csrf, name, namespace, driver, file) through
     the API's own checks and storage."""
-    assert session is not None
     max_size = request.config_dict[CONFIG].images.max_size
-    async with uploads.receive(request, (*IMAGE_FORM, "csrf"), max_size) as upload:
-        if not sessions.csrf_matches(session, upload.fields.get("csrf")):
-            return csrf_refused(request, session)
-        try:
-            await images_api.create_from_upload(request, session.user, upload, None)
-        except ValidationError as exc:
-            kept = {name: upload.fields.get(name, "") for name in IMAGE_FORM}
-            return await _resources_page(
-                request, session, "images.html", images, kept, exc.errors, 400
-            )
-    return redirect("/images")
+    create = images_api.create_from_upload
+    return await _upload(request, session, IMAGE_FORM, max_size, create, "images.html", images)
 
 
 @routes.post(r"/images/{id:\d+}/delete")
-@page()
-async def delete_image(request: web.Request, session: Session | None) -> web.StreamResponse:
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
+@form_action
+async def delete_image(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     await images_api.remove(request, session.user)
     return redirect("/images")
 
@@ -1387,13 +1343,9 @@ async def keys_page(request: web.Request, session: Session | None) -> web.Stream
 
 
 @routes.post("/keys")
-@page()
-async def create_key(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def create_key(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     """Store a key with the API's KeyForm (the private key encrypted at rest)."""
-    assert session is not None
-    form = await read_form(request)
-    if not sessions.csrf_matches(session, form.get("csrf")):
-        return csrf_refused(request, session)
     shown = {name: form.get(name, "") for name in KEY_FORM}
     data = {**shown, "namespace": shown["namespace"].strip() or None}
     try:
@@ -1408,8 +1360,8 @@ async def create_key(request: web.Request, session: Session | None) -> web.Strea
 
 
 @routes.post(r"/keys/{id:\d+}/delete")
-@page()
-async def delete_key(request: web.Request, session: Session | None) -> web.StreamResponse:
+@form_action
+async def delete_key(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     return await _delete_resource(request, session, keys, "ssh_keys", "/keys")
 
 
