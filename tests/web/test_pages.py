@@ -757,3 +757,54 @@ async def test_every_form_is_refused_without_its_csrf_token(
     else:
         resp, _ = await browser.post(path, {"name": "x"})
     assert resp.status == 403, (path, await resp.text())
+
+
+HOSTILE_GETS = [
+    "/builds?page=abc&status=nope&namespace=../../etc&tag=%00",
+    "/builds?search=%00",
+    "/b/alice/99999999999999999999999",
+    "/b/alice/1/jobs/%00",
+    "/b/alice/1/jobs/..%2F..%2Fetc",
+    "/b/alice/1/artifacts/..%2F..%2Fetc%2Fpasswd",
+    "/n/alice/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s/t/u/v/w/x/y/z",
+    "/cron/99999999999999999999",
+    "/objects/1/download",
+    "/b/alice/1/jobs/s.1/live?offset=-5",
+    "/b/alice/1/jobs/s.1/raw?offset=abc",
+    "/signin?next=%00",
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE_GETS)
+async def test_hostile_requests_to_the_pages_get_a_clear_answer_never_a_500(
+    browser: Browser, alice: users.User, path: str
+) -> None:
+    await browser.sign_in()
+    resp, body = await browser.get(path)
+    assert resp.status < 500, (path, body[:300])
+
+
+async def test_hostile_forms_get_a_clear_answer_never_a_500(
+    browser: Browser, api: TestClient, alice: users.User
+) -> None:
+    await browser.sign_in()
+    _, html = await browser.get("/builds/new")
+    csrf = hidden(html, "csrf")
+    token, form = b"csrf=" + csrf.encode(), "application/x-www-form-urlencoded"
+    cases = [
+        ("/builds/new", form, token + b"&manifest=%ff%fe"),
+        ("/builds/new", form, token + b"&manifest=a%00b"),
+        ("/variables", form, b"%%%"),
+        ("/objects", "multipart/form-data", b"--x\r\nnot a part"),
+        ("/objects", "multipart/form-data; boundary=x", b"--x\r\nContent-Disposition: x\r\n\r\n"),
+        ("/keys", form, token + b"&name=k&key=" + b"A" * 60000),
+    ]
+    for path, content_type, body in cases:
+        resp = await api.post(
+            path,
+            data=body,
+            headers={**browser._headers(), "Content-Type": content_type},
+            allow_redirects=False,
+        )
+        assert resp.status < 500, (path, body[:40], await resp.text())
+        assert resp.status in (400, 403, 413, 415), (path, resp.status)
