@@ -387,10 +387,13 @@ SCHEMAS = {
         {
             "reason": {
                 "type": "string",
-                "description": "why the build has not started (docs/api.md §7.1): "
-                f"`{builds.NO_RUNNER}`, `{builds.NOT_OFFERED.format(driver='<type>')}` or "
-                f"`{builds.WAITING}`",
-            }
+                "description": "why the build has not started, for people (docs/api.md §7.1)",
+            },
+            "position": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "its place in the queue of its driver type; 1 is next",
+            },
         }
     ),
     "Build": obj(

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from marid import __version__
+from marid import __version__, namespaces
 
 Schema = dict[str, Any]
 
@@ -57,6 +57,9 @@ PATH_SCHEMAS = {
     "client_id": CLIENT_ID,
 }
 
+# A namespace's limit of running builds (docs/api.md §8.1); null: none.
+MAX_RUNNING = nullable({"type": "integer", "minimum": 1, "maximum": namespaces.MAX_RUNNING})
+
 SCHEMAS: dict[str, Schema] = {
     "Message": obj({"message": STRING, "stack": STRING}, optional=("stack",)),
     "ValidationErrors": {
@@ -90,6 +93,7 @@ SCHEMAS: dict[str, Schema] = {
             "path": NAMESPACE_PATH,
             "description": STRING,
             "visibility": {"enum": ["private", "internal", "public"]},
+            "max_running": MAX_RUNNING,
             "created_at": TIME,
             "url": URL,
             **{
@@ -117,12 +121,17 @@ SCHEMAS: dict[str, Schema] = {
             "parent": NAMESPACE_PATH,
             "description": STRING,
             "visibility": {"enum": ["private", "internal", "public"]},
+            "max_running": MAX_RUNNING,
         },
-        optional=("parent", "description", "visibility"),
+        optional=("parent", "description", "visibility", "max_running"),
     ),
     "NamespaceUpdate": obj(
-        {"description": STRING, "visibility": {"enum": ["private", "internal", "public"]}},
-        optional=("description", "visibility"),
+        {
+            "description": STRING,
+            "visibility": {"enum": ["private", "internal", "public"]},
+            "max_running": MAX_RUNNING,
+        },
+        optional=("description", "visibility", "max_running"),
     ),
     "Collaborator": obj(
         {"id": INT, "email": STRING, "username": STRING, "created_at": TIME, "url": URL}

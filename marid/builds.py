@@ -26,18 +26,35 @@ LINKS = ("objects", "variables", "jobs", "artifacts", "tags")
 _TAG_CHAR = re.compile(r"[0-9\-_./]|[^\W\d_]")
 
 
-# Why a queued build has not started (docs/api.md §7.1), from what the alive runners offer.
+# Why a queued build has not started (docs/api.md §7.1), from what the alive runners offer
+# and what holds the build back (the SQL function build_holds, migrations/0020_build_limits.sql).
 NO_RUNNER = "no runner is running"
 NOT_OFFERED = "no runner offers driver {driver}"
-WAITING = "waiting for a runner"
+RETRY = "waiting to retry after a failed attempt, from {time}"
+IMAGE = "image being loaded: {name}"
+NAMESPACE_LIMIT = "namespace limit of {limit} running builds reached"
+USER_LIMIT = "user limit of {limit} running builds reached"
+WAITING = "waiting for a runner slot ({ahead} ahead)"
 
 
 @dataclass(frozen=True)
 class Pending:
-    """Why a queued build has not started yet (docs/api.md §7.1). Later reasons may add
-    fields (a position in the queue, a limit reached) beside `reason`."""
+    """Why a queued build has not started yet (docs/api.md §7.1): `reason` for people, and
+    `position`, its place in the queue of its driver type (1: a runner with room takes it
+    next), counting the builds before it that nothing holds back."""
 
     reason: str
+    position: int
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A queued build's place in its queue and what holds it back, if anything (one row of
+    the SQL function build_holds)."""
+
+    hold: str | None  # retry, image, namespace, user; None: nothing
+    detail: str | None  # the retry time, the image's name or the limit
+    ahead: int  # queued builds of its driver before it that nothing holds back
 
 
 @dataclass(frozen=True)
@@ -91,23 +108,59 @@ async def with_outputs(
     ]
 
 
-def pending(offer: runners.Offer, driver: str) -> Pending:
-    """Why a queued build for `driver` waits, given what the alive runners offer."""
+def pending(offer: runners.Offer, driver: str, hold: Hold) -> Pending:
+    """Why a queued build for `driver` waits, given what the alive runners offer and what
+    holds it back."""
+    position = hold.ahead + 1
     if not offer.runners:
-        return Pending(NO_RUNNER)
+        return Pending(NO_RUNNER, position)
     if driver not in offer.drivers:
-        return Pending(NOT_OFFERED.format(driver=driver))
-    return Pending(WAITING)
+        return Pending(NOT_OFFERED.format(driver=driver), position)
+    if hold.hold == "retry":
+        return Pending(RETRY.format(time=hold.detail), position)
+    if hold.hold == "image":
+        return Pending(IMAGE.format(name=hold.detail), position)
+    if hold.hold == "namespace":
+        return Pending(NAMESPACE_LIMIT.format(limit=hold.detail), position)
+    if hold.hold == "user":
+        return Pending(USER_LIMIT.format(limit=hold.detail), position)
+    return Pending(WAITING.format(ahead=hold.ahead), position)
+
+
+async def holds(
+    conn: asyncpg.Connection, ids: list[int], author_limit: int | None
+) -> dict[int, Hold]:
+    """What holds back each of the queued builds `ids`, with their places (one query over the
+    whole queue: a build's place counts the builds of its driver before it)."""
+    rows = await conn.fetch(
+        """
+        SELECT * FROM (
+            SELECT b.id, h.hold, h.detail,
+                   count(*) FILTER (WHERE h.hold IS NULL) OVER (
+                       PARTITION BY b.driver ORDER BY b.created_at, b.id
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS ahead
+            FROM builds b JOIN build_holds($2) h ON h.build_id = b.id
+        ) q WHERE q.id = ANY($1::bigint[])
+        """,
+        ids,
+        author_limit,
+    )
+    return {row["id"]: Hold(row["hold"], row["detail"], row["ahead"]) for row in rows}
 
 
 async def with_pending(conn: asyncpg.Connection, found: list[Build]) -> list[Build]:
-    """`found` with each queued build's `pending` reason: one query for all of them, none
+    """`found` with each queued build's `pending` reason: two queries for all of them, none
     when no build is queued."""
-    if not any(b.status == "queued" for b in found):
+    queued = [b.id for b in found if b.status == "queued"]
+    if not queued:
         return found
     offer = await runners.offered(conn)
+    held = await holds(conn, queued, offer.author_limit)
+    nothing = Hold(None, None, 0)  # started since it was read
     return [
-        dataclasses.replace(b, pending=pending(offer, b.driver)) if b.status == "queued" else b
+        dataclasses.replace(b, pending=pending(offer, b.driver, held.get(b.id, nothing)))
+        if b.status == "queued"
+        else b
         for b in found
     ]
 
@@ -197,7 +250,11 @@ def to_json(
         "tags": build.tags,
         "pinned": build.pinned,
         "attempts": build.attempts,
-        "pending": {"reason": build.pending.reason} if build.pending else None,
+        "pending": (
+            {"reason": build.pending.reason, "position": build.pending.position}
+            if build.pending
+            else None
+        ),
         "created_at": rfc3339(build.created_at),
         "started_at": rfc3339(build.started_at),
         "finished_at": rfc3339(build.finished_at),

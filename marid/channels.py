@@ -8,8 +8,10 @@ spelling out of the source.
 
 from __future__ import annotations
 
-# Queued builds to claim. Payload: the driver name, or `recovered`. Sent on submission and by
-# lease recovery; every runner listens.
+# Queued builds to claim. Payload: the driver name, `recovered`, `freed` or `released`. Sent on
+# submission, by lease recovery, and by triggers (migration 0020) when a build stops running
+# while others are queued, an image download finishes or a namespace's limit is raised; every
+# runner listens.
 BUILDS = "marid_builds"
 # Stop this running build now. Payload: the build id. Sent by a kill; every runner listens.
 KILL = "marid_kill"

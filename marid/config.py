@@ -104,6 +104,10 @@ class BuildsConfig:
     # Bytes kept of each job's output: past it, its head and tail with a line saying how
     # much was dropped between them (docs/configuration.md §1, docs/architecture.md §6.1).
     max_output: Annotated[int, Size] = 64 * 1024**2
+    # How many builds of one author may run at once, on all runners together (docs/api.md
+    # §7.1 Pending); None: no limit. Read by runners when they claim and by the API for the
+    # pending reasons, so every process should have the same value.
+    max_running_per_user: int | None = None
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,8 @@ def _finish(config: Config, source: str) -> Config:
     _check_storage(config.storage, source)
     if config.builds.max_output < MIN_OUTPUT:
         raise ConfigError(f"{source}: builds.max_output: must be at least 64k")
+    if config.builds.max_running_per_user == 0:
+        raise ConfigError(f"{source}: builds.max_running_per_user: must be at least 1 (or null)")
     for key in ("header_timeout", "body_timeout"):
         if getattr(config.server, key) <= 0:
             raise ConfigError(f"{source}: server.{key}: must be longer than 0s")

@@ -43,30 +43,25 @@ class Claim:
 
 
 async def claim(
-    conn: asyncpg.Connection, runner: str, drivers: list[str], lease: float
+    conn: asyncpg.Connection,
+    runner: str,
+    drivers: list[str],
+    lease: float,
+    author_limit: int | None = None,
 ) -> Claim | None:
-    """Take the oldest queued build for one of `drivers` (`running`, the next attempt, leased
-    for `lease` seconds), or None when there is none."""
+    """Take the oldest queued build for one of `drivers` that nothing holds back (`running`,
+    the next attempt, leased for `lease` seconds), or None when there is none. A build is held
+    back by its retry time, an image still downloading, its namespace's `max_running` or, with
+    `author_limit`, its author's running builds (the SQL function `claim_build` of
+    migrations/0020_build_limits.sql, which serialises the claims that a limit applies to)."""
     row = await conn.fetchrow(
-        """
-        UPDATE builds
-        SET status = 'running', started_at = now(), attempt = attempt + 1, runner = $1,
-            lease_expires_at = now() + make_interval(secs => $3), retry_at = NULL
-        WHERE id = (
-            SELECT id FROM builds
-            WHERE status = 'queued' AND driver = ANY($2::text[])
-              AND (retry_at IS NULL OR retry_at <= now())
-            ORDER BY created_at, id
-            LIMIT 1
-            FOR UPDATE SKIP LOCKED
-        )
-        RETURNING id, attempt
-        """,
+        "SELECT claimed_id, claimed_attempt FROM claim_build($1, $2, $3, $4)",
         runner,
         drivers,
         lease,
+        author_limit,
     )
-    return Claim(row["id"], row["attempt"]) if row else None
+    return Claim(row["claimed_id"], row["claimed_attempt"]) if row else None
 
 
 async def next_retry(conn: asyncpg.Connection, drivers: list[str]) -> float | None:

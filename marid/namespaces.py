@@ -16,6 +16,7 @@ from marid.validation import Body, Errors, ValidationError
 
 SEGMENT = re.compile(r"[A-Za-z0-9]+")
 MAX_DEPTH = 20
+MAX_RUNNING = 10000  # the largest `max_running` (namespaces_max_running_check, migration 0020)
 MAX_SEGMENT = 32
 VISIBILITIES = ("private", "internal", "public")
 LINKS = (
@@ -43,6 +44,8 @@ class Namespace:
     visibility: str
     created_at: datetime
     owner: User
+    # How many of its builds may run at once (docs/api.md §8.1); None: no limit of its own.
+    max_running: int | None = None
 
     @property
     def depth(self) -> int:
@@ -78,6 +81,7 @@ def from_row(row: asyncpg.Record) -> Namespace:
         row["visibility"],
         row["created_at"],
         owner,
+        row["max_running"],
     )
 
 
@@ -98,6 +102,7 @@ def to_json(
         "path": ns.path,
         "description": ns.description,
         "visibility": ns.visibility,
+        "max_running": ns.max_running,
         "created_at": rfc3339(ns.created_at),
         "url": url,
         **{f"{link}_url": f"{url}/-/{link}" for link in LINKS},
@@ -247,6 +252,7 @@ class NamespaceForm:
     parent: str | None
     description: str
     visibility: str
+    max_running: int | None = None
 
     @classmethod
     def parse(cls, body: Body) -> NamespaceForm:
@@ -260,9 +266,10 @@ class NamespaceForm:
         parent = body.string("parent", "Parent")
         description = check_description(body)
         visibility = check_visibility(body)
+        _, max_running = check_max_running(body)
         body.errors.raise_if_any()
         assert name is not None
-        return cls(name, parent or None, description or "", visibility or "private")
+        return cls(name, parent or None, description or "", visibility or "private", max_running)
 
 
 def check_description(body: Body) -> str | None:
@@ -270,6 +277,23 @@ def check_description(body: Body) -> str | None:
     if description is not None and len(description) > 255:
         body.errors.add("description", "Description cannot be longer than 255 characters in length")
     return description
+
+
+def check_max_running(body: Body) -> tuple[bool, int | None]:
+    """`max_running` (docs/api.md §8.1): whether it was given, and its value, an integer from
+    1 to MAX_RUNNING or null (no limit)."""
+    if "max_running" not in body.data:
+        return False, None
+    value = body.data["max_running"]
+    if value is None:
+        return True, None
+    if isinstance(value, bool) or not isinstance(value, int):
+        body.errors.add("max_running", "Max running must be an integer or null")
+    elif not 1 <= value <= MAX_RUNNING:
+        body.errors.add("max_running", f"Max running must be between 1 and {MAX_RUNNING}")
+    else:
+        return True, value
+    return False, None
 
 
 def check_visibility(body: Body) -> str | None:
@@ -294,8 +318,8 @@ async def create(conn: asyncpg.Connection, user: User, form: NamespaceForm) -> N
         """
         WITH next AS (SELECT nextval('namespaces_id_seq') AS id)
         INSERT INTO namespaces
-            (id, user_id, root_id, parent_id, name, path, description, visibility)
-        SELECT next.id, $1, coalesce($2, next.id), $3, $4, $5, $6, $7 FROM next
+            (id, user_id, root_id, parent_id, name, path, description, visibility, max_running)
+        SELECT next.id, $1, coalesce($2, next.id), $3, $4, $5, $6, $7, $8 FROM next
         ON CONFLICT ON CONSTRAINT namespaces_user_id_path_key DO NOTHING
         RETURNING id
         """,
@@ -306,6 +330,7 @@ async def create(conn: asyncpg.Connection, user: User, form: NamespaceForm) -> N
         path,
         form.description,
         parent.visibility if parent else form.visibility,
+        form.max_running,
     )
     if row is None:
         raise ValidationError({"name": ["Name already exists"]})
@@ -315,9 +340,18 @@ async def create(conn: asyncpg.Connection, user: User, form: NamespaceForm) -> N
 
 
 async def update(
-    conn: asyncpg.Connection, ns: Namespace, description: str | None, visibility: str | None
+    conn: asyncpg.Connection,
+    ns: Namespace,
+    description: str | None,
+    visibility: str | None,
+    max_running: tuple[bool, int | None] = (False, None),
 ) -> Namespace:
-    """Apply PATCH (docs/api.md §8.5): a root's visibility applies to its whole tree."""
+    """Apply PATCH (docs/api.md §8.5): a root's visibility applies to its whole tree;
+    `max_running` is (given, value), as `check_max_running` reads it."""
+    if max_running[0]:
+        await conn.execute(
+            "UPDATE namespaces SET max_running = $2 WHERE id = $1", ns.id, max_running[1]
+        )
     if description:
         await conn.execute(
             "UPDATE namespaces SET description = $2 WHERE id = $1", ns.id, description

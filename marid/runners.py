@@ -49,20 +49,24 @@ async def announce(
     parallelism: int,
     interval: float = INTERVAL,
     started_at: datetime | None = None,
+    author_limit: int | None = None,
 ) -> None:
     """Record that runner `name` is alive now, claims builds of `drivers`, up to `parallelism`
-    at once, and announces again within `interval` seconds. `started_at` replaces the row's
-    start time; None keeps it (or takes now for a new row)."""
+    at once, at most `author_limit` of one author's running (None: no limit), and announces
+    again within `interval` seconds. `started_at` replaces the row's start time; None keeps it
+    (or takes now for a new row)."""
     await conn.execute(
         """
         INSERT INTO runners AS r (name, drivers, parallelism, version, hostname, pid,
-                                  announce_interval, started_at, last_seen_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), now())
+                                  announce_interval, started_at, last_seen_at,
+                                  max_running_per_user)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), now(), $9)
         ON CONFLICT (name) DO UPDATE
         SET drivers = excluded.drivers, parallelism = excluded.parallelism,
             version = excluded.version, hostname = excluded.hostname, pid = excluded.pid,
             announce_interval = excluded.announce_interval,
-            started_at = coalesce($8, r.started_at), last_seen_at = now()
+            started_at = coalesce($8, r.started_at), last_seen_at = now(),
+            max_running_per_user = excluded.max_running_per_user
         """,
         name,
         list(drivers),
@@ -72,6 +76,7 @@ async def announce(
         os.getpid(),
         interval,
         started_at,
+        author_limit,
     )
 
 
@@ -95,16 +100,24 @@ async def forget(conn: asyncpg.Connection, after: float = FORGET_AFTER) -> int:
 
 @dataclass(frozen=True)
 class Offer:
-    """What the alive runners offer: how many there are and the driver types they claim."""
+    """What the alive runners offer: how many there are, the driver types they claim, and
+    the limit of one author's running builds they apply (`builds.max_running_per_user`):
+    None when any of them applies none, else the largest, since a build is held back only
+    when no runner would take it."""
 
     runners: int
     drivers: frozenset[str]
+    author_limit: int | None = None
 
 
 async def offered(conn: asyncpg.Connection) -> Offer:
     """What the runners alive now offer (one query)."""
-    rows = await conn.fetch("SELECT drivers FROM runners r WHERE runner_alive(r)")
-    return Offer(len(rows), frozenset(d for row in rows for d in row["drivers"]))
+    rows = await conn.fetch(
+        "SELECT drivers, max_running_per_user FROM runners r WHERE runner_alive(r)"
+    )
+    limits = [row["max_running_per_user"] for row in rows]
+    author_limit = None if not limits or None in limits else max(limits)
+    return Offer(len(rows), frozenset(d for row in rows for d in row["drivers"]), author_limit)
 
 
 async def run(
@@ -114,6 +127,7 @@ async def run(
     parallelism: int,
     stop: asyncio.Event,
     interval: float,
+    author_limit: int | None = None,
 ) -> None:
     """Announce runner `name` now and every `interval` seconds until `stop` is set, then
     withdraw it; cancelled, it withdraws too. Never raises: a failing announcement (database
@@ -124,7 +138,9 @@ async def run(
         while not stop.is_set():
             try:
                 async with pool.acquire() as conn:
-                    await announce(conn, name, drivers, parallelism, interval, started)
+                    await announce(
+                        conn, name, drivers, parallelism, interval, started, author_limit
+                    )
                     await forget(conn)
             except Exception as exc:
                 wait = min(outage.failed(exc), interval)

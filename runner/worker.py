@@ -134,6 +134,7 @@ class Worker:
                 self.config.runner.parallelism,
                 stop,
                 runners.interval_for(self.config.runner.lease),
+                self.config.builds.max_running_per_user,
             ),
             name="runner presence",
         )
@@ -211,7 +212,11 @@ class Worker:
         while len(self.tasks) < self.config.runner.parallelism:
             async with self.pool.acquire() as conn, conn.transaction():
                 claim = await lifecycle.claim(
-                    conn, self.name, self.drivers, self.config.runner.lease
+                    conn,
+                    self.name,
+                    self.drivers,
+                    self.config.runner.lease,
+                    self.config.builds.max_running_per_user,
                 )
                 if claim is None:
                     return

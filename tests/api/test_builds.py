@@ -57,7 +57,7 @@ async def test_submission_returns_the_whole_build(
         "tags": ["ci", "go"],
         "pinned": False,
         "attempts": 0,
-        "pending": {"reason": "no runner is running"},  # tests/api/test_pending.py
+        "pending": {"reason": "no runner is running", "position": 1},  # tests/api/test_pending.py
         "created_at": body["created_at"],
         "started_at": None,
         "finished_at": None,

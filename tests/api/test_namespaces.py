@@ -29,6 +29,7 @@ def expected(ns: dict[str, Any], owner: User, **overrides: Any) -> dict[str, Any
         "path": path,
         "description": "",
         "visibility": "private",
+        "max_running": None,
         "created_at": ns["created_at"],
         "url": url,
         **{f"{link}_url": f"{url}/-/{link}" for link in LINKS},

@@ -19,9 +19,9 @@ from tests.conftest import MakeToken, bearer
 SCOPE = "build:read,write,delete namespace:read,write"
 QEMU = "driver: {type: qemu, image: debian}\n"
 DOCKER = "driver: {type: docker, image: alpine, workspace: /w}\n"
-NO_RUNNER = {"reason": "no runner is running"}
-NO_QEMU = {"reason": "no runner offers driver qemu"}
-WAITING = {"reason": "waiting for a runner"}
+NO_RUNNER = {"reason": "no runner is running", "position": 1}
+NO_QEMU = {"reason": "no runner offers driver qemu", "position": 1}
+WAITING = {"reason": "waiting for a runner slot (0 ahead)", "position": 1}
 
 
 @pytest.fixture
@@ -160,7 +160,8 @@ async def test_a_listing_reads_the_runners_once_for_its_whole_page(
         await api.submit(DOCKER)
         queries.clear()
         listed = await api.get("/builds")
-        assert [b["pending"] for b in listed] == [WAITING] + [NO_QEMU] * 5
+        no_qemu = [{**NO_QEMU, "position": n} for n in (5, 4, 3, 2, 1)]
+        assert [b["pending"] for b in listed] == [WAITING, *no_qemu]
         assert sum("runners" in query for query in queries) == 1
     finally:
         await pool.close()
