@@ -9,6 +9,7 @@ import asyncpg
 from aiohttp import web
 
 from marid import builds, lifecycle, manifest, namespaces, objects, users, webhooks
+from marid import submit as submitting
 from marid.api import idempotency, resources
 from marid.api.auth import Caller, optional, requires
 from marid.api.http import (
@@ -52,11 +53,13 @@ from marid.manifest import ManifestLimits
 from marid.namespaces import Namespace, Rights
 from marid.submit import Submission, submit
 from marid.users import User
-from marid.validation import Errors, NotFound, RequestError
+from marid.validation import Body, Errors, NotFound, RequestError, ValidationError
 
 routes = web.RouteTableDef()
 
 B = r"/b/{username}/{number:\d+}"
+# Resuming from a job needs the failed build's workspace kept (issue 14 item 1, not built yet).
+RESUME_UNAVAILABLE = "Resuming from a job is not available yet: restart without from"
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,41 @@ async def set_pinned(request: web.Request, user: User, pinned: bool) -> web.Resp
     return web.json_response(body)
 
 
+@routes.post(B + "/restart")
+@requires("build:write")
+async def restart_build(request: web.Request, user: User) -> web.Response:
+    """Restart a finished build (docs/api.md §27): a new build from its stored snapshot."""
+    body = await read_body(request)
+    config = request.config_dict[CONFIG]
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        loaded = await usable_build(conn, request, user)
+        made = await restart(conn, config, loaded, user, body, api_url(request))
+    return web.json_response(made, status=201)
+
+
+async def restart(
+    conn: asyncpg.Connection, config: Config, loaded: Loaded, user: User, body: Body, base: str
+) -> dict[str, Any]:
+    """Check and make the restart of a build the caller may use; its JSON (build.submitted).
+    Raises ValidationError or RequestError."""
+    resume = body.string("from", "From")
+    if resume is not None:
+        body.errors.add("from", RESUME_UNAVAILABLE)
+    body.errors.raise_if_any()
+    build = loaded.build
+    if build.status not in builds.FINAL:
+        raise RequestError(
+            f"Build #{build.number} is {build.status}: only a finished build can be restarted"
+        )
+    if build.driver not in config.drivers_for(user.username):
+        # The driver was disabled since, or is not open to this user (os_driver.users).
+        raise ValidationError({"manifest": [manifest.driver_disabled(build.driver)]})
+    made = (await builds.with_pending(conn, [await submitting.restart(conn, build, user)]))[0]
+    json_body = builds.to_json(made, loaded.owner, loaded.namespace, base)
+    await webhooks.emit(conn, made.namespace_id, "build.submitted", json_body)
+    return json_body
+
+
 @routes.patch(B + "/pin")
 @requires("build:write")
 async def pin_build(request: web.Request, user: User) -> web.Response:
@@ -409,6 +447,7 @@ SCHEMAS = {
             "pinned": BOOL,
             "attempts": INT,
             "pending": nullable(ref("Pending")),
+            "restarted_from": nullable(URL),
             "created_at": TIME,
             "started_at": nullable(TIME),
             "finished_at": nullable(TIME),
@@ -481,6 +520,13 @@ OPERATIONS: Operations = {
         {"204": {"description": "Killed, or already finished"}, **NOT_FOUND},
         security=BEARER,
         parameters=PARAMS,
+    ),
+    ("post", "/b/{username}/{number}/restart"): op(
+        "Restart a finished build from its stored snapshot (build:write)",
+        {"201": json_response("Queued", ref("Build")), **INVALID, **NOT_FOUND},
+        security=BEARER,
+        parameters=PARAMS,
+        body=obj({"from": STRING}, optional=("from",)),
     ),
     ("patch", "/b/{username}/{number}/pin"): op(
         "Pin (build:write)",

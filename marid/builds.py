@@ -81,6 +81,7 @@ class Build:
     tags: list[str]
     attempts: int = 0  # runs started, retries included (docs/manifest.md §6.13)
     pending: Pending | None = None  # queued builds only, once read (`with_pending`)
+    restart_of: int | None = None  # the number of the build this one restarts (same owner)
 
 
 def from_row(row: asyncpg.Record) -> Build:
@@ -254,6 +255,9 @@ def to_json(
             {"reason": build.pending.reason, "position": build.pending.position}
             if build.pending
             else None
+        ),
+        "restarted_from": (
+            f"{api_url}/b/{owner.username}/{build.restart_of}" if build.restart_of else None
         ),
         "created_at": rfc3339(build.created_at),
         "started_at": rfc3339(build.started_at),

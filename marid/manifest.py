@@ -560,5 +560,10 @@ def _resources(values: dict[str, str], limits: ManifestLimits | None, errors: Er
 
 def _check_enabled(kind: str, drivers: list[str] | None, errors: Errors) -> None:
     if drivers is not None and kind in DRIVERS and kind not in drivers:
-        shown = "qemu-x86_64" if kind == "qemu" else kind
-        errors.add(KEY, f"Manifest driver error: {shown} - driver disabled")
+        errors.add(KEY, driver_disabled(kind))
+
+
+def driver_disabled(kind: str) -> str:
+    """The `manifest` message for a driver type the submitter may not use (§4 rule 17)."""
+    shown = "qemu-x86_64" if kind == "qemu" else kind
+    return f"Manifest driver error: {shown} - driver disabled"

@@ -79,7 +79,7 @@ async def submit_many(conn: asyncpg.Connection, subs: list[Submission]) -> list[
         return []
     snapshot = await _read_snapshot(conn, subs)
     tags = [_tags(sub) for sub in subs]
-    numbers = await _numbers(conn, subs)
+    numbers = await _numbers(conn, [sub.owner.id for sub in subs])
     made = await _insert_builds(conn, subs, numbers, tags)
     plans = [manifest.plan(sub.manifest, number) for sub, number in zip(subs, numbers, strict=True)]
     await _insert_plans(conn, subs, made, plans)
@@ -161,12 +161,13 @@ async def _find_objects(conn: asyncpg.Connection, subs: list[Submission]) -> lis
     return found
 
 
-async def _numbers(conn: asyncpg.Connection, subs: list[Submission]) -> list[int]:
-    """Each build's number, from its owner's counter (docs/api.md §7.1).
+async def _numbers(conn: asyncpg.Connection, owner_ids: list[int]) -> list[int]:
+    """The number of each build of `owner_ids` (one entry per build), from its owner's
+    counter (docs/api.md §7.1).
 
     One statement for every owner of the batch; it locks their counter rows in owner id order,
     so concurrent batches sharing owners wait for each other instead of deadlocking."""
-    wanted = Counter(sub.owner.id for sub in subs)
+    wanted = Counter(owner_ids)
     owners = sorted(wanted)
     rows = await conn.fetch(
         """
@@ -180,9 +181,9 @@ async def _numbers(conn: asyncpg.Connection, subs: list[Submission]) -> list[int
     )
     last = {row["user_id"]: row["last_number"] - wanted[row["user_id"]] for row in rows}
     numbers = []
-    for sub in subs:
-        last[sub.owner.id] += 1
-        numbers.append(last[sub.owner.id])
+    for owner_id in owner_ids:
+        last[owner_id] += 1
+        numbers.append(last[owner_id])
     return numbers
 
 
@@ -365,3 +366,88 @@ def _merge(stored: list[tuple[str, Value]], env: list[tuple[str, str]]) -> dict[
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows as `width` column lists, for unnest()."""
     return [[row[i] for row in rows] for i in range(width)]
+
+
+# -- Restarts -----------------------------------------------------------------------------------
+
+RESTART_TAG = "restart"  # every restart carries it (docs/api.md §27)
+
+
+async def restart(conn: asyncpg.Connection, original: Build, author: User) -> Build:
+    """A new queued build of `original`'s owner and namespace from its stored plan and
+    snapshot, as frozen at its submission (docs/api.md §27): the same manifest, driver
+    settings, time limit and resources; stages and jobs (the setup stage renamed for the new
+    number); variables, keys and objects. `author` restarted it: the trigger names them. Its
+    tag is `restart`, and `restart_of` links the original. Runs in the caller's transaction;
+    the NOTIFY that wakes runners is sent when it commits."""
+    [number] = await _numbers(conn, [original.user_id])
+    data = json.dumps({"email": author.email, "username": author.username})
+    row = await conn.fetchrow(
+        """
+        INSERT INTO builds (user_id, author_id, namespace_id, number, manifest, driver,
+                            trigger_type, trigger_comment, trigger_data, timeout_seconds,
+                            resources, driver_config, restart_of)
+        SELECT o.user_id, $2, o.namespace_id, $3, o.manifest, o.driver, 'manual', $4, $5,
+               o.timeout_seconds, o.resources, o.driver_config, o.id
+        FROM builds o WHERE o.id = $1
+        RETURNING id
+        """,
+        original.id,
+        author.id,
+        number,
+        f"Restart of #{original.number}",
+        data,
+    )
+    new_id = row["id"]
+    await conn.execute(
+        """
+        WITH stages AS (
+            INSERT INTO build_stages (build_id, name, allow_failures, position)
+            SELECT $2, CASE WHEN s.position = 0 THEN $3 ELSE s.name END, s.allow_failures,
+                   s.position
+            FROM build_stages s WHERE s.build_id = $1
+            RETURNING id, position
+        ), jobs AS (
+            INSERT INTO build_jobs (build_id, stage_id, name, commands, position,
+                                    timeout_seconds, artifacts)
+            SELECT $2, stages.id, j.name, j.commands, j.position, j.timeout_seconds, j.artifacts
+            FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
+            JOIN stages ON stages.position = s.position
+            WHERE j.build_id = $1
+            ORDER BY s.position, j.position
+            RETURNING id, name
+        ), artifacts AS (
+            INSERT INTO build_artifacts (build_id, user_id, job_id, source, name)
+            SELECT $2, a.user_id, jobs.id, a.source, a.name
+            FROM build_artifacts a JOIN build_jobs j ON j.id = a.job_id
+            JOIN jobs ON jobs.name = j.name
+            WHERE a.build_id = $1
+            ORDER BY a.id
+        ), variables AS (
+            INSERT INTO build_variables
+                (build_id, variable_id, key, value, value_sealed, masked, position)
+            SELECT $2, variable_id, key, value, value_sealed, masked, position
+            FROM build_variables WHERE build_id = $1 ORDER BY id
+        ), keys AS (
+            INSERT INTO build_keys (build_id, key_id, name, key_sealed, config, location)
+            SELECT $2, key_id, name, key_sealed, config, location
+            FROM build_keys WHERE build_id = $1 ORDER BY id
+        ), objects AS (
+            INSERT INTO build_objects (build_id, object_id, source, name)
+            SELECT $2, object_id, source, name FROM build_objects WHERE build_id = $1 ORDER BY id
+        ), tags AS (
+            INSERT INTO build_tags (build_id, name, user_id) VALUES ($2, $4, $5)
+        )
+        SELECT pg_notify($6, $7)
+        """,
+        original.id,
+        new_id,
+        f"setup - #{number}",
+        RESTART_TAG,
+        author.id,
+        channels.BUILDS,
+        original.driver,
+    )
+    made = await builds.get(conn, new_id)
+    assert made is not None
+    return made

@@ -71,7 +71,7 @@ async def test_oauth_operations_are_served_from_the_root(api: TestClient):
 async def test_every_operation_has_a_unique_snake_case_operation_id(api: TestClient):
     doc = await (await api.get("/api/openapi.json")).json()
     ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
-    assert len(ids) == len(set(ids)) == 82
+    assert len(ids) == len(set(ids)) == 83
     assert all(re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", i) for i in ids), ids
     # Stable: the handlers' names (docs/api.md §21).
     assert doc["paths"]["/n/{username}/{path}"]["get"]["operationId"] == "show_namespace"
@@ -93,6 +93,7 @@ async def test_bodies_are_required_where_the_server_requires_them(api: TestClien
         ("patch", "/keys/{id}"),
         ("patch", "/cron/{id}"),
         ("post", "/logout/oauth/revoke"),
+        ("post", "/b/{username}/{number}/restart"),
     }
     assert doc["paths"]["/cron"]["post"]["requestBody"]["required"] is True
     assert doc["paths"]["/b/{username}/{number}/tags"]["post"]["requestBody"]["required"] is True
