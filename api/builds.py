@@ -58,8 +58,6 @@ from marid.validation import Body, Errors, NotFound, RequestError, ValidationErr
 routes = web.RouteTableDef()
 
 B = r"/b/{username}/{number:\d+}"
-# Resuming from a job needs the failed build's workspace kept (issue 14 item 1, not built yet).
-RESUME_UNAVAILABLE = "Resuming from a job is not available yet: restart without from"
 
 
 @dataclass(frozen=True)
@@ -295,9 +293,9 @@ async def restart(
 ) -> dict[str, Any]:
     """Check and make the restart of a build the caller may use; its JSON (build.submitted).
     Raises ValidationError or RequestError."""
-    resume = body.string("from", "From")
-    if resume is not None:
-        body.errors.add("from", RESUME_UNAVAILABLE)
+    job = body.string("from", "From")
+    if job == "":
+        body.errors.add("from", "From cannot be empty: name a job, or leave it out")
     body.errors.raise_if_any()
     build = loaded.build
     if build.status not in builds.FINAL:
@@ -307,7 +305,9 @@ async def restart(
     if build.driver not in config.drivers_for(user.username):
         # The driver was disabled since, or is not open to this user (os_driver.users).
         raise ValidationError({"manifest": [manifest.driver_disabled(build.driver)]})
-    made = (await builds.with_pending(conn, [await submitting.restart(conn, build, user)]))[0]
+    resume = await submitting.check_resume(conn, build, job) if job else None
+    made = await submitting.restart(conn, build, user, resume)
+    [made] = await builds.with_pending(conn, [made])
     json_body = builds.to_json(made, loaded.owner, loaded.namespace, base)
     await webhooks.emit(conn, made.namespace_id, "build.submitted", json_body)
     return json_body

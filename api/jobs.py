@@ -267,6 +267,7 @@ SCHEMAS = {
             "created_at": TIME,
             "started_at": nullable(TIME),
             "finished_at": nullable(TIME),
+            "reused_from": nullable(URL),
             "url": URL,
             "build": ref("Build"),
         }

@@ -32,6 +32,7 @@ NO_RUNNER = "no runner is running"
 NOT_OFFERED = "no runner offers driver {driver}"
 RETRY = "waiting to retry after a failed attempt, from {time}"
 IMAGE = "image being loaded: {name}"
+WORKSPACE = "no runner reaches the workspace it resumes from"
 NAMESPACE_LIMIT = "namespace limit of {limit} running builds reached"
 USER_LIMIT = "user limit of {limit} running builds reached"
 WAITING = "waiting for a runner slot ({ahead} ahead)"
@@ -52,7 +53,7 @@ class Hold:
     """A queued build's place in its queue and what holds it back, if anything (one row of
     the SQL function build_holds)."""
 
-    hold: str | None  # retry, image, namespace, user; None: nothing
+    hold: str | None  # retry, workspace, image, namespace, user; None: nothing
     detail: str | None  # the retry time, the image's name or the limit
     ahead: int  # queued builds of its driver before it that nothing holds back
 
@@ -119,6 +120,8 @@ def pending(offer: runners.Offer, driver: str, hold: Hold) -> Pending:
         return Pending(NOT_OFFERED.format(driver=driver), position)
     if hold.hold == "retry":
         return Pending(RETRY.format(time=hold.detail), position)
+    if hold.hold == "workspace":
+        return Pending(WORKSPACE, position)
     if hold.hold == "image":
         return Pending(IMAGE.format(name=hold.detail), position)
     if hold.hold == "namespace":

@@ -108,6 +108,9 @@ class BuildsConfig:
     # §7.1 Pending); None: no limit. Read by runners when they claim and by the API for the
     # pending reasons, so every process should have the same value.
     max_running_per_user: int | None = None
+    # How long a runner keeps the workspace of a build that ended failed, killed or timed_out,
+    # for resuming it from a job (docs/api.md §27); 0: none is kept.
+    keep_workspace: Annotated[float, Duration] = 3600.0
 
 
 @dataclass(frozen=True)

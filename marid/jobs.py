@@ -72,6 +72,9 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     output: Excerpt | None = None  # set by `list_for` and `get_by_name`
+    # A resumed build's job that did not run: the number of the build whose job of the same
+    # name it reuses (same owner; docs/api.md §27).
+    reused_from: int | None = None
 
 
 def url_segment(name: str) -> str:
@@ -98,6 +101,11 @@ def to_json(job: Job, build_url: str, build: dict[str, Any]) -> dict[str, Any]:
         "created_at": rfc3339(job.created_at),
         "started_at": rfc3339(job.started_at),
         "finished_at": rfc3339(job.finished_at),
+        "reused_from": (
+            f"{build_url.rsplit('/', 1)[0]}/{job.reused_from}/jobs/{url_segment(job.name)}"
+            if job.reused_from is not None
+            else None
+        ),
         "url": url,
         "build": build,
     }
@@ -106,7 +114,9 @@ def to_json(job: Job, build_url: str, build: dict[str, Any]) -> dict[str, Any]:
 _COLUMNS = """
     j.id, j.build_id, s.name AS stage, j.name, j.commands, j.status, j.created_at,
     j.started_at, j.finished_at, b.attempt, j.output, j.output_blob_key, j.output_size,
-    j.output_printed, j.output_head, j.output_tail
+    j.output_printed, j.output_head, j.output_tail,
+    (SELECT rb.number FROM build_jobs rj JOIN builds rb ON rb.id = rj.build_id
+     WHERE rj.id = j.reused_from) AS reused_from
 """
 
 

@@ -48,18 +48,22 @@ async def claim(
     drivers: list[str],
     lease: float,
     author_limit: int | None = None,
+    places: list[str] | None = None,
 ) -> Claim | None:
     """Take the oldest queued build for one of `drivers` that nothing holds back (`running`,
     the next attempt, leased for `lease` seconds), or None when there is none. A build is held
     back by its retry time, an image still downloading, its namespace's `max_running` or, with
     `author_limit`, its author's running builds (the SQL function `claim_build` of
-    migrations/0020_build_limits.sql, which serialises the claims that a limit applies to)."""
+    migrations/0020_build_limits.sql and 0022, which serialises the claims that a limit
+    applies to). A resumed build is taken only by a runner that reaches its workspace's place,
+    one of `places`."""
     row = await conn.fetchrow(
-        "SELECT claimed_id, claimed_attempt FROM claim_build($1, $2, $3, $4)",
+        "SELECT claimed_id, claimed_attempt FROM claim_build($1, $2, $3, $4, $5)",
         runner,
         drivers,
         lease,
         author_limit,
+        places or [],
     )
     return Claim(row["claimed_id"], row["claimed_attempt"]) if row else None
 
@@ -116,6 +120,7 @@ class Job:
     commands: str  # one command per line
     timeout: float | None
     artifacts: list[tuple[str, str]]  # (source, name), collected after the job
+    reused: str | None = None  # a resumed build's job that does not run: the status it reuses
 
 
 @dataclass(frozen=True)
@@ -165,18 +170,57 @@ class ClaimedBuild:
     keys: list[Key]
     objects: list[Object]
     previous: str | None = None  # why the previous attempt ended (`attempt 1: <reason>`)
+    resume: Resume | None = None  # a resumed build: the workspace it starts from
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a resumed build starts (docs/api.md §27): a copy of the workspace its original
+    kept (None when it is gone: expired, or its row deleted), from the job `job`."""
+
+    original: int  # the original's number
+    job: str
+    workspace: KeptWorkspace | None
+
+
+@dataclass(frozen=True)
+class KeptWorkspace:
+    """A workspace a build left behind for resuming it (the table kept_workspaces)."""
+
+    build_id: int
+    attempt: int
+    driver: str
+    place: str
+    location: str
 
 
 async def load(conn: asyncpg.Connection, claim: Claim) -> ClaimedBuild:
     """Everything needed to execute the claimed build. Only reads."""
     build = await conn.fetchrow(
         """
-        SELECT user_id, namespace_id, driver, driver_config, manifest, timeout_seconds,
-               resources, retry_reason
-        FROM builds WHERE id = $1
+        SELECT b.user_id, b.namespace_id, b.driver, b.driver_config, b.manifest,
+               b.timeout_seconds, b.resources, b.retry_reason, b.resume_from,
+               o.number AS original, k.build_id AS kept_build, k.attempt AS kept_attempt,
+               k.driver AS kept_driver, k.place, k.location
+        FROM builds b
+        LEFT JOIN builds o ON o.id = b.restart_of
+        LEFT JOIN kept_workspaces k ON k.build_id = b.restart_of AND b.resume_from IS NOT NULL
+        WHERE b.id = $1
         """,
         claim.build_id,
     )
+    resume = None
+    if build["resume_from"] is not None:
+        kept = None
+        if build["kept_build"] is not None:
+            kept = KeptWorkspace(
+                build["kept_build"],
+                build["kept_attempt"],
+                build["kept_driver"],
+                build["place"],
+                build["location"],
+            )
+        resume = Resume(build["original"], build["resume_from"], kept)
     if build["driver_config"] is not None:
         driver_config = json.loads(build["driver_config"])
     else:  # submitted before migration 0011 stored it: parse this once
@@ -194,6 +238,7 @@ async def load(conn: asyncpg.Connection, claim: Claim) -> ClaimedBuild:
         keys=await _keys(conn, claim.build_id),
         objects=await _objects(conn, claim.build_id),
         previous=build["retry_reason"],
+        resume=resume,
     )
 
 
@@ -201,7 +246,8 @@ async def _stages(conn: asyncpg.Connection, build_id: int) -> list[Stage]:
     rows = await conn.fetch(
         """
         SELECT s.name AS stage, s.allow_failures, j.id, j.name, j.commands,
-               j.timeout_seconds, j.artifacts
+               j.timeout_seconds, j.artifacts,
+               CASE WHEN j.reused THEN j.status END AS reused
         FROM build_stages s JOIN build_jobs j ON j.stage_id = s.id
         WHERE s.build_id = $1 ORDER BY s.position, j.position
         """,
@@ -212,7 +258,14 @@ async def _stages(conn: asyncpg.Connection, build_id: int) -> list[Stage]:
         stage = stages.setdefault(row["stage"], Stage(row["stage"], row["allow_failures"], []))
         artifacts = [(source, name) for source, name in json.loads(row["artifacts"])]
         stage.jobs.append(
-            Job(row["id"], row["name"], row["commands"], row["timeout_seconds"], artifacts)
+            Job(
+                row["id"],
+                row["name"],
+                row["commands"],
+                row["timeout_seconds"],
+                artifacts,
+                row["reused"],
+            )
         )
     return list(stages.values())
 
@@ -412,10 +465,33 @@ async def artifact_recorded(
     return replaced
 
 
-async def build_finished(conn: asyncpg.Connection, claim: Claim, status: str) -> None:
-    """The build ends with `status` (docs/manifest.md §6.9). Fenced."""
+async def build_finished(
+    conn: asyncpg.Connection,
+    claim: Claim,
+    status: str,
+    kept: KeptWorkspace | None = None,
+    keep_for: float = 0.0,
+) -> None:
+    """The build ends with `status` (docs/manifest.md §6.9), leaving `kept`, its workspace,
+    for `keep_for` seconds for resuming it (docs/api.md §27). Fenced."""
     await _fence(conn, claim)
     await _end(conn, claim.build_id, status)
+    if kept is not None:
+        await conn.execute(
+            """
+            INSERT INTO kept_workspaces (build_id, attempt, driver, place, location, expires_at)
+            VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+            ON CONFLICT (build_id) DO UPDATE
+            SET attempt = excluded.attempt, driver = excluded.driver, place = excluded.place,
+                location = excluded.location, expires_at = excluded.expires_at
+            """,
+            claim.build_id,
+            claim.attempt,
+            kept.driver,
+            kept.place,
+            kept.location,
+            keep_for,
+        )
 
 
 async def _end(conn: asyncpg.Connection, build_id: int, status: str) -> None:
@@ -617,7 +693,8 @@ async def _say(conn: asyncpg.Connection, claim: Claim, job_id: int, line: str) -
 
 async def _reset(conn: asyncpg.Connection, build_id: int, owner_id: int) -> list[str]:
     """Put a build back in the queue as if it had never run, tagged `orphaned`; returns its
-    stale blob keys. `attempt` stays, so the next claim takes a new one."""
+    stale blob keys. The jobs a resumed build reuses keep their status. `attempt` stays, so
+    the next claim takes a new one."""
     await conn.execute(
         """
         UPDATE builds SET status = 'queued', started_at = NULL, finished_at = NULL,
@@ -631,7 +708,8 @@ async def _reset(conn: asyncpg.Connection, build_id: int, owner_id: int) -> list
         UPDATE build_jobs j SET status = 'queued', output = NULL, started_at = NULL,
             finished_at = NULL, output_blob_key = NULL, output_size = NULL,
             output_printed = NULL, output_head = NULL, output_tail = NULL
-        FROM build_jobs old WHERE old.id = j.id AND j.build_id = $1
+        FROM build_jobs old
+        WHERE old.id = j.id AND j.build_id = $1 AND NOT j.reused  -- those never run
         RETURNING j.id, old.output_blob_key
         """,
         build_id,

@@ -149,15 +149,45 @@ def _ident(name: str) -> str:
 
 async def live_attempts(conn: asyncpg.Connection, build_ids: list[int]) -> set[tuple[int, int]]:
     """(build id, attempt) of those of `build_ids` that are `running` under a lease that has
-    not expired by the database's clock, which sets and renews leases."""
+    not expired by the database's clock, which sets and renews leases, or whose workspace is
+    still kept (the SQL function workspace_kept, migrations/0022_build_restarts.sql)."""
     rows = await conn.fetch(
         """
         SELECT id, attempt FROM builds
         WHERE id = ANY($1::bigint[]) AND status = 'running' AND lease_expires_at > now()
+        UNION
+        SELECT k.build_id, k.attempt FROM kept_workspaces k
+        WHERE k.build_id = ANY($1::bigint[]) AND workspace_kept(k)
         """,
         build_ids,
     )
     return {(row["id"], row["attempt"]) for row in rows}
+
+
+async def kept_at(conn: asyncpg.Connection, place: str) -> tuple[set[str], set[str]]:
+    """The locations of the workspaces kept at `place`: (still kept, no longer kept). Those no
+    longer kept are forgotten here; the caller removes them."""
+    rows = await conn.fetch(
+        "SELECT location, workspace_kept(k) AS kept FROM kept_workspaces k WHERE place = $1",
+        place,
+    )
+    gone = {row["location"] for row in rows if not row["kept"]}
+    await conn.execute(
+        "DELETE FROM kept_workspaces k"
+        " WHERE place = $1 AND location = ANY($2) AND NOT workspace_kept(k)",
+        place,
+        list(gone),
+    )
+    return {row["location"] for row in rows if row["kept"]}, gone
+
+
+async def forget_kept_volumes(conn: asyncpg.Connection) -> int:
+    """Forget the docker workspaces that are no longer kept: the label sweep of any runner of
+    their engine then finds their attempt no longer live, and removes them. Returns how many."""
+    result = await conn.execute(
+        "DELETE FROM kept_workspaces k WHERE driver = 'docker' AND NOT workspace_kept(k)"
+    )
+    return int(result.split()[-1])
 
 
 async def longest_running_timeout(conn: asyncpg.Connection) -> float:

@@ -50,23 +50,24 @@ async def announce(
     interval: float = INTERVAL,
     started_at: datetime | None = None,
     author_limit: int | None = None,
+    places: Sequence[str] = (),
 ) -> None:
     """Record that runner `name` is alive now, claims builds of `drivers`, up to `parallelism`
-    at once, at most `author_limit` of one author's running (None: no limit), and announces
-    again within `interval` seconds. `started_at` replaces the row's start time; None keeps it
-    (or takes now for a new row)."""
+    at once, at most `author_limit` of one author's running (None: no limit), reaches the kept
+    workspaces of `places` (docs/api.md §27), and announces again within `interval` seconds.
+    `started_at` replaces the row's start time; None keeps it (or takes now for a new row)."""
     await conn.execute(
         """
         INSERT INTO runners AS r (name, drivers, parallelism, version, hostname, pid,
                                   announce_interval, started_at, last_seen_at,
-                                  max_running_per_user)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), now(), $9)
+                                  max_running_per_user, places)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), now(), $9, $10)
         ON CONFLICT (name) DO UPDATE
         SET drivers = excluded.drivers, parallelism = excluded.parallelism,
             version = excluded.version, hostname = excluded.hostname, pid = excluded.pid,
             announce_interval = excluded.announce_interval,
             started_at = coalesce($8, r.started_at), last_seen_at = now(),
-            max_running_per_user = excluded.max_running_per_user
+            max_running_per_user = excluded.max_running_per_user, places = excluded.places
         """,
         name,
         list(drivers),
@@ -77,6 +78,7 @@ async def announce(
         interval,
         started_at,
         author_limit,
+        list(places),
     )
 
 
@@ -128,6 +130,7 @@ async def run(
     stop: asyncio.Event,
     interval: float,
     author_limit: int | None = None,
+    places: Sequence[str] = (),
 ) -> None:
     """Announce runner `name` now and every `interval` seconds until `stop` is set, then
     withdraw it; cancelled, it withdraws too. Never raises: a failing announcement (database
@@ -139,7 +142,7 @@ async def run(
             try:
                 async with pool.acquire() as conn:
                     await announce(
-                        conn, name, drivers, parallelism, interval, started, author_limit
+                        conn, name, drivers, parallelism, interval, started, author_limit, places
                     )
                     await forget(conn)
             except Exception as exc:

@@ -21,6 +21,7 @@ from marid.builds import Build
 from marid.manifest import Manifest
 from marid.namespaces import Namespace
 from marid.users import User
+from marid.validation import ValidationError
 
 # Whose stored variables, keys and objects a build snapshots: (owner id, namespace id, whether
 # personal resources count: only without a namespace).
@@ -373,31 +374,112 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 RESTART_TAG = "restart"  # every restart carries it (docs/api.md §27)
 
 
-async def restart(conn: asyncpg.Connection, original: Build, author: User) -> Build:
+@dataclass(frozen=True)
+class Resume:
+    """Where a resumed build starts (`check_resume`): at the job named `job`, at `position`
+    in execution order (stage position, job position), from the workspace kept at `place`."""
+
+    job: str
+    position: tuple[int, int]
+    place: str
+
+
+async def check_resume(conn: asyncpg.Connection, original: Build, job: str) -> Resume:
+    """Whether `original` can be resumed from its job `job` (docs/api.md §27): a job of its
+    own stages, every job before it passed, and its workspace still kept. Raises
+    ValidationError keyed `from` saying why not. Locks the kept workspace's row until the
+    caller's transaction ends."""
+    rows = await conn.fetch(
+        """
+        SELECT j.name, j.status, s.position AS stage, j.position
+        FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
+        WHERE j.build_id = $1 ORDER BY s.position, j.position
+        """,
+        original.id,
+    )
+    found = [row for row in rows if row["name"] == job]
+    if not found:
+        raise _cannot_resume(f"Build #{original.number} has no job named {job}")
+    target = found[0]
+    if target["stage"] == 0:
+        raise _cannot_resume(f"{job} is a setup job: restart without from")
+    position = (target["stage"], target["position"])
+    for row in rows:
+        if (row["stage"], row["position"]) >= position:
+            break
+        if row["status"] not in ("passed", "passed_with_failures"):
+            raise _cannot_resume(
+                f"Job {row['name']}, before {job}, did not pass: resume from it or an earlier job"
+            )
+    kept = await conn.fetchrow(
+        """
+        SELECT place, expires_at, workspace_kept(k) AS kept FROM kept_workspaces k
+        WHERE build_id = $1 FOR SHARE
+        """,
+        original.id,
+    )
+    if kept is None:
+        raise _cannot_resume(
+            f"Build #{original.number} has no kept workspace: only a build that ended failed,"
+            " killed or timed_out with the docker, os or qemu driver keeps its workspace, for"
+            " builds.keep_workspace: restart without from"
+        )
+    if not kept["kept"]:
+        until = kept["expires_at"].strftime("%Y-%m-%dT%H:%M:%SZ")
+        raise _cannot_resume(
+            f"The workspace of build #{original.number} was kept until {until}"
+            " (builds.keep_workspace): restart without from"
+        )
+    return Resume(job, position, kept["place"])
+
+
+async def workspace_kept(conn: asyncpg.Connection, build_id: int) -> bool:
+    """Whether the build's workspace is kept, so that it can be resumed (docs/api.md §27.2)."""
+    kept = await conn.fetchval(
+        "SELECT workspace_kept(k) FROM kept_workspaces k WHERE build_id = $1", build_id
+    )
+    return bool(kept)
+
+
+def _cannot_resume(message: str) -> ValidationError:
+    return ValidationError({"from": [message]})
+
+
+async def restart(
+    conn: asyncpg.Connection, original: Build, author: User, resume: Resume | None = None
+) -> Build:
     """A new queued build of `original`'s owner and namespace from its stored plan and
     snapshot, as frozen at its submission (docs/api.md §27): the same manifest, driver
     settings, time limit and resources; stages and jobs (the setup stage renamed for the new
     number); variables, keys and objects. `author` restarted it: the trigger names them. Its
-    tag is `restart`, and `restart_of` links the original. Runs in the caller's transaction;
-    the NOTIFY that wakes runners is sent when it commits."""
+    tag is `restart`, and `restart_of` links the original. With `resume` (`check_resume`), the
+    jobs before it are reused: never run, each with the status of the original's job it links,
+    and only a runner reaching the kept workspace takes the build. Runs in the caller's
+    transaction; the NOTIFY that wakes runners is sent when it commits."""
     [number] = await _numbers(conn, [original.user_id])
     data = json.dumps({"email": author.email, "username": author.username})
     row = await conn.fetchrow(
         """
         INSERT INTO builds (user_id, author_id, namespace_id, number, manifest, driver,
                             trigger_type, trigger_comment, trigger_data, timeout_seconds,
-                            resources, driver_config, restart_of)
+                            resources, driver_config, restart_of, resume_from, resume_place)
         SELECT o.user_id, $2, o.namespace_id, $3, o.manifest, o.driver, 'manual', $4, $5,
-               o.timeout_seconds, o.resources, o.driver_config, o.id
+               o.timeout_seconds, o.resources, o.driver_config, o.id, $6, $7
         FROM builds o WHERE o.id = $1
         RETURNING id
         """,
         original.id,
         author.id,
         number,
-        f"Restart of #{original.number}",
+        f"Resume of #{original.number} from {resume.job}"
+        if resume
+        else f"Restart of #{original.number}",
         data,
+        resume.job if resume else None,
+        resume.place if resume else None,
     )
+    # Jobs before this (stage, job) position are reused; (-1, -1): none is.
+    stage_at, job_at = resume.position if resume else (-1, -1)
     new_id = row["id"]
     await conn.execute(
         """
@@ -409,10 +491,15 @@ async def restart(conn: asyncpg.Connection, original: Build, author: User) -> Bu
             RETURNING id, position
         ), jobs AS (
             INSERT INTO build_jobs (build_id, stage_id, name, commands, position,
-                                    timeout_seconds, artifacts)
-            SELECT $2, stages.id, j.name, j.commands, j.position, j.timeout_seconds, j.artifacts
+                                    timeout_seconds, artifacts, status, reused, reused_from)
+            SELECT $2, stages.id, j.name, j.commands, j.position, j.timeout_seconds, j.artifacts,
+                   CASE WHEN r.reused THEN j.status ELSE 'queued' END, r.reused,
+                   CASE WHEN r.reused THEN j.id END
             FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id
-            JOIN stages ON stages.position = s.position
+            JOIN stages ON stages.position = s.position,
+            -- create-driver (the first job of the setup stage) always runs.
+            LATERAL (SELECT (s.position, j.position) < ($8::integer, $9::integer)
+                            AND (s.position, j.position) <> (0, 0) AS reused) r
             WHERE j.build_id = $1
             ORDER BY s.position, j.position
             RETURNING id, name
@@ -447,6 +534,8 @@ async def restart(conn: asyncpg.Connection, original: Build, author: User) -> Bu
         author.id,
         channels.BUILDS,
         original.driver,
+        stage_at,
+        job_at,
     )
     made = await builds.get(conn, new_id)
     assert made is not None

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 CREATE_DRIVER_LIMIT = 5 * 60.0  # docs/manifest.md §6.11
 SEVERITY = ("passed", "passed_with_failures", "failed", "killed", "timed_out")
 KILLED_ON_REQUEST = "killed on request"  # docs/manifest.md §6.8
+KEPT_AFTER = ("failed", "killed", "timed_out")  # a build ending so keeps its workspace (§27)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class JobSpec:
     timeout: float | None = None
     artifacts: list[tuple[str, str]] = field(default_factory=list)  # (source, name)
     id: int | None = None  # the database row, when there is one
+    # A resumed build's job before the one it resumes from (docs/api.md §27): never run, its
+    # status the original's.
+    reused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,12 @@ class BuildSpec:
     # A line of marid's that opens the create-driver output, e.g. why the previous attempt
     # ended (docs/manifest.md §6.13); "" for none.
     notice: str = ""
+    # Keep the workspace of a build that ends `failed`, `killed` or `timed_out` (Driver.keep),
+    # for resuming it (docs/api.md §27).
+    keep_workspace: bool = False
+    # Why the create-driver job fails before it creates anything (a resumed build whose kept
+    # workspace is gone); "" for none.
+    setup_error: str = ""
 
 
 class Reporter(Protocol):
@@ -132,6 +142,7 @@ class Execution:
         self.deadline = 0.0
         self.statuses: list[str] = []
         self.line_start = True  # the job's output so far ends with a line break (or is empty)
+        self.kept: str | None = None  # where the workspace was kept (Driver.keep), if it was
 
     async def run(self) -> str:
         """Run every stage in order and return the build's final status. Anything but a
@@ -140,19 +151,31 @@ class Execution:
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + self.spec.timeout
         finished: set[str] = set()
+        ended = False  # the jobs ran to the build's end: not a failure outside them
         try:
             for position, stage in enumerate(self.spec.stages):
                 for index, job in enumerate(stage.jobs):
                     is_setup_job = position == 0 and index == 0
-                    status = await (self._create(job) if is_setup_job else self._job(job, stage))
+                    if job.reused is not None:
+                        status = job.reused
+                    elif is_setup_job:
+                        status = await self._create(job)
+                    else:
+                        status = await self._job(job, stage)
                     self.statuses.append(status)
                     finished.add(job.name)
                     if status not in ("passed", "passed_with_failures"):
                         raise _Stop()
+            ended = True
         except _Stop:
-            pass
+            ended = True
         finally:
-            await self.driver.destroy()
+            created = bool(self.statuses) and self.statuses[0] == "passed"
+            failed = worst(self.statuses) in KEPT_AFTER
+            if ended and created and self.spec.keep_workspace and failed:
+                self.kept = await self.driver.keep()
+            else:
+                await self.driver.destroy()
         final = worst(self.statuses)
         for stage in self.spec.stages:
             for job in stage.jobs:
@@ -187,6 +210,8 @@ class Execution:
             await self._emit(job, data)
 
         async def setup() -> None:
+            if self.spec.setup_error:
+                raise DriverError(self.spec.setup_error.removeprefix("error: "))
             await self.driver.create(out)
             await self._place_objects(job)
             if self.spec.keys:

@@ -33,13 +33,22 @@ from docker.errors import APIError, NotFound
 
 from marid.blobs import BlobStore
 from marid.config import Config
-from marid.reaper import Reaped, live_attempts, longest_running_timeout, repeat
+from marid.reaper import (
+    Reaped,
+    forget_kept_volumes,
+    kept_at,
+    live_attempts,
+    longest_running_timeout,
+    repeat,
+)
 from marid.runner.drivers.docker import (
     LABEL_ATTEMPT,
     LABEL_BUILD,
     LABEL_INSTANCE,
     docker_client,
 )
+from marid.runner.drivers.os import WORKSPACE_PREFIX, os_place
+from marid.runner.drivers.qemu import kept_disks, qemu_place
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +58,7 @@ RUNNER_DIRS = (
     "marid-object-",
     "marid-artifact-",
     "marid-image-",
-    "marid-workspace-",
+    WORKSPACE_PREFIX,
     "marid-scripts-",
 )
 
@@ -85,11 +94,20 @@ class RunnerReaper:
         before = now - self.grace
         async with self.pool.acquire() as conn:
             running = await longest_running_timeout(conn)
+            kept, expired = await kept_at(conn, os_place())
+            disks: set[str] = set()
+            if "qemu" in self.config.drivers:
+                _, disks = await kept_at(conn, qemu_place(self.config.qemu_driver))
+            await forget_kept_volumes(conn)
         longest = timedelta(seconds=max(self.config.builds.max_timeout, running))
-        reaped = Reaped(
-            files=await asyncio.to_thread(remove_old_dirs, self.temp_dir, before - longest),
-            partial=await self.store.remove_partial(before),
+        files = await asyncio.to_thread(remove_kept_dirs, self.temp_dir, expired)
+        files += await asyncio.to_thread(
+            remove_kept_disks, kept_disks(self.config.qemu_driver), disks
         )
+        files += await asyncio.to_thread(
+            remove_old_dirs, self.temp_dir, before - longest, {Path(p) for p in kept}
+        )
+        reaped = Reaped(files=files, partial=await self.store.remove_partial(before))
         networks = 0
         if "docker" in self.config.drivers:
             reaped.containers, reaped.volumes, networks = await self._engine()
@@ -176,16 +194,51 @@ def _remove_each(items: list[str], remove: Callable[..., Any]) -> int:
     return removed
 
 
-def remove_old_dirs(directory: Path, before: datetime) -> int:
+def remove_kept_dirs(directory: Path, locations: set[str]) -> int:
+    """Remove the os driver's workspaces at `locations` that are no longer kept (docs/api.md
+    §27), each only when it is one of its workspaces in `directory`; returns how many went."""
+    removed = 0
+    for location in locations:
+        path = Path(location)
+        if path.parent != directory or not path.name.startswith(WORKSPACE_PREFIX):
+            log.warning("not removing %s: not a workspace of this runner", location)
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def remove_kept_disks(directory: Path, locations: set[str]) -> int:
+    """Remove the kept VM disks at `locations` that are no longer kept (docs/api.md §27), each
+    only when it is a file of `directory`; returns how many went."""
+    removed = 0
+    for location in locations:
+        path = Path(location)
+        if path.parent != directory or path.suffix != ".qcow2" or path.is_symlink():
+            log.warning("not removing %s: not a kept disk of this runner", location)
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+    return removed
+
+
+def remove_old_dirs(
+    directory: Path, before: datetime, kept: frozenset[Path] | set[Path] = frozenset()
+) -> int:
     """Remove the runner's temporary directories (`RUNNER_DIRS`) in `directory` last modified
-    before `before`; returns how many went. Never follows a symbolic link."""
+    before `before`, except the workspaces still `kept`; returns how many went. Never follows
+    a symbolic link."""
     removed = 0
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if not entry.name.startswith(RUNNER_DIRS):
+        if not entry.name.startswith(RUNNER_DIRS) or Path(entry.path) in kept:
             continue
         try:
             info = entry.stat(follow_symlinks=False)

@@ -228,11 +228,14 @@ class DbReporter:
         if replaced:
             await self.blobs.delete(replaced)
 
-    async def build_finished(self, status: str) -> None:
+    async def build_finished(
+        self, status: str, kept: lifecycle.KeptWorkspace | None = None, keep_for: float = 0.0
+    ) -> None:
+        """The build ends with `status`, leaving `kept` for `keep_for` seconds."""
         await self.flush()
 
         async def finish(conn: asyncpg.Connection) -> None:
-            await lifecycle.build_finished(conn, self.claim, status)
+            await lifecycle.build_finished(conn, self.claim, status, kept, keep_for)
             await webhooks.emit_build(conn, self.claim.build_id, "build.finished", self.api_url)
 
         await self._write(finish)

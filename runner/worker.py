@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -39,7 +40,7 @@ from marid.lifecycle import Claim, ClaimedBuild, LostLease
 from marid.listen import UNAVAILABLE, Listener
 from marid.runner import reaper
 from marid.runner.drivers.base import Driver, DriverError, Limits, SshKey
-from marid.runner.drivers.os import OsDriver
+from marid.runner.drivers.os import OsDriver, os_place
 from marid.runner.execute import (
     BuildSpec,
     Execution,
@@ -53,6 +54,7 @@ from marid.runner.reporter import DbReporter, Lease
 
 log = logging.getLogger(__name__)
 POLL = 5.0  # seconds between queue checks when no NOTIFY arrives
+PLACE_TIMEOUT = 10.0  # seconds the engine has at start to say its ID (`_places`)
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds: the loop's backoff while it fails, doubled
 
 
@@ -78,6 +80,14 @@ class Worker:
         self.docker: Any = None  # docker.DockerClient, made on first use
         self.instance = instance_of(config.database.dsn)
         self.api_url = config.server.api_url  # for webhook payloads
+        # Where the workspaces this runner keeps are, and which others' it reaches (docs/api.md
+        # §27): `os:<host>`, `qemu:<host>:<work dir>`, and `docker:<engine id>` once the engine
+        # has answered (`_places`).
+        self.places: dict[str, str] = {"os": os_place()} if "os" in self.drivers else {}
+        if "qemu" in self.drivers:
+            from marid.runner.drivers import qemu
+
+            self.places["qemu"] = qemu.qemu_place(config.qemu_driver)
 
     def _ssh_key(self) -> Any:
         """The private key of config ssh_driver, when `ssh` is enabled and the driver set up
@@ -114,6 +124,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
+        await self._places()
         listener = Listener(
             self.config.database.dsn,
             channels.BUILDS,
@@ -135,6 +146,7 @@ class Worker:
                 stop,
                 runners.interval_for(self.config.runner.lease),
                 self.config.builds.max_running_per_user,
+                list(self.places.values()),
             ),
             name="runner presence",
         )
@@ -152,6 +164,27 @@ class Worker:
             await asyncio.gather(listening, reaping, presence, return_exceptions=True)
             if self.docker is not None:
                 self.docker.close()
+
+    async def _places(self) -> None:
+        """Learn the docker engine's ID, the place of the volumes it keeps: an engine that
+        does not answer now leaves this runner unable to keep or resume docker workspaces
+        until it restarts (logged), not unable to run builds."""
+        if "docker" not in self.drivers:
+            return
+        from marid.runner.drivers import docker
+
+        try:
+            async with asyncio.timeout(PLACE_TIMEOUT):
+                self.docker = await asyncio.to_thread(docker.docker_client, self.config.docker.host)
+                info = await asyncio.to_thread(self.docker.info)
+            self.places["docker"] = f"docker:{info['ID']}"
+        except Exception as exc:
+            log.warning(
+                "runner %s: the docker engine did not say its ID (%s): docker workspaces are"
+                " not kept for resuming until the runner restarts",
+                self.name,
+                _reason(exc),
+            )
 
     async def _loop(self, stop: asyncio.Event, listener: Listener) -> None:
         """Recover, claim, sleep until woken, a retry is due or POLL passes; a failing round
@@ -217,6 +250,7 @@ class Worker:
                     self.drivers,
                     self.config.runner.lease,
                     self.config.builds.max_running_per_user,
+                    list(self.places.values()),
                 )
                 if claim is None:
                     return
@@ -239,7 +273,7 @@ class Worker:
         )
         try:
             try:
-                spec, driver = await self._load(claim)
+                spec, driver, kind = await self._load(claim)
             except Exception as exc:
                 raise InfrastructureError(f"preparing the build: {describe(exc)}") from exc
             if claim.attempt > 1:
@@ -251,7 +285,12 @@ class Worker:
                 status = await execution.run()
             finally:  # a renewal after the build ended or was handed back would find it gone
                 heartbeat.cancel()
-            await reporter.build_finished(status)
+            kept = None
+            if execution.kept is not None:  # spec.keep_workspace: this runner has its place
+                kept = lifecycle.KeptWorkspace(
+                    claim.build_id, claim.attempt, kind, self.places[kind], execution.kept
+                )
+            await reporter.build_finished(status, kept, self.config.builds.keep_workspace)
             log.info("build %d: %s", claim.build_id, status)
         except LostLease:
             if lease.lapsed:  # stopped by this runner: say why, unless recovered meanwhile
@@ -374,13 +413,19 @@ class Worker:
         execution.kill_reason = reason
         execution.kill.set()
 
-    async def _load(self, claim: Claim) -> tuple[BuildSpec, Driver]:
-        """The claimed build as the engine runs it, masked values and keys decrypted."""
+    async def _load(self, claim: Claim) -> tuple[BuildSpec, Driver, str]:
+        """The claimed build as the engine runs it, masked values and keys decrypted; its
+        driver, and the driver's type."""
         async with self.pool.acquire() as conn:
             build = await lifecycle.load(conn, claim)
         env, secrets = self._environment(build)
         previous = build.previous if claim.attempt > 1 else None
-        notice = lifecycle.attempt_notice(claim.attempt, previous) if previous else ""
+        notices = [lifecycle.attempt_notice(claim.attempt, previous)] if previous else []
+        objects = build.objects
+        if build.resume is not None:
+            notices.append(_resume_notice(build.resume))
+            # The kept workspace has them, as the original's jobs left them.
+            objects = []
         spec = BuildSpec(
             stages=[
                 StageSpec(s.name, s.allow_failures, [_job_spec(job) for job in s.jobs])
@@ -390,7 +435,7 @@ class Worker:
             secrets=secrets,
             objects=[
                 ObjectSpec(o.source, o.destination, self._fetcher(o.source, o.blob_key), o.id)
-                for o in build.objects
+                for o in objects
             ],
             keys=[
                 SshKey(
@@ -402,9 +447,26 @@ class Worker:
             ],
             timeout=build.timeout,
             artifact_max_size=self.config.artifacts.max_size,
-            notice=notice,
+            notice="\n".join(notices),
+            keep_workspace=self.config.builds.keep_workspace > 0 and build.driver in self.places,
         )
-        return spec, await self._driver(build)
+        driver = await self._driver(build)
+        if build.resume is not None:
+            driver.start_from, missing = self._kept_location(build)
+            spec = dataclasses.replace(spec, setup_error=missing)
+        return spec, driver, build.driver
+
+    def _kept_location(self, build: ClaimedBuild) -> tuple[str | None, str]:
+        """Where the workspace a resumed build starts from is, or why it cannot start: it is
+        no longer kept, or not where this runner reaches (claimed before the check, by a
+        runner whose places changed)."""
+        assert build.resume is not None
+        kept, original = build.resume.workspace, build.resume.original
+        if kept is None:
+            return None, f"error: the workspace of build #{original} is no longer kept"
+        if kept.driver != build.driver or self.places.get(kept.driver) != kept.place:
+            return None, f"error: the workspace of build #{original} is not on this runner"
+        return kept.location, ""
 
     def _environment(self, build: ClaimedBuild) -> tuple[dict[str, str], list[str]]:
         """The build's environment and the plaintexts of its masked values."""
@@ -536,7 +598,15 @@ def _reason(exc: BaseException) -> str:
 
 
 def _job_spec(job: lifecycle.Job) -> JobSpec:
-    return JobSpec(job.name, job.commands, job.timeout, job.artifacts, job.id)
+    return JobSpec(job.name, job.commands, job.timeout, job.artifacts, job.id, job.reused)
+
+
+def _resume_notice(resume: lifecycle.Resume) -> str:
+    """The create-driver job's first line in a resumed build."""
+    return (
+        f"Resuming build #{resume.original} from job {resume.job}: its workspace is copied,"
+        " its earlier jobs are not run again"
+    )
 
 
 def instance_of(dsn: str) -> str:

@@ -72,6 +72,9 @@ def base_config(dsn: str, tmp_path: Path) -> config_module.Config:
             # Tests make requests faster than any client should; tests/api/test_ratelimit.py
             # turns it on.
             "rate_limit": {"enabled": False},
+            # Builds that fail keep no workspace, so that tests of cleanup find none left;
+            # the resume tests (tests/runner/test_restart.py) keep them.
+            "builds": {"keep_workspace": 0},
         }
     )
 

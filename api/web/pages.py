@@ -47,6 +47,7 @@ from marid import (
     variables,
     webhooks,
 )
+from marid import submit as submitting
 from marid.api import images as images_api
 from marid.api import invites as invites_api
 from marid.api import objects as objects_api
@@ -65,6 +66,7 @@ from marid.api.builds import (
     kill,
     pin,
     readable_build,
+    restart,
     submit_checked,
     tag,
     usable_build,
@@ -520,6 +522,8 @@ async def build_page(request: web.Request, session: Session | None) -> web.Strea
         artifacts = await artifact_rows(conn, build.id, "", 0, SHOWN_PARTS)
         declared = await object_rows(conn, build.id, "", 0, SHOWN_PARTS)
         exported = await variable_rows(conn, build.id)
+        may_use = session is not None and loaded.rights.use
+        resumable = may_use and await submitting.workspace_kept(conn, build.id)
     row = BuildRow(build, loaded.owner, loaded.namespace)
     return render(
         request,
@@ -533,7 +537,8 @@ async def build_page(request: web.Request, session: Session | None) -> web.Strea
         objects=declared,
         variables=exported,
         shown_parts=SHOWN_PARTS,
-        may_use=session is not None and loaded.rights.use,
+        may_use=may_use,
+        resumable=resumable,
     )
 
 
@@ -1106,6 +1111,19 @@ async def kill_build(request: web.Request, session: Session, form: Form) -> web.
     return await _build_action(
         request, session, lambda conn, loaded: kill(conn, loaded, api_url(request))
     )
+
+
+@routes.post(BUILD_PATH + "/restart")
+@form_action
+async def restart_build(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
+    """Restart a build the user may use, whole or, with the form's `from`, resumed from that
+    job (docs/api.md §27); then the new build's page."""
+    body = Body({"from": form["from"]} if form.get("from") else {})
+    config = request.config_dict[CONFIG]
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        loaded = await usable_build(conn, request, session.user)
+        made = await restart(conn, config, loaded, session.user, body, api_url(request))
+    return redirect(f"{loaded.url_path.rsplit('/', 1)[0]}/{made['number']}")
 
 
 @routes.post(BUILD_PATH + "/tags")

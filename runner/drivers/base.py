@@ -66,6 +66,11 @@ class SshKey:
 
 
 class Driver(ABC):
+    # A resumed build's driver (docs/api.md §27): where the workspace it starts from is, as
+    # `keep` returned it for the original. Set before `create`, which then fills the new
+    # workspace with a copy of it; only drivers that `keep` workspaces are given one.
+    start_from: str | None = None
+
     @abstractmethod
     async def create(self, out: OutputSink) -> None:
         """Create the environment (docker: resolve/load the image, make the workspace volume;
@@ -101,6 +106,14 @@ class Driver(ABC):
     async def clear_previous(self) -> None:  # noqa: B027 - optional, most drivers have nothing
         """Before a recovered attempt: remove what earlier attempts of this build left running
         (their runner died). Never raises."""
+
+    async def keep(self) -> str | None:
+        """Instead of `destroy`, when the build ended failed, killed or timed_out: remove everything
+        but the workspace, and return where it is (a docker volume's name, a directory), for a
+        resumed build's `start_from`. None: this driver keeps no workspace, and everything is
+        removed. Never raises."""
+        await self.destroy()
+        return None
 
     @abstractmethod
     async def destroy(self) -> None:

@@ -11,6 +11,7 @@ the output stream of a running job, which gets a thread of its own (see `_pump`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -57,6 +58,7 @@ LABEL_INSTANCE = "marid.instance"
 # Loaded uploads are tagged `marid-cache/sha256:<archive sha256>`: the cache key of h.2 step 1.
 CACHE_REPOSITORY = "marid-cache/sha256"
 SCRIPT_PATH = "/.marid/job.sh"  # outside any sensible workspace
+KEPT_MOUNT = "/.marid-kept"  # where a resumed build's copy reads the kept volume
 # Scripts up to this size go to /bin/sh as `-c SCRIPT`: copying a file into a container
 # (put_archive) costs the engine ~50 ms of CPU per job (bench/README.md). Linux caps one
 # argument at 128 KiB, so larger scripts are still copied in.
@@ -188,6 +190,9 @@ class DockerDriver(Driver):
         self._image_id = await self._resolve_image(out)
         await self._make(self._client.volumes.create, self.volume, labels=self._labels)
         log.info("build %d: created volume %s", self.build_id, self.volume)
+        if self.start_from is not None:
+            await self._make(self._copy_kept, self.start_from)
+            await out(f"Copied the kept workspace {self.start_from} into {self.volume}\n".encode())
         if self._network == BUILD_NETWORK:
             await self._make(self._create_network)
             log.info("build %d: created network %s", self.build_id, self._prefix)
@@ -322,13 +327,56 @@ class DockerDriver(Driver):
     async def destroy(self) -> None:
         """Remove this attempt's containers, volume and network (by label), once every engine
         call that makes one has returned. Never raises."""
+        await self._remove_made(volumes=True)
+
+    async def keep(self) -> str | None:
+        """Remove this attempt's containers and network, keep its workspace volume (docs/api.md
+        §27): its name. The runners' reapers remove it once it is no longer kept."""
+        await self._remove_made(volumes=False)
+        return self.volume
+
+    async def _remove_made(self, volumes: bool) -> None:
         self._stopped = True
         while self._making:  # calls a kill or timeout cancelled the caller of (see _make)
             await asyncio.wait(set(self._making))
         await asyncio.to_thread(self._close_streams)
         labels = [f"{key}={value}" for key, value in self._labels.items()]
-        await asyncio.to_thread(_remove_labelled, self._client, labels)
+        await asyncio.to_thread(_remove_labelled, self._client, labels, volumes)
         self._last = self._helper = None
+
+    def _copy_kept(self, source: str) -> None:
+        """Fill the new workspace volume with a copy of the volume `source` that `keep` left,
+        with `cp -a` as root in a container of the build's image (its jobs run /bin/sh, and
+        every such image has cp), networking off. Raises DriverError."""
+        try:
+            self._client.volumes.get(source)
+        except NotFound:
+            raise DriverError(f"the kept workspace {source} is gone") from None
+        mounts = {
+            source: {"bind": KEPT_MOUNT, "mode": "ro"},
+            self.volume: {"bind": self._workspace, "mode": "rw"},
+        }
+        container = _engine(
+            self._client.containers.create,
+            self._require_image(),
+            ["/bin/sh", "-c", f'cp -a {KEPT_MOUNT}/. "$0"', self._workspace],
+            entrypoint=[],
+            user="0:0",
+            volumes=mounts,
+            labels=self._labels,
+            network_disabled=True,
+            security_opt=SECURITY_OPT,
+            runtime=self._runtime,
+        )
+        try:
+            _engine(container.start)
+            status = int(_engine(container.wait)["StatusCode"])
+            if status != 0:
+                said = _engine(container.logs).decode(errors="replace").strip()[-500:]
+                raise DriverError(f"copying the kept workspace {source} failed: {said}")
+        finally:
+            with contextlib.suppress(DockerException):
+                container.remove(force=True)
 
     async def _resolve_image(self, out: OutputSink) -> str:
         """The ID of the image to run, following docs/manifest.md §9.2 resolution."""
@@ -757,12 +805,13 @@ def _reason(exc: DockerException) -> str:
     return str(exc)
 
 
-def _remove_labelled(client: docker.DockerClient, labels: list[str]) -> None:
-    """Force-remove the containers, then the volumes and networks, carrying all `labels`. Logs
-    failures."""
+def _remove_labelled(client: docker.DockerClient, labels: list[str], volumes: bool = True) -> None:
+    """Force-remove the containers, then the volumes (unless not `volumes`) and networks,
+    carrying all `labels`. Logs failures."""
     filters = {"label": labels}
     _remove_each(lambda: client.containers.list(all=True, filters=filters), labels)
-    _remove_each(lambda: client.volumes.list(filters=filters), labels)
+    if volumes:
+        _remove_each(lambda: client.volumes.list(filters=filters), labels)
     _remove_each(lambda: client.networks.list(filters=filters), labels)
 
 

@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,12 @@ DRAIN = 1.0  # seconds a job's output may stay open after its shell exited
 EXIT_POLL = 0.1  # seconds between looks at whether the shell exited
 READ_SIZE = 65536
 INHERITED = ("PATH", "LANG", "TZ")
+WORKSPACE_PREFIX = "marid-workspace-"  # of the temporary directory of each build's workspace
+
+
+def os_place() -> str:
+    """Where this host's kept workspaces are, as runners announce it (docs/api.md §27)."""
+    return f"os:{socket.gethostname()}"
 
 
 def ssh_config(keys: list[SshKey], directory: str) -> str:
@@ -51,9 +58,22 @@ class OsDriver(Driver):
         self.process: asyncio.subprocess.Process | None = None
 
     async def create(self, out: OutputSink) -> None:
-        self.workspace = Path(tempfile.mkdtemp(prefix="marid-workspace-"))
+        self.workspace = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX))
         self.scratch = Path(tempfile.mkdtemp(prefix="marid-scripts-"))
         await out(f"Created workspace {self.workspace}\n".encode())
+        if self.start_from is not None:
+            await asyncio.to_thread(self._copy_kept, Path(self.start_from))
+            await out(f"Copied the kept workspace {self.start_from} into it\n".encode())
+
+    def _copy_kept(self, source: Path) -> None:
+        """Fill the new workspace with a copy of `source`, a workspace `keep` left."""
+        assert self.workspace is not None
+        if not source.is_dir():
+            raise DriverError(f"the kept workspace {source} is gone")
+        try:
+            shutil.copytree(source, self.workspace, symlinks=True, dirs_exist_ok=True)
+        except (OSError, shutil.Error) as exc:
+            raise DriverError(f"copying the kept workspace {source}: {exc}") from None
 
     def inside(self, path: str) -> Path:
         """`path` resolved in the workspace: absolute paths are re-rooted under it and a path
@@ -190,6 +210,12 @@ class OsDriver(Driver):
     def _signal(process: asyncio.subprocess.Process, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
+
+    async def keep(self) -> str | None:
+        """End what still runs and remove the scripts; the workspace stays (docs/api.md §27)."""
+        workspace, self.workspace = self.workspace, None
+        await self.destroy()
+        return str(workspace) if workspace is not None else None
 
     async def destroy(self) -> None:
         if self.process is not None and self.process.returncode is None:

@@ -45,6 +45,7 @@ from marid.runner.drivers.ssh import SshDriver, Target, connect
 log = logging.getLogger(__name__)
 WORKSPACE = "/root"  # docs/manifest.md §2.2: the home directory of root
 POWER_OFF_GRACE = 5.0  # seconds qemu has to exit on SIGTERM before SIGKILL
+SYNC_TIMEOUT = 30.0  # seconds the guest has to flush its disk before its overlay is kept
 PROBE_TIMEOUT = 10.0  # seconds one SSH login attempt may take while the guest boots
 PROBE_PAUSE = 0.25  # seconds between login attempts
 IMAGE_CHECK_TIMEOUT = 60.0  # seconds `qemu-img info` may take on an upload
@@ -64,6 +65,16 @@ class Upload:
 
 # The upload of the build's namespace (or owner) named exactly so, or None.
 FindUpload = Callable[[str], Awaitable[Upload | None]]
+
+
+def qemu_place(config: QemuDriverConfig) -> str:
+    """Where this runner's kept VM disks are, as runners announce it (docs/api.md §27)."""
+    return f"qemu:{socket.gethostname()}:{Path(config.work_dir).absolute()}"
+
+
+def kept_disks(config: QemuDriverConfig) -> Path:
+    """The directory of the kept VM disks (`QemuDriver.keep`)."""
+    return Path(config.work_dir).absolute() / "kept"
 
 
 def accelerator(choice: str) -> str:
@@ -182,9 +193,16 @@ class QemuDriver(Driver):
         return path
 
     def _prepare(self, base: Path) -> None:
-        """The attempt's directory, with the disk overlay on `base`."""
+        """The attempt's directory, with the disk overlay on `base`; for a resumed build, a
+        copy of the overlay its original kept (on the same base)."""
         _private_directory(self.vm_dir.parent)
         self.vm_dir.mkdir(mode=0o700)
+        if self.start_from is not None:
+            kept = Path(self.start_from)
+            if not kept.is_file():
+                raise DriverError(f"the kept workspace {kept} is gone")
+            shutil.copyfile(kept, self.vm_dir / "disk.qcow2")
+            return
         done = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
              "-b", str(base.absolute()), str(self.vm_dir / "disk.qcow2")],
@@ -307,9 +325,40 @@ class QemuDriver(Driver):
         if self.guest is not None:
             await self.guest.stop()
 
+    async def keep(self) -> str | None:
+        """Keep the VM's disk overlay, the build's workspace (docs/api.md §27): the guest
+        flushes its file systems, the VM powers off, and the overlay moves to
+        work_dir/kept/<name>.qcow2 (its path); the rest goes. A guest that cannot flush keeps
+        nothing: a disk it may not have finished writing is no workspace to resume."""
+        kept = kept_disks(self.config) / f"{self.name}.qcow2"
+        try:
+            if self.guest is None or self.guest.conn is None:
+                raise DriverError("the VM never answered")
+            async with asyncio.timeout(SYNC_TIMEOUT):
+                await self.guest.sync()
+            await self._power_off()
+            await asyncio.to_thread(_private_directory, kept.parent)
+            await asyncio.to_thread((self.vm_dir / "disk.qcow2").rename, kept)
+        except (DriverError, OSError, TimeoutError) as exc:
+            log.warning("%s: its disk is not kept: %s", self.name, exc)
+            await self.destroy()
+            return None
+        await self.destroy()
+        return str(kept)
+
     async def destroy(self) -> None:
         """Close the connection, power the VM off, remove the attempt's directory. Never
         raises."""
+        await self._power_off()
+        try:
+            await asyncio.to_thread(shutil.rmtree, self.vm_dir, ignore_errors=False)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("%s: removing %s failed: %s", self.name, self.vm_dir, exc)
+
+    async def _power_off(self) -> None:
+        """Close the connection and end qemu (SIGTERM, SIGKILL after POWER_OFF_GRACE)."""
         if self.guest is not None:
             with contextlib.suppress(Exception):
                 await self.guest.destroy()
@@ -323,12 +372,6 @@ class QemuDriver(Driver):
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
-        try:
-            await asyncio.to_thread(shutil.rmtree, self.vm_dir, ignore_errors=False)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("%s: removing %s failed: %s", self.name, self.vm_dir, exc)
 
 
 async def check_image(path: Path, name: str) -> None:

@@ -159,6 +159,10 @@ class SshDriver(Driver):
     async def _connect(self, host: str, port: int) -> asyncssh.SSHClientConnection:
         return await connect(self.target, host, port)
 
+    async def sync(self) -> None:
+        """Flush the host's file system buffers to disk (`sync`); DriverError if it fails."""
+        await self._shell("sync")
+
     async def _shell(self, command: str) -> str:
         """Run `command` on the host; its stdout. Raises DriverError with its stderr."""
         assert self.conn is not None

@@ -58,6 +58,7 @@ async def test_submission_returns_the_whole_build(
         "pinned": False,
         "attempts": 0,
         "pending": {"reason": "no runner is running", "position": 1},  # tests/api/test_pending.py
+        "restarted_from": None,  # tests/api/test_restart.py
         "created_at": body["created_at"],
         "started_at": None,
         "finished_at": None,

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from marid import lifecycle
+from marid import lifecycle, runners
 from marid.api.app import create_app
 from marid.config import Config
 from tests.api.helpers import BASE, add_collaborator, create_namespace
@@ -146,9 +146,11 @@ async def test_a_queued_or_running_build_cannot_be_restarted(
     ("body", "errors"),
     [
         ({"from": 3}, {"from": ["From must be a string"]}),
+        ({"from": ""}, {"from": ["From cannot be empty: name a job, or leave it out"]}),
+        ({"from": "nope"}, {"from": ["Build #1 has no job named nope"]}),
         (
-            {"from": "unit"},
-            {"from": ["Resuming from a job is not available yet: restart without from"]},
+            {"from": "create-driver"},
+            {"from": ["create-driver is a setup job: restart without from"]},
         ),
     ],
 )
@@ -220,3 +222,140 @@ async def test_a_restart_needs_the_driver_open_to_whoever_restarts_it(
         {"manifest": ["Manifest driver error: os - driver disabled"]},
     )
     assert (await call(client, owner, "POST", "/b/alice/1/restart"))[0] == 201
+
+
+# -- Resuming from a job -------------------------------------------------------------------------
+
+
+async def keep(conn: asyncpg.Connection, build: dict[str, Any], seconds: float = 3600.0) -> None:
+    """Record the build's workspace kept, as its runner does when it ends (docs/api.md §27)."""
+    await conn.execute(
+        """
+        INSERT INTO kept_workspaces (build_id, attempt, driver, place, location, expires_at)
+        VALUES ($1, 1, 'docker', 'docker:engine-1', 'marid-volume',
+                now() + make_interval(secs => $2))
+        """,
+        build["id"],
+        seconds,
+    )
+
+
+async def set_job_statuses(
+    conn: asyncpg.Connection, build: dict[str, Any], **statuses: str
+) -> None:
+    for name, status in statuses.items():
+        await conn.execute(
+            "UPDATE build_jobs SET status = $3 WHERE build_id = $1 AND name = $2",
+            build["id"],
+            name.replace("_", "-").replace("build-1", "build.1"),
+            status,
+        )
+
+
+async def failed_in_unit(
+    client: TestClient, token: str, conn: asyncpg.Connection
+) -> dict[str, Any]:
+    """alice's build #1, failed in its last job, `unit`, with its workspace kept."""
+    original = await submit(client, token)
+    await finish(conn, original, "failed")
+    await set_job_statuses(conn, original, create_driver="passed", build_1="passed", unit="failed")
+    await keep(conn, original)
+    return original
+
+
+async def test_a_resume_reuses_the_jobs_before_the_named_one_and_waits_for_its_workspace(
+    client: TestClient, token: MakeToken, conn: asyncpg.Connection
+):
+    alice = await token(SCOPE)
+    await failed_in_unit(client, alice, conn)
+    status, made = await call(client, alice, "POST", "/b/alice/1/restart", json={"from": "unit"})
+    assert status == 201, made
+    assert made["trigger"]["comment"] == "Resume of #1 from unit"
+    assert made["restarted_from"] == f"{BASE}/b/alice/1"
+    _, jobs = await call(client, alice, "GET", "/b/alice/2/jobs")
+    assert [(j["name"], j["status"], j["reused_from"]) for j in jobs] == [
+        ("create-driver", "queued", None),  # always runs: it copies the workspace
+        ("build.1", "passed", f"{BASE}/b/alice/1/jobs/build.1"),
+        ("unit", "queued", None),
+    ]
+    # Only a runner reaching the workspace's place takes it.
+    await runners.announce(conn, "elsewhere", ["docker"], 2, places=["docker:engine-2"])
+    _, shown = await call(client, alice, "GET", "/b/alice/2")
+    assert shown["pending"]["reason"] == "no runner reaches the workspace it resumes from"
+    async with conn.transaction():
+        assert (
+            await lifecycle.claim(conn, "elsewhere", ["docker"], 30.0, None, ["docker:engine-2"])
+            is None
+        )
+    await runners.announce(conn, "holder", ["docker"], 2, places=["docker:engine-1"])
+    _, shown = await call(client, alice, "GET", "/b/alice/2")
+    assert shown["pending"]["reason"] == "waiting for a runner slot (0 ahead)"
+    async with conn.transaction():
+        claim = await lifecycle.claim(conn, "holder", ["docker"], 30.0, None, ["docker:engine-1"])
+    assert claim is not None and claim.build_id == made["id"]
+    loaded = await lifecycle.load(conn, claim)
+    assert loaded.resume is not None and loaded.resume.job == "unit"
+    assert loaded.resume.workspace is not None
+    assert loaded.resume.workspace.location == "marid-volume"
+    assert [(j.name, j.reused) for s in loaded.stages for j in s.jobs] == [
+        ("create-driver", None),
+        ("build.1", "passed"),
+        ("unit", None),
+    ]
+    # The original is not changed, and keeps its workspace while the resume may copy it.
+    assert (await call(client, alice, "GET", "/b/alice/1"))[1]["status"] == "failed"
+    await conn.execute("UPDATE kept_workspaces SET expires_at = now() - interval '1 s'")
+    assert await conn.fetchval("SELECT workspace_kept(k) FROM kept_workspaces k") is True
+    async with conn.transaction():
+        await lifecycle.build_finished(conn, claim, "passed")
+    assert await conn.fetchval("SELECT workspace_kept(k) FROM kept_workspaces k") is False
+
+
+async def test_a_resume_needs_every_earlier_job_passed(
+    client: TestClient, token: MakeToken, conn: asyncpg.Connection
+):
+    alice = await token(SCOPE)
+    original = await failed_in_unit(client, alice, conn)
+    await set_job_statuses(conn, original, build_1="failed")
+    assert await call(client, alice, "POST", "/b/alice/1/restart", json={"from": "unit"}) == (
+        400,
+        {"from": ["Job build.1, before unit, did not pass: resume from it or an earlier job"]},
+    )
+    status, made = await call(client, alice, "POST", "/b/alice/1/restart", json={"from": "build.1"})
+    assert status == 201, made
+
+
+async def test_a_resume_needs_the_workspace_kept_and_says_until_when_it_was(
+    client: TestClient, token: MakeToken, conn: asyncpg.Connection
+):
+    alice = await token(SCOPE)
+    original = await submit(client, alice)
+    await finish(conn, original, "failed")
+    await set_job_statuses(conn, original, create_driver="passed", build_1="passed")
+    assert await call(client, alice, "POST", "/b/alice/1/restart", json={"from": "unit"}) == (
+        400,
+        {
+            "from": [
+                "Build #1 has no kept workspace: only a build that ended failed, killed or"
+                " timed_out with the docker, os or qemu driver keeps its workspace, for"
+                " builds.keep_workspace: restart without from"
+            ]
+        },
+    )
+    await keep(conn, original, seconds=-60)
+    until = await conn.fetchval(
+        "SELECT to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+        " FROM kept_workspaces"
+    )
+    assert await call(client, alice, "POST", "/b/alice/1/restart", json={"from": "unit"}) == (
+        400,
+        {
+            "from": [
+                f"The workspace of build #1 was kept until {until} (builds.keep_workspace):"
+                " restart without from"
+            ]
+        },
+    )
+    _, listed = await call(client, alice, "GET", "/builds")
+    assert len(listed) == 1
+    assert (await call(client, alice, "POST", "/b/alice/1/restart"))[0] == 201  # a whole one

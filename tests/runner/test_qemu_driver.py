@@ -202,6 +202,47 @@ async def test_a_three_job_build_runs_in_a_vm_of_an_uploaded_image(
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
+RESUMED = """\
+driver: {type: qemu, image: marid/test}
+stages: [one, two, three]
+jobs:
+- stage: one
+  commands: [echo one >> log.txt]
+- stage: two
+  commands: [echo two >> log.txt]
+- stage: three
+  commands:
+  - cat log.txt
+  - test -e third-ran || { touch third-ran; exit 1; }
+"""
+
+
+async def test_a_failed_vm_build_keeps_its_disk_and_resumes_from_job_3_in_a_copy(
+    client: TestClient, token: MakeToken, qemu_config: Config, pool: asyncpg.Pool
+) -> None:
+    """Issue 14 item 1 on the qemu driver: the failed build's disk overlay is kept (flushed
+    first), and the resumed build boots a copy of it, where jobs 1 and 2's file is."""
+    keeping = dataclasses.replace(
+        qemu_config, builds=dataclasses.replace(qemu_config.builds, keep_workspace=3600.0)
+    )
+    value = await token(SCOPE)
+    async with background_worker(keeping, pool):
+        first = await wait_until(client, value, await submit(client, value, RESUMED), finished)
+        assert first["status"] == "failed", first["output"]
+        kept = list((Path(qemu_config.qemu_driver.work_dir) / "kept").iterdir())
+        assert len(kept) == 1 and kept[0].suffix == ".qcow2"
+        resp = await client.post(
+            "/api/b/alice/1/restart", headers=bearer(value), json={"from": "three.1"}
+        )
+        assert resp.status == 201, await resp.text()
+        again = await wait_until(client, value, await resp.json(), finished)
+    assert again["status"] == "passed", again["output"]
+    jobs = {j["name"]: j for j in await jobs_of(client, value, again)}
+    assert jobs["one.1"]["reused_from"].endswith("/b/alice/1/jobs/one.1")
+    assert "+ cat log.txt\none\ntwo\n+ test -e third-ran\n" in jobs["three.1"]["output"]
+    assert kept[0].is_file()  # the original's, unchanged; the copy went with its VM
+
+
 async def test_a_kill_during_a_job_powers_the_vm_off(
     client: TestClient, token: MakeToken, worker: Worker, qemu_config: Config
 ) -> None:

@@ -322,6 +322,45 @@ async def test_a_build_is_killed_and_pinned_from_its_page_by_those_who_may(
     assert bobs["status"] == "queued"
 
 
+async def test_a_finished_build_is_restarted_and_resumed_from_its_page(
+    browser: Browser, api: TestClient, token: MakeToken, pool: asyncpg.Pool
+) -> None:
+    value = await token("build:read,write,delete")
+    await submit(api, value, MANIFEST)
+    await browser.sign_in()
+    _, html = await browser.get("/b/alice/1")
+    assert 'id="restart"' not in html  # queued: it can be killed, not restarted
+    csrf = hidden(html, "csrf")
+    await browser.post("/b/alice/1/kill", {"csrf": csrf})
+    _, html = await browser.get("/b/alice/1")
+    assert 'id="restart"' in html and 'class="resume"' not in html  # no kept workspace
+    resp, _ = await browser.post("/b/alice/1/restart", {"csrf": csrf})
+    assert resp.status == 303 and resp.headers["Location"] == "/b/alice/2"
+    _, html = await browser.get("/b/alice/2")
+    assert 'id="restarted-from"' in html and "Restart of #1" in html
+
+    # With the workspace kept, each job after the setup stage offers to resume from it; a
+    # resume the API refuses shows why.
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO kept_workspaces (build_id, attempt, driver, place, location, expires_at)"
+            " SELECT id, 1, driver, 'os:elsewhere', '/nowhere', now() + interval '1 h'"
+            " FROM builds WHERE number = 1"
+        )
+    _, html = await browser.get("/b/alice/1")
+    assert 'aria-label="Resume from create-driver"' not in html
+    assert re.findall(r'aria-label="Resume from ([^"]+)"', html) == ["s.1"]
+    resp, html = await browser.post("/b/alice/1/restart", {"csrf": csrf, "from": "s.1"})
+    assert resp.status == 400  # killed while queued, its create-driver never passed
+    assert "from: Job create-driver, before s.1, did not pass" in html
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE build_jobs SET status = 'passed' WHERE name = 'create-driver'")
+    resp, _ = await browser.post("/b/alice/1/restart", {"csrf": csrf, "from": "s.1"})
+    assert resp.status == 303 and resp.headers["Location"] == "/b/alice/3"
+    _, html = await browser.get("/b/alice/3")
+    assert "Resume of #1 from s.1" in html
+
+
 async def test_variables_are_listed_created_and_deleted_with_masked_values_hidden(
     browser: Browser, api: TestClient, token: MakeToken, make_user: MakeUser, alice: users.User
 ) -> None:
