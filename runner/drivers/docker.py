@@ -361,12 +361,16 @@ class DockerDriver(Driver):
             self._require_image(),
             ["/bin/sh", "-c", f'cp -a {KEPT_MOUNT}/. "$0"', self._workspace],
             entrypoint=[],
+            name=f"{self._prefix}-copy",
             user="0:0",
             volumes=mounts,
             labels=self._labels,
-            network_disabled=True,
+            network_mode="none",
             security_opt=SECURITY_OPT,
+            cap_drop=self._cap_drop,
             runtime=self._runtime,
+            mem_limit=self._limits.memory,
+            pids_limit=self._limits.pids,
         )
         try:
             _engine(container.start)
