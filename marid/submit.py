@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from marid import builds, channels, manifest
+from marid import builds, caches, channels, manifest
 from marid.builds import Build
 from marid.manifest import Manifest
 from marid.namespaces import Namespace
@@ -70,7 +70,7 @@ async def submit(conn: asyncpg.Connection, sub: Submission) -> Build:
 
 
 async def submit_many(conn: asyncpg.Connection, subs: list[Submission]) -> list[Build]:
-    """Create the queued builds of `subs`, in order, in six or seven statements whatever their
+    """Create the queued builds of `subs`, in order, in six to eight statements whatever their
     number.
 
     Numbers are taken per owner in `subs` order. The owners' counter rows stay locked until
@@ -84,6 +84,14 @@ async def submit_many(conn: asyncpg.Connection, subs: list[Submission]) -> list[
     plans = [manifest.plan(sub.manifest, number) for sub, number in zip(subs, numbers, strict=True)]
     await _insert_plans(conn, subs, made, plans)
     await _insert_snapshots(conn, subs, made, tags, snapshot)
+    await caches.record(  # docs/manifest.md §10
+        conn,
+        [
+            (build.id, caches.Scope(sub.owner.id, sub.context[1]), sub.manifest.cache)
+            for sub, build in zip(subs, made, strict=True)
+            if sub.manifest.cache is not None
+        ],
+    )
     return made
 
 

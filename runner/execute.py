@@ -18,6 +18,7 @@ from typing import Protocol
 
 from marid.manifest import format_duration, script
 from marid.output import Masker
+from marid.runner import caches
 from marid.runner.drivers.base import Driver, DriverError, Exit, SshKey
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class BuildSpec:
     # A line of marid's that opens the create-driver output, e.g. why the previous attempt
     # ended (docs/manifest.md §6.13); "" for none.
     notice: str = ""
+    cache: caches.CacheSpec | None = None  # the manifest's `cache:` (docs/manifest.md §10)
 
 
 class Reporter(Protocol):
@@ -192,6 +194,8 @@ class Execution:
             if self.spec.keys:
                 for name, location in (await self.driver.write_keys(self.spec.keys)).items():
                     await self.reporter.key_placed(name, location)
+            if self.spec.cache is not None:
+                await caches.restore(self.spec.cache, self.driver, lambda t: self._say(job, t))
 
         status, reason = await self._guard(setup(), *self._limit(CREATE_DRIVER_LIMIT))
         if reason:
@@ -219,6 +223,7 @@ class Execution:
         await self.reporter.job_started(job)
         self.line_start = True
         if not job.commands:
+            await self._save_cache(job, "passed")
             await self.reporter.job_finished(job, "passed", ran=True)
             return "passed"
 
@@ -241,11 +246,19 @@ class Execution:
             collected = await self._collect(job)
             if not collected and status == "passed" and self.spec.artifacts_required:
                 status = "passed_with_failures" if stage.allow_failures else "failed"
+        await self._save_cache(job, status)
         if reason:  # the last line says why the job ended, when not with exit status 0
             await self._say(job, reason)
         await self._flush(job)
         await self.reporter.job_finished(job, status, ran=True)
         return status
+
+    async def _save_cache(self, job: JobSpec, status: str) -> None:
+        """At the end of the build's last job, unless it failed: save the cache (§10)."""
+        last = [j for stage in self.spec.stages for j in stage.jobs][-1]
+        final = worst([*self.statuses, status])
+        if self.spec.cache is not None and job is last and final in SEVERITY[:2]:
+            await caches.save(self.spec.cache, self.driver, lambda t: self._say(job, t), final)
 
     async def _guard(
         self, work: Awaitable[None], limit: float, limit_reason: str

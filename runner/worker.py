@@ -31,13 +31,14 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from marid import channels, keys, lifecycle, runners, variables, webhooks
+from marid import caches, channels, keys, lifecycle, runners, variables, webhooks
 from marid.blobs import BlobNotFound, BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
 from marid.lifecycle import Claim, ClaimedBuild, LostLease
 from marid.listen import UNAVAILABLE, Listener
 from marid.runner import reaper
+from marid.runner.caches import server_cache
 from marid.runner.drivers.base import Driver, DriverError, Limits, SshKey
 from marid.runner.drivers.os import OsDriver
 from marid.runner.execute import (
@@ -373,6 +374,7 @@ class Worker:
         """The claimed build as the engine runs it, masked values and keys decrypted."""
         async with self.pool.acquire() as conn:
             build = await lifecycle.load(conn, claim)
+            cache = await caches.of_build(conn, claim.build_id)
         env, secrets = self._environment(build)
         previous = build.previous if claim.attempt > 1 else None
         notice = lifecycle.attempt_notice(claim.attempt, previous) if previous else ""
@@ -398,6 +400,7 @@ class Worker:
             timeout=build.timeout,
             artifact_max_size=self.config.artifacts.max_size,
             notice=notice,
+            cache=server_cache(self.pool, self.blobs, self.config.caches, claim.build_id, cache),
         )
         return spec, await self._driver(build)
 
