@@ -16,6 +16,7 @@ from marid.api.app import create_app
 from marid.config import Config
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
+from tests.fixtures.s3 import NOT_NEEDED
 from tests.runner.conftest import background_worker
 from tests.runner.test_worker import finished, submit, wait_for
 
@@ -173,3 +174,64 @@ async def test_a_cache_over_the_cap_is_not_saved_and_the_oldest_entries_are_evic
         )
     listed = await client.get("/api/n/alice/proj/-/caches", headers=bearer(value))
     assert [entry["key"] for entry in await listed.json()] == ["c", "a"]
+
+
+DOCKER = """\
+namespace: proj
+driver:
+  type: docker
+  image: marid-test/busybox:latest
+  workspace: /workspace
+cache:
+  key: deps
+  paths: [/workspace/deps, out]
+stages: [build]
+jobs:
+- stage: build
+  commands:
+"""
+
+
+@pytest.mark.docker
+async def test_docker_builds_share_a_cache_through_either_blob_store(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    config: Config,
+    pool: asyncpg.Pool,
+    token: MakeToken,
+    docker_engine: Any,
+    storage_settings: dict[str, Any],
+    stored_blobs: Callable[[], list[str]],
+):
+    storage = config_module.from_dict(
+        {"storage": storage_settings}, optional=NOT_NEEDED
+    ).storage
+    docker_config = dataclasses.replace(
+        config,
+        drivers=["docker"],
+        storage=storage,
+        docker=dataclasses.replace(config.docker, network="none"),
+        runner=dataclasses.replace(config.runner, lease=5.0),
+    )
+    client = await aiohttp_client(create_app(docker_config, pool))
+    value = await token(SCOPE)
+    write = DOCKER + (
+        "  - mkdir -p deps/sub out && echo one > deps/sub/a.txt && ln -sf sub/a.txt deps/link\n"
+        "  - echo $RANDOM > out/b && chmod 600 out/b\n"
+    )
+    read = DOCKER + "  - cat deps/link && ls -l out/b\n"
+    async with background_worker(docker_config, pool):
+        first, jobs = await run(client, value, write)
+        assert first["status"] == "passed", first["output"]
+        assert "cache deps saved: 2 paths" in jobs[-1]["output"]
+        assert len(stored_blobs()) == 1
+        second, jobs = await run(client, value, read)
+        assert second["status"] == "passed", second["output"]
+        assert "cache deps restored: 2 paths" in jobs[0]["output"]
+        assert "one\n" in jobs[1]["output"] and "-rw-------" in jobs[1]["output"]
+        third, jobs = await run(client, value, write)  # replaces the entry: one blob still
+        assert "cache deps saved: 2 paths" in jobs[-1]["output"]
+    assert len(stored_blobs()) == 1
+    listed = await (await client.get("/api/n/alice/proj/-/caches", headers=bearer(value))).json()
+    assert [(e["key"], e["paths"], e["build_url"]) for e in listed] == [
+        ("deps", ["deps", "out"], f"https://ci.example.com/api/b/alice/{third['number']}")
+    ]
