@@ -136,11 +136,13 @@ def _paths(entries: list[Any], workspace: str | None, errors: Errors) -> list[st
         path = _path(entry, f"paths[{index}]", workspace, errors)
         if path is None:
             continue
+        if path in found:
+            errors.add(FIELD, f"paths[{index}] {path} is listed twice")
+            continue
         for earlier in found:
-            if path == earlier:
-                errors.add(FIELD, f"paths[{index}] {path} is listed twice")
-            elif path.startswith(earlier + "/") or earlier.startswith(path + "/"):
+            if path.startswith(earlier + "/") or earlier.startswith(path + "/"):
                 errors.add(FIELD, f"paths[{index}] {path} overlaps {earlier}")
+                break
         found.append(path)
     return found
 
@@ -245,7 +247,7 @@ async def store(
     key: str,
     paths: list[str],
     blob: tuple[str, int],
-    build_id: int,
+    build_id: int | None,
     max_total: int,
 ) -> Stored:
     """Make the blob (key, size) the entry `key` of `scope`, replacing the one before, then

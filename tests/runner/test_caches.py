@@ -202,9 +202,7 @@ async def test_docker_builds_share_a_cache_through_either_blob_store(
     storage_settings: dict[str, Any],
     stored_blobs: Callable[[], list[str]],
 ):
-    storage = config_module.from_dict(
-        {"storage": storage_settings}, optional=NOT_NEEDED
-    ).storage
+    storage = config_module.from_dict({"storage": storage_settings}, optional=NOT_NEEDED).storage
     docker_config = dataclasses.replace(
         config,
         drivers=["docker"],
