@@ -109,6 +109,19 @@ def parse(value: Any, workspace: str | None, errors: Errors) -> Cache | None:
     return Cache(key, tuple(found))
 
 
+def check_sources(cache: Cache, directories: list[str], errors: Errors) -> None:
+    """Refuse cache paths in or above a `sources` clone directory: the cache is restored before
+    the clones run, and `git clone` refuses a directory that is not empty."""
+    for index, path in enumerate(cache.paths):
+        for number, directory in enumerate(directories):
+            clone = posixpath.normpath("./" + directory)
+            if path == clone or path.startswith(clone + "/") or clone.startswith(path + "/"):
+                errors.add(
+                    FIELD,
+                    f"paths[{index}] {path} overlaps the clone directory of sources[{number}]",
+                )
+
+
 def _mapping(value: dict[Any, Any], errors: Errors) -> tuple[str, list[Any] | None]:
     for name in sorted(str(name) for name in value if name not in ("key", "paths")):
         errors.add(FIELD, f"unknown key {name}: a cache has key and paths")

@@ -187,6 +187,8 @@ def parse(
     _check_enabled(driver.type, drivers, errors)  # rule 17
     workspace = driver.config.get("workspace") if driver.type == "docker" else None
     cache = caches.parse(data.get("cache"), workspace, errors)  # marid's own: §10
+    if cache is not None:
+        caches.check_sources(cache, [source.dir for source in sources], errors)
     if errors.by_field:
         others = {name: found for name, found in errors.by_field.items() if name != KEY}
         raise ManifestError(errors.by_field.get(KEY, []), raw.namespace, namespace_at, others)

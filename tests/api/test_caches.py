@@ -94,6 +94,22 @@ async def test_absolute_paths_need_the_docker_workspace_and_errors_come_with_the
     }
 
 
+async def test_a_cache_path_must_stay_out_of_clone_directories(api: TestClient, token: MakeToken):
+    text = "sources: [https://example.com/app.git, https://example.com/b.git => lib/b]\n"
+    resp = await api.post(
+        "/api/builds",
+        headers=bearer(await token("build:write")),
+        json={"manifest": text + with_cache("[app/node_modules, lib, x]")},
+    )
+    assert resp.status == 400
+    assert await resp.json() == {
+        "cache": [
+            "paths[0] app/node_modules overlaps the clone directory of sources[0]",
+            "paths[1] lib overlaps the clone directory of sources[1]",
+        ]
+    }
+
+
 async def test_a_cron_job_checks_its_cache_too(api: TestClient, token: MakeToken):
     resp = await api.post(
         "/api/cron",
