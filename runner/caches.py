@@ -129,7 +129,7 @@ class ServerCaches:
         self,
         pool: asyncpg.Pool,
         blobs: BlobStore,
-        build_id: int,
+        build_id: int | None,  # the saving build; None only in tests
         found: caches.BuildCache,
         max_total: int,
     ) -> None:

@@ -367,12 +367,15 @@ class SshDriver(Driver):
         )
         with destination.open("wb") as file:
             errors = await self._piped(command, stdout=file)
-        missing = [line.removeprefix(_MISSING) for line in errors if line.startswith(_MISSING)]
-        if _FAILED in errors:
-            problems = [line for line in errors if line != _FAILED and line not in missing]
-            raise DriverError(f"cannot archive the cache: {'; '.join(problems[-3:])}")
+        # Past max_size `head` stops reading, so tar fails too: the size is checked first.
         if max_size and await asyncio.to_thread(os.path.getsize, destination) > max_size:
             raise TooLarge(f"larger than {max_size} bytes")
+        missing = [line.removeprefix(_MISSING) for line in errors if line.startswith(_MISSING)]
+        if _FAILED in errors:
+            problems = [
+                line for line in errors if line != _FAILED and not line.startswith(_MISSING)
+            ]
+            raise DriverError(f"cannot archive the cache: {'; '.join(problems[-3:])}")
         return missing
 
     async def extract(self, archive: Path) -> None:
