@@ -190,12 +190,12 @@ class Execution:
 
         async def setup() -> None:
             await self.driver.create(out)
+            if self.spec.cache is not None:  # first: this build's objects win over stale copies
+                await caches.restore(self.spec.cache, self.driver, lambda t: self._say(job, t))
             await self._place_objects(job)
             if self.spec.keys:
                 for name, location in (await self.driver.write_keys(self.spec.keys)).items():
                     await self.reporter.key_placed(name, location)
-            if self.spec.cache is not None:
-                await caches.restore(self.spec.cache, self.driver, lambda t: self._say(job, t))
 
         status, reason = await self._guard(setup(), *self._limit(CREATE_DRIVER_LIMIT))
         if reason:

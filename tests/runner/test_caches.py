@@ -15,6 +15,7 @@ from marid import config as config_module
 from marid.api.app import create_app
 from marid.config import Config
 from marid.runner.worker import Worker
+from tests.api.helpers import create_namespace
 from tests.conftest import MakeToken, bearer
 from tests.fixtures.s3 import NOT_NEEDED
 from tests.runner.conftest import background_worker
@@ -233,3 +234,26 @@ async def test_docker_builds_share_a_cache_through_either_blob_store(
     assert [(e["key"], e["paths"], e["build_url"]) for e in listed] == [
         ("deps", ["deps", "out"], f"https://ci.example.com/api/b/alice/{third['number']}")
     ]
+
+
+async def test_this_builds_objects_win_over_what_the_cache_holds(
+    client: TestClient, token: MakeToken, worker: Worker
+):
+    value = await token(SCOPE + " object:write")
+    await create_namespace(client, value, "proj")
+    resp = await client.post(
+        "/api/objects?name=conf&namespace=proj", headers=bearer(value), data=b"fresh\n"
+    )
+    assert resp.status == 201, await resp.text()
+    with_object = WRITE.replace("cache:", "objects: [conf => deps/conf]\ncache:")
+    first, _ = await run(client, value, with_object + "  - echo stale > deps/conf\n")
+    assert first["status"] == "passed", first["output"]
+    second, jobs = await run(
+        client,
+        value,
+        READ.replace("cache:", "objects: [conf => deps/conf]\ncache:").replace(
+            "cat deps/sub/a.txt", "cat deps/conf deps/sub/a.txt"
+        ),
+    )
+    assert second["status"] == "passed", second["output"]
+    assert "fresh\none\ntwo\n" in jobs[1]["output"], jobs[0]["output"]
