@@ -43,11 +43,13 @@ from marid.runner.drivers.docker import (
 
 log = logging.getLogger(__name__)
 
-# Prefixes of the temporary directories of runner/execute.py (objects, artifacts) and the
-# drivers (docker image archives; the os driver's workspace and scripts).
+# Prefixes of the temporary directories of runner/execute.py (objects, artifacts),
+# runner/caches.py (cache tars) and the drivers (docker image archives; the os driver's
+# workspace and scripts).
 RUNNER_DIRS = (
     "marid-object-",
     "marid-artifact-",
+    "marid-cache-",
     "marid-image-",
     "marid-workspace-",
     "marid-scripts-",
