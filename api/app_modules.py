@@ -12,6 +12,7 @@ from marid.api import (
     apps,
     artifacts,
     builds,
+    caches,
     crons,
     images,
     invites,
@@ -41,6 +42,7 @@ MODULES: tuple[ModuleType, ...] = (
     builds,
     jobs,
     artifacts,
+    caches,
     crons,
     webhooks,
 )

@@ -98,6 +98,15 @@ class ArtifactsConfig:
 
 
 @dataclass(frozen=True)
+class CachesConfig:
+    """Build caches (docs/manifest.md §10): the largest entry a build saves, and the total kept
+    per namespace (or per owner, for builds without one) before the least recently used go."""
+
+    max_size: Annotated[int, Size] = 512 * 1024**2
+    max_total: Annotated[int, Size] = 2 * 1024**3
+
+
+@dataclass(frozen=True)
 class BuildsConfig:
     timeout: Annotated[float, Duration] = 30 * 60.0
     max_timeout: Annotated[float, Duration] = 2 * 3600.0
@@ -288,6 +297,7 @@ class Config:
     objects: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=5 * 1024**2))
     images: SizeLimit = field(default_factory=lambda: SizeLimit(max_size=10 * 1024**3))
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    caches: CachesConfig = field(default_factory=CachesConfig)
     builds: BuildsConfig = field(default_factory=BuildsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)

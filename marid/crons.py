@@ -105,8 +105,9 @@ async def check_manifest(
         ns_errors = Errors()
         await namespaces.resolve(conn, user, exc.namespace, ns_errors, "manifest", True)
         messages = ns_errors.by_field.get("manifest", [])
-        for message in exc.with_namespace(messages).errors["manifest"]:
-            errors.add("manifest", message)
+        for name, found in exc.with_namespace(messages).errors.items():  # `cache` too
+            for message in found:
+                errors.add(name, message)
         return None, None
     ns = await namespaces.resolve(conn, user, parsed.namespace, errors, "manifest", True)
     return parsed, ns

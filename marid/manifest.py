@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from marid import yamltext
+from marid import caches, yamltext
 from marid.config import Config, parse_duration, parse_size
 from marid.validation import Errors, ValidationError
 
@@ -34,17 +34,24 @@ class ManifestError(ValidationError):
     belong at `namespace_at` among the others (after rule 14, before rules 16-17).
     """
 
-    def __init__(self, messages: list[str], namespace: str | None, namespace_at: int) -> None:
-        super().__init__({KEY: messages})
+    def __init__(
+        self,
+        messages: list[str],
+        namespace: str | None,
+        namespace_at: int,
+        others: dict[str, list[str]] | None = None,
+    ) -> None:
+        # `others`: marid's own manifest sections keyed by their field (`cache`, §10).
+        super().__init__({**({KEY: messages} if messages else {}), **(others or {})})
         self.namespace = namespace  # None when absent, mistyped, or rule 1-2 stopped
         self.namespace_at = namespace_at
 
     def with_namespace(self, messages: list[str]) -> ValidationError:
         """This error with the rule-15 `messages` in their place."""
-        own = self.errors[KEY]
-        return ValidationError(
-            {KEY: own[: self.namespace_at] + messages + own[self.namespace_at :]}
-        )
+        own = self.errors.get(KEY, [])
+        merged = own[: self.namespace_at] + messages + own[self.namespace_at :]
+        others = {field: found for field, found in self.errors.items() if field != KEY}
+        return ValidationError({**({KEY: merged} if merged else {}), **others})
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ class Manifest:
     jobs: list[Job]  # every job of the manifest, in manifest order
     timeout: float  # seconds
     resources: Resources
+    cache: caches.Cache | None = None  # marid's own (§10)
 
 
 @dataclass(frozen=True)
@@ -177,15 +185,31 @@ def parse(
     namespace_at = len(errors.by_field.get(KEY, []))  # rule 15: the caller's
     timeout, resources, job_timeouts = _limits(raw, limits, errors)  # rule 16
     _check_enabled(driver.type, drivers, errors)  # rule 17
+    workspace = driver.config.get("workspace") if driver.type == "docker" else None
+    cache = caches.parse(data.get("cache"), workspace, errors)  # marid's own: §10
+    if cache is not None:
+        caches.check_sources(cache, [source.dir for source in sources], errors)
     if errors.by_field:
-        raise ManifestError(errors.by_field[KEY], raw.namespace, namespace_at)
+        others = {name: found for name, found in errors.by_field.items() if name != KEY}
+        raise ManifestError(errors.by_field.get(KEY, []), raw.namespace, namespace_at, others)
     jobs = [
         Job(job.stage or "", name, job.commands, arts, limit)
         for job, name, arts, limit in zip(raw.jobs, names, artifacts, job_timeouts, strict=True)
     ]
     allow = _unique(raw.allow_failures)
     return Manifest(
-        text, raw.namespace, driver, env, objects, sources, stages, allow, jobs, timeout, resources
+        text,
+        raw.namespace,
+        driver,
+        env,
+        objects,
+        sources,
+        stages,
+        allow,
+        jobs,
+        timeout,
+        resources,
+        cache,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from marid import builds, channels, manifest
+from marid import builds, caches, channels, manifest
 from marid.builds import Build
 from marid.manifest import Manifest
 from marid.namespaces import Namespace
@@ -71,7 +71,7 @@ async def submit(conn: asyncpg.Connection, sub: Submission) -> Build:
 
 
 async def submit_many(conn: asyncpg.Connection, subs: list[Submission]) -> list[Build]:
-    """Create the queued builds of `subs`, in order, in six or seven statements whatever their
+    """Create the queued builds of `subs`, in order, in six to eight statements whatever their
     number.
 
     Numbers are taken per owner in `subs` order. The owners' counter rows stay locked until
@@ -85,6 +85,14 @@ async def submit_many(conn: asyncpg.Connection, subs: list[Submission]) -> list[
     plans = [manifest.plan(sub.manifest, number) for sub, number in zip(subs, numbers, strict=True)]
     await _insert_plans(conn, subs, made, plans)
     await _insert_snapshots(conn, subs, made, tags, snapshot)
+    await caches.record(  # docs/manifest.md §10
+        conn,
+        [
+            (build.id, caches.Scope(sub.owner.id, sub.context[1]), sub.manifest.cache)
+            for sub, build in zip(subs, made, strict=True)
+            if sub.manifest.cache is not None
+        ],
+    )
     return made
 
 
@@ -451,11 +459,12 @@ async def restart(
     """A new queued build of `original`'s owner and namespace from its stored plan and
     snapshot, as frozen at its submission (docs/api.md §27): the same manifest, driver
     settings, time limit and resources; stages and jobs (the setup stage renamed for the new
-    number); variables, keys and objects. `author` restarted it: the trigger names them. Its
-    tag is `restart`, and `restart_of` links the original. With `resume` (`check_resume`), the
-    jobs before it are reused: never run, each with the status of the original's job it links,
-    and only a runner reaching the kept workspace takes the build. Runs in the caller's
-    transaction; the NOTIFY that wakes runners is sent when it commits."""
+    number); variables, keys, objects and its cache's scope. `author` restarted it: the
+    trigger names them. Its tag is `restart`, and `restart_of` links the original. With
+    `resume` (`check_resume`), the jobs before it are reused: never run, each with the status
+    of the original's job it links, and only a runner reaching the kept workspace takes the
+    build. Runs in the caller's transaction; the NOTIFY that wakes runners is sent when it
+    commits."""
     [number] = await _numbers(conn, [original.user_id])
     data = json.dumps({"email": author.email, "username": author.username})
     row = await conn.fetchrow(
@@ -524,6 +533,9 @@ async def restart(
             SELECT $2, object_id, source, name FROM build_objects WHERE build_id = $1 ORDER BY id
         ), tags AS (
             INSERT INTO build_tags (build_id, name, user_id) VALUES ($2, $4, $5)
+        ), caches AS (
+            INSERT INTO build_caches (build_id, user_id, namespace_id, key, paths)
+            SELECT $2, user_id, namespace_id, key, paths FROM build_caches WHERE build_id = $1
         )
         SELECT pg_notify($6, $7)
         """,

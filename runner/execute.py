@@ -18,6 +18,7 @@ from typing import Protocol
 
 from marid.manifest import format_duration, script
 from marid.output import Masker
+from marid.runner import caches
 from marid.runner.drivers.base import Driver, DriverError, Exit, SshKey
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class BuildSpec:
     # Why the create-driver job fails before it creates anything (a resumed build whose kept
     # workspace is gone); "" for none.
     setup_error: str = ""
+    cache: caches.CacheSpec | None = None  # the manifest's `cache:` (docs/manifest.md §10)
+    restore_cache: bool = True  # False: `cache` is saved, never restored (a resumed build)
 
 
 class Reporter(Protocol):
@@ -213,6 +216,9 @@ class Execution:
             if self.spec.setup_error:
                 raise DriverError(self.spec.setup_error.removeprefix("error: "))
             await self.driver.create(out)
+            if self.spec.cache is not None and self.spec.restore_cache:
+                # First: this build's objects win over stale copies.
+                await caches.restore(self.spec.cache, self.driver, lambda t: self._say(job, t))
             await self._place_objects(job)
             if self.spec.keys:
                 for name, location in (await self.driver.write_keys(self.spec.keys)).items():
@@ -244,6 +250,7 @@ class Execution:
         await self.reporter.job_started(job)
         self.line_start = True
         if not job.commands:
+            await self._save_cache(job, "passed")
             await self.reporter.job_finished(job, "passed", ran=True)
             return "passed"
 
@@ -266,11 +273,19 @@ class Execution:
             collected = await self._collect(job)
             if not collected and status == "passed" and self.spec.artifacts_required:
                 status = "passed_with_failures" if stage.allow_failures else "failed"
+        await self._save_cache(job, status)
         if reason:  # the last line says why the job ended, when not with exit status 0
             await self._say(job, reason)
         await self._flush(job)
         await self.reporter.job_finished(job, status, ran=True)
         return status
+
+    async def _save_cache(self, job: JobSpec, status: str) -> None:
+        """At the end of the build's last job, unless it failed: save the cache (§10)."""
+        last = [j for stage in self.spec.stages for j in stage.jobs][-1]
+        final = worst([*self.statuses, status])
+        if self.spec.cache is not None and job is last and final in SEVERITY[:2]:
+            await caches.save(self.spec.cache, self.driver, lambda t: self._say(job, t), final)
 
     async def _guard(
         self, work: Awaitable[None], limit: float, limit_reason: str

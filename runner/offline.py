@@ -83,7 +83,13 @@ def load(path: Path | None) -> Manifest:
     try:
         parsed = manifest.parse(text, DEFAULT_LIMITS)
     except ValidationError as exc:
-        raise Failure(EXIT_USAGE, "\n".join(exc.errors.get("manifest", []))) from None
+        own = [
+            f"{field}: {m}"
+            for field, found in exc.errors.items()
+            if field != "manifest"
+            for m in found
+        ]
+        raise Failure(EXIT_USAGE, "\n".join(exc.errors.get("manifest", []) + own)) from None
     if parsed.driver.type not in ("docker", "os"):
         raise Failure(EXIT_USAGE, f"driver {parsed.driver.type} cannot run offline (docker, os)")
     return parsed

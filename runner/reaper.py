@@ -52,11 +52,13 @@ from marid.runner.drivers.qemu import kept_disks, qemu_place
 
 log = logging.getLogger(__name__)
 
-# Prefixes of the temporary directories of runner/execute.py (objects, artifacts) and the
-# drivers (docker image archives; the os driver's workspace and scripts).
+# Prefixes of the temporary directories of runner/execute.py (objects, artifacts),
+# runner/caches.py (cache tars) and the drivers (docker image archives; the os driver's
+# workspace and scripts).
 RUNNER_DIRS = (
     "marid-object-",
     "marid-artifact-",
+    "marid-cache-",
     "marid-image-",
     WORKSPACE_PREFIX,
     "marid-scripts-",

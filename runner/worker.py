@@ -32,13 +32,14 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from marid import channels, keys, lifecycle, runners, variables, webhooks
+from marid import caches, channels, keys, lifecycle, runners, variables, webhooks
 from marid.blobs import BlobNotFound, BlobStore
 from marid.config import Config
 from marid.crypto import Cipher
 from marid.lifecycle import Claim, ClaimedBuild, LostLease
 from marid.listen import UNAVAILABLE, Listener
 from marid.runner import reaper
+from marid.runner.caches import server_cache
 from marid.runner.drivers.base import Driver, DriverError, Limits, SshKey
 from marid.runner.drivers.os import OsDriver, os_place
 from marid.runner.execute import (
@@ -418,6 +419,7 @@ class Worker:
         driver, and the driver's type."""
         async with self.pool.acquire() as conn:
             build = await lifecycle.load(conn, claim)
+            cache = await caches.of_build(conn, claim.build_id)
         env, secrets = self._environment(build)
         previous = build.previous if claim.attempt > 1 else None
         notices = [lifecycle.attempt_notice(claim.attempt, previous)] if previous else []
@@ -449,6 +451,9 @@ class Worker:
             artifact_max_size=self.config.artifacts.max_size,
             notice="\n".join(notices),
             keep_workspace=self.config.builds.keep_workspace > 0 and build.driver in self.places,
+            cache=server_cache(self.pool, self.blobs, self.config.caches, claim.build_id, cache),
+            # A resumed build's copied workspace holds what its cache paths held then.
+            restore_cache=build.resume is None,
         )
         driver = await self._driver(build)
         if build.resume is not None:

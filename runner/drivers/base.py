@@ -4,16 +4,19 @@ One driver instance serves one build. The engine calls, in order: `create()` onc
 `place_object()` / `write_keys()` during the setup job, then `run()` once per job (one job
 at a time) followed by `collect()` for each of that job's artifacts, and finally
 `destroy()` whatever happened. `stop()` may be called at any time from another task (kill,
-timeout) and must make a running `run()` return promptly.
+timeout) and must make a running `run()` return promptly. A build with a `cache:` (docs/manifest.md
+§10) also calls `extract()` during the setup job and `archive()` after its last job.
 """
 
 from __future__ import annotations
 
+import io
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 # Receives raw output bytes of a job as they are produced (stdout and stderr merged).
 OutputSink = Callable[[bytes], Awaitable[None]]
@@ -21,6 +24,29 @@ OutputSink = Callable[[bytes], Awaitable[None]]
 
 class DriverError(Exception):
     """A failure the engine reports in the job output (`str(exc)` is the reason)."""
+
+
+class TooLarge(DriverError):
+    """An archive() that grew past its `max_size`."""
+
+
+class Capped(io.RawIOBase):
+    """A writable file that passes writes on to `file` and raises TooLarge once more than
+    `max_size` bytes (0: no limit) were written."""
+
+    def __init__(self, file: BinaryIO, max_size: int) -> None:
+        self.file = file
+        self.max_size = max_size
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.written += len(data)
+        if self.max_size and self.written > self.max_size:
+            raise TooLarge(f"larger than {self.max_size} bytes")
+        return self.file.write(data)
 
 
 @dataclass(frozen=True)
@@ -102,6 +128,23 @@ class Driver(ABC):
     @abstractmethod
     async def stop(self) -> None:
         """Terminate the running job, if any (SIGTERM, SIGKILL after 10 s). Idempotent."""
+
+    async def archive(self, paths: list[str], destination: Path, max_size: int) -> list[str]:
+        """Write a tar of the workspace `paths` (relative, normalised, docs/manifest.md §10) to
+        the local file `destination`, members named by their path in the workspace, symbolic
+        links kept as links. Returns the paths that do not exist. Raises TooLarge past
+        `max_size` bytes (0: no limit), DriverError when it cannot be made."""
+        raise DriverError(f"caches are not supported by the {self.kind} driver")
+
+    async def extract(self, archive: Path) -> None:
+        """Unpack the tar `archive` (as archive() writes them) into the workspace; nothing it
+        holds may land outside. Raises DriverError."""
+        raise DriverError(f"caches are not supported by the {self.kind} driver")
+
+    @property
+    def kind(self) -> str:
+        """The driver type's name, for messages."""
+        return type(self).__name__.removesuffix("Driver").lower()
 
     async def clear_previous(self) -> None:  # noqa: B027 - optional, most drivers have nothing
         """Before a recovered attempt: remove what earlier attempts of this build left running

@@ -39,6 +39,7 @@ from requests import RequestException
 from marid.config import DEFAULT_CAP_DROP
 from marid.manifest import format_size
 from marid.runner.drivers.base import (
+    Capped,
     Driver,
     DriverError,
     Exit,
@@ -309,6 +310,23 @@ class DockerDriver(Driver):
         if self._last is None:
             raise DriverError(f"{source}: no job container to collect from")
         await asyncio.to_thread(self._collect, source, destination, max_size)
+
+    async def archive(self, paths: list[str], destination: Path, max_size: int) -> list[str]:
+        """The cache's tar, read from the volume through the helper container (docs/manifest.md
+        §10)."""
+        if self._helper is None:
+            self._helper = await self._make(self._create_helper)
+        return await asyncio.to_thread(
+            _cache_archive, self._helper, self._path, paths, destination, max_size
+        )
+
+    async def extract(self, archive: Path) -> None:
+        """Unpack the cache into the volume through the helper container; the engine keeps
+        every member inside the container, and only the volume outlives it."""
+        if self._helper is None:
+            self._helper = await self._make(self._create_helper)
+        with archive.open("rb") as file:
+            await asyncio.to_thread(_engine, self._helper.put_archive, self._workspace, file)
 
     async def stop(self) -> None:
         """Stop the running job container (SIGTERM, SIGKILL after 10 s); later runs don't start."""
@@ -715,6 +733,41 @@ def _artifact(source: str, tar: tarfile.TarFile, max_size: int) -> IO[bytes]:
     if max_size and member.size > max_size:
         raise DriverError(f"{source} exceeds the maximum artifact size of {max_size} bytes")
     return content
+
+
+def _cache_archive(
+    helper: Any, where: Callable[[str], str], paths: list[str], destination: Path, max_size: int
+) -> list[str]:
+    """Write the tar of the workspace `paths` (as `helper` sees them at `where(path)`) to
+    `destination`, members renamed from the engine's `<basename>/…` to `<path>/…`; the paths
+    that do not exist."""
+    missing = []
+    try:
+        with (
+            destination.open("wb") as file,
+            tarfile.open(
+                fileobj=Capped(file, max_size), mode="w|", format=tarfile.PAX_FORMAT
+            ) as out,
+        ):
+            for path in paths:
+                try:
+                    chunks, _ = helper.get_archive(where(path))
+                except NotFound:
+                    missing.append(path)
+                    continue
+                parent = posixpath.dirname(path)
+                reader = io.BufferedReader(_ChunkReader(iter(chunks)))
+                with tarfile.open(fileobj=reader, mode="r|") as tar:
+                    for member in tar:
+                        member.name = posixpath.join(parent, member.name)
+                        if member.islnk():  # hard links name a member of the same tar
+                            member.linkname = posixpath.join(parent, member.linkname)
+                        out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    except DockerException as exc:
+        raise DriverError(f"cannot archive the cache: {_reason(exc)}") from exc
+    except (tarfile.TarError, OSError) as exc:
+        raise DriverError(f"cannot archive the cache: {exc}") from exc
+    return missing
 
 
 def _tar(files: list[_File]) -> bytes:

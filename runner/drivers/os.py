@@ -10,14 +10,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import posixpath
 import resource
 import shutil
 import signal
 import socket
+import tarfile
 import tempfile
 from pathlib import Path
 
 from marid.runner.drivers.base import (
+    Capped,
     Driver,
     DriverError,
     Exit,
@@ -196,6 +199,38 @@ class OsDriver(Driver):
         except OSError as exc:
             raise DriverError(f"{source}: {exc.strerror}") from None
 
+    async def archive(self, paths: list[str], destination: Path, max_size: int) -> list[str]:
+        for path in paths:  # a path reached through a link out of the workspace is refused
+            self.inside(posixpath.dirname(path) or ".")
+        try:
+            return await asyncio.to_thread(self._archive, paths, destination, max_size)
+        except (tarfile.TarError, OSError) as exc:
+            raise DriverError(f"cannot archive the cache: {exc}") from None
+
+    def _archive(self, paths: list[str], destination: Path, max_size: int) -> list[str]:
+        assert self.workspace is not None
+        missing = []
+        with (
+            destination.open("wb") as file,
+            tarfile.open(
+                fileobj=Capped(file, max_size), mode="w|", format=tarfile.PAX_FORMAT
+            ) as tar,
+        ):
+            for path in paths:
+                full = self.workspace / path
+                if full.exists() or full.is_symlink():
+                    tar.add(full, arcname=path)  # recursive; links are not followed
+                else:
+                    missing.append(path)
+        return missing
+
+    async def extract(self, archive: Path) -> None:
+        assert self.workspace is not None
+        try:
+            await asyncio.to_thread(_extract, archive, self.workspace)
+        except (tarfile.TarError, OSError) as exc:
+            raise DriverError(f"cannot unpack the cache: {exc}") from None
+
     async def stop(self) -> None:
         process = self.process
         if process is None or process.returncode is not None:
@@ -225,6 +260,13 @@ class OsDriver(Driver):
         for directory in (self.workspace, self.scratch):
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+def _extract(archive: Path, workspace: Path) -> None:
+    # The `data` filter refuses absolute names, `..`, links leading out and device files: a
+    # cache is written by earlier builds' commands, so it is untrusted input.
+    with tarfile.open(archive, mode="r:") as tar:
+        tar.extractall(workspace, filter="data")
 
 
 async def _finished(task: asyncio.Task[None], seconds: float) -> bool:

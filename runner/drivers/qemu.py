@@ -320,6 +320,12 @@ class QemuDriver(Driver):
     async def collect(self, source: str, destination: Path, max_size: int) -> None:
         await self._require_guest().collect(source, destination, max_size)
 
+    async def archive(self, paths: list[str], destination: Path, max_size: int) -> list[str]:
+        return await self._require_guest().archive(paths, destination, max_size)
+
+    async def extract(self, archive: Path) -> None:
+        await self._require_guest().extract(archive)
+
     async def stop(self) -> None:
         """The job is signalled as on an ssh host; destroy() then powers the VM off."""
         if self.guest is not None:

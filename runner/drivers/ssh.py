@@ -28,6 +28,7 @@ import shlex
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
@@ -37,6 +38,7 @@ from marid.runner.drivers.base import (
     Exit,
     OutputSink,
     SshKey,
+    TooLarge,
     exited,
     signalled,
 )
@@ -50,6 +52,8 @@ READ_SIZE = 65536
 SSH_DIR = "/root/.ssh"
 SSH_CONFIG_HEAD = "\nStrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n\n"
 FILE_REGULAR, FILE_DIRECTORY = 1, 2  # SFTP file types (asyncssh.FILEXFER_TYPE_*)
+# Markers on the stderr of the cache's tar commands (archive, extract).
+_MISSING, _FAILED = "marid-cache-missing:", "marid-cache-tar-failed"
 
 
 @dataclass(frozen=True)
@@ -354,6 +358,48 @@ class SshDriver(Driver):
                             f"{source} exceeds the maximum artifact size of {max_size} bytes"
                         )
                     await asyncio.to_thread(local.write, chunk)
+
+    async def archive(self, paths: list[str], destination: Path, max_size: int) -> list[str]:
+        """The cache's tar, made by the host's `tar` (docs/manifest.md §10)."""
+        cap = f" | head -c {max_size + 1}" if max_size else ""
+        command = (
+            f"cd {shlex.quote(self.workspace)} || exit 1; set --; "
+            f"for p in {' '.join(shlex.quote(p) for p in paths)}; do "
+            'if [ -e "$p" ] || [ -L "$p" ]; then set -- "$@" "$p"; '
+            f'else echo "{_MISSING}$p" >&2; fi; done; '
+            f'[ $# -eq 0 ] || {{ tar -cf - -- "$@" || echo {_FAILED} >&2; }}{cap}'
+        )
+        with destination.open("wb") as file:
+            errors = await self._piped(command, stdout=file)
+        # Past max_size `head` stops reading, so tar fails too: the size is checked first.
+        if max_size and await asyncio.to_thread(os.path.getsize, destination) > max_size:
+            raise TooLarge(f"larger than {max_size} bytes")
+        missing = [line.removeprefix(_MISSING) for line in errors if line.startswith(_MISSING)]
+        if _FAILED in errors:
+            problems = [
+                line for line in errors if line != _FAILED and not line.startswith(_MISSING)
+            ]
+            raise DriverError(f"cannot archive the cache: {'; '.join(problems[-3:])}")
+        return missing
+
+    async def extract(self, archive: Path) -> None:
+        """Unpack the cache with the host's `tar`, which refuses members leaving the workspace."""
+        command = f"cd {shlex.quote(self.workspace)} && tar -xf - || echo {_FAILED} >&2"
+        with archive.open("rb") as file:
+            errors = await self._piped(command, stdin=file)
+        if _FAILED in errors:
+            problems = [line for line in errors if line != _FAILED]
+            raise DriverError(f"cannot unpack the cache: {'; '.join(problems[-3:])}")
+
+    async def _piped(self, command: str, **redirects: Any) -> list[str]:
+        """Run `command` with stdin or stdout redirected to a local file; its stderr lines."""
+        assert self.conn is not None
+        try:
+            done = await self.conn.run(command, encoding=None, **redirects)
+        except (OSError, asyncssh.Error) as exc:
+            raise DriverError(f"connection to the host lost: {describe(exc)}") from None
+        stderr = done.stderr if isinstance(done.stderr, bytes) else b""
+        return stderr.decode(errors="replace").splitlines()
 
     async def stop(self) -> None:
         """SIGTERM to the job's process group, SIGKILL after GRACE seconds; later runs don't

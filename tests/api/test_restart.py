@@ -359,3 +359,20 @@ async def test_a_resume_needs_the_workspace_kept_and_says_until_when_it_was(
     _, listed = await call(client, alice, "GET", "/builds")
     assert len(listed) == 1
     assert (await call(client, alice, "POST", "/b/alice/1/restart"))[0] == 201  # a whole one
+
+
+async def test_a_restart_keeps_the_originals_cache_scope(
+    client: TestClient, token: MakeToken, conn: asyncpg.Connection
+):
+    """The cache (docs/manifest.md §10) is part of the snapshot: the restart saves and restores
+    the same entry as the original."""
+    alice = await token(SCOPE)
+    original = await submit(client, alice, MANIFEST + "cache: {key: deps, paths: [vendor]}\n")
+    await finish(conn, original, "failed")
+    status, made = await call(client, alice, "POST", "/b/alice/1/restart")
+    assert status == 201, made
+    rows = await conn.fetch("SELECT build_id, key, paths FROM build_caches ORDER BY build_id")
+    assert [(r["build_id"], r["key"], r["paths"]) for r in rows] == [
+        (original["id"], "deps", ["vendor"]),
+        (made["id"], "deps", ["vendor"]),
+    ]

@@ -234,6 +234,8 @@ NOT_BLOB_KEYS = {
     ("build_keys", "key_sealed"),
     ("variables", "key"),
     ("build_variables", "key"),
+    ("caches", "key"),  # the manifest's cache key (docs/manifest.md §10); its tar: blob_key
+    ("build_caches", "key"),
 }
 
 

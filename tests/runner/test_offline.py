@@ -64,6 +64,20 @@ def test_stage_option_runs_setup_and_that_stage_only(tmp_path: Path):
     )
 
 
+def test_a_cache_is_checked_and_otherwise_ignored(tmp_path: Path):
+    (tmp_path / ".marid.yml").write_text(MANIFEST + "cache: [../up]\n")
+    result = marid_run(tmp_path)
+    assert (result.returncode, result.stderr) == (
+        2,
+        "marid run: cache: paths[0] must not contain ..\n",
+    )
+    (tmp_path / ".marid.yml").write_text(MANIFEST + "cache: [in]\n")
+    (tmp_path / "input.txt").write_text("x\n")
+    result = marid_run(tmp_path, "--stage", "build")
+    assert result.returncode == 0, result.stderr
+    assert "cache" not in result.stdout + result.stderr
+
+
 def test_invalid_manifest_and_usage_exit_2(tmp_path: Path):
     result = marid_run(tmp_path)
     assert result.returncode == 2

@@ -267,14 +267,16 @@ async def test_a_build_is_submitted_from_the_form_and_its_errors_shown_beside_th
     csrf = hidden(html, "csrf")
     resp, _ = await browser.post("/builds/new", {"manifest": MANIFEST})
     assert resp.status == 403
-    bad = "driver: {type: docker}\nstages: [s]\n"
+    bad = "driver: {type: docker}\nstages: [s]\ncache: [../up]\n"
     resp, html = await browser.post(
         "/builds/new", {"csrf": csrf, "manifest": bad, "comment": "c", "tags": "a, b"}
     )
     assert resp.status == 400
     errors = re.search(r'<ul class="field-errors" id="manifest-errors">(.*?)</ul>', html)
     assert errors and "Manifest driver docker requires image" in errors.group(1)
-    assert "driver: {type: docker}\nstages: [s]\n</textarea>" in html  # kept for fixing
+    errors = re.search(r'<ul class="field-errors" id="cache-errors">(.*?)</ul>', html)
+    assert errors and "paths[0] must not contain .." in errors.group(1)
+    assert f"{bad}</textarea>" in html  # kept for fixing
     assert 'value="a, b"' in html
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM builds") == 0
