@@ -150,6 +150,9 @@ class Scenario:
     load: Load | None = None
     busy: float = 0.0  # share of the machine's CPUs busy during the probes, anyone's work
     queued: int = 0  # builds queued (held back) while it ran, probes aside
+    # Seconds each process class ran, and waited runnable for a CPU, during the probes.
+    ran: dict[str, float] = field(default_factory=dict)
+    waited: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -357,13 +360,24 @@ async def run_probes(
     gap = args.gap / 1000
     for _ in range(args.warmup):
         await probe(session, conn, marid, gap)
-    start, machine = meter.snapshot(), machine_time()
+    classes = {"serve": [marid.serve.pid], "runner": [marid.runner.pid]}
+    classes["PostgreSQL"] = backends(meter.postmaster, conn.get_server_pid())
+    start, machine, before = meter.snapshot(), machine_time(), schedstats(classes)
     for number in range(args.probes):
         scenario.probes.append(await probe(session, conn, marid, gap))
         if (number + 1) % 50 == 0:
             print(f"bench: {scenario.name}: {number + 1} probes", file=sys.stderr, flush=True)
+    after = schedstats(classes)
     scenario.load = meter.since(start)
     scenario.busy = (machine_time() - machine) / scenario.load.seconds / MACHINE_CPUS
+    for name in classes:
+        scenario.ran[name] = sum(
+            ran - before[name].get(task, (0.0, 0.0))[0] for task, (ran, _) in after[name].items()
+        )
+        scenario.waited[name] = sum(
+            waited - before[name].get(task, (0.0, 0.0))[1]
+            for task, (_, waited) in after[name].items()
+        )
     rows = await conn.fetch(
         """
         SELECT b.id, extract(epoch FROM b.created_at)::float8 AS created,
@@ -381,6 +395,33 @@ async def run_probes(
         if row["runner"] != "bench":
             raise BenchError(f"probe build {p.build_id} was claimed by {row['runner']}")
         p.created, p.committed, p.claimed = row["created"], row["committed"], row["claimed"]
+
+
+def backends(postmaster: int, mine: int) -> list[int]:
+    """The PostgreSQL processes (postmaster and its children) but this script's backend."""
+    found = [postmaster]
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):  # processes come and go
+            if entry.name.isdigit() and int(entry.name) != mine:
+                ppid = (entry / "stat").read_text().rpartition(")")[2].split()[1]
+                if int(ppid) == postmaster:
+                    found.append(int(entry.name))
+    return found
+
+
+def schedstats(classes: dict[str, list[int]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per class, per thread (`pid/tid`) of its processes: seconds on a CPU and seconds
+    waiting runnable for one, so far (/proc/PID/task/TID/schedstat, in nanoseconds)."""
+    found: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, pids in classes.items():
+        found[name] = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):  # a process that ended
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    with contextlib.suppress(OSError, ValueError):
+                        ran, waited = (task / "schedstat").read_text().split()[:2]
+                        found[name][f"{pid}/{task.name}"] = (int(ran) / 1e9, int(waited) / 1e9)
+    return found
 
 
 def read_statements(log: Path) -> list[Statement]:
@@ -605,6 +646,12 @@ def report(scenarios: list[Scenario], explained: Explained, args: argparse.Names
         rows += [(f"  {name}", [t[name] for t in traced]) for name in STEPS]
         for label, values in rows:
             print(f"  {label:33} ms  {spread(values)}")
+        cpu = ", ".join(
+            f"{name} {s.ran[name] / len(probes) * 1000:.1f} ms on a CPU and "
+            f"{s.waited[name] / len(probes) * 1000:.1f} ms waiting for one"
+            for name in s.ran
+        )
+        print(f"  per probe, its whole cycle (submit, claim, run, finish): {cpu}")
         print(
             f"  p99 created -> claimed {p99:.2f} ms: {verdict} the {TARGET_MS:.0f} ms target"
             f"  (steps from the PostgreSQL log for {len(traced)} of {len(probes)} probes)"
