@@ -135,8 +135,9 @@ class Statement:
 
     pid: int
     start: float
-    end: float
+    end: float  # when its line was logged, to the millisecond (so start may be up to 1 ms early)
     text: str
+    seq: int  # its place in the log: the order of statements within one millisecond
 
     @property
     def ms(self) -> float:
@@ -434,7 +435,8 @@ def read_statements(log: Path) -> list[Statement]:
         match = DURATION.match(text, here.end(), after.start() if after else len(text))
         if match is not None:
             end, ms = float(here.group(1)), float(match.group(1))
-            found.append(Statement(int(here.group(2)), end - ms / 1000, end, match.group(2)))
+            start = end - ms / 1000
+            found.append(Statement(int(here.group(2)), start, end, match.group(2), len(found)))
     return found
 
 
@@ -464,7 +466,7 @@ def attach_statements(scenario: Scenario, statements: list[Statement]) -> None:
                 ]
         p.claim = next((s for s in claims if s.start - MS <= p.claimed <= s.end + MS), None)
         if p.claim is not None:
-            before = [s for s in recovers if p.committed <= s.start <= p.claim.start]
+            before = [s for s in recovers if p.committed - MS <= s.start and s.seq < p.claim.seq]
             p.recover = before[-1] if before else None
 
 
@@ -652,9 +654,15 @@ def report(scenarios: list[Scenario], explained: Explained, args: argparse.Names
             for name in s.ran
         )
         print(f"  per probe, its whole cycle (submit, claim, run, finish): {cpu}")
+        missing = {
+            "COMMIT": sum(p.commit is None for p in probes),
+            "claim": sum(p.claim is None for p in probes),
+            "round": sum(p.claim is not None and p.recover is None for p in probes),
+        }
         print(
             f"  p99 created -> claimed {p99:.2f} ms: {verdict} the {TARGET_MS:.0f} ms target"
-            f"  (steps from the PostgreSQL log for {len(traced)} of {len(probes)} probes)"
+            f"  (steps from the PostgreSQL log for {len(traced)} of {len(probes)} probes; not"
+            f" found: " + ", ".join(f"{name} {count}" for name, count in missing.items()) + ")"
         )
     times, notices = explained.times, explained.notices
     print(
