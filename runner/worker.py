@@ -176,8 +176,12 @@ class Worker:
 
         try:
             async with asyncio.timeout(PLACE_TIMEOUT):
-                self.docker = await asyncio.to_thread(docker.docker_client, self.config.docker.host)
-                info = await asyncio.to_thread(self.docker.info)
+                client = await asyncio.to_thread(docker.docker_client, self.config.docker.host)
+                info = await asyncio.to_thread(client.info)
+            if self.docker is None:
+                self.docker = client
+            else:  # one was given meanwhile (tests): it is the one used
+                await asyncio.to_thread(client.close)
             self.places["docker"] = f"docker:{info['ID']}"
         except Exception as exc:
             log.warning(

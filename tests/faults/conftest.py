@@ -109,6 +109,9 @@ class Installation:
             "rate_limit": {"enabled": False},
             "storage": {"backend": "fs", "path": str(self.blobs)},
             "logging": {"level": "info"},
+            # What a failed build leaves is checked here: it keeps no workspace for resuming
+            # (tests/runner/test_resume.py checks that a kept one is removed in the end).
+            "builds": {"keep_workspace": 0},
         }
         for name, section in sections.items():
             settings[name] = {**settings.get(name, {}), **section}

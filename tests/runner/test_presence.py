@@ -11,6 +11,7 @@ import asyncpg
 
 from marid import builds, runners
 from marid.config import Config
+from marid.runner.drivers.os import os_place
 from marid.runners import Offer
 from tests.runner.conftest import background_worker
 
@@ -39,7 +40,10 @@ async def test_a_runner_announces_its_drivers_while_it_runs_and_withdraws_when_i
                 os_config.runner.parallelism,
             )
             assert row["announce_interval"] == runners.interval_for(os_config.runner.lease)
-            waiting = builds.pending(await runners.offered(conn), "os")
-            assert waiting == builds.Pending(builds.WAITING)
+            assert row["places"] == [os_place()]  # where it keeps workspaces (docs/api.md §27)
+            first = builds.Hold(None, None, 0)  # nothing holds it back, nothing ahead
+            waiting = builds.pending(await runners.offered(conn), "os", first)
+            assert waiting == builds.Pending(builds.WAITING.format(ahead=0), 1)
         assert await conn.fetchval("SELECT count(*) FROM runners") == 0
-        assert builds.pending(await runners.offered(conn), "os") == builds.Pending(builds.NO_RUNNER)
+        gone = builds.pending(await runners.offered(conn), "os", first)
+        assert gone == builds.Pending(builds.NO_RUNNER, 1)
