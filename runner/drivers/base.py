@@ -4,7 +4,8 @@ One driver instance serves one build. The engine calls, in order: `create()` onc
 `place_object()` / `write_keys()` during the setup job, then `run()` once per job (one job
 at a time) followed by `collect()` for each of that job's artifacts, and finally
 `destroy()` whatever happened. `stop()` may be called at any time from another task (kill,
-timeout) and must make a running `run()` return promptly.
+timeout) and must make a running `run()` return promptly. Before all that, `expect()` tells
+the driver which jobs `run()` will be asked for, so that it may prepare one while another runs.
 """
 
 from __future__ import annotations
@@ -65,7 +66,23 @@ class SshKey:
     config: str
 
 
+@dataclass(frozen=True)
+class Upcoming:
+    """A job `run()` will be asked for, with the arguments it will be given."""
+
+    job: str
+    script: str
+    env: dict[str, str]
+
+
 class Driver(ABC):
+    def expect(self, jobs: list[Upcoming]) -> None:  # noqa: B027 - optional, a hint only
+        """The jobs `run()` will be called for, in this order, if the build goes that far (it
+        stops at a failed job, a kill or a time limit). A driver may prepare a job's
+        environment while earlier ones run (docker: docs/manifest.md §9.2), but nothing of a
+        job may run before `run()` is called for it; a call that differs from the list must
+        still work, as if nothing had been said."""
+
     @abstractmethod
     async def create(self, out: OutputSink) -> None:
         """Create the environment (docker: resolve/load the image, make the workspace volume;
