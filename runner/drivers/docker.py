@@ -35,6 +35,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.networks import Network
 from docker.types import LogConfig
+from docker.types.daemon import CancellableStream
 from requests import RequestException
 
 from marid.config import DEFAULT_CAP_DROP
@@ -523,7 +524,7 @@ class DockerDriver(Driver):
         async with self._start_lock:
             if self._stopped or not held.started:
                 return False
-            await asyncio.to_thread(_engine, _send_release, held.stdin)
+            await asyncio.to_thread(_send_release, held.stdin)
             self._running = held.container
         return True
 
@@ -711,10 +712,13 @@ async def _pump(
 
 def _send_release(stdin: Any) -> None:
     """Write RELEASE to a held shell and close its standard input (a half-close: the engine
-    then closes the container's stdin)."""
-    sock = getattr(stdin, "_sock", stdin)  # docker-py wraps the socket of a unix engine
-    sock.sendall(RELEASE)
-    sock.shutdown(socket.SHUT_WR)
+    then closes the container's stdin). Raises DriverError when the engine is gone."""
+    sock = getattr(stdin, "_sock", stdin)  # docker-py wraps the socket of a plain connection
+    try:
+        sock.sendall(RELEASE)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        raise DriverError(f"the job's container could not be told to start: {exc}") from exc
 
 
 _runtimes_seen: weakref.WeakKeyDictionary[docker.DockerClient, tuple[float, set[str]]] = (
@@ -764,7 +768,7 @@ def _pull(client: docker.DockerClient, name: str) -> tuple[Any, str]:
 def _close_stream(stream: Any) -> None:
     """Close an attach stream and its HTTP response: CancellableStream.close() shuts the
     socket but leaves the response holding it (ResourceWarning, docker/docker-py#3282)."""
-    if isinstance(stream, socket.SocketIO):  # attach_socket's, on a unix socket
+    if not isinstance(stream, CancellableStream):  # attach_socket's
         _close_socket(stream)
         return
     stream.close()
@@ -773,15 +777,16 @@ def _close_stream(stream: Any) -> None:
         response.close()
 
 
-def _close_socket(stream: socket.SocketIO) -> None:
+def _close_socket(stream: Any) -> None:
     """Close attach_socket's socket: the response first (it reads through `stream`), then
     the socket itself, which the pool no longer holds once the connection was upgraded."""
-    raw = stream._sock
+    raw = getattr(stream, "_sock", None)  # a SocketIO's socket (plain connections)
     response = getattr(stream, "_response", None)
     if response is not None:
         response.close()
     stream.close()
-    raw.close()
+    if raw is not None:
+        raw.close()
 
 
 class _ChunkReader(io.RawIOBase):
