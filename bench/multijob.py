@@ -5,19 +5,24 @@ most 0.6 times the time of 10 sequential `docker run --rm --network none IMAGE t
 
 A throwaway PostgreSQL cluster (durable settings) holds one migrated database with one user
 and a full-scope token. `marid serve` and `marid runner` run as separate processes on a
-loopback free port, with `drivers: [docker]`, `docker.network: none` and
-`runner.parallelism: 1`. Each round runs every variant of the runner's settings, the runner
-restarted with the variant's configuration, and for each variant a pair in alternating order
-(bare first, then build first in the next round): (a) ten sequential bare runs, timed from the
-first spawn to the last exit; (b) one build of ten jobs, timed from sending POST /builds until
-GET /b/<user>/<n> shows `passed` (polled every --poll-ms). The variants measure each means on
-its own:
+loopback free port, with `drivers: [docker]`, `docker.network: none` (--network build: marid's
+default) and `runner.parallelism: 1`. Each round runs every variant of the runner's settings,
+the runner restarted with the variant's configuration, and for each variant a pair in
+alternating order (bare first, then build first in the next round): (a) ten sequential bare
+runs, timed from the first spawn to the last exit; (b) one build of ten jobs, timed from
+sending POST /builds until GET /b/<user>/<n> shows `passed` (polled every --poll-ms). The
+variants measure each means on its own:
 
 - `runc, none ahead`: docker.runtime runc, docker.prepare_ahead 0: each job's container is
   made when the job is due, under the engine's default runtime;
 - `runc, 2 ahead`: the next two jobs' containers made and started while a job runs;
 - `crun, none ahead`: the faster runtime alone;
-- `crun, 2 ahead`: both (marid's defaults when the engine has crun).
+- `crun, 2 ahead`: both (marid's defaults when the engine has crun);
+- with --before TREE, `before` first: the runner of another tree (the code before this
+  change), with its defaults.
+
+With docker.network none every variant but `before` also makes its containers without an
+engine network (docs/manifest.md §9.2); the engine-only part below measures what that saves.
 
 A last part times the engine alone, with docker-py as marid calls it (create, attach, start,
 wait, remove; no marid): one container under runc and crun, with the engine's `none` network
@@ -28,7 +33,8 @@ Prints every pair with the machine's load during it, then per variant the median
 ratio against the 0.6 target. Everything it started is stopped and removed on exit, Ctrl-C
 included.
 
-    .venv/bin/python bench/multijob.py [--rounds N] [--jobs J] [--engine-rounds N]
+    .venv/bin/python bench/multijob.py [--rounds N] [--jobs J] [--network none|build]
+                                       [--engine-rounds N] [--before TREE]
 """
 
 from __future__ import annotations
@@ -128,6 +134,13 @@ def parse_args() -> argparse.Namespace:
         "--engine-rounds", type=int, default=12, help="containers per engine-only case (0-100)"
     )
     parser.add_argument(
+        "--network",
+        default="none",
+        choices=("none", "build"),
+        help="the runner's docker.network (default none, as the bare runs; build: marid's"
+        " default, a bridge network of each build's own)",
+    )
+    parser.add_argument(
         "--before",
         metavar="TREE",
         help="also run the runner from TREE (e.g. `git archive main | tar -x -C TREE`), with"
@@ -196,7 +209,7 @@ class Bench:
             drivers=["docker"],
             docker={
                 "host": ENGINE,
-                "network": "none",
+                "network": self.args.network,
                 **({} if variant.runtime is None else {"runtime": variant.runtime}),
                 **(
                     {}
@@ -415,6 +428,7 @@ def report(bench: Bench, engine: list[tuple[str, list[float]]]) -> None:
         " `docker run --rm --network none`"
     )
     print(f"machine: {cpu_model()}, load average now {load}; {args.rounds} rounds")
+    print(f"marid: docker.network {args.network}, runner.parallelism 1")
     print(
         f"{'variant':18} {'bare':>6} {'build':>6} {'ratio':>6}  {'queued':>6} {'create':>6} "
         f"{'jobs':>6} {'/job':>6} {'finish':>6}  others"
