@@ -58,18 +58,27 @@ async def make_driver(docker_engine: docker.DockerClient) -> AsyncIterator[Calla
         await driver.destroy()
 
 
-def containers(engine: docker.DockerClient, driver: DockerDriver) -> list[Any]:
-    return engine.containers.list(all=True, filters={"label": f"{LABEL_BUILD}={driver.build_id}"})
+def containers(engine: docker.DockerClient, driver: DockerDriver) -> list[dict[str, Any]]:
+    """The build's containers as the engine lists them (no inspect of each: one may be gone
+    by then)."""
+    filters = {"label": f"{LABEL_BUILD}={driver.build_id}"}
+    return list(engine.api.containers(all=True, filters=filters))
 
 
-async def held(engine: docker.DockerClient, driver: DockerDriver, job: str) -> Any:
+async def held(
+    engine: docker.DockerClient, driver: DockerDriver, job: str, recorder: Recorder | None = None
+) -> Any:
     """The container of `job`, once the engine has started it (held: its job waits)."""
-    async with asyncio.timeout(60):
-        while True:
-            for container in containers(engine, driver):
-                if container.labels.get("marid.job") == job and container.status == "running":
-                    return container
-            await asyncio.sleep(0.05)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                for found in containers(engine, driver):
+                    if found["Labels"].get("marid.job") == job and found["State"] == "running":
+                        return engine.containers.get(found["Id"])
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        seen = recorder and (recorder.status, recorder.output)
+        raise AssertionError(f"{job} not held; {containers(engine, driver)}; {seen}") from None
 
 
 @pytest.fixture
@@ -163,8 +172,8 @@ async def test_a_failed_job_never_runs_the_held_next_ones(
     )
     recorder = Recorder()
     running = asyncio.create_task(Execution(build, driver, recorder).run())
-    await held(docker_engine, driver, "next")  # both made and started while `fails` runs
-    await held(docker_engine, driver, "later")
+    await held(docker_engine, driver, "next", recorder)  # both made and started while `fails` runs
+    await held(docker_engine, driver, "later", recorder)
     watcher = observer(driver)
     watcher.exec_run(["touch", "/w/gate"])
 
@@ -188,7 +197,7 @@ async def test_a_kill_during_a_job_removes_the_held_containers_unrun(
     recorder = Recorder()
     execution = Execution(build, driver, recorder)
     running = asyncio.create_task(execution.run())
-    await held(docker_engine, driver, "next")
+    await held(docker_engine, driver, "next", recorder)
     watcher = observer(driver)
     await recorder.wait_for("long", "+ sleep 600")
 
@@ -254,7 +263,7 @@ async def test_without_prepare_ahead_each_container_is_made_when_its_job_is_due(
     first = asyncio.create_task(driver.run("a", script, {}, out))
     await out.wait_for("started")
 
-    assert [c.labels["marid.job"] for c in containers(docker_engine, driver)] == ["a"]
+    assert [c["Labels"]["marid.job"] for c in containers(docker_engine, driver)] == ["a"]
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
