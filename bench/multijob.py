@@ -7,7 +7,8 @@ A throwaway PostgreSQL cluster (durable settings) holds one migrated database wi
 and a full-scope token. `marid serve` and `marid runner` run as separate processes on a
 loopback free port, with `drivers: [docker]`, `docker.network: none` (--network build: marid's
 default) and `runner.parallelism: 1`. Each round runs every variant of the runner's settings,
-the runner restarted with the variant's configuration, and for each variant a pair in
+the runner restarted with the variant's configuration (and given one untimed build, which
+also pays for the runner's start), and for each variant a pair in
 alternating order (bare first, then build first in the next round): (a) ten sequential bare
 runs, timed from the first spawn to the last exit; (b) one build of ten jobs, timed from
 sending POST /builds until GET /b/<user>/<n> shows `passed` (polled every --poll-ms). The
@@ -225,8 +226,9 @@ class Bench:
         env = None if variant.tree is None else {"PYTHONPATH": variant.tree}
         return Process("marid runner", marid_argv("runner", path), log, env=env)
 
-    def use(self, variant: Variant) -> None:
-        """Restart the runner with `variant`'s settings unless it runs with them."""
+    async def use(self, session: aiohttp.ClientSession, variant: Variant) -> None:
+        """Restart the runner with `variant`'s settings unless it runs with them, then run one
+        untimed build: a runner's first build also pays for its start (imports, connections)."""
         assert self.marid is not None
         if self.current == variant:
             return
@@ -235,6 +237,7 @@ class Bench:
         self.marid.runner.start()
         self.marid.runner.wait_for_line(RUNNER_READY, READY_TIMEOUT)
         self.current = variant
+        await self.build(session)
 
     def start(self, stack: contextlib.ExitStack) -> None:
         token = asyncio.run(prepare(self.cluster, self.first_build_id))
@@ -252,10 +255,9 @@ class Bench:
         stack.callback(lambda: self.marid and self.marid.serve.stop())
         stack.callback(lambda: self.marid and self.marid.runner.stop())  # the current one
         serve.start()
-        self.marid.runner = self.runner(VARIANTS[0])
+        self.marid.runner = self.runner(self.variants[0])
         self.marid.runner.start()
         self.marid.runner.wait_for_line(RUNNER_READY, READY_TIMEOUT)
-        self.current = VARIANTS[0]
         stack.callback(lambda: remove_leftovers(self.client, self.session_label, self.build_ids))
         self.events = EngineEvents(self.client)
         stack.callback(self.events.close)
@@ -308,14 +310,13 @@ class Bench:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, self.marid)
             for variant in self.variants:  # warm-up: every runner once, the engine's caches
-                self.use(variant)
-                await self.build(session)
+                await self.use(session, variant)
             await self.bare()
             for number in range(self.args.rounds):
                 # Each round visits the variants in the other direction: drift hits all alike.
                 order = self.variants if number % 2 == 0 else self.variants[::-1]
                 for variant in order:
-                    self.use(variant)
+                    await self.use(session, variant)
                     pair = await self.pair(session, variant, number)
                     self.pairs.append(pair)
                     print(
