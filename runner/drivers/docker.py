@@ -1,8 +1,14 @@
 """The docker driver (docs/manifest.md §9.2): one volume per build, one container per job.
 
+A job's container is made and started before its turn, while the jobs before it run
+(docker.prepare_ahead of them, as Driver.expect announced), its shell held on its standard
+input until run() releases it: a job waits for its container's start only when its turn comes
+sooner (issue 14, bench/README.md).
+
 Every container it makes runs with `no-new-privileges` and without the capabilities of
-`docker.cap_drop`, under `docker.runtime`; with `docker.network: build` the job containers
-join a bridge network of the attempt's own (docs/security.md §2).
+`docker.cap_drop`, under `docker.runtime` (else crun when the engine has it); with
+`docker.network: build` the job containers join a bridge network of the attempt's own
+(docs/security.md §2), with `none` no engine network at all.
 
 The docker SDK is blocking: every call runs in a worker thread (`asyncio.to_thread`), except
 the output stream of a running job, which gets a thread of its own (see `_pump`).
