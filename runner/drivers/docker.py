@@ -2,8 +2,8 @@
 
 A job's container is made and started before its turn, while the jobs before it run
 (docker.prepare_ahead of them, as Driver.expect announced), its shell held on its standard
-input until run() releases it: a job waits for its container's start only when its turn comes
-sooner (issue 14, bench/README.md).
+input until run() releases it: a job waits for its container only if its turn comes before
+the container is up (issue 14, bench/README.md).
 
 Every container it makes runs with `no-new-privileges` and without the capabilities of
 `docker.cap_drop`, under `docker.runtime` (else crun when the engine has it); with
