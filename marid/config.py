@@ -150,6 +150,9 @@ PULL_BOOLEANS = {True: "if-not-present", False: "never"}
 DEFAULT_CAP_DROP = ["NET_RAW", "MKNOD", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP", "SETPCAP"]
 
 
+MAX_PREPARE_AHEAD = 8  # each held container keeps a shell and an init process alive
+
+
 @dataclass(frozen=True)
 class DockerConfig:
     host: str = "unix:///var/run/docker.sock"
@@ -157,8 +160,15 @@ class DockerConfig:
     # Job containers' network: "build" (a bridge network of the build's own, made for each
     # attempt), the name of an engine network, "none", or None (the engine's default network).
     network: str | None = "build"
-    runtime: str | None = None  # an OCI runtime the engine knows (e.g. runsc); None = its default
+    # An OCI runtime the engine knows (e.g. runsc); None = crun if it has it, else its default
+    runtime: str | None = None
     cap_drop: list[str] = field(default_factory=lambda: list(DEFAULT_CAP_DROP))
+    # Job containers made and started (held) ahead of their turn, while the job before runs.
+    prepare_ahead: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prepare_ahead <= MAX_PREPARE_AHEAD:
+            raise ConfigError(f"docker.prepare_ahead: must be from 0 to {MAX_PREPARE_AHEAD}")
 
 
 @dataclass(frozen=True)

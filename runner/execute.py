@@ -19,7 +19,7 @@ from typing import Protocol
 from marid.manifest import format_duration, script
 from marid.output import Masker
 from marid.runner import caches
-from marid.runner.drivers.base import Driver, DriverError, Exit, SshKey
+from marid.runner.drivers.base import Driver, DriverError, Exit, SshKey, Upcoming
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class Execution:
         after the environment is removed."""
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + self.spec.timeout
+        self.driver.expect(self._upcoming())
         finished: set[str] = set()
         ended = False  # the jobs ran to the build's end: not a failure outside them
         try:
@@ -185,6 +186,16 @@ class Execution:
                 if job.name not in finished:
                     await self.reporter.job_finished(job, final, ran=False)
         return final
+
+    def _upcoming(self) -> list[Upcoming]:
+        """The jobs `_job` will hand the driver, in order, if none stops the build: the setup
+        job, jobs without commands and reused jobs run no script."""
+        jobs = [job for stage in self.spec.stages for job in stage.jobs][1:]
+        return [
+            Upcoming(job.name, script([job.commands]), self.spec.env)
+            for job in jobs
+            if job.commands and job.reused is None  # a resumed build's reused jobs never run
+        ]
 
     async def _emit(self, job: JobSpec, data: bytes) -> None:
         if data:

@@ -519,6 +519,7 @@ class Worker:
             instance=self.instance,
             runtime=self.config.docker.runtime,
             cap_drop=self.config.docker.cap_drop,
+            prepare_ahead=self.config.docker.prepare_ahead,
         )
 
     def _ssh_driver(self, build: ClaimedBuild) -> Driver:

@@ -5,7 +5,9 @@ One driver instance serves one build. The engine calls, in order: `create()` onc
 at a time) followed by `collect()` for each of that job's artifacts, and finally
 `destroy()` whatever happened. `stop()` may be called at any time from another task (kill,
 timeout) and must make a running `run()` return promptly. A build with a `cache:` (docs/manifest.md
-§10) also calls `extract()` during the setup job and `archive()` after its last job.
+§10) also calls `extract()` during the setup job and `archive()` after its last job. Before all
+that, `expect()` tells the driver which jobs `run()` will be asked for, so that it may prepare
+one while another runs.
 """
 
 from __future__ import annotations
@@ -91,11 +93,27 @@ class SshKey:
     config: str
 
 
+@dataclass(frozen=True)
+class Upcoming:
+    """A job `run()` will be asked for, with the arguments it will be given."""
+
+    job: str
+    script: str
+    env: dict[str, str]
+
+
 class Driver(ABC):
     # A resumed build's driver (docs/api.md §27): where the workspace it starts from is, as
     # `keep` returned it for the original. Set before `create`, which then fills the new
     # workspace with a copy of it; only drivers that `keep` workspaces are given one.
     start_from: str | None = None
+
+    def expect(self, jobs: list[Upcoming]) -> None:  # noqa: B027 - optional, a hint only
+        """The jobs `run()` will be called for, in this order, if the build goes that far (it
+        stops at a failed job, a kill or a time limit). A driver may prepare a job's
+        environment while earlier ones run (docker: docs/manifest.md §9.2), but nothing of a
+        job may run before `run()` is called for it; a call that differs from the list must
+        still work, as if nothing had been said."""
 
     @abstractmethod
     async def create(self, out: OutputSink) -> None:

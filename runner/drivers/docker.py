@@ -1,8 +1,14 @@
 """The docker driver (docs/manifest.md §9.2): one volume per build, one container per job.
 
+A job's container is made and started before its turn, while the jobs before it run
+(docker.prepare_ahead of them, as Driver.expect announced), its shell held on its standard
+input until run() releases it: a job waits for its container only if its turn comes before
+the container is up (issue 14, bench/README.md).
+
 Every container it makes runs with `no-new-privileges` and without the capabilities of
-`docker.cap_drop`, under `docker.runtime`; with `docker.network: build` the job containers
-join a bridge network of the attempt's own (docs/security.md §2).
+`docker.cap_drop`, under `docker.runtime` (else crun when the engine has it); with
+`docker.network: build` the job containers join a bridge network of the attempt's own
+(docs/security.md §2), with `none` no engine network at all.
 
 The docker SDK is blocking: every call runs in a worker thread (`asyncio.to_thread`), except
 the output stream of a running job, which gets a thread of its own (see `_pump`).
@@ -20,10 +26,12 @@ import posixpath
 import re
 import secrets
 import shutil
+import socket
 import tarfile
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +42,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.networks import Network
 from docker.types import LogConfig
+from docker.types.daemon import CancellableStream
 from requests import RequestException
 
 from marid.config import DEFAULT_CAP_DROP
@@ -46,6 +55,7 @@ from marid.runner.drivers.base import (
     Limits,
     OutputSink,
     SshKey,
+    Upcoming,
     exited,
 )
 
@@ -64,6 +74,23 @@ KEPT_MOUNT = "/.marid-kept"  # where a resumed build's copy reads the kept volum
 # (put_archive) costs the engine ~50 ms of CPU per job (bench/README.md). Linux caps one
 # argument at 128 KiB, so larger scripts are still copied in.
 INLINE_SCRIPT_MAX = 64 * 1024
+# A job container's shell is started held: it waits for this line on its standard input (which
+# the driver writes when run() is called for the job) before it runs the job script, so that a
+# container can be made and started while the job before runs (docs/manifest.md §9.2). Any
+# other input, or none (the runner died), ends it without running anything.
+RELEASE = b"run\n"
+HOLD = 'IFS= read -r go && [ "$go" = run ] || exit 1; {}exec "$0" "$@" </dev/null'
+# With docker.network none the engine makes no network for a job container (it still gets a
+# network namespace of its own, loopback only) and so writes no /etc/hosts: the held shell
+# writes what the engine would, unless the image has one.
+HOSTS = (
+    '{ [ -s /etc/hosts ] || printf "127.0.0.1\\tlocalhost\\n'
+    '::1\\tlocalhost ip6-localhost ip6-loopback\\n" >/etc/hosts; } 2>/dev/null; '
+)
+# The OCI runtime used when docker.runtime is not set and the engine has it: it starts a
+# container in less time and CPU than runc (bench/README.md, multi-job builds).
+FAST_RUNTIME = "crun"
+RUNTIMES_TTL = 60.0  # seconds the engine's list of runtimes is reused for
 STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL (docs/manifest.md §6.10)
 STOPPED_STATUS = 128 + 9  # what `run` returns for a job that a stop() kept from starting
 # A job's output still arriving after it was stopped is passed on for this long (seconds).
@@ -104,6 +131,24 @@ class _File:
     mode: int
 
 
+@dataclass
+class _Held:
+    """A job container whose shell waits for RELEASE, and its two attached streams."""
+
+    container: Any
+    output: Any  # stdout and stderr, attached before the start so that none is missed
+    stdin: Any  # a socket; RELEASE is written to it, then it is closed
+    started: bool  # False when a stop() came before the start
+
+
+@dataclass
+class _Next:
+    """A job expect() announced, and once it is being prepared, the making of its container."""
+
+    upcoming: Upcoming
+    making: asyncio.Task[_Held] | None = None
+
+
 def docker_client(host: str) -> docker.DockerClient:
     """A client for the engine at `host` (config `docker.host`); raises DockerException if down."""
     return docker.DockerClient(base_url=host)
@@ -134,6 +179,7 @@ class DockerDriver(Driver):
         pull_setting: str = "docker.pull",
         runtime: str | None = None,
         cap_drop: list[str] | None = None,
+        prepare_ahead: int = 2,
     ) -> None:
         self._client = client
         self._instance = instance
@@ -142,7 +188,9 @@ class DockerDriver(Driver):
         self._workspace = _absolute(workspace)
         self._limits = limits
         self._network = network  # docker.network: BUILD_NETWORK, a network's name, none or None
-        self._runtime = runtime  # docker.runtime; None: the engine's default
+        self._runtime = runtime  # docker.runtime; None: FAST_RUNTIME if the engine has it
+        self._prepare_ahead = prepare_ahead  # docker.prepare_ahead: containers made ahead
+        self._next: list[_Next] = []  # the jobs run() is expected for, in order
         self._cap_drop = list(DEFAULT_CAP_DROP if cap_drop is None else cap_drop)
         self._pull = pull  # docker.pull: never, if-not-present or always (docs/configuration.md)
         self._pull_setting = pull_setting  # where the policy came from, for the messages
@@ -162,10 +210,11 @@ class DockerDriver(Driver):
         self._last: Any = None  # the last job's container, kept for `collect`
         self._running: Any = None
         self._stopped = False
-        self._start_lock = asyncio.Lock()  # orders a container start against stop()
+        self._start_lock = asyncio.Lock()  # orders a job's release against stop()
         self._making: set[asyncio.Future[Any]] = set()  # see _make
-        # Output streams of job containers not closed yet: run() closes its own, destroy() any
-        # left by a run() that was cancelled before it had the stream in hand.
+        self._holding: set[asyncio.Task[_Held]] = set()  # containers being made and held
+        # Streams of job containers not closed yet: run() closes its own job's, destroy() those
+        # of prepared jobs that never ran and any left by a run() that was cancelled.
         self._streams: list[Any] = []
 
     @property
@@ -184,10 +233,13 @@ class DockerDriver(Driver):
         await remove_leftovers(self._client, self.build_id, self._instance)
 
     async def create(self, out: OutputSink) -> None:
-        """Check docker.runtime, resolve the image (h.2), then create the workspace volume and,
-        with docker.network `build`, the build's network."""
+        """Check docker.runtime (or, without one, look for FAST_RUNTIME), resolve the image
+        (h.2), then create the workspace volume and, with docker.network `build`, the build's
+        network."""
         if self._runtime is not None:
             await asyncio.to_thread(self._check_runtime, self._runtime)
+        elif FAST_RUNTIME in await asyncio.to_thread(_runtimes, self._client):
+            self._runtime = FAST_RUNTIME
         self._image_id = await self._resolve_image(out)
         await self._make(self._client.volumes.create, self.volume, labels=self._labels)
         log.info("build %d: created volume %s", self.build_id, self.volume)
@@ -237,23 +289,31 @@ class DockerDriver(Driver):
             await self._place(file)
         return {key.name: f"{SSH_DIR}/{key.name}" for key in ordered}
 
+    def expect(self, jobs: list[Upcoming]) -> None:
+        """Note the jobs to come: from the first run() on, the containers of the next
+        docker.prepare_ahead of them are made and started, held, while the job before runs."""
+        self._next = [_Next(upcoming) for upcoming in jobs]
+
     async def run(self, job: str, script: str, env: dict[str, str], out: OutputSink) -> Exit:
-        """Run `script` in a new container, streaming its output; returns how it ended."""
+        """Release `script` in its container (made now, or ahead while the previous job ran),
+        streaming its output; returns how it ended."""
         previous, self._last = self._last, None
         if self._stopped:
             await self._remove(previous)
             return exited(STOPPED_STATUS)
-        # The previous container goes while the next is made: job overhead is engine time.
-        made = self._make(self._create_job, job, script.encode(), env)
-        _, (self._last, stream) = await asyncio.gather(self._remove(previous), made)
+        making = self._take(Upcoming(job, script, env))
+        self._prepare()
+        # The previous container goes while this one is made or released.
+        _, held = await asyncio.gather(self._remove(previous), making)
+        self._last = held.container
         try:
-            if not await self._start(self._last):
+            if not await self._release(held):
                 return exited(STOPPED_STATUS)
-            await _pump(stream, out, self._last.name, self._close_streams)
-            ending = await asyncio.to_thread(self._ending, self._last)
+            await _pump(held.output, out, held.container.name, lambda: self._close(held))
+            ending = await asyncio.to_thread(self._ending, held.container)
         finally:
             self._running = None
-            await asyncio.to_thread(self._close_streams)
+            await asyncio.to_thread(self._close, held)
         if ending.reason == REMOVED:
             self._last = None  # nothing left to collect artifacts from
         log.info("build %d: job %s: %s", self.build_id, job, ending.reason or "exit status 0")
@@ -329,7 +389,8 @@ class DockerDriver(Driver):
             await asyncio.to_thread(_engine, self._helper.put_archive, self._workspace, file)
 
     async def stop(self) -> None:
-        """Stop the running job container (SIGTERM, SIGKILL after 10 s); later runs don't start."""
+        """Stop the running job container (SIGTERM, SIGKILL after 10 s); later runs don't start,
+        and no held container is released."""
         self._stopped = True
         async with self._start_lock:  # a start in progress finishes first, then gets stopped
             container = self._running
@@ -343,18 +404,25 @@ class DockerDriver(Driver):
             log.warning("build %d: stopping %s failed: %s", self.build_id, container.name, exc)
 
     async def destroy(self) -> None:
-        """Remove this attempt's containers, volume and network (by label), once every engine
-        call that makes one has returned. Never raises."""
+        """Remove this attempt's containers (held ones too: their jobs never run), volume and
+        network (by label), once every engine call that makes one has returned. Never raises."""
         await self._remove_made(volumes=True)
 
     async def keep(self) -> str | None:
-        """Remove this attempt's containers and network, keep its workspace volume (docs/api.md
-        §27): its name. The runners' reapers remove it once it is no longer kept."""
+        """Remove this attempt's containers (held ones unrun) and network, keep its workspace
+        volume (docs/api.md §27): its name. The runners' reapers remove it once it is no longer
+        kept."""
         await self._remove_made(volumes=False)
         return self.volume
 
     async def _remove_made(self, volumes: bool) -> None:
         self._stopped = True
+        self._next = []
+        holding = set(self._holding)
+        for making in holding:  # no further step: each stops at its current engine call
+            making.cancel()
+        if holding:
+            await asyncio.wait(holding)
         while self._making:  # calls a kill or timeout cancelled the caller of (see _make)
             await asyncio.wait(set(self._making))
         await asyncio.to_thread(self._close_streams)
@@ -497,23 +565,73 @@ class DockerDriver(Driver):
             cap_drop=self._cap_drop,
         )
 
-    def _create_job(self, job: str, script: bytes, env: dict[str, str]) -> tuple[Any, Any]:
-        """A created job container holding the script and the files kept for every job, and
-        the stream of its output (attached before it starts, so none is missed)."""
+    def _take(self, upcoming: Upcoming) -> asyncio.Task[_Held]:
+        """The making of `upcoming`'s container: the one prepared ahead, else a new one. Jobs
+        expected before it will not run: their held containers wait for destroy()."""
+        for index, expected in enumerate(self._next):
+            if expected.upcoming == upcoming:
+                del self._next[: index + 1]
+                return expected.making or self._hold(upcoming)
+        return self._hold(upcoming)
+
+    def _prepare(self) -> None:
+        """Start making the containers of the next docker.prepare_ahead expected jobs."""
+        for expected in self._next[: self._prepare_ahead]:
+            if expected.making is None:
+                expected.making = self._hold(expected.upcoming)
+
+    def _hold(self, upcoming: Upcoming) -> asyncio.Task[_Held]:
         self._jobs += 1
-        network = {} if self.network is None else {"network_mode": self.network}
+        task = asyncio.ensure_future(self._made_and_held(upcoming, f"{self._prefix}-{self._jobs}"))
+        self._holding.add(task)
+        task.add_done_callback(self._holding.discard)
+        task.add_done_callback(_retrieve)  # a held job that never runs: its error is nobody's
+        return task
+
+    async def _made_and_held(self, upcoming: Upcoming, name: str) -> _Held:
+        """Create, attach to and start a job's container, its shell held until _release()."""
+        held = await self._make(self._create_job, upcoming, name)
+        if not self._stopped:  # a job that cannot run any more needs no start
+            await self._make(held.container.start)
+            held.started = True
+        return held
+
+    async def _release(self, held: _Held) -> bool:
+        """Let the held job run unless stop() came first; returns whether it runs."""
+        async with self._start_lock:
+            if self._stopped or not held.started:
+                return False
+            await asyncio.to_thread(_send_release, held.stdin)
+            self._running = held.container
+        return True
+
+    def _create_job(self, upcoming: Upcoming, name: str) -> _Held:
+        """A created job container holding the script and the files kept for every job, and
+        its streams: output, and the standard input its held shell waits on."""
+        network: dict[str, Any] = {} if self.network is None else {"network_mode": self.network}
+        if self._network == "none":
+            # No engine network: the engine then skips its network set-up (a prestart hook that
+            # re-executes dockerd, ~100 ms a container). The namespace is still the
+            # container's own, with only a loopback interface, as with the `none` network.
+            network["network_disabled"] = True
         runtime = {} if self._runtime is None else {"runtime": self._runtime}
+        script = upcoming.script.encode()
         inline = len(script) <= INLINE_SCRIPT_MAX
+        # The trailing newline keeps the shell from exec-ing the last command, as when it
+        # reads a file: it stays to report a killed command ("Killed").
+        job = ["-c", script.decode().rstrip("\n") + "\n"] if inline else [SCRIPT_PATH]
+        # An unheld shell would see no SHLVL of the engine's; the held one must not pass its own on.
+        unset = "" if "SHLVL" in upcoming.env else "unset SHLVL; "
+        hold = (HOSTS if self._network == "none" else "") + HOLD.format(unset)
         container = _engine(
             self._client.containers.create,
             self._require_image(),
             entrypoint=["/bin/sh"],
-            # The trailing newline keeps the shell from exec-ing the last command, as when it
-            # reads a file: it stays to report a killed command ("Killed").
-            command=["-c", script.decode().rstrip("\n") + "\n"] if inline else [SCRIPT_PATH],
-            name=f"{self._prefix}-{self._jobs}",
-            labels={**self._labels, "marid.job": job},
-            environment=env,
+            command=["-c", hold, "/bin/sh", *job],
+            stdin_open=True,  # and StdinOnce: the engine closes it once RELEASE was sent
+            name=name,
+            labels={**self._labels, "marid.job": upcoming.job},
+            environment=upcoming.env,
             working_dir=self._workspace,
             volumes={self.volume: {"bind": self._workspace, "mode": "rw"}},
             mem_limit=self._limits.memory,
@@ -535,9 +653,12 @@ class DockerDriver(Driver):
             files.append(_File(SCRIPT_PATH, script, 0o644))
         if files:
             _engine(container.put_archive, "/", _tar(files))
-        stream = _engine(container.attach, stream=True)
-        self._streams.append(stream)
-        return container, stream
+        output = _engine(container.attach, stream=True)
+        self._streams.append(output)
+        params = {"stdin": 1, "stream": 1}
+        stdin = _engine(self._client.api.attach_socket, container.id, params=params)
+        self._streams.append(stdin)
+        return _Held(container, output, stdin, started=False)
 
     def _collect(self, source: str, destination: Path, max_size: int) -> None:
         chunks = self._archive(source)
@@ -562,15 +683,6 @@ class DockerDriver(Driver):
             raise DriverError(f"{source}: {_reason(exc)}") from exc
         return iter(chunks)
 
-    async def _start(self, container: Any) -> bool:
-        """Start `container` unless stop() came first; returns whether it started."""
-        async with self._start_lock:
-            if self._stopped:
-                return False
-            await self._make(container.start)
-            self._running = container
-        return True
-
     async def _make(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`call(*args, **kwargs)` in a worker thread, for the calls that create or start a
         container, or create the volume or the network.
@@ -587,13 +699,22 @@ class DockerDriver(Driver):
         return await asyncio.shield(future)
 
     def _close_streams(self) -> None:
-        """Close the output streams still open (in a worker thread: run() and destroy() may
-        both be closing)."""
+        """Close the streams still open (in a worker thread: run() and destroy() may both be
+        closing)."""
         while True:
             try:
                 stream = self._streams.pop()
             except IndexError:
                 return
+            _close_stream(stream)
+
+    def _close(self, held: _Held) -> None:
+        """Close the streams of one job's container, unless destroy() already has."""
+        for stream in (held.output, held.stdin):
+            try:
+                self._streams.remove(stream)
+            except ValueError:
+                continue
             _close_stream(stream)
 
     async def _remove(self, container: Any) -> None:
@@ -666,6 +787,38 @@ async def _pump(
         raise
 
 
+def _send_release(stdin: Any) -> None:
+    """Write RELEASE to a held shell and close its standard input (a half-close: the engine
+    then closes the container's stdin). Raises DriverError when the engine is gone."""
+    sock = getattr(stdin, "_sock", stdin)  # docker-py wraps the socket of a plain connection
+    try:
+        sock.sendall(RELEASE)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        raise DriverError(f"the job's container could not be told to start: {exc}") from exc
+
+
+_runtimes_seen: weakref.WeakKeyDictionary[docker.DockerClient, tuple[float, set[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _runtimes(client: docker.DockerClient) -> set[str]:
+    """The engine's OCI runtimes (`docker info`), asked at most every RUNTIMES_TTL seconds
+    per client: the answer costs ~13 ms and changes only when the engine's configuration is
+    reloaded. Empty when the engine cannot say."""
+    now = time.monotonic()
+    seen = _runtimes_seen.get(client)
+    if seen is None or now - seen[0] > RUNTIMES_TTL:
+        try:
+            runtimes = set(client.info().get("Runtimes") or {})
+        except DockerException as exc:
+            log.warning("listing the engine's runtimes failed: %s", exc)
+            runtimes = set()
+        seen = _runtimes_seen[client] = (now, runtimes)
+    return seen[1]
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark an engine call's error as seen: when its caller was cancelled, it is nobody's to
     report (destroy() removes what the call made)."""
@@ -692,10 +845,25 @@ def _pull(client: docker.DockerClient, name: str) -> tuple[Any, str]:
 def _close_stream(stream: Any) -> None:
     """Close an attach stream and its HTTP response: CancellableStream.close() shuts the
     socket but leaves the response holding it (ResourceWarning, docker/docker-py#3282)."""
+    if not isinstance(stream, CancellableStream):  # attach_socket's
+        _close_socket(stream)
+        return
     stream.close()
     response = getattr(stream, "_response", None)
     if response is not None:
         response.close()
+
+
+def _close_socket(stream: Any) -> None:
+    """Close attach_socket's socket: the response first (it reads through `stream`), then
+    the socket itself, which the pool no longer holds once the connection was upgraded."""
+    raw = getattr(stream, "_sock", None)  # a SocketIO's socket (plain connections)
+    response = getattr(stream, "_response", None)
+    if response is not None:
+        response.close()
+    stream.close()
+    if raw is not None:
+        raw.close()
 
 
 class _ChunkReader(io.RawIOBase):

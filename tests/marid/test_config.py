@@ -110,6 +110,8 @@ def test_sizes_durations_and_partial_sections(tmp_path: Path):
             "docker.pull: must be one of never, if-not-present, always, not 'sometimes'",
         ),
         ("docker: {pull: 1}\n", "docker.pull: must be one of never, if-not-present, always, not 1"),
+        ("docker: {prepare_ahead: -1}\n", "docker.prepare_ahead: must be a non-negative integer"),
+        ("docker: {prepare_ahead: 9}\n", "docker.prepare_ahead: must be from 0 to 8"),
         ("drivers: [warp]\n", "drivers: unknown driver 'warp'"),
         (
             "database: {dsn: x, pool_size: -1}\n",

@@ -190,21 +190,23 @@ async def test_jobs_run_in_the_workspace_and_share_its_volume(driver: DockerDriv
 
 
 async def test_jobs_run_as_the_image_user_with_an_init(driver: DockerDriver) -> None:
-    out = await run(driver, "id -u; tr '\\0' ' ' < /proc/1/cmdline")
+    script = "id -u; tr '\\0' ' ' < /proc/1/cmdline; echo; tr '\\0' ' ' < /proc/$$/cmdline"
+    out = await run(driver, script)
 
-    # Small scripts reach /bin/sh as `-c SCRIPT` (no copy into the container).
-    assert out.text.splitlines() == [
-        "0",
-        "/sbin/docker-init -- /bin/sh -c id -u; tr '\\0' ' ' < /proc/1/cmdline",
-        " ",
-    ]
+    # Small scripts reach /bin/sh as `-c SCRIPT` (no copy into the container): the held shell,
+    # the init's child, became that shell.
+    uid, init, *_ = out.text.splitlines()
+    assert uid == "0"
+    assert init.startswith("/sbin/docker-init -- /bin/sh -c ")
+    assert out.text.endswith(f"\n/bin/sh -c {script}\n ")
+    assert (await run(driver, "echo $PPID")).text == "1\n"
 
 
 async def test_large_scripts_are_copied_into_the_container(driver: DockerDriver) -> None:
     padding = "# " + "x" * 70 * 1024 + "\n"  # over INLINE_SCRIPT_MAX
-    out = await run(driver, padding + "tr '\\0' ' ' < /proc/1/cmdline")
+    out = await run(driver, padding + "tr '\\0' ' ' < /proc/$$/cmdline")
 
-    assert out.text == "/sbin/docker-init -- /bin/sh /.marid/job.sh "
+    assert out.text == "/bin/sh /.marid/job.sh "
 
 
 async def test_limits_are_set_on_the_job_container(
