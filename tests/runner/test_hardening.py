@@ -213,8 +213,10 @@ async def test_docker_network_build_gives_the_attempt_a_network_of_its_own(
     # Both jobs joined it (one after the other: the same first address).
     prefix = subnet.split("/")[0].rsplit(".", 1)[0]
     assert one.text.startswith(prefix) and two.text == one.text
-    (job,) = containers_of(docker_engine, first)
-    assert job.attrs["HostConfig"]["NetworkMode"] == network.name
+    # The build's sandbox alone joined it; the job shared the sandbox's network namespace.
+    by_role = {c.labels.get("marid.role"): c for c in containers_of(docker_engine, first)}
+    assert by_role["network"].attrs["HostConfig"]["NetworkMode"] == network.name
+    assert by_role[None].attrs["HostConfig"]["NetworkMode"] == f"container:{by_role['network'].id}"
 
     await first.destroy()
 
