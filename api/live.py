@@ -85,7 +85,12 @@ class Live:
         conn.add_termination_listener(self._lost)
         self.conn = conn
 
-    def _lost(self, _conn: object) -> None:
+    def _lost(self, conn: object) -> None:
+        if conn is self.conn:
+            # Forgotten, whether or not asyncpg has marked it closed yet: the database is back
+            # only once a new LISTEN connection is made. A pooled connection may still answer
+            # for a moment while the server shuts down, and must not end the outage.
+            self.conn = None
         if not self._stopping:
             self.database_away("connection lost")
 
