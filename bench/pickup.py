@@ -87,8 +87,8 @@ PENDING_TEXT = "JOIN build_holds($2)"  # marid/builds.py `holds`, a queued build
 CLAIM_TEXT = "FROM claim_build("
 RECOVER_TEXT = "SELECT id, attempt, kill_requested FROM builds"
 # The claim as the runner makes it (no author limit), and explained.
-CLAIM = "SELECT * FROM claim_build('explain', ARRAY['os'], 60, NULL)"
-EXPLAIN = "EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM claim_build('explain', ARRAY['os'], 60, NULL)"
+CLAIM = "SELECT * FROM claim_build('explain', ARRAY['os'], 60, NULL, ARRAY[]::text[])"
+EXPLAIN = "EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM claim_build('explain', ARRAY['os'], 60, NULL, ARRAY[]::text[])"
 
 
 @dataclass
