@@ -88,7 +88,7 @@ CLAIM_TEXT = "FROM claim_build("
 RECOVER_TEXT = "SELECT id, attempt, kill_requested FROM builds"
 # The claim as the runner makes it (no author limit), and explained.
 CLAIM = "SELECT * FROM claim_build('explain', ARRAY['os'], 60, NULL, ARRAY[]::text[])"
-EXPLAIN = "EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM claim_build('explain', ARRAY['os'], 60, NULL, ARRAY[]::text[])"
+EXPLAIN = f"EXPLAIN (ANALYZE, BUFFERS) {CLAIM}"
 
 
 @dataclass
