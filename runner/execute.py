@@ -225,7 +225,7 @@ class Execution:
 
         async def setup() -> None:
             if self.spec.setup_error:
-                raise DriverError(self.spec.setup_error.removeprefix("error: "))
+                raise DriverError(self.spec.setup_error)
             await self.driver.create(out)
             if self.spec.cache is not None and self.spec.restore_cache:
                 # First: this build's objects win over stale copies.

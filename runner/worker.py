@@ -472,9 +472,9 @@ class Worker:
         assert build.resume is not None
         kept, original = build.resume.workspace, build.resume.original
         if kept is None:
-            return None, f"error: the workspace of build #{original} is no longer kept"
+            return None, f"the workspace of build #{original} is no longer kept"
         if kept.driver != build.driver or self.places.get(kept.driver) != kept.place:
-            return None, f"error: the workspace of build #{original} is not on this runner"
+            return None, f"the workspace of build #{original} is not on this runner"
         return kept.location, ""
 
     def _environment(self, build: ClaimedBuild) -> tuple[dict[str, str], list[str]]:

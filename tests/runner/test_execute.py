@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +200,38 @@ async def test_workspace_is_removed(tmp_path: Path):
     _, rec, _ = await run(build)
     workspace = rec.output["a"].splitlines()[-1]
     assert not Path(workspace).exists()
+
+
+async def test_a_failed_build_keeps_its_workspace_only_when_asked_and_never_after_passing():
+    """Driver.keep instead of destroy (docs/api.md §27): for a build that failed, with
+    keep_workspace; a build that passed, or one not asked to, removes everything."""
+    failing = [StageSpec("s", False, [JobSpec("a", "pwd; touch made; exit 1")])]
+    status, rec, execution = await run(spec(*failing, keep_workspace=True))
+    workspace = Path(rec.output["a"].splitlines()[1])
+    assert status == "failed" and execution.kept == str(workspace)
+    assert (workspace / "made").is_file()
+    shutil.rmtree(workspace)
+    _, rec, execution = await run(spec(*failing))
+    assert execution.kept is None and not Path(rec.output["a"].splitlines()[1]).exists()
+    passing = [StageSpec("s", False, [JobSpec("a", "pwd")])]
+    _, rec, execution = await run(spec(*passing, keep_workspace=True))
+    assert execution.kept is None and not Path(rec.output["a"].splitlines()[-1]).exists()
+
+
+async def test_reused_jobs_do_not_run_and_a_setup_error_fails_create_driver_first():
+    """A resumed build's reused jobs count with their status and never run; a setup error (its
+    kept workspace is gone) fails create-driver before anything is created."""
+    build = spec(
+        StageSpec("one", False, [JobSpec("a", "echo never", reused="passed")]),
+        StageSpec("two", False, [JobSpec("b", "echo runs")]),
+    )
+    status, rec, _ = await run(build)
+    assert status == "passed" and rec.started == ["create-driver", "b"]
+    assert "a" not in rec.status  # its row already says what it reuses
+    status, rec, _ = await run(dataclasses.replace(build, setup_error="the workspace is gone"))
+    assert status == "failed"
+    assert rec.output["create-driver"] == "error: the workspace is gone\n"
+    assert rec.status["b"] == ("failed", False)
 
 
 async def test_a_background_process_does_not_keep_the_job_running():
