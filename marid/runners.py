@@ -51,11 +51,16 @@ async def announce(
     started_at: datetime | None = None,
     author_limit: int | None = None,
     places: Sequence[str] = (),
+    version: str = __version__,
+    hostname: str | None = None,
+    pid: int | None = None,
 ) -> None:
     """Record that runner `name` is alive now, claims builds of `drivers`, up to `parallelism`
     at once, at most `author_limit` of one author's running (None: no limit), reaches the kept
     workspaces of `places` (docs/api.md §27), and announces again within `interval` seconds.
-    `started_at` replaces the row's start time; None keeps it (or takes now for a new row)."""
+    `started_at` replaces the row's start time; None keeps it (or takes now for a new row).
+    `version`, `hostname` and `pid` are this process's unless given (a registered runner's,
+    announced by the API: marid/remote.py)."""
     await conn.execute(
         """
         INSERT INTO runners AS r (name, drivers, parallelism, version, hostname, pid,
@@ -72,9 +77,9 @@ async def announce(
         name,
         list(drivers),
         parallelism,
-        __version__,
-        socket.gethostname(),
-        os.getpid(),
+        version,
+        socket.gethostname() if hostname is None else hostname,
+        os.getpid() if pid is None else pid,
         interval,
         started_at,
         author_limit,
