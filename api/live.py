@@ -1,8 +1,9 @@
 """One LISTEN connection per API process, fanning database notifications out to waiters.
 
 Runners `NOTIFY marid_output, '<job id>'` when they append output or a job ends; triggers
-`NOTIFY marid_access` when who may read a build changes. SSE handlers wait here instead of each
-holding a database connection, and never poll (issue 11 row 13).
+`NOTIFY marid_access` when who may read a build changes, and `marid_builds` when the queue
+changes (runners on other machines wait for work here: api/runner.py). SSE handlers wait here
+instead of each holding a database connection, and never poll (issue 11 row 13).
 
 It is also the process's watch on the database (docs/api.md §1.4): the LISTEN connection is the
 first to see PostgreSQL go away, and requests that find it away say so. Either way the outage
@@ -40,6 +41,18 @@ class Live:
         self.down_since: float | None = None  # time.monotonic() when this outage was seen
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        # Set (and replaced) by every `BUILDS` notification: runner claims waiting for work
+        # (api/runner.py) wait on it.
+        self._queue = asyncio.Event()
+
+    def queue_event(self) -> asyncio.Event:
+        """An event set by the next change to the queue (or an outage, in which one may have
+        been missed). Take it before looking at the queue, then wait on it."""
+        return self._queue
+
+    def _queue_changed(self, *_args: object) -> None:
+        self._queue.set()
+        self._queue = asyncio.Event()
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
@@ -50,6 +63,7 @@ class Live:
         self._wake_all()
 
     def _wake_all(self) -> None:
+        self._queue_changed()
         self.access_generation += 1
         for events in self.waiters.values():
             for event in events:
@@ -79,6 +93,7 @@ class Live:
         try:
             await conn.add_listener(channels.OUTPUT, self._notified)
             await conn.add_listener(channels.ACCESS, self._access_changed)
+            await conn.add_listener(channels.BUILDS, self._queue_changed)
         except BaseException:
             conn.terminate()
             raise

@@ -386,6 +386,10 @@ def document(
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "basic": {"type": "http", "scheme": "basic"},
+                # The runner protocol's tokens (docs/runners.md §2), each a bearer token.
+                "enrolmentToken": {"type": "http", "scheme": "bearer", "bearerFormat": "mre_"},
+                "runnerToken": {"type": "http", "scheme": "bearer", "bearerFormat": "mrr_"},
+                "jobToken": {"type": "http", "scheme": "bearer", "bearerFormat": "mrj_"},
             },
         },
     }

@@ -27,7 +27,9 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     """Answer 429 past the key's limit; otherwise count the request and let `add_headers`
     put the X-RateLimit headers on whatever response it gets (streamed ones too)."""
     limiter = request.config_dict.get(RATE_LIMITER)
-    if limiter is None:
+    if limiter is None or request.path.startswith(limiter.runner_paths):
+        # The runner protocol (api/runner.py): a runner's requests are its builds' work,
+        # authenticated by tokens too long to guess.
         return await handler(request)
     settings = limiter.settings
     caller = await basic(request) or await bearer(request)

@@ -180,6 +180,8 @@ class RunnerConfig:
     # or loses its lease is retried until then (docs/manifest.md §6.13).
     max_attempts: int = 3
     retry_delay: Annotated[float, Duration] = 10.0  # before the 2nd attempt; doubled each time
+    # What a runner on another machine says of itself (docs/runners.md): listed by GET /runners.
+    labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -9,7 +9,7 @@ marid/submit.py creates a build `queued`. From there a runner `claim`s it (`runn
 a running one's runner to stop; any runner's `recover_expired` requeues builds whose lease ran
 out, or ends them with `finish_killed` when their kill was asked.
 
-Every write a runner makes after its claim passes the fence first (`_fence`, the SQL function
+Every write a runner makes after its claim passes the fence first (`fence`, the SQL function
 `fence_build` of migrations/0011_build_lifecycle.sql): it locks the build row until the
 caller's transaction ends, or raises LostLease when the build is no longer `running` under the
 claimed attempt. So a runner presumed dead cannot change a build that was recovered or
@@ -81,7 +81,7 @@ async def next_retry(conn: asyncpg.Connection, drivers: list[str]) -> float | No
     return None if seconds is None else max(float(seconds), 0.0)
 
 
-async def _fence(conn: asyncpg.Connection, claim: Claim) -> None:
+async def fence(conn: asyncpg.Connection, claim: Claim) -> None:
     """Lock the build row until the caller's transaction ends, if `claim` still holds the
     build; LostLease otherwise. Every runner write calls this first."""
     if not conn.is_in_transaction():
@@ -98,7 +98,7 @@ async def _fence(conn: asyncpg.Connection, claim: Claim) -> None:
 async def renew(conn: asyncpg.Connection, claim: Claim, lease: float) -> bool:
     """Extend the lease to `lease` seconds from now; returns whether a kill was requested.
     Fenced."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     killed = await conn.fetchval(
         """
         UPDATE builds SET lease_expires_at = now() + make_interval(secs => $2)
@@ -304,7 +304,7 @@ async def _objects(conn: asyncpg.Connection, build_id: int) -> list[Object]:
 
 async def job_started(conn: asyncpg.Connection, claim: Claim, job_id: int) -> None:
     """The job is `running`. Fenced."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     await conn.execute(
         """
         UPDATE build_jobs SET status = 'running', started_at = now()
@@ -327,7 +327,7 @@ async def append_output(
     (docs/api.md §19) when the caller commits; the chunks starting in the byte range `forget`
     go (output over builds.max_output, docs/architecture.md §6.1). A chunk already at `offset`
     is this one, written again after a commit whose acknowledgement was lost: kept. Fenced."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     await conn.execute(
         """
         INSERT INTO build_job_output (job_id, attempt, byte_offset, text)
@@ -366,7 +366,7 @@ async def job_finished(
     as they are otherwise. One that never started keeps no times and no output
     (docs/manifest.md §6.1). A job that has ended already (the write repeated after a commit
     whose acknowledgement was lost) stays as it ended. Readers wake on commit. Fenced."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     size = await conn.fetchval(
         """
         SELECT coalesce(sum(octet_length(text)), 0) FROM build_job_output
@@ -413,7 +413,7 @@ async def job_finished(
 
 async def object_placed(conn: asyncpg.Connection, claim: Claim, object_id: int) -> None:
     """The build object `object_id` was placed in the workspace. Fenced."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     await conn.execute(
         "UPDATE build_objects SET placed = true WHERE build_id = $1 AND id = $2",
         claim.build_id,
@@ -423,7 +423,7 @@ async def object_placed(conn: asyncpg.Connection, claim: Claim, object_id: int) 
 
 async def key_placed(conn: asyncpg.Connection, claim: Claim, name: str, location: str) -> None:
     """The SSH key `name` was written at `location`. Fenced."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     await conn.execute(
         "UPDATE build_keys SET location = $3 WHERE build_id = $1 AND name = $2",
         claim.build_id,
@@ -438,7 +438,7 @@ async def artifact_recorded(
     """The artifact `name` now has the content `blob`, collected from `source` after the job.
     Returns the blob key it replaced, to delete after commit. Fenced; LookupError when the
     build declares no such artifact."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     row = await conn.fetchrow(
         """
         WITH old AS (
@@ -474,7 +474,7 @@ async def build_finished(
 ) -> None:
     """The build ends with `status` (docs/manifest.md §6.9), leaving `kept`, its workspace,
     for `keep_for` seconds for resuming it (docs/api.md §27). Fenced."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     await _end(conn, claim.build_id, status)
     if kept is not None:
         await conn.execute(
@@ -610,7 +610,7 @@ async def attempt_failed(
     database, decryption, a lost lease; docs/manifest.md §6.13). Before `max_attempts` the build
     is queued again, claimable after `delay` seconds; on the last it ends `failed` with
     `marid: attempt N of M failed: <reason>; giving up` as its last line. Fenced."""
-    await _fence(conn, claim)
+    await fence(conn, claim)
     return await _attempt_over(conn, claim, reason, max_attempts, delay)
 
 

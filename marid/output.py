@@ -332,4 +332,33 @@ class Capped:
 
     def drop_line(self) -> str:
         """The line between the head and the tail, on a line of its own."""
+        return self.written().drop_line()
+
+    def written(self) -> Written:
+        """What was written of the job's output so far, for storing it once it ends."""
+        return Written(self.printed, self.head, self.head_newline, self.tail)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A runner's account of one job's output when it ends (Capped.written): the bytes it
+    printed, where the head ended (None: all of it was kept), whether the head ends a line,
+    and the bytes of the window kept after it."""
+
+    printed: int
+    head: int | None = None
+    head_newline: bool = True
+    tail: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return 0 if self.head is None else self.printed - self.head - self.tail
+
+    def drop_line(self) -> str:
         return ("" if self.head_newline else "\n") + drop_line(self.dropped, self.printed)
+
+    def valid(self) -> bool:
+        """Whether the account adds up (one sent over HTTP is checked before it is used)."""
+        if self.printed < 0 or self.tail < 0:
+            return False
+        return self.head is None or (self.head >= 0 and self.head + self.tail <= self.printed)

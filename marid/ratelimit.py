@@ -23,12 +23,14 @@ class Limiter:
     counts: dict[str, int] = field(default_factory=dict)
     proxies: tuple[Network, ...] = ()
     uncounted: frozenset[str] = frozenset()  # paths of GET /health and GET /metrics
+    runner_paths: str = "/runner/"  # the runner protocol's, not limited (api/runner.py)
 
     def __post_init__(self) -> None:
         self.proxies = tuple(
             ipaddress.ip_network(entry, strict=False) for entry in self.settings.trusted_proxies
         )
         self.uncounted = frozenset(self.api_prefix + path for path in ("/health", "/metrics"))
+        self.runner_paths = self.api_prefix + "/runner/"
 
     def take(self, key: str, limit: int, now: float) -> tuple[bool, int, int]:
         """Count one request for `key` unless it is over `limit`; returns (allowed, remaining

@@ -86,8 +86,6 @@ def check_enrolment(name: Any, expires_in: Any, errors: Errors) -> None:
         errors.add("expires_in", "Expires in must be a number of seconds up to ten years")
 
 
-
-
 async def create_enrolment(
     conn: asyncpg.Connection, name: str, created_by: int | None, expires_in: float | None
 ) -> tuple[Enrolment, str]:

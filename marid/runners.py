@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -34,6 +36,15 @@ ALIVE_INTERVALS = 3  # a runner is alive this many intervals after announcing (r
 FORGET_AFTER = 3600.0  # seconds after its last announcement that a dead runner's row is deleted
 WITHDRAW_TIMEOUT = 5.0  # seconds a stopping runner gives its withdrawal (else its row goes stale)
 INTERVAL = 10.0  # seconds: the interval of runner.lease's default, 30 s (`interval_for`)
+
+
+def instance_of(dsn: str) -> str:
+    """A stable name for the database an installation's runners serve (host, port, database;
+    never the password): containers are labelled with it, as installations may share a Docker
+    engine. A runner on another machine learns it when it registers (api/runner.py)."""
+    parts = urlsplit(dsn)
+    where = f"{parts.hostname}:{parts.port}{parts.path}"
+    return hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 def interval_for(lease: float) -> float:

@@ -1,4 +1,7 @@
-"""The runner's Reporter: execution events written to PostgreSQL through marid/lifecycle.py.
+"""The runner's Reporters: execution events written to PostgreSQL through marid/lifecycle.py
+and marid/reports.py (`DbReporter`, an in-process runner), or sent to the API
+(runner/remote.py `HttpReporter`, which the API applies with the same functions). Both buffer
+and cap output the same way (`BufferedReporter`).
 
 Each write is one short transaction that passes the lifecycle's fence first: once the build
 has moved on (recovered by another runner, or finished) it changes nothing and raises
@@ -14,18 +17,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import asyncpg
 
-from marid import jobs, lifecycle, output, webhooks
+from marid import lifecycle, output, reports
 from marid.blobs import BlobStore
 from marid.config import BuildsConfig
 from marid.lifecycle import Claim, LostLease
 from marid.listen import UNAVAILABLE
-from marid.runner.execute import InfrastructureError, JobSpec, ObjectSpec, describe
+from marid.runner.execute import InfrastructureError, JobSpec, ObjectSpec, Reporter, describe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,19 +58,22 @@ class Lease:
         self.lapsed, self.reason = True, reason
 
 
-class DbReporter:
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        blobs: BlobStore,
-        claim: Claim,
-        api_url: str,
-        lease: Lease,
-        max_output: int = BuildsConfig.max_output,
-    ) -> None:
-        self.pool = pool
-        self.api_url = api_url  # for webhook payloads
-        self.blobs = blobs
+class Reporting(Reporter, Protocol):
+    """A Reporter the worker also flushes and tells how the build ended."""
+
+    async def flush(self) -> None: ...
+
+    async def build_finished(
+        self, status: str, kept: lifecycle.KeptWorkspace | None = None, keep_for: float = 0.0
+    ) -> None: ...
+
+
+class BufferedReporter(ABC):
+    """The output buffering both reporters share: masked text is buffered briefly, capped at
+    builds.max_output (output.Capped) and sent in chunks (`_append`); every write is tried
+    again while the server cannot be reached and the lease lasts (`_retry`)."""
+
+    def __init__(self, claim: Claim, lease: Lease, max_output: int) -> None:
         self.claim = claim
         self.lease = lease
         self.max_output = max_output  # builds.max_output: bytes kept of each job's output
@@ -77,24 +84,33 @@ class DbReporter:
         self.flusher: asyncio.TimerHandle | None = None
         self.lock = asyncio.Lock()
 
-    async def _write(self, write: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """`write` in a transaction of its own (the fence's lock lasts until it ends), tried
-        again while the database is away and the lease lasts; LostLease once it lapsed."""
+    async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, tried again while the server is away (UNAVAILABLE) and the lease lasts;
+        LostLease once it lapsed."""
         delay = RETRY_FIRST
         while True:
             if self.lease.lapsed:
                 raise LostLease(f"build {self.claim.build_id}: {self.lease.reason}")
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    return await write(conn)
+                return await attempt()
             except UNAVAILABLE:
                 if self.lease.left() <= 0:
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
-    async def job_started(self, job: JobSpec) -> None:
-        await self._write(lambda conn: lifecycle.job_started(conn, self.claim, _job_id(job)))
+    @abstractmethod
+    async def _append(
+        self, job_id: int, chunks: list[tuple[int, str]], forget: tuple[int, int] | None
+    ) -> None:
+        """Store the chunks (offset, text) of a job's output, then forget the byte range
+        `forget`."""
+
+    @abstractmethod
+    async def _finish_job(
+        self, job_id: int, status: str, ran: bool, written: output.Written | None
+    ) -> None:
+        """The job ended: its output stored once, as `written` accounts for it."""
 
     async def job_output(self, job: JobSpec, text: str) -> None:
         """Buffer `text`: a flush starts in the background at FLUSH_BYTES, or after
@@ -128,77 +144,61 @@ class DbReporter:
                 placed, forget = capped.place("".join(texts))
                 chunks = _split(placed)
                 if chunks:
-                    await self._write(self._appending(job_id, chunks, forget))
-
-    def _appending(
-        self, job_id: int, chunks: list[tuple[int, str]], forget: tuple[int, int] | None
-    ) -> Callable[[asyncpg.Connection], Awaitable[None]]:
-        """Every chunk in one transaction (one commit however much was buffered), then the
-        window's oldest chunks forgotten (output.Capped)."""
-
-        async def append(conn: asyncpg.Connection) -> None:
-            for index, (offset, text) in enumerate(chunks):
-                last = index == len(chunks) - 1
-                await lifecycle.append_output(
-                    conn, self.claim, job_id, offset, text, forget if last else None
-                )
-
-        return append
+                    await self._append(job_id, chunks, forget)
 
     async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
         await self.flush()
         job_id = _job_id(job)
         capped = self.outputs.pop(job_id, None)
-        final = await self._store_output(job_id, capped) if ran and capped else None
+        await self._finish_job(job_id, status, ran, capped.written() if capped else None)
+
+
+class DbReporter(BufferedReporter):
+    """The in-process runner's reporter: each write one short transaction of its own."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        blobs: BlobStore,
+        claim: Claim,
+        api_url: str,
+        lease: Lease,
+        max_output: int = BuildsConfig.max_output,
+    ) -> None:
+        super().__init__(claim, lease, max_output)
+        self.pool = pool
+        self.api_url = api_url  # for webhook payloads
+        self.blobs = blobs
+
+    async def _write(self, write: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`write` in a transaction of its own (the fence's lock lasts until it ends), tried
+        again while the database is away and the lease lasts; LostLease once it lapsed."""
+
+        async def attempt() -> T:
+            async with self.pool.acquire() as conn, conn.transaction():
+                return await write(conn)
+
+        return await self._retry(attempt)
+
+    async def job_started(self, job: JobSpec) -> None:
+        await self._write(lambda conn: lifecycle.job_started(conn, self.claim, _job_id(job)))
+
+    async def _append(
+        self, job_id: int, chunks: list[tuple[int, str]], forget: tuple[int, int] | None
+    ) -> None:
+        await self._write(lambda conn: reports.append(conn, self.claim, job_id, chunks, forget))
+
+    async def _finish_job(
+        self, job_id: int, status: str, ran: bool, written: output.Written | None
+    ) -> None:
         try:
-            await self._write(
-                lambda conn: lifecycle.job_finished(conn, self.claim, job_id, status, ran, final)
+            await self._retry(
+                lambda: reports.finish_job(
+                    self.pool, self.blobs, self.claim, job_id, status, ran, written
+                )
             )
-        except Exception:
-            if final is not None and final.blob_key is not None:
-                with contextlib.suppress(Exception):  # else the API's reaper removes it
-                    await self.blobs.delete(final.blob_key)
-            raise
-
-    async def _store_output(self, job_id: int, capped: output.Capped) -> output.Final | None:
-        """The job's whole output stored once (docs/architecture.md §6.1): None when it fits
-        in its row as it is (lifecycle.job_finished joins the chunks there); else in the blob
-        store, or as text for the row when the drop line made it short enough."""
-        if not capped.dropped and capped.printed <= output.ROW_LIMIT:
-            return None
-        line = capped.drop_line() if capped.dropped else ""
-        size = capped.printed - capped.dropped + len(line.encode())
-        head = capped.head if capped.dropped else None
-        tail = capped.tail if capped.dropped else None
-        pieces = self._stored_pieces(job_id, head, line)
-        if size <= output.ROW_LIMIT:
-            text = b"".join([piece async for piece in pieces]).decode()
-            return output.Final(size, capped.printed, head, tail, text=text)
-        try:
-            blob = await self.blobs.put(pieces)
-        except Exception as exc:  # the blob store's failure, not the user's: a new attempt
-            raise InfrastructureError(f"storing job output: {describe(exc)}") from exc
-        return output.Final(blob.size, capped.printed, head, tail, blob_key=blob.key)
-
-    async def _stored_pieces(
-        self, job_id: int, head: int | None, line: str
-    ) -> AsyncIterator[bytes]:
-        """The job's stored chunks in order, read back in bounded batches, with `line` where
-        the head ends."""
-        start = 0
-        while True:
-            async with self.pool.acquire() as conn:
-                chunks = await jobs.chunks_from(conn, job_id, self.claim.attempt, start)
-            if not chunks:
-                break
-            for offset, text in chunks:
-                if head is not None and offset >= head:
-                    yield line.encode()
-                    head = None
-                yield text.encode()
-                start = offset + len(text.encode())
-        if head is not None:
-            yield line.encode()
+        except reports.StorageFailed as exc:  # the blob store's: a new attempt
+            raise InfrastructureError(str(exc)) from exc
 
     async def object_placed(self, obj: ObjectSpec) -> None:
         assert obj.id is not None  # the worker's objects are rows
@@ -233,12 +233,11 @@ class DbReporter:
     ) -> None:
         """The build ends with `status`, leaving `kept` for `keep_for` seconds."""
         await self.flush()
-
-        async def finish(conn: asyncpg.Connection) -> None:
-            await lifecycle.build_finished(conn, self.claim, status, kept, keep_for)
-            await webhooks.emit_build(conn, self.claim.build_id, "build.finished", self.api_url)
-
-        await self._write(finish)
+        await self._write(
+            lambda conn: reports.finish_build(
+                conn, self.claim, status, kept, keep_for, self.api_url
+            )
+        )
 
 
 def _split(placed: list[tuple[int, str]]) -> list[tuple[int, str]]:

@@ -20,27 +20,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
-from marid import caches, channels, keys, lifecycle, runners, variables, webhooks
-from marid.blobs import BlobNotFound, BlobStore
+from marid import lifecycle, plans, runners
+from marid.blobs import BlobStore
 from marid.config import Config
-from marid.crypto import Cipher
-from marid.lifecycle import Claim, ClaimedBuild, LostLease
-from marid.listen import UNAVAILABLE, Listener
-from marid.runner import reaper
-from marid.runner.caches import server_cache
-from marid.runner.drivers.base import Driver, DriverError, Limits, SshKey
+from marid.lifecycle import Claim, LostLease
+from marid.listen import UNAVAILABLE
+from marid.runner.backend import (
+    POLL,
+    Assignment,
+    Backend,
+    DbBackend,
+    Presence,
+    RunnerRevoked,
+    object_fetcher,
+)
+from marid.runner.caches import CacheSpec
+from marid.runner.drivers.base import Driver, Limits, SshKey
 from marid.runner.drivers.os import OsDriver, os_place
 from marid.runner.execute import (
     BuildSpec,
@@ -51,20 +54,29 @@ from marid.runner.execute import (
     StageSpec,
     describe,
 )
-from marid.runner.reporter import DbReporter, Lease
+from marid.runner.reporter import Lease, Reporting
 
 log = logging.getLogger(__name__)
-POLL = 5.0  # seconds between queue checks when no NOTIFY arrives
 PLACE_TIMEOUT = 10.0  # seconds the engine has at start to say its ID (`_places`)
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds: the loop's backoff while it fails, doubled
 
 
 class Worker:
-    def __init__(self, config: Config, pool: asyncpg.Pool, blobs: BlobStore) -> None:
+    """A runner over the database (`pool` and `blobs`: an in-process runner) or over another
+    Backend (runner/remote.py: a runner on another machine)."""
+
+    def __init__(
+        self,
+        config: Config,
+        pool: asyncpg.Pool | None = None,
+        blobs: BlobStore | None = None,
+        backend: Backend | None = None,
+    ) -> None:
         self.config = config
-        self.pool = pool
-        self.blobs = blobs
-        self.cipher = Cipher(config.crypto.key)
+        if backend is None:
+            assert pool is not None and blobs is not None
+            backend = DbBackend(config, pool, blobs, runners.instance_of(config.database.dsn))
+        self.backend = backend
         self.name = config.runner.name or f"{socket.gethostname()}-{os.getpid()}"
         self.ssh_key = self._ssh_key()  # None: this runner cannot run `ssh` builds
         # The driver types this server accepts that this runner can execute: it claims no
@@ -79,8 +91,7 @@ class Worker:
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.docker: Any = None  # docker.DockerClient, made on first use
-        self.instance = instance_of(config.database.dsn)
-        self.api_url = config.server.api_url  # for webhook payloads
+        self.instance = backend.instance
         # Where the workspaces this runner keeps are, and which others' it reaches (docs/api.md
         # §27): `os:<host>`, `qemu:<host>:<work dir>`, and `docker:<engine id>` once the engine
         # has answered (`_places`).
@@ -126,43 +137,25 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute builds until `stop` is set, then wait for running builds."""
         await self._places()
-        listener = Listener(
-            self.config.database.dsn,
-            channels.BUILDS,
-            lambda _: self.wake.set(),
-            self.wake.set,  # (re)connected: what was notified meanwhile is only in the table
-            others={channels.KILL: self._kill_notified},
-        )
-        listening = asyncio.create_task(listener.run(), name="runner LISTEN")
-        reaping = asyncio.create_task(
-            reaper.run(self.config, self.pool, self.blobs, self.instance, stop),
-            name="runner reaper",
-        )
-        presence = asyncio.create_task(
-            runners.run(
-                self.pool,
-                self.name,
-                self.drivers,
-                self.config.runner.parallelism,
-                stop,
-                runners.interval_for(self.config.runner.lease),
-                self.config.builds.max_running_per_user,
-                list(self.places.values()),
-            ),
-            name="runner presence",
+        presence = Presence(
+            self.name,
+            self.drivers,
+            self.config.runner.parallelism,
+            runners.interval_for(self.config.runner.lease),
+            self.config.builds.max_running_per_user,
+            lambda: list(self.places.values()),
+            list(self.config.runner.labels),
         )
         drivers, parallelism = ",".join(self.drivers), self.config.runner.parallelism
         log.info("runner %s: drivers %s, parallelism %d", self.name, drivers, parallelism)
         try:
-            await self._loop(stop, listener)
+            async with self.backend.beside(presence, stop, self.wake.set, self._kill):
+                try:
+                    await self._loop(stop, presence)
+                finally:
+                    if self.tasks:
+                        await asyncio.gather(*self.tasks, return_exceptions=True)
         finally:
-            if self.tasks:
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-            listening.cancel()
-            reaping.cancel()
-            if not stop.is_set():  # else it is withdrawing, which a cancel would interrupt
-                presence.cancel()
-            await asyncio.gather(listening, reaping, presence, return_exceptions=True)
             if self.docker is not None:
                 self.docker.close()
 
@@ -191,16 +184,20 @@ class Worker:
                 _reason(exc),
             )
 
-    async def _loop(self, stop: asyncio.Event, listener: Listener) -> None:
-        """Recover, claim, sleep until woken, a retry is due or POLL passes; a failing round
-        (database, engine or blob store away) is retried with capped backoff, logged once."""
+    async def _loop(self, stop: asyncio.Event, presence: Presence) -> None:
+        """Claim while there is capacity, then sleep until woken, a retry is due or POLL
+        passes; a failing round (database, server, engine or blob store away) is retried with
+        capped backoff, logged once."""
         failures = 0
         while not stop.is_set():
             self.wake.clear()  # a NOTIFY from now on makes another round
             try:
-                await self._recover()
-                await self._fill()
-                wait = await self._next_retry()
+                await self.backend.tend()
+                await self._fill(presence)
+                full = len(self.tasks) >= self.config.runner.parallelism
+                wait = POLL if full else await self.backend.idle(presence)
+            except RunnerRevoked:
+                raise
             except Exception as exc:
                 failures += 1
                 if failures == 1:
@@ -215,52 +212,25 @@ class Worker:
                 if failures:
                     log.info("runner %s: working again after %d failed rounds", self.name, failures)
                 failures = 0
-                wait = listener.deaf_wait(wait)  # a NOTIFY missed must not cost a whole POLL
+            if wait <= 0 or stop.is_set():
+                continue
             waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, stop)]
             await asyncio.wait(waiters, timeout=wait, return_when="FIRST_COMPLETED")
             for waiter in waiters:
                 waiter.cancel()
 
-    async def _next_retry(self) -> float:
-        """Seconds until the next look at the queue: POLL, or sooner when a retry is due."""
-        async with self.pool.acquire() as conn:
-            due = await lifecycle.next_retry(conn, self.drivers)
-        return POLL if due is None else min(POLL, due + 0.01)
+    def _kill(self, build_id: int) -> None:
+        execution = self.running.get(build_id)
+        if execution is not None:
+            execution.kill.set()
 
-    def _kill_notified(self, payload: str) -> None:
-        with contextlib.suppress(ValueError):
-            execution = self.running.get(int(payload))
-            if execution is not None:
-                execution.kill.set()
-
-    async def _recover(self) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            recovered = await lifecycle.recover_expired(conn, self.config.runner.max_attempts)
-            for build_id in [*recovered.killed, *recovered.failed]:
-                await webhooks.emit_build(conn, build_id, "build.finished", self.api_url)
-        for build_id in recovered.build_ids:
-            log.warning("build %d: its runner's lease expired; requeued", build_id)
-        for build_id in recovered.failed:
-            log.warning("build %d: its runner's lease expired on its last attempt", build_id)
-        for key in recovered.stale_blobs:
-            await self.blobs.delete(key)
-
-    async def _fill(self) -> None:
+    async def _fill(self, presence: Presence) -> None:
         """Claim builds while there is capacity."""
         while len(self.tasks) < self.config.runner.parallelism:
-            async with self.pool.acquire() as conn, conn.transaction():
-                claim = await lifecycle.claim(
-                    conn,
-                    self.name,
-                    self.drivers,
-                    self.config.runner.lease,
-                    self.config.builds.max_running_per_user,
-                    list(self.places.values()),
-                )
-                if claim is None:
-                    return
-                await webhooks.emit_build(conn, claim.build_id, "build.started", self.api_url)
-            task = asyncio.create_task(self._execute(claim))
+            assignment = await self.backend.claim(presence)
+            if assignment is None:
+                return
+            task = asyncio.create_task(self._execute(assignment))
             self.tasks.add(task)
             task.add_done_callback(self._done)
 
@@ -268,24 +238,27 @@ class Worker:
         self.tasks.discard(task)
         self.wake.set()  # capacity freed: look at the queue again
 
-    async def _execute(self, claim: Claim) -> None:
+    async def _execute(self, assignment: Assignment) -> None:
         """Run one attempt to its end: the build finished, or the attempt handed back for a
         retry (or failed for good) when anything outside the user's commands went wrong."""
+        claim = assignment.claim
         log.info("build %d: attempt %d started", claim.build_id, claim.attempt)
         lease = Lease(self.config.runner.lease)  # claimed just now
-        reporter = DbReporter(
-            self.pool, self.blobs, claim, self.api_url, lease, self.config.builds.max_output
-        )
+        reporter: Reporting | None = None
         try:
             try:
-                spec, driver, kind = await self._load(claim)
+                plan = await assignment.plan()
+                reporter = assignment.reporter(lease, plan)
+                spec, driver = await self._load(plan, assignment)
+            except LostLease:
+                raise
             except Exception as exc:
                 raise InfrastructureError(f"preparing the build: {describe(exc)}") from exc
             if claim.attempt > 1:
                 await driver.clear_previous()  # a dead runner's containers may still run
             execution = Execution(spec, driver, reporter)
             self.running[claim.build_id] = execution
-            heartbeat = asyncio.create_task(self._heartbeat(claim, lease, execution))
+            heartbeat = asyncio.create_task(self._heartbeat(assignment, lease, execution))
             try:
                 status = await execution.run()
             finally:  # a renewal after the build ended or was handed back would find it gone
@@ -293,18 +266,22 @@ class Worker:
             kept = None
             if execution.kept is not None:  # spec.keep_workspace: this runner has its place
                 kept = lifecycle.KeptWorkspace(
-                    claim.build_id, claim.attempt, kind, self.places[kind], execution.kept
+                    claim.build_id,
+                    claim.attempt,
+                    plan.driver,
+                    self.places[plan.driver],
+                    execution.kept,
                 )
-            await reporter.build_finished(status, kept, self.config.builds.keep_workspace)
+            await reporter.build_finished(status, kept, plan.settings.keep_workspace)
             log.info("build %d: %s", claim.build_id, status)
         except LostLease:
             if lease.lapsed:  # stopped by this runner: say why, unless recovered meanwhile
-                await self._attempt_failed(claim, lease, lease.reason, 0.0)
+                await self._attempt_failed(assignment, lease, lease.reason, 0.0)
             else:
                 log.warning("build %d: attempt %d abandoned", claim.build_id, claim.attempt)
         except Exception as exc:
             if lease.lapsed:
-                await self._attempt_failed(claim, lease, lease.reason, 0.0)
+                await self._attempt_failed(assignment, lease, lease.reason, 0.0)
                 return
             infrastructure = isinstance(exc, InfrastructureError | OSError)
             reason = describe(exc) if infrastructure else _reason(exc)
@@ -315,31 +292,27 @@ class Worker:
                 reason,
                 exc_info=not infrastructure,  # anything else may be a bug: its traceback
             )
-            with contextlib.suppress(Exception):  # the output so far, then the reason
-                await reporter.flush()
+            if reporter is not None:
+                with contextlib.suppress(Exception):  # the output so far, then the reason
+                    await reporter.flush()
             delay = self.config.runner.retry_delay * 2 ** min(claim.attempt - 1, 16)
-            await self._attempt_failed(claim, lease, reason, delay)
+            await self._attempt_failed(assignment, lease, reason, delay)
         finally:
             self.running.pop(claim.build_id, None)
 
-    async def _attempt_failed(self, claim: Claim, lease: Lease, reason: str, delay: float) -> None:
+    async def _attempt_failed(
+        self, assignment: Assignment, lease: Lease, reason: str, delay: float
+    ) -> None:
         """Hand the build back for a new attempt after `delay` seconds, or end it `failed` on
-        its last (lifecycle.attempt_failed). Tried while the database is away, for as long
+        its last (lifecycle.attempt_failed). Tried while the server is away, for as long
         again as a lease; after that, or when the build moved on, the lease's expiry does it."""
-        runner = self.config.runner
+        claim = assignment.claim
         give_up = time.monotonic() + lease.seconds + max(lease.left(), 0)
         pause = RETRY_FIRST
         while True:
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    over = await lifecycle.attempt_failed(
-                        conn, claim, reason, runner.max_attempts, delay
-                    )
-                    if not over.retried:
-                        await webhooks.emit_build(
-                            conn, claim.build_id, "build.finished", self.api_url
-                        )
-                break
+                await assignment.attempt_failed(reason, delay)
+                return
             except LostLease:
                 log.info("build %d: attempt %d was recovered meanwhile", *claim_ids(claim))
                 return
@@ -353,13 +326,8 @@ class Worker:
                     return
             await asyncio.sleep(pause)
             pause = min(pause * 2, RETRY_MAX)
-        then = "retried" if over.retried else "ended"
-        log.warning("build %d: attempt %d failed (%s); %s", *claim_ids(claim), reason, then)
-        for key in over.stale_blobs:
-            with contextlib.suppress(Exception):  # else the API's reaper removes it later
-                await self.blobs.delete(key)
 
-    async def _heartbeat(self, claim: Claim, lease: Lease, execution: Execution) -> None:
+    async def _heartbeat(self, assignment: Assignment, lease: Lease, execution: Execution) -> None:
         """Renew the lease; notice kill requests; stop the job when the lease is gone.
 
         The first renewal comes at once: a kill NOTIFY that arrived before the execution was
@@ -372,13 +340,13 @@ class Worker:
         §6.13).
         """
         period = min(1.0, lease.seconds / 3)
+        claim = assignment.claim
         failing = False
         while True:
             sent = time.monotonic()
             try:
                 async with asyncio.timeout(max(lease.left() - period, period)):
-                    async with self.pool.acquire() as conn, conn.transaction():
-                        killed = await lifecycle.renew(conn, claim, lease.seconds)
+                    killed = await assignment.renew(lease.seconds)
             except LostLease:
                 log.warning("build %d: lease lost", claim.build_id)
                 self._stop(execution, lease, lifecycle.LEASE_LOST)
@@ -395,7 +363,8 @@ class Worker:
                 if lease.left() <= period:  # the next renewal would come too late
                     away = time.monotonic() - lease.renewed
                     reason = (
-                        f"{lifecycle.LEASE_LOST} (database unreachable for {away:.0f}s);"
+                        f"{lifecycle.LEASE_LOST} ({self.backend.server} unreachable for"
+                        f" {away:.0f}s);"
                         " this attempt was stopped so that no job runs twice"
                     )
                     log.warning("build %d: %s", claim.build_id, reason)
@@ -418,89 +387,68 @@ class Worker:
         execution.kill_reason = reason
         execution.kill.set()
 
-    async def _load(self, claim: Claim) -> tuple[BuildSpec, Driver, str]:
-        """The claimed build as the engine runs it, masked values and keys decrypted; its
-        driver, and the driver's type."""
-        async with self.pool.acquire() as conn:
-            build = await lifecycle.load(conn, claim)
-            cache = await caches.of_build(conn, claim.build_id)
-        env, secrets = self._environment(build)
-        previous = build.previous if claim.attempt > 1 else None
-        notices = [lifecycle.attempt_notice(claim.attempt, previous)] if previous else []
-        objects = build.objects
-        if build.resume is not None:
-            notices.append(_resume_notice(build.resume))
+    async def _load(self, plan: plans.Plan, assignment: Assignment) -> tuple[BuildSpec, Driver]:
+        """The claimed build as the engine runs it, and its driver."""
+        notices = []
+        if plan.previous and plan.attempt > 1:
+            notices.append(lifecycle.attempt_notice(plan.attempt, plan.previous))
+        objects = plan.objects
+        if plan.resume is not None:
+            notices.append(_resume_notice(plan.resume))
             # The kept workspace has them, as the original's jobs left them.
             objects = []
+        cache = None
+        if plan.cache is not None:
+            found = plan.cache
+            store = assignment.cache_store()
+            cache = CacheSpec(found.key, found.paths, found.max_size, found.limit_setting, store)
         spec = BuildSpec(
             stages=[
                 StageSpec(s.name, s.allow_failures, [_job_spec(job) for job in s.jobs])
-                for s in build.stages
+                for s in plan.stages
             ],
-            env=env,
-            secrets=secrets,
+            env=dict(plan.env),
+            secrets=plan.secrets,
             objects=[
-                ObjectSpec(o.source, o.destination, self._fetcher(o.source, o.blob_key), o.id)
+                ObjectSpec(o.source, o.destination, object_fetcher(assignment, o), o.id)
                 for o in objects
             ],
-            keys=[
-                SshKey(
-                    k.name,
-                    keys.decrypt_key(self.cipher, build.owner_id, k.name, k.sealed),
-                    k.config,
-                )
-                for k in build.keys
-            ],
-            timeout=build.timeout,
-            artifact_max_size=self.config.artifacts.max_size,
+            keys=[SshKey(k.name, k.private_key, k.config) for k in plan.keys],
+            timeout=plan.timeout,
+            artifact_max_size=plan.settings.artifact_max_size,
             notice="\n".join(notices),
-            keep_workspace=self.config.builds.keep_workspace > 0 and build.driver in self.places,
-            cache=server_cache(self.pool, self.blobs, self.config.caches, claim.build_id, cache),
+            keep_workspace=plan.settings.keep_workspace > 0 and plan.driver in self.places,
+            cache=cache,
             # A resumed build's copied workspace holds what its cache paths held then.
-            restore_cache=build.resume is None,
+            restore_cache=plan.resume is None,
         )
-        driver = await self._driver(build)
-        if build.resume is not None:
-            driver.start_from, missing = self._kept_location(build)
+        driver = await self._driver(plan, assignment)
+        if plan.resume is not None:
+            driver.start_from, missing = self._kept_location(plan)
             spec = dataclasses.replace(spec, setup_error=missing)
-        return spec, driver, build.driver
+        return spec, driver
 
-    def _kept_location(self, build: ClaimedBuild) -> tuple[str | None, str]:
+    def _kept_location(self, plan: plans.Plan) -> tuple[str | None, str]:
         """Where the workspace a resumed build starts from is, or why it cannot start: it is
         no longer kept, or not where this runner reaches (claimed before the check, by a
         runner whose places changed)."""
-        assert build.resume is not None
-        kept, original = build.resume.workspace, build.resume.original
+        assert plan.resume is not None
+        kept, original = plan.resume.workspace, plan.resume.original
         if kept is None:
             return None, f"the workspace of build #{original} is no longer kept"
-        if kept.driver != build.driver or self.places.get(kept.driver) != kept.place:
+        if kept.driver != plan.driver or self.places.get(kept.driver) != kept.place:
             return None, f"the workspace of build #{original} is not on this runner"
         return kept.location, ""
 
-    def _environment(self, build: ClaimedBuild) -> tuple[dict[str, str], list[str]]:
-        """The build's environment and the plaintexts of its masked values."""
-        env: dict[str, str] = {}
-        secrets: list[str] = []
-        for var in build.variables:
-            value = var.value
-            if var.masked:
-                assert var.sealed is not None
-                value = variables.decrypt_value(self.cipher, build.owner_id, var.key, var.sealed)
-                secrets.append(value)
-            assert value is not None
-            env[var.key] = value
-        return env, secrets
-
-    async def _driver(self, build: ClaimedBuild) -> Driver:
+    async def _driver(self, plan: plans.Plan, assignment: Assignment) -> Driver:
         """The driver of the settings stored at submission (docs/manifest.md §9)."""
-        resources = build.resources
-        limits = Limits(resources.memory, resources.cpus, resources.pids)
-        if build.driver == "os":
+        limits = Limits(plan.memory, plan.cpus, plan.pids)
+        if plan.driver == "os":
             return OsDriver(limits)
-        if build.driver == "ssh":
-            return self._ssh_driver(build)
-        if build.driver == "qemu":
-            return self._qemu_driver(build, limits)
+        if plan.driver == "ssh":
+            return self._ssh_driver(plan)
+        if plan.driver == "qemu":
+            return self._qemu_driver(plan, limits, assignment)
         from marid.runner.drivers import docker
 
         if self.docker is None:  # one client per runner: connecting costs a round trip
@@ -508,95 +456,44 @@ class Worker:
             self.docker = await asyncio.to_thread(docker.docker_client, self.config.docker.host)
         return docker.DockerDriver(
             client=self.docker,
-            build_id=build.claim.build_id,
-            attempt=build.claim.attempt,
-            image=build.driver_config["image"],
-            workspace=build.driver_config["workspace"],
+            build_id=plan.build_id,
+            attempt=plan.attempt,
+            image=plan.driver_config["image"],
+            workspace=plan.driver_config["workspace"],
             limits=limits,
             network=self.config.docker.network,
             pull=self.config.docker.pull,
-            uploaded=lambda name: self._uploaded_image(build, name),
+            uploaded=assignment.docker_image,
             instance=self.instance,
             runtime=self.config.docker.runtime,
             cap_drop=self.config.docker.cap_drop,
             prepare_ahead=self.config.docker.prepare_ahead,
         )
 
-    def _ssh_driver(self, build: ClaimedBuild) -> Driver:
+    def _ssh_driver(self, plan: plans.Plan) -> Driver:
         from marid.runner.drivers import ssh
 
         settings = self.config.ssh_driver
         assert self.ssh_key is not None and settings.known_hosts is not None  # claimed: set up
         target = ssh.Target(
-            build.driver_config["address"],
+            plan.driver_config["address"],
             settings.user,
             self.ssh_key,
             settings.known_hosts,
             settings.connect_timeout,
         )
-        claim = build.claim
-        return ssh.SshDriver(target, f"marid-{self.instance}-{claim.build_id}-{claim.attempt}")
+        return ssh.SshDriver(target, f"marid-{self.instance}-{plan.build_id}-{plan.attempt}")
 
-    def _qemu_driver(self, build: ClaimedBuild, limits: Limits) -> Driver:
-        from marid import images
+    def _qemu_driver(self, plan: plans.Plan, limits: Limits, assignment: Assignment) -> Driver:
         from marid.runner.drivers import qemu
 
-        async def find_upload(name: str) -> qemu.Upload | None:
-            async with self.pool.acquire() as conn:
-                found = await images.find_upload(
-                    conn, "qemu", build.owner_id, build.namespace_id, name
-                )
-            if found is None:
-                return None
-            blob_key = found.blob_key
-
-            async def fetch(path: Path) -> None:
-                try:
-                    await self.blobs.copy_to_file(blob_key, path)
-                except BlobNotFound:  # deleted since it was found
-                    raise DriverError(f"image {name}: no such image") from None
-
-            return qemu.Upload(found.sha256, fetch)
-
-        claim = build.claim
         return qemu.QemuDriver(
             self.config.qemu_driver,
-            build.driver_config["image"],
+            plan.driver_config["image"],
             limits,
-            find_upload,
-            f"marid-{self.instance}-{claim.build_id}-{claim.attempt}",
+            assignment.qemu_upload,
+            f"marid-{self.instance}-{plan.build_id}-{plan.attempt}",
         )
-
-    async def _uploaded_image(self, build: ClaimedBuild, name: str) -> Any:
-        from marid import images
-        from marid.runner.drivers.docker import UploadedImage
-
-        async with self.pool.acquire() as conn:
-            found = await images.find_docker_image(conn, build.owner_id, build.namespace_id, name)
-        if found is None:
-            return None
-        blob_key = found.blob_key
-
-        async def fetch(path: Path) -> None:
-            await self.blobs.copy_to_file(blob_key, path)
-
-        return UploadedImage(digest=found.sha256, fetch=fetch)
-
-    def _fetcher(
-        self, source: str, blob_key: str | None
-    ) -> Callable[[Path], Awaitable[None]] | None:
-        if blob_key is None:
-            return None
-
-        async def fetch(path: Path) -> None:
-            try:
-                await self.blobs.copy_to_file(blob_key, path)
-            except BlobNotFound:
-                raise DriverError(f"{source}: no such object") from None  # the user's (§6.4)
-            except Exception as exc:  # the blob store's: a new attempt
-                raise InfrastructureError(f"fetching object {source}: {describe(exc)}") from exc
-
-        return fetch
 
 
 def claim_ids(claim: Claim) -> tuple[int, int]:
@@ -607,11 +504,11 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _job_spec(job: lifecycle.Job) -> JobSpec:
+def _job_spec(job: plans.Job) -> JobSpec:
     return JobSpec(job.name, job.commands, job.timeout, job.artifacts, job.id, job.reused)
 
 
-def _resume_notice(resume: lifecycle.Resume) -> str:
+def _resume_notice(resume: plans.Resume) -> str:
     """The create-driver job's first line in a resumed build."""
     return (
         f"Resuming build #{resume.original} from job {resume.job}: its workspace is copied,"
@@ -619,9 +516,4 @@ def _resume_notice(resume: lifecycle.Resume) -> str:
     )
 
 
-def instance_of(dsn: str) -> str:
-    """A stable name for the database this runner serves (host, port, database; never the
-    password): containers are labelled with it, as installations may share a Docker engine."""
-    parts = urlsplit(dsn)
-    where = f"{parts.hostname}:{parts.port}{parts.path}"
-    return hashlib.sha256(where.encode()).hexdigest()[:16]
+instance_of = runners.instance_of  # tests and tools import it from here
