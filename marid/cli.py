@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import errno
 import json
+import os
 import signal
 import socket
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -108,11 +110,25 @@ def parser() -> argparse.ArgumentParser:
         "runner",
         parents=[common],
         help="run builds: claim queued builds and execute them",
-        description="Claim queued builds from the database and execute them with the docker "
-        "or os driver (those listed in `drivers`), up to runner.parallelism at once. Run one "
-        "or more per build host; a build whose runner dies is picked up again after its "
-        "lease (runner.lease) expires.",
+        description="Claim queued builds and execute them with the drivers listed in "
+        "`drivers`, up to runner.parallelism at once. Run one or more per build host; a build "
+        "whose runner dies is picked up again after its lease (runner.lease) expires. With "
+        "--server it works through the API of another machine and needs no database DSN and "
+        "no crypto key (docs/runners.md); without, it connects to database.dsn.",
     )
+    runner.add_argument(
+        "--server",
+        metavar="URL",
+        help="the API's URL (server.api_url, e.g. https://ci.example.com/api) to get builds "
+        "from, instead of the database",
+    )
+    runner.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="with --server: an enrolment token (`marid runner-token create`) or a runner "
+        "token (default: $MARID_RUNNER_TOKEN; --token-file reads it from a file)",
+    )
+    runner.add_argument("--token-file", type=Path, metavar="PATH", help="read --token from PATH")
     runner.set_defaults(run=_runner)
 
     scheduler = commands.add_parser(
@@ -261,9 +277,63 @@ def _run_offline(args: argparse.Namespace) -> None:
 
 
 def _runner(args: argparse.Namespace) -> None:
-    cfg = load_config(args)
+    if args.server is None:
+        if args.token or args.token_file:
+            raise Failure(EXIT_USAGE, "marid runner: --token needs --server")
+        cfg = load_config(args)
+        logs.configure(cfg.logging.level)
+        run_async(until_signal(lambda stop: run_runner(cfg, stop)))
+        return
+    # A runner on another machine: no database, no crypto key, no server of its own.
+    cfg = load_config(args, optional=("server.url", "database.dsn", "crypto.key"))
     logs.configure(cfg.logging.level)
-    run_async(until_signal(lambda stop: run_runner(cfg, stop)))
+    token = _runner_token(args)
+    url = args.server.rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise Failure(EXIT_USAGE, f"marid runner: --server {url}: not an http(s) URL")
+    if not parts.path:  # the server's root: its API is under /api (server.api_url's default)
+        url += "/api"
+    ended: list[str] = []
+
+    async def work(stop: asyncio.Event) -> None:
+        ended.append(await run_remote_runner(cfg, url, token, stop))
+
+    asyncio.run(until_signal(work))
+    if ended and ended[0]:
+        raise Failure(EXIT_INVALID, ended[0])
+
+
+def _runner_token(args: argparse.Namespace) -> str:
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise Failure(EXIT_USAGE, f"marid runner: --token-file: {exc.strerror}") from None
+    else:
+        token = args.token or os.environ.get("MARID_RUNNER_TOKEN", "")
+    if not token.startswith(("mre_", "mrr_")):
+        raise Failure(
+            EXIT_USAGE,
+            "marid runner: --server needs an enrolment token (mre_…, from `marid runner-token"
+            " create`) or a runner token (mrr_…) in --token, --token-file or"
+            " $MARID_RUNNER_TOKEN",
+        )
+    return token
+
+
+async def run_remote_runner(cfg: config.Config, url: str, token: str, stop: asyncio.Event) -> str:
+    """A runner working through the API at `url`, until `stop` is set; returns why it ended
+    on its own ("" when stopped)."""
+    from marid.runner.backend import RunnerRevoked
+    from marid.runner.remote import HttpBackend
+    from marid.runner.worker import Worker
+
+    try:
+        await Worker(cfg, backend=HttpBackend(cfg, url, token)).run(stop)
+    except RunnerRevoked as exc:
+        return f"marid runner: {exc}"
+    return ""
 
 
 async def run_runner(cfg: config.Config, stop: asyncio.Event) -> None:

@@ -23,7 +23,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -67,23 +68,61 @@ RUNNER_DIRS = (
 Attempt = tuple[int, int]  # (build id, attempt) from a container's, volume's or network's labels
 
 
+@dataclass
+class Facts:
+    """What the server knows that a sweep needs: which of the asked builds' attempts are
+    live, the longest time limit of a running build, and for each asked place the locations
+    of the workspaces still kept there and of those no longer kept."""
+
+    live: set[Attempt] = field(default_factory=set)
+    longest: float = 0.0
+    kept: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
+
+
+# Asks the server for the Facts about (builds, places): the database itself for an in-process
+# runner (`db_facts`), the API for a runner on another machine (runner/remote.py).
+FactsOf = Callable[[list[int], list[str]], Awaitable[Facts]]
+
+
+def db_facts(pool: asyncpg.Pool) -> FactsOf:
+    async def facts(builds: list[int], places: list[str]) -> Facts:
+        async with pool.acquire() as conn:
+            found = Facts(
+                await live_attempts(conn, builds) if builds else set(),
+                await longest_running_timeout(conn),
+            )
+            for place in places:
+                found.kept[place] = await kept_at(conn, place)
+            if places:
+                await forget_kept_volumes(conn)
+        return found
+
+    return facts
+
+
 class RunnerReaper:
     """One runner's sweeps: `tick(now)` removes what is described above."""
 
     def __init__(
         self,
         config: Config,
-        pool: asyncpg.Pool,
-        store: BlobStore,
+        pool: asyncpg.Pool | None,
+        store: BlobStore | None,
         instance: str,
         temp_dir: Path | None = None,
         client: Any = None,
+        facts: FactsOf | None = None,
     ) -> None:
+        """`facts` (else the database of `pool`) tells what is live; `store` (None: this
+        runner has none) is the blob store whose unfinished uploads are removed."""
         if not instance:
             # `marid run` labels its containers with no installation: never take those.
             raise ValueError("the runner's reaper needs this installation's instance label")
         self.config = config
-        self.pool = pool
+        if facts is None:
+            assert pool is not None
+            facts = db_facts(pool)
+        self.facts = facts
         self.store = store
         self.instance = instance
         self.temp_dir = temp_dir or Path(tempfile.gettempdir())
@@ -94,13 +133,13 @@ class RunnerReaper:
     async def tick(self, now: datetime) -> Reaped:
         """One sweep at `now` (timezone-aware); returns what it removed."""
         before = now - self.grace
-        async with self.pool.acquire() as conn:
-            running = await longest_running_timeout(conn)
-            kept, expired = await kept_at(conn, os_place())
-            disks: set[str] = set()
-            if "qemu" in self.config.drivers:
-                _, disks = await kept_at(conn, qemu_place(self.config.qemu_driver))
-            await forget_kept_volumes(conn)
+        places = [os_place()]
+        if "qemu" in self.config.drivers:
+            places.append(qemu_place(self.config.qemu_driver))
+        facts = await self.facts([], places)
+        running = facts.longest
+        kept, expired = facts.kept.get(places[0], (set(), set()))
+        disks = facts.kept[places[1]][1] if len(places) > 1 else set()
         longest = timedelta(seconds=max(self.config.builds.max_timeout, running))
         files = await asyncio.to_thread(remove_kept_dirs, self.temp_dir, expired)
         files += await asyncio.to_thread(
@@ -109,7 +148,8 @@ class RunnerReaper:
         files += await asyncio.to_thread(
             remove_old_dirs, self.temp_dir, before - longest, {Path(p) for p in kept}
         )
-        reaped = Reaped(files=files, partial=await self.store.remove_partial(before))
+        partial = await self.store.remove_partial(before) if self.store is not None else 0
+        reaped = Reaped(files=files, partial=partial)
         networks = 0
         if "docker" in self.config.drivers:
             reaped.containers, reaped.volumes, networks = await self._engine()
@@ -127,8 +167,7 @@ class RunnerReaper:
         try:
             labelled = await asyncio.to_thread(self._labelled)
             builds = sorted({build for owners in labelled for build, _ in owners.values()})
-            async with self.pool.acquire() as conn:
-                live = await live_attempts(conn, builds)
+            live = (await self.facts(builds, [])).live if builds else set()
             gone = [
                 [item for item, owner in owners.items() if owner not in live] for owners in labelled
             ]
@@ -257,14 +296,19 @@ def remove_old_dirs(
 
 
 async def run(
-    config: Config, pool: asyncpg.Pool, store: BlobStore, instance: str, stop: asyncio.Event
+    config: Config,
+    pool: asyncpg.Pool | None,
+    store: BlobStore | None,
+    instance: str,
+    stop: asyncio.Event,
+    facts: FactsOf | None = None,
 ) -> None:
     """The runner's reaper until `stop` is set: a sweep now, then every `reaper.interval`.
 
     A failing sweep (database, engine or blob store away) is retried with backoff and never
     ends it; `instance` is the installation's label (runner/worker.py `instance_of`).
     """
-    sweeper = RunnerReaper(config, pool, store, instance)
+    sweeper = RunnerReaper(config, pool, store, instance, facts=facts)
     try:
         await repeat(sweeper.tick, config.reaper.interval, stop, "runner reaper")
     finally:

@@ -91,7 +91,6 @@ class Worker:
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.docker: Any = None  # docker.DockerClient, made on first use
-        self.instance = backend.instance
         # Where the workspaces this runner keeps are, and which others' it reaches (docs/api.md
         # §27): `os:<host>`, `qemu:<host>:<work dir>`, and `docker:<engine id>` once the engine
         # has answered (`_places`).
@@ -100,6 +99,12 @@ class Worker:
             from marid.runner.drivers import qemu
 
             self.places["qemu"] = qemu.qemu_place(config.qemu_driver)
+
+    @property
+    def instance(self) -> str:
+        """This installation's label on the containers its runners make (a runner on another
+        machine learns it when it registers)."""
+        return self.backend.instance
 
     def _ssh_key(self) -> Any:
         """The private key of config ssh_driver, when `ssh` is enabled and the driver set up

@@ -42,7 +42,9 @@ async def test_openapi_document_matches_the_router(api: TestClient, config: Conf
     pages = web.Application()  # the web interface's pages are no API operations
     pages.add_routes(web_pages.routes)
     assert documented == served - routes_of(pages)
-    assert set(doc["components"]["securitySchemes"]) == {"bearer", "basic"}
+    # The runner protocol's three bearer tokens (docs/runners.md §2) are schemes of their own.
+    runner_tokens = {"enrolmentToken", "runnerToken", "jobToken"}
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "basic", *runner_tokens}
 
 
 async def test_every_extension_operation_is_marked(api: TestClient):
@@ -72,7 +74,7 @@ async def test_every_operation_has_a_unique_snake_case_operation_id(api: TestCli
     doc = await (await api.get("/api/openapi.json")).json()
     ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
     # 8 of them caches (docs/api.md §26), 1 the restart (§27)
-    assert len(ids) == len(set(ids)) == 91
+    assert len(ids) == len(set(ids)) == 110
     assert all(re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", i) for i in ids), ids
     # Stable: the handlers' names (docs/api.md §21).
     assert doc["paths"]["/n/{username}/{path}"]["get"]["operationId"] == "show_namespace"
@@ -95,6 +97,8 @@ async def test_bodies_are_required_where_the_server_requires_them(api: TestClien
         ("patch", "/cron/{id}"),
         ("post", "/logout/oauth/revoke"),
         ("post", "/b/{username}/{number}/restart"),
+        ("post", "/runner/claim"),
+        ("post", "/runner/builds/{id}/renew"),
     }
     assert doc["paths"]["/cron"]["post"]["requestBody"]["required"] is True
     assert doc["paths"]["/b/{username}/{number}/tags"]["post"]["requestBody"]["required"] is True

@@ -1,0 +1,237 @@
+"""The runner protocol end to end in one process (issue 15): the real API on a real port, and a
+runner that reaches it over HTTP only (runner/remote.py), with a configuration that names no
+database and no crypto key. The processes, kill -9 and a database that refuses the runners are
+tests/faults/test_remote_runners.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestServer
+
+from marid import remote
+from marid.api.app import create_app
+from marid.config import Config
+from marid.runner.remote import HttpBackend
+from marid.runner.worker import Worker
+from tests.conftest import MakeToken, bearer
+from tests.runner.test_worker import THREE_STAGES
+
+SCOPE = "build:read,write,delete variable:write object:write namespace:read,write"
+
+
+@pytest.fixture
+def server_config(config: Config) -> Config:
+    return dataclasses.replace(
+        config,
+        drivers=["os"],
+        runner=dataclasses.replace(config.runner, lease=3.0, max_attempts=3, retry_delay=0.1),
+    )
+
+
+@pytest.fixture
+async def server(server_config: Config, pool: asyncpg.Pool) -> AsyncIterator[TestServer]:
+    running = TestServer(create_app(server_config, pool), host="127.0.0.1")
+    await running.start_server()
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+def runner_config(server_config: Config) -> Config:
+    """What a build host has: no database, no crypto key (nor their defaults' values)."""
+    return dataclasses.replace(
+        server_config,
+        database=dataclasses.replace(server_config.database, dsn=""),
+        crypto=dataclasses.replace(server_config.crypto, key=""),
+        runner=dataclasses.replace(server_config.runner, parallelism=2, labels=["linux"]),
+    )
+
+
+@pytest.fixture
+async def enrolment(pool: asyncpg.Pool) -> str:
+    async with pool.acquire() as conn:
+        _, value = await remote.create_enrolment(conn, "test", None, None)
+    return value
+
+
+class Remote:
+    """A remote runner in the background, and the API's URL."""
+
+    def __init__(self, server: TestServer, config: Config, token: str) -> None:
+        self.url = str(server.make_url("/api"))
+        self.worker = Worker(config, backend=HttpBackend(config, self.url, token))
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(self.worker.run(self.stop))
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 60)
+
+
+@pytest.fixture
+async def runner(
+    server: TestServer, runner_config: Config, enrolment: str
+) -> AsyncIterator[Remote]:
+    running = Remote(server, runner_config, enrolment)
+    yield running
+    await running.close()
+
+
+async def call(server: TestServer, method: str, path: str, token: str, **kwargs: Any) -> Any:
+    async with aiohttp.ClientSession() as session:
+        async with session.request(
+            method, str(server.make_url("/api" + path)), headers=bearer(token), **kwargs
+        ) as resp:
+            body = await resp.json() if resp.content_type == "application/json" else None
+            return resp.status, body
+
+
+async def until_final(server: TestServer, token: str, number: int) -> dict[str, Any]:
+    for _ in range(600):
+        status, body = await call(server, "GET", f"/b/alice/{number}", token)
+        assert status == 200
+        if body["status"] not in ("queued", "running"):
+            return dict(body)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"build {number} did not end: {body}")
+
+
+async def test_the_three_stage_build_runs_through_a_remote_runner(
+    server: TestServer, runner: Remote, token: MakeToken, pool: asyncpg.Pool
+) -> None:
+    value = await token(SCOPE)
+    status, _ = await call(
+        server,
+        "POST",
+        "/variables",
+        value,
+        json={"key": "SECRET", "value": "hunter2-secret", "mask": True},
+    )
+    assert status == 201
+    status, _ = await call(
+        server, "POST", "/objects?name=data.txt", value, data=b"object content\n"
+    )
+    assert status == 201
+    status, build = await call(server, "POST", "/builds", value, json={"manifest": THREE_STAGES})
+    assert status == 201
+    build = await until_final(server, value, build["number"])
+    assert build["status"] == "passed_with_failures", build["output"]
+    _, jobs = await call(server, "GET", f"/b/alice/{build['number']}/jobs", value)
+    assert [j["status"] for j in jobs] == ["passed", "passed_with_failures", "passed", "passed"]
+    assert "secret is xxxxxx" in jobs[2]["output"] and "hunter2" not in build["output"]
+    assert "object content" in jobs[2]["output"]
+    _, artifacts = await call(server, "GET", f"/b/alice/{build['number']}/artifacts", value)
+    assert [(a["name"], a["size"]) for a in artifacts] == [("dist/app.bin", 300000)]
+    async with aiohttp.ClientSession() as session:
+        url = server.make_url(f"/api/b/alice/{build['number']}/artifacts/dist/app.bin")
+        headers = {**bearer(value), "Accept": "application/octet-stream"}
+        async with session.get(url, headers=headers) as raw:
+            content = await raw.read()
+    assert hashlib.sha256(content).hexdigest() == artifacts[0]["sha256"]
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT runner, job_token_digest FROM builds WHERE id = $1", build["id"]
+        )
+        listed = await remote.list_runners(conn)
+    assert row["runner"] == runner.worker.name
+    assert [(r.name, r.remote, r.labels, r.alive) for r in listed] == [
+        (runner.worker.name, True, ["linux"], True)
+    ]
+
+
+async def test_a_kill_reaches_the_remote_runner(
+    server: TestServer, runner: Remote, token: MakeToken
+) -> None:
+    value = await token(SCOPE)
+    manifest = "driver:\n  type: os\njobs:\n- commands:\n  - echo started\n  - sleep 60\n"
+    _, build = await call(server, "POST", "/builds", value, json={"manifest": manifest})
+    number = build["number"]
+    for _ in range(400):
+        status, text = await call(server, "GET", f"/b/alice/{number}", value)
+        if "started" in (text.get("output") or ""):
+            break
+        await asyncio.sleep(0.05)
+    status, _ = await call(server, "POST", f"/b/alice/{number}/kill", value)
+    assert status in (200, 204)
+    build = await until_final(server, value, number)
+    assert build["status"] == "killed"
+
+
+async def test_a_job_token_is_good_for_its_attempt_alone(
+    server: TestServer,
+    server_config: Config,
+    token: MakeToken,
+    pool: asyncpg.Pool,
+    enrolment: str,
+) -> None:
+    """Replayed after its attempt ended, or used for another build, a job token gets 404 and
+    changes nothing."""
+    value = await token(SCOPE)
+    manifest = "driver:\n  type: os\njobs:\n- commands:\n  - echo hi\n"
+    numbers = []
+    for _ in range(2):
+        _, build = await call(server, "POST", "/builds", value, json={"manifest": manifest})
+        numbers.append(build)
+    said = {"name": "probe", "drivers": ["os"], "parallelism": 1}
+    status, registered = await call(server, "POST", "/runner/register", enrolment, json=said)
+    assert status == 201
+    runner_token = registered["token"]
+    claims = []
+    for _ in range(2):
+        status, claimed = await call(
+            server, "POST", "/runner/claim", runner_token, json={"wait": 0}
+        )
+        assert status == 200
+        claims.append(claimed)
+    first, second = claims
+    one, other = first["plan"]["build_id"], second["plan"]["build_id"]
+    job = first["plan"]["stages"][0]["jobs"][0]["id"]
+    # Another build's token: refused, and the first build's job is untouched.
+    status, _ = await call(
+        server, "POST", f"/runner/builds/{one}/jobs/{job}/start", second["job_token"]
+    )
+    assert status == 404
+    status, _ = await call(server, "POST", f"/runner/builds/{other}/renew", first["job_token"])
+    assert status == 404
+    # The attempt ends (handed back for a new attempt); its token is dead from then on.
+    status, _ = await call(
+        server, "POST", f"/runner/builds/{one}/fail", first["job_token"], json={"reason": "test"}
+    )
+    assert status == 204
+    async with pool.acquire() as conn:
+        before = await conn.fetchrow("SELECT * FROM builds WHERE id = $1", one)
+        jobs_before = await conn.fetch("SELECT * FROM build_jobs WHERE build_id = $1", one)
+    for method, path, body in [
+        ("POST", f"/runner/builds/{one}/renew", {}),
+        ("POST", f"/runner/builds/{one}/jobs/{job}/start", None),
+        ("POST", f"/runner/builds/{one}/jobs/{job}/output", {"chunks": [[0, "late\n"]]}),
+        ("POST", f"/runner/builds/{one}/jobs/{job}/finish", {"status": "passed", "ran": True}),
+        ("POST", f"/runner/builds/{one}/finish", {"status": "passed"}),
+        ("POST", f"/runner/builds/{one}/fail", {"reason": "again"}),
+    ]:
+        status, _ = await call(server, method, path, first["job_token"], json=body)
+        assert status == 404, path
+    async with pool.acquire() as conn:
+        after = await conn.fetchrow("SELECT * FROM builds WHERE id = $1", one)
+        jobs_after = await conn.fetch("SELECT * FROM build_jobs WHERE build_id = $1", one)
+        chunks = await conn.fetchval(
+            "SELECT count(*) FROM build_job_output o JOIN build_jobs j ON j.id = o.job_id"
+            " WHERE j.build_id = $1",
+            one,
+        )
+    assert dict(after) == dict(before) and after["status"] == "queued"
+    assert [dict(j) for j in jobs_after] == [dict(j) for j in jobs_before]
+    assert chunks == 0
+    # The second build's own token still works.
+    status, body = await call(
+        server, "POST", f"/runner/builds/{other}/renew", second["job_token"], json={"lease": 5}
+    )
+    assert (status, body) == (200, {"kill": False})
