@@ -150,7 +150,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     assert said is not None
     async with request.config_dict[POOL].acquire() as conn:
         await remote.heartbeat(conn, runner, said, request.remote)
-    await _recover(request.app)
+    await _recover(request)
     return web.json_response({"id": runner.id, "name": runner.name})
 
 
@@ -196,7 +196,7 @@ async def claim(request: web.Request) -> web.Response:
             raise _refused("This runner was revoked", revoked=True)
         if request.transport is None or request.transport.is_closing():
             return web.Response(status=204)  # the runner gave up: take nothing for it
-        await _recover(request.app)
+        await _recover(request)
         found = await _claim_one(request, runner, offer, lease)
         if found is not None:
             return web.json_response(found)
@@ -241,7 +241,7 @@ async def _claim_one(
             reason = f"preparing the build: {exc or type(exc).__name__}"
             log.warning("build %d: attempt %d: %s", claimed.build_id, claimed.attempt, reason)
             with contextlib.suppress(LostLease):  # recovered meanwhile
-                await _hand_back(request.app, claimed, reason, config.runner.retry_delay)
+                await _hand_back(request, claimed, reason, config.runner.retry_delay)
             continue
         log.info(
             "build %d: attempt %d claimed by runner %s",
@@ -252,8 +252,9 @@ async def _claim_one(
         return {"plan": plan.to_json(), "job_token": token, "lease": lease}
 
 
-async def _recover(app: web.Application) -> None:
+async def _recover(request: web.Request) -> None:
     """Requeue the builds whose runner's lease expired, as every runner's loop does."""
+    app = request.config_dict
     config, pool = app[CONFIG], app[POOL]
     async with pool.acquire() as conn, conn.transaction():
         recovered = await lifecycle.recover_expired(conn, config.runner.max_attempts)
@@ -266,7 +267,8 @@ async def _recover(app: web.Application) -> None:
             await app[BLOBS].delete(key)
 
 
-async def _hand_back(app: web.Application, claim: Claim, reason: str, delay: float) -> None:
+async def _hand_back(request: web.Request, claim: Claim, reason: str, delay: float) -> None:
+    app = request.config_dict
     config = app[CONFIG]
     async with app[POOL].acquire() as conn, conn.transaction():
         over = await lifecycle.attempt_failed(
@@ -321,7 +323,7 @@ async def fail(request: web.Request) -> web.Response:
     delay = _number(body.errors, body.data, "delay", 0, 86400, 0.0)
     body.errors.raise_if_any()
     try:
-        await _hand_back(request.app, claim, reason, delay)
+        await _hand_back(request, claim, reason, delay)
     except LostLease:
         raise NotFound() from None
     return web.Response(status=204)
