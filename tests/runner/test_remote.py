@@ -151,18 +151,23 @@ async def test_a_kill_reaches_the_remote_runner(
     server: TestServer, runner: Remote, token: MakeToken
 ) -> None:
     value = await token(SCOPE)
-    manifest = "driver:\n  type: os\njobs:\n- commands:\n  - echo started\n  - sleep 60\n"
+    manifest = (
+        "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n"
+        "  commands: ['echo up', 'sleep 3600']\n"
+    )
     _, build = await call(server, "POST", "/builds", value, json={"manifest": manifest})
     number = build["number"]
     for _ in range(400):
-        status, text = await call(server, "GET", f"/b/alice/{number}", value)
-        if "started" in (text.get("output") or ""):
+        status, job = await call(server, "GET", f"/b/alice/{number}/jobs/s.1", value)
+        if job["status"] == "running":
             break
         await asyncio.sleep(0.05)
-    status, _ = await call(server, "POST", f"/b/alice/{number}/kill", value)
-    assert status in (200, 204)
-    build = await until_final(server, value, number)
+    status, _ = await call(server, "DELETE", f"/b/alice/{number}", value)
+    assert status == 204
+    build = await until_final(server, value, number)  # 30 s at most, not an hour
     assert build["status"] == "killed"
+    _, job = await call(server, "GET", f"/b/alice/{number}/jobs/s.1", value)
+    assert job["status"] == "killed" and "killed on request" in job["output"]
 
 
 async def test_a_job_token_is_good_for_its_attempt_alone(
