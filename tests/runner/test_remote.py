@@ -86,12 +86,14 @@ async def runner(
 
 
 async def call(server: TestServer, method: str, path: str, token: str, **kwargs: Any) -> Any:
-    async with aiohttp.ClientSession() as session:
-        async with session.request(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
             method, str(server.make_url("/api" + path)), headers=bearer(token), **kwargs
-        ) as resp:
-            body = await resp.json() if resp.content_type == "application/json" else None
-            return resp.status, body
+        ) as resp,
+    ):
+        body = await resp.json() if resp.content_type == "application/json" else None
+        return resp.status, body
 
 
 async def until_final(server: TestServer, token: str, number: int) -> dict[str, Any]:
