@@ -21,6 +21,7 @@ from marid.api import (
     oauth,
     objects,
     root,
+    runners,
     sshkeys,
     tokens,
     users,
@@ -45,6 +46,7 @@ MODULES: tuple[ModuleType, ...] = (
     caches,
     crons,
     webhooks,
+    runners,
 )
 
 ROOT_MODULES: tuple[ModuleType, ...] = (oauth,)
