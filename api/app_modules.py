@@ -22,6 +22,7 @@ from marid.api import (
     objects,
     root,
     runner,
+    runners,
     sshkeys,
     tokens,
     users,
@@ -47,6 +48,7 @@ MODULES: tuple[ModuleType, ...] = (
     crons,
     webhooks,
     runner,
+    runners,
 )
 
 ROOT_MODULES: tuple[ModuleType, ...] = (oauth,)

@@ -206,6 +206,44 @@ def parser() -> argparse.ArgumentParser:
     )
     create_token.add_argument("--name", help="default: cli-<UTC time>")
     create_token.set_defaults(run=_create_token)
+
+    runner_token = commands.add_parser(
+        "runner-token", help="manage the enrolment tokens of runners on other machines"
+    ).add_subparsers(metavar="ACTION")
+    create_runner_token = runner_token.add_parser(
+        "create",
+        parents=[common],
+        help="create a runner enrolment token",
+        description="Create an enrolment token, with which runners on other machines register "
+        "(marid runner --server), and print its value (shown only this once; marid keeps just "
+        "a hash). Any number of runners may register with it until it expires or is revoked.",
+        epilog="Example: marid runner-token create --name build-hosts --expires-in 24h",
+    )
+    create_runner_token.add_argument("--name", required=True, help="1 to 255 characters")
+    create_runner_token.add_argument(
+        "--expires-in",
+        metavar="DURATION",
+        type=_duration,
+        help="a duration such as 90s, 30m or 1h30m (at most ten years); default: never",
+    )
+    create_runner_token.set_defaults(run=_create_runner_token)
+    list_runner_tokens = runner_token.add_parser(
+        "list",
+        parents=[common],
+        help="list the runner enrolment tokens",
+        description="Print each runner enrolment token (never its value) as one JSON line, "
+        "oldest first.",
+    )
+    list_runner_tokens.set_defaults(run=_list_runner_tokens)
+    revoke_runner_token = runner_token.add_parser(
+        "revoke",
+        parents=[common],
+        help="revoke a runner enrolment token",
+        description="Revoke a runner enrolment token: no runner registers with it any more. "
+        "Runners that registered with it keep working; revoke those with DELETE /runners/ID.",
+    )
+    revoke_runner_token.add_argument("id", type=int, metavar="ID", help="the token's id")
+    revoke_runner_token.set_defaults(run=_revoke_runner_token)
     return top
 
 
@@ -408,6 +446,51 @@ def _create_token(args: argparse.Namespace) -> None:
         print(run_async(with_connection(cfg.database.dsn, create)))
     except ValidationError as exc:
         raise Failure(EXIT_INVALID, *_field_lines(exc.errors)) from None
+
+
+def _duration(text: str) -> float:
+    """Seconds for a duration as the configuration writes them (1h30m); a bare number is
+    seconds."""
+    try:
+        return float(text) if text.isdigit() else config.parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a duration such as 90s or 1h30m"
+        ) from None
+
+
+def _create_runner_token(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    remote = _lazy("marid.remote")  # runs the build lifecycle's imports: not for every command
+    errors = Errors()
+    remote.check_enrolment(args.name, args.expires_in, errors)
+    if errors.by_field:
+        raise Failure(EXIT_INVALID, *_field_lines(errors.by_field))
+
+    async def create(conn: asyncpg.Connection) -> str:
+        _, value = await remote.create_enrolment(conn, args.name, None, args.expires_in)
+        return value
+
+    print(run_async(with_connection(cfg.database.dsn, create)))
+
+
+def _list_runner_tokens(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    remote = _lazy("marid.remote")
+    found = run_async(with_connection(cfg.database.dsn, remote.list_enrolments))
+    for enrolment in found:
+        print(json.dumps(remote.enrolment_json(enrolment, cfg.server.api_url)))
+
+
+def _revoke_runner_token(args: argparse.Namespace) -> None:
+    cfg = load_config(args)
+    remote = _lazy("marid.remote")
+
+    async def revoke(conn: asyncpg.Connection) -> bool:
+        return await remote.delete_enrolment(conn, args.id)
+
+    if not run_async(with_connection(cfg.database.dsn, revoke)):
+        raise Failure(EXIT_INVALID, f"id: No runner token {args.id}")
 
 
 def _field_lines(errors: dict[str, list[str]]) -> list[str]:

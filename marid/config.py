@@ -73,6 +73,9 @@ class ServerConfig:
     # arrive, and the longest wait for the next bytes of its body.
     header_timeout: Annotated[float, Duration] = 30.0
     body_timeout: Annotated[float, Duration] = 60.0
+    # Usernames of the administrators: they manage runners and runner tokens (docs/api.md §28)
+    # with a token holding the `runner` scope.
+    admins: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,10 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     reaper: ReaperConfig = field(default_factory=ReaperConfig)
+
+    def is_admin(self, username: str) -> bool:
+        """Whether `username` administers runners and runner tokens (`server.admins`)."""
+        return username in self.server.admins
 
     def drivers_for(self, username: str) -> list[str]:
         """The driver types `username` may submit: `drivers`, without `os` unless they are

@@ -74,8 +74,10 @@ def enrolment_json(enrolment: Enrolment, api_url: str) -> dict[str, Any]:
 def check_enrolment(name: Any, expires_in: Any, errors: Errors) -> None:
     """Field errors of a new enrolment token: `name` (1 to 255 characters) and `expires_in`
     (seconds, a positive number, or None for never)."""
-    if not isinstance(name, str) or not name.strip():
-        errors.add("name", "Name field required" if name is None else "Name must be a string")
+    if name is not None and not isinstance(name, str):
+        errors.add("name", "Name must be a string")
+    elif name is None or not name.strip():
+        errors.add("name", "Name field required")
     elif len(name) > 255:
         errors.add("name", "Name cannot be longer than 255 characters in length")
     if expires_in is not None and (

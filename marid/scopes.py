@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-# Canonical order (docs/api.md §2.1, EXT §0.1: token and app follow webhook).
+# Canonical order (docs/api.md §2.1, EXT §0.1: token and app follow webhook; runner, for the
+# administrators of docs/api.md §28, comes last).
 RESOURCES = (
     "build",
     "invite",
@@ -18,6 +19,7 @@ RESOURCES = (
     "webhook",
     "token",
     "app",
+    "runner",
 )
 PERMISSIONS = ("read", "write", "delete")
 

@@ -144,9 +144,11 @@ def _embedded_cluster(directory: Path) -> Cluster:
 
 
 def _fill_server(cfg: config.Config, host: str, port: int) -> config.Config:
-    """The server section for the socket bound on `host`:`port`."""
+    """The server section for the socket bound on `host`:`port`, with `admin` among the
+    administrators (docs/api.md §28)."""
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    server = dataclasses.replace(cfg.server, listen=listen)
+    admins = [*(u for u in cfg.server.admins if u != ADMIN), ADMIN]
+    server = dataclasses.replace(cfg.server, listen=listen, admins=admins)
     if not server.url:
         url = f"http://{listen}"
         server = dataclasses.replace(server, url=url, api_url=url + "/api")

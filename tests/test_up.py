@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -106,11 +107,11 @@ async def token_names(url: str, authorization: str) -> list[str]:
         return [token["name"] for token in await resp.json()]
 
 
-async def get_user(url: str, token: str) -> tuple[int, dict]:
+async def get_user(url: str, token: str, path: str = "/user") -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {token}"}
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"{url}/user", headers=headers) as resp,
+        session.get(f"{url}{path}", headers=headers) as resp,
     ):
         return resp.status, await resp.json()
 
@@ -148,6 +149,14 @@ async def test_marid_up_runs_everything_and_keeps_data(reachable_dir: Path):
         assert not any(line.strip().startswith("token:") for line in lines)
         status, body = await get_user(url, token)
         assert status == 200 and body["username"] == "admin"
+        # admin administers runners (server.admins, docs/api.md §28): its own is listed once
+        # it has announced itself.
+        for _ in range(100):
+            status, body = await get_user(url, token, "/runners")
+            if status != 200 or body:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200 and [runner["remote"] for runner in body] == [False]
     finally:
         assert stop(proc) == 0
 

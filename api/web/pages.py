@@ -734,7 +734,12 @@ async def _tokens_page(
         session=session,
         tokens=found,
         created=created,
-        resources=scopes.RESOURCES,
+        # `runner` is of use to administrators alone (docs/api.md §28)
+        resources=[
+            resource
+            for resource in scopes.RESOURCES
+            if resource != "runner" or request.config_dict[CONFIG].is_admin(session.user.username)
+        ],
         permissions=scopes.PERMISSIONS,
         form=form or {"name": "", "scope": set()},
         errors=errors or {},

@@ -49,7 +49,7 @@ async def test_openapi_document_matches_the_router(api: TestClient, config: Conf
 
 async def test_every_extension_operation_is_marked(api: TestClient):
     doc = await (await api.get("/api/openapi.json")).json()
-    for path in ("/tokens", "/health", "/openapi.json"):
+    for path in ("/tokens", "/health", "/openapi.json", "/runners", "/runner-tokens"):
         for operation in doc["paths"][path].values():
             assert operation["x-marid-extension"] is True
     assert "x-marid-extension" not in doc["paths"]["/user"]["get"]
@@ -73,8 +73,9 @@ async def test_oauth_operations_are_served_from_the_root(api: TestClient):
 async def test_every_operation_has_a_unique_snake_case_operation_id(api: TestClient):
     doc = await (await api.get("/api/openapi.json")).json()
     ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
-    # 8 of them caches (docs/api.md §26), 1 the restart (§27)
-    assert len(ids) == len(set(ids)) == 110
+    # 8 of them caches (docs/api.md §26), 1 the restart (§27), 5 runner administration (§28),
+    # 19 the runner protocol (docs/runners.md)
+    assert len(ids) == len(set(ids)) == 115
     assert all(re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", i) for i in ids), ids
     # Stable: the handlers' names (docs/api.md §21).
     assert doc["paths"]["/n/{username}/{path}"]["get"]["operationId"] == "show_namespace"

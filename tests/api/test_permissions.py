@@ -5,7 +5,7 @@ Roles, tried in this order against a private namespace tree `alice/team` (child 
   no_scope      the owner's token holding every scope except the endpoint's
   stranger      carol, a valid user with every scope, neither owner nor collaborator
   collaborator  bob, a collaborator of the tree, every scope
-  owner         alice, every scope
+  owner         alice, every scope; the one administrator (server.admins, docs/api.md §28)
 Resources named in a path exist twice, one per role that may change them ({x} is replaced by
 the collaborator's copy for bob and the owner's copy for everyone else), so a successful
 DELETE by one role does not change what the next role sees. Later issues add rows to ROWS.
@@ -13,8 +13,10 @@ DELETE by one role does not change what the next role sees. Later issues add row
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,11 +25,11 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from marid import scopes, tokens, users
+from marid import remote, scopes, tokens, users
 from marid.config import Config
 from marid.scheduler import loop
 from tests.api.helpers import add_collaborator, create_namespace
-from tests.conftest import bearer
+from tests.conftest import base_config, bearer
 
 ROLES = ("anonymous", "no_scope", "stranger", "collaborator", "owner")
 PRIVATE_KEY = (
@@ -80,6 +82,7 @@ B = "/api/b/alice/{build}"
 TEAM = "team@alice"
 QCOW2 = b"QFI\xfb" + bytes(64)
 MANIFEST = "driver: {type: docker, image: busybox, workspace: /w}\nnamespace: team@alice\n"
+RUNNER = remote.Announcement("remote-1", "1.0", "host", ["docker"], [], 1, [], None, 10.0)
 ROWS: list[Row] = [
     Row("GET", "/api/user", "", (404, 200, 200, 200, 200)),
     Row("GET", "/api/namespaces", "namespace:read", (404, 404, 200, 200, 200)),
@@ -163,6 +166,12 @@ ROWS: list[Row] = [
     Row("GET", N + "/-/webhooks/{webhook}/deliveries", "webhook:read", private(200)),
     Row("PATCH", N + "/-/webhooks/{webhook}", "webhook:write", private(200), {"active": False}),
     Row("DELETE", N + "/-/webhooks/{webhook}", "webhook:delete", private(204)),
+    # Runners and runner tokens (§28): administrators only (alice is one, server.admins)
+    Row("GET", "/api/runners", "runner:read", owner_only(200)),
+    Row("DELETE", "/api/runners/{runner}", "runner:delete", owner_only(204)),
+    Row("GET", "/api/runner-tokens", "runner:read", owner_only(200)),
+    Row("POST", "/api/runner-tokens", "runner:write", owner_only(201), {"name": "t_{role}"}),
+    Row("DELETE", "/api/runner-tokens/{enrolment}", "runner:delete", owner_only(204)),
 ]  # fmt: skip
 
 
@@ -187,6 +196,13 @@ class World:
 
 
 @pytest.fixture
+def config(db_dsn: str, tmp_path: Path) -> Config:
+    """alice administers runners (server.admins, docs/api.md §28); nobody else does."""
+    cfg = base_config(db_dsn, tmp_path)
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, admins=["alice"]))
+
+
+@pytest.fixture
 async def world(api: TestClient, pool: asyncpg.Pool) -> World:
     async with pool.acquire() as conn:
         people = {
@@ -208,6 +224,11 @@ async def world(api: TestClient, pool: asyncpg.Pool) -> World:
     w.ids["invite"] = {"owner": invite, "collaborator": invite}
     for role, name in (("owner", "alice"), ("collaborator", "bob")):
         await make_resources(api, w, role, full[name])
+    async with pool.acquire() as conn:  # only alice may act on these: one of each
+        enrolment, _ = await remote.create_enrolment(conn, "hosts", None, None)
+        runner, _ = await remote.register(conn, enrolment.id, RUNNER, None, 3)
+    w.ids["enrolment"] = dict.fromkeys(("owner", "collaborator"), enrolment.id)
+    w.ids["runner"] = dict.fromkeys(("owner", "collaborator"), runner.id)
     return w
 
 

@@ -62,7 +62,8 @@ async def live(config: Config, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
     monkeypatch.setattr(downloads.Downloads, "start", lambda self, image_id: None)
     sockets = server.bind("127.0.0.1", 0)
     root = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
-    settings = dataclasses.replace(config.server, url=root, api_url=f"{root}/api")
+    # alice, whose token the second run sends, administers runners (docs/api.md §28).
+    settings = dataclasses.replace(config.server, url=root, api_url=f"{root}/api", admins=["alice"])
     runner = await server.start(dataclasses.replace(config, server=settings), sockets)
     try:
         yield root

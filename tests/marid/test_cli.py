@@ -1,10 +1,12 @@
-"""`marid user create` and `marid token create` (docs/configuration.md §2), run as real
-processes."""
+"""`marid user create`, `marid token create` and `marid runner-token` (docs/configuration.md
+§2), run as real processes."""
 
+import hashlib
 import json
 import re
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -148,6 +150,57 @@ async def test_token_create_errors(config_file: Path, pool: asyncpg.Pool):
     assert "--scope" in usage.stderr
 
 
+async def test_runner_token_create_list_and_revoke(config_file: Path, pool: asyncpg.Pool):
+    result = marid(
+        config_file, "runner-token", "create", "--name", "hosts", "--expires-in", "1h30m"
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"mre_[A-Za-z0-9_-]{43}\n", result.stdout)
+    value = result.stdout.strip()
+    row = await pool.fetchrow(
+        "SELECT id, token_digest, created_by, expires_at - created_at AS lifetime"
+        " FROM runner_enrolments"
+    )
+    assert row["token_digest"] == hashlib.sha256(value.encode()).hexdigest()
+    assert row["created_by"] is None and row["lifetime"] == timedelta(hours=1, minutes=30)
+    forever = marid(config_file, "runner-token", "create", "--name", "forever")
+    assert forever.returncode == 0, forever.stderr
+
+    listed = marid(config_file, "runner-token", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(t["id"], t["name"], t["created_by"]) for t in lines] == [
+        (row["id"], "hosts", None),
+        (row["id"] + 1, "forever", None),
+    ]
+    assert lines[0]["url"] == f"https://ci.example.com/api/runner-tokens/{row['id']}"
+    assert lines[1]["expires_at"] is None and value not in listed.stdout
+
+    revoked = marid(config_file, "runner-token", "revoke", str(row["id"]))
+    assert (revoked.returncode, revoked.stdout, revoked.stderr) == (0, "", "")
+    assert await pool.fetchval("SELECT array_agg(name) FROM runner_enrolments") == ["forever"]
+    again = marid(config_file, "runner-token", "revoke", str(row["id"]))
+    assert (again.returncode, again.stderr) == (1, f"id: No runner token {row['id']}\n")
+
+
+async def test_runner_token_create_errors(config_file: Path, pool: asyncpg.Pool):
+    blank = marid(config_file, "runner-token", "create", "--name", " ")
+    assert (blank.returncode, blank.stderr) == (1, "name: Name field required\n")
+    soon = marid(config_file, "runner-token", "create", "--name", "n", "--expires-in", "soon")
+    assert soon.returncode == 2
+    assert "argument --expires-in: invalid duration 'soon': use a duration such as 90s" in (
+        soon.stderr
+    )
+    for duration in ("0s", "87601h"):  # ten years are 87600h
+        bad = marid(config_file, "runner-token", "create", "--name", "n", "--expires-in", duration)
+        assert bad.returncode == 1
+        assert bad.stderr == "expires_in: Expires in must be a number of seconds up to ten years\n"
+    usage = marid(config_file, "runner-token", "create")
+    assert usage.returncode == 2 and "--name" in usage.stderr
+    assert marid(config_file, "runner-token", "revoke", "one").returncode == 2
+    assert await pool.fetchval("SELECT count(*) FROM runner_enrolments") == 0
+
+
 def test_database_error_is_status_3(tmp_path: Path):
     path = tmp_path / "marid.yml"
     path.write_text(
@@ -162,7 +215,8 @@ def test_database_error_is_status_3(tmp_path: Path):
 
 def test_every_command_has_useful_help():
     for args in (["--help"], ["up", "--help"], ["serve", "--help"], ["migrate", "--help"],
-                 ["user", "create", "--help"], ["token", "create", "--help"]):  # fmt: skip
+                 ["user", "create", "--help"], ["token", "create", "--help"],
+                 ["runner-token", "create", "--help"]):  # fmt: skip
         result = subprocess.run(
             [sys.executable, "-m", "marid", *args], capture_output=True, text=True
         )

@@ -12,6 +12,7 @@ from marid import scopes
         ("   ", ""),
         ("app:read token:write webhook:delete", "webhook:delete token:write app:read"),
         ("key:delete,write,read cron:read", "key:read,write,delete cron:read"),
+        ("runner:delete app:read build:read", "build:read app:read runner:delete"),
     ],
 )
 def test_canonical_form(text: str, canonical: str):

@@ -5,10 +5,12 @@ a real browser."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import subprocess
 from http.cookies import SimpleCookie
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -17,8 +19,10 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from marid import sessions, users
+from marid.api.app import create_app
 from marid.api.keys import POOL
 from marid.api.web import pages as web_pages
+from marid.config import Config
 from tests.conftest import MakeToken, MakeUser, bearer
 from tests.runner.test_worker import submit
 
@@ -509,6 +513,21 @@ async def test_a_token_is_created_from_the_page_shown_once_and_revoked(
     resp, _ = await browser.post(f"/tokens/{token_id}/delete", {"csrf": csrf})
     assert resp.status == 303
     assert (await api.get("/api/user", headers=bearer(value.group(1)))).status == 404
+
+
+async def test_the_runner_scope_is_offered_to_administrators_alone(
+    browser: Browser, aiohttp_client: Any, config: Config, pool: asyncpg.Pool, alice: users.User
+) -> None:
+    await browser.sign_in()
+    _, html = await browser.get("/tokens")
+    assert 'value="app:delete"' in html and 'value="runner:read"' not in html
+    server = dataclasses.replace(config.server, admins=["alice"])
+    admin = Browser(
+        await aiohttp_client(create_app(dataclasses.replace(config, server=server), pool))
+    )
+    await admin.sign_in()
+    _, html = await admin.get("/tokens")
+    assert all(f'value="runner:{p}"' in html for p in ("read", "write", "delete"))
 
 
 async def test_cron_jobs_are_created_shown_with_their_next_run_and_deleted(
