@@ -125,8 +125,16 @@ async def register(request: web.Request) -> web.Response:
         assert said is not None
         async with conn.transaction():
             runner, value = await remote.register(
-                conn, enrolment, said, request.remote, config.runner.max_attempts
+                conn,
+                enrolment,
+                said,
+                request.remote,
+                config.runner.max_attempts,
+                config.server.api_url,
             )
+    for key in runner.stale_blobs:
+        with contextlib.suppress(Exception):  # else the reaper removes it later
+            await request.config_dict[BLOBS].delete(key)
     log.info("runner %s registered (id %d) from %s", runner.name, runner.id, request.remote)
     return web.json_response(
         {

@@ -6,15 +6,16 @@ Every endpoint needs a bearer token holding its `runner` scope whose user is lis
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
 from aiohttp import web
 
-from marid import remote, webhooks
+from marid import remote
 from marid.api.auth import Handler, TokenHandler, requires
 from marid.api.http import api_url, path_id, read_body
-from marid.api.keys import CONFIG, POOL
+from marid.api.keys import BLOBS, CONFIG, POOL
 from marid.api.openapi import (
     BEARER,
     BOOL,
@@ -72,16 +73,14 @@ async def delete_runner(request: web.Request, user: User) -> web.Response:
     build.finished."""
     config = request.config_dict[CONFIG]
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        handed = await remote.revoke(conn, path_id(request), config.runner.max_attempts)
-        if handed is None:
-            raise NotFound()
-        ended = await conn.fetch(
-            "SELECT id FROM builds WHERE id = ANY($1) AND status NOT IN ('queued', 'running')"
-            " ORDER BY id",
-            handed,
+        handed = await remote.revoke(
+            conn, path_id(request), config.runner.max_attempts, api_url(request)
         )
-        for row in ended:
-            await webhooks.emit_build(conn, row["id"], "build.finished", api_url(request))
+    if handed is None:
+        raise NotFound()
+    for key in handed.stale_blobs:
+        with contextlib.suppress(Exception):  # else the reaper removes it later
+            await request.config_dict[BLOBS].delete(key)
     return web.Response(status=204)
 
 

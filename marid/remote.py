@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from marid import lifecycle, runners
+from marid import lifecycle, runners, webhooks
 from marid.lifecycle import Claim
 from marid.times import rfc3339
 from marid.validation import Errors, ValidationError
@@ -308,6 +308,7 @@ class Registered:
     id: int
     name: str
     revoked: bool
+    stale_blobs: list[str] = field(default_factory=list)  # register: delete after commit
 
 
 async def register(
@@ -316,11 +317,12 @@ async def register(
     said: Announcement,
     address: str | None,
     max_attempts: int,
+    api_url: str = "",
 ) -> tuple[Registered, str]:
     """Register a runner; returns it and its runner token. A name an in-process runner that is
     alive holds is refused (ValidationError); a registered runner of the same name is replaced,
-    its builds handed back, since a runner registers again when it restarts. The caller owns
-    the transaction."""
+    its builds handed back (their content to delete after commit in `stale_blobs`), since a
+    runner registers again when it restarts. The caller owns the transaction."""
     old = await conn.fetchrow(
         "SELECT id, token_digest, runner_alive(r) AS alive FROM runners r WHERE name = $1"
         " FOR UPDATE",
@@ -328,8 +330,10 @@ async def register(
     )
     if old is not None and old["token_digest"] is None and old["alive"]:
         raise ValidationError({"name": ["A runner of this name is running in-process"]})
+    stale: list[str] = []
     if old is not None:
-        await hand_back(conn, said.name, f"runner {said.name} registered again", max_attempts)
+        reason = f"runner {said.name} registered again"
+        stale = (await hand_back(conn, said.name, reason, max_attempts, api_url)).stale_blobs
         await conn.execute("DELETE FROM runners WHERE id = $1", old["id"])
     value = _value(RUNNER_PREFIX)
     await runners.announce(
@@ -355,7 +359,7 @@ async def register(
         said.labels,
         address,
     )
-    return Registered(runner_id, said.name, False), value
+    return Registered(runner_id, said.name, False, stale), value
 
 
 async def runner_of(conn: asyncpg.Connection, value: str) -> Registered | None:
@@ -408,12 +412,19 @@ async def withdraw(conn: asyncpg.Connection, runner: Registered) -> None:
     await conn.execute("DELETE FROM runners WHERE id = $1 AND revoked_at IS NULL", runner.id)
 
 
-async def revoke(conn: asyncpg.Connection, runner_id: int, max_attempts: int) -> list[int] | None:
+@dataclass(frozen=True)
+class HandedBack:
+    builds: list[int]  # the builds whose attempts were ended
+    stale_blobs: list[str]  # their attempts' artifact content: delete after commit
+
+
+async def revoke(
+    conn: asyncpg.Connection, runner_id: int, max_attempts: int, api_url: str = ""
+) -> HandedBack | None:
     """Revoke a registered runner: its token is refused from now on, and the builds it holds
     are handed back (a new attempt, or `failed` on the last; lifecycle.attempt_failed), so its
-    jobs end at its next renewal. Returns the builds handed back; None when there is no such
-    registered runner. An in-process runner has no token to revoke: None too. The caller owns
-    the transaction."""
+    jobs end at its next renewal. None when there is no such registered runner (an in-process
+    runner has no token to revoke). The caller owns the transaction."""
     name = await conn.fetchval(
         """
         UPDATE runners SET revoked_at = coalesce(revoked_at, now())
@@ -423,23 +434,28 @@ async def revoke(conn: asyncpg.Connection, runner_id: int, max_attempts: int) ->
     )
     if name is None:
         return None
-    return await hand_back(conn, name, REVOKED, max_attempts)
+    return await hand_back(conn, name, REVOKED, max_attempts, api_url)
 
 
 async def hand_back(
-    conn: asyncpg.Connection, name: str, reason: str, max_attempts: int
-) -> list[int]:
+    conn: asyncpg.Connection, name: str, reason: str, max_attempts: int, api_url: str = ""
+) -> HandedBack:
     """End the attempts of the builds runner `name` holds for `reason` (a new attempt, or
-    `failed` on the last): its writes are fenced out from now on."""
+    `failed` on the last, or `killed` when a kill was asked): its writes are fenced out from
+    now on. The builds that ended send `build.finished` (on commit)."""
     rows = await conn.fetch(
         "SELECT id, attempt FROM builds WHERE runner = $1 AND status = 'running' FOR UPDATE",
         name,
     )
+    stale: list[str] = []
     for row in rows:
-        await lifecycle.attempt_failed(
+        over = await lifecycle.attempt_failed(
             conn, Claim(row["id"], row["attempt"]), reason, max_attempts, 0.0
         )
-    return [row["id"] for row in rows]
+        stale.extend(over.stale_blobs)
+        if not over.retried:
+            await webhooks.emit_build(conn, row["id"], "build.finished", api_url)
+    return HandedBack([row["id"] for row in rows], stale)
 
 
 # -- Job tokens ---------------------------------------------------------------------------------
