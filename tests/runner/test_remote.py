@@ -6,9 +6,11 @@ tests/faults/test_remote_runners.py's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -242,3 +244,119 @@ async def test_a_job_token_is_good_for_its_attempt_alone(
         server, "POST", f"/runner/builds/{other}/renew", second["job_token"], json={"lease": 5}
     )
     assert (status, body) == (200, {"kill": False})
+
+
+class Cuttable:
+    """A TCP proxy to the API that a test can cut (connections dropped, new ones refused)
+    and mend on the same port: a runner behind it loses the server for a while."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def close(self) -> None:
+        await self.cut()
+
+
+async def test_a_runner_cut_off_stops_its_job_before_another_takes_the_build(
+    server: TestServer,
+    runner_config: Config,
+    enrolment: str,
+    token: MakeToken,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    """Lease rules over HTTP (issue 15 item 4): a runner that cannot reach the API stops its job
+    before its lease runs out, so the runner that recovers the build never runs it alongside;
+    back, the first runner's late reports get 404 and change nothing. The job holds a lock
+    the whole time it runs: a second attempt starting while the first still ran would fail."""
+    value = await token(SCOPE)
+    lock, pids = tmp_path / "lock", tmp_path / "pids"
+    manifest = (
+        "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands:\n"
+        f"  - exec 9>{lock}\n"
+        "  - flock -n 9 || { echo the previous attempt still runs; exit 1; }\n"
+        f"  - echo $$ >> {pids}\n"
+        "  - sleep 4\n"
+        "  - echo done\n"
+    )
+    proxy = Cuttable(server.port or 0)
+    await proxy.start()
+    cut_off = dataclasses.replace(
+        runner_config, runner=dataclasses.replace(runner_config.runner, name="cut-off")
+    )
+    behind = Worker(
+        cut_off, backend=HttpBackend(cut_off, f"http://127.0.0.1:{proxy.port}/api", enrolment)
+    )
+    stop_behind = asyncio.Event()
+    running = asyncio.create_task(behind.run(stop_behind))
+    other: Remote | None = None
+    try:
+        _, build = await call(server, "POST", "/builds", value, json={"manifest": manifest})
+        for _ in range(400):
+            if pids.exists() and pids.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        first = int(pids.read_text().split()[0])
+        await proxy.cut()  # the runner is cut off mid-job
+        taker = dataclasses.replace(
+            runner_config, runner=dataclasses.replace(runner_config.runner, name="taker")
+        )
+        other = Remote(server, taker, enrolment)
+        for _ in range(600):
+            if len(pids.read_text().split()) > 1:
+                break
+            await asyncio.sleep(0.05)
+        assert len(pids.read_text().split()) == 2, "the build was never taken again"
+        assert not Path(f"/proc/{first}").exists(), "attempt 1 still runs beside attempt 2"
+        done = await until_final(server, value, build["number"])
+        assert done["status"] == "passed", done["output"]
+        assert "still runs" not in done["output"]
+        assert "attempt 2 (attempt 1: runner lost its lease" in done["output"]
+        await proxy.start()  # back: its late writes are refused
+        stop_behind.set()
+        await asyncio.wait_for(running, 60)
+        async with pool.acquire() as conn:
+            final = await conn.fetchrow(
+                "SELECT status, attempt, runner FROM builds WHERE id = $1", build["id"]
+            )
+        assert (final["status"], final["attempt"]) == ("passed", 2)
+        assert final["runner"] == other.worker.name != behind.name
+    finally:
+        stop_behind.set()
+        if not running.done():
+            running.cancel()
+        await proxy.close()
+        if other is not None:
+            await other.close()
