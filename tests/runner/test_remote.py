@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from marid import remote
 from marid.api.app import create_app
 from marid.config import Config
+from marid.runner.backend import RunnerRevoked
 from marid.runner.remote import HttpBackend
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
@@ -360,3 +361,142 @@ async def test_a_runner_cut_off_stops_its_job_before_another_takes_the_build(
         await proxy.close()
         if other is not None:
             await other.close()
+
+
+async def test_a_revoked_runner_stops_within_a_heartbeat_and_its_build_is_requeued(
+    server: TestServer,
+    runner_config: Config,
+    enrolment: str,
+    token: MakeToken,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    value = await token(SCOPE)
+    pids = tmp_path / "pids"
+    manifest = (
+        "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands:\n"
+        f"  - echo $$ >> {pids}\n  - sleep 600\n"
+    )
+    running = Remote(server, runner_config, enrolment)
+    try:
+        _, build = await call(server, "POST", "/builds", value, json={"manifest": manifest})
+        for _ in range(400):
+            if pids.exists() and pids.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        job = int(pids.read_text().split()[0])
+        async with pool.acquire() as conn, conn.transaction():
+            runner_id = await conn.fetchval(
+                "SELECT id FROM runners WHERE name = $1", running.worker.name
+            )
+            handed = await remote.revoke(conn, runner_id, 3)
+        assert handed is not None and handed.builds == [build["id"]]
+        # Its job stops at the next renewal (every second), and the runner ends.
+        await asyncio.wait_for(running.task, 30)
+        assert isinstance(running.task.exception(), RunnerRevoked)
+        assert not Path(f"/proc/{job}").exists()
+        async with pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT status, retry_reason FROM builds WHERE id = $1", build["id"]
+            )
+            alive = await conn.fetchval(
+                "SELECT runner_alive(r) FROM runners r WHERE id = $1", runner_id
+            )
+        assert (row["status"], row["retry_reason"]) == ("queued", "attempt 1: runner revoked")
+        assert alive is False
+        # Its token is refused from now on, saying why.
+        said = {"name": "x", "drivers": ["os"], "parallelism": 1}
+        status, body = await call(
+            server, "POST", "/runner/heartbeat", running.worker.backend.token, json=said
+        )
+        assert (status, body["revoked"]) == (401, True)
+    finally:
+        running.stop.set()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(running.task, 30)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/runner/register", {"drivers": ["os"], "parallelism": 1}, "name"),
+        ("/runner/register", {"name": "r", "drivers": ["os"], "parallelism": 0}, "parallelism"),
+        ("/runner/register", {"name": "r", "drivers": ["vm"], "parallelism": 1}, "drivers"),
+        ("/runner/register", {"name": "r/../x", "drivers": [], "parallelism": 1}, "name"),
+        ("/runner/register", {"name": "r", "drivers": [], "parallelism": 1, "x": 1}, "x"),
+        ("/runner/register", {"name": "r", "drivers": "os", "parallelism": 1}, "drivers"),
+        (
+            "/runner/register",
+            {"name": "r", "drivers": [], "parallelism": 1, "labels": ["a b"]},
+            "labels",
+        ),
+    ],
+)
+async def test_a_bad_registration_gets_a_field_keyed_400(
+    server: TestServer, enrolment: str, path: str, body: dict[str, Any], field: str
+) -> None:
+    status, answer = await call(server, "POST", path, enrolment, json=body)
+    assert status == 400 and field in answer, answer
+
+
+async def test_bad_tokens_and_bodies_are_refused(
+    server: TestServer, enrolment: str, token: MakeToken, pool: asyncpg.Pool
+) -> None:
+    said = {"name": "probe", "drivers": ["os"], "parallelism": 1}
+    for wrong in ("", "mre_nope", "mrr_nope", await token(SCOPE)):
+        status, answer = await call(server, "POST", "/runner/register", wrong, json=said)
+        assert status == 401 and answer["revoked"] is False
+    status, registered = await call(server, "POST", "/runner/register", enrolment, json=said)
+    assert status == 201
+    runner_token = registered["token"]
+    for wrong in ("", enrolment, "mrr_nope"):
+        status, _ = await call(server, "POST", "/runner/claim", wrong, json={"wait": 0})
+        assert status == 401
+    for body, field in [
+        ({"wait": 61}, "wait"),
+        ({"wait": "soon"}, "wait"),
+        ({"lease": 0}, "lease"),
+        ({"wait": 0, "queue": "all"}, "queue"),
+    ]:
+        status, answer = await call(server, "POST", "/runner/claim", runner_token, json=body)
+        assert status == 400 and field in answer, answer
+    status, answer = await call(server, "POST", "/runner/claim", runner_token, data=b"{not json")
+    assert status == 400
+    # A claimed build's job token: malformed reports are refused and change nothing.
+    value = await token(SCOPE)
+    _, build = await call(
+        server, "POST", "/builds", value, json={"manifest": "driver: {type: os}\n"}
+    )
+    status, claimed = await call(server, "POST", "/runner/claim", runner_token, json={"wait": 0})
+    assert status == 200
+    job_token = claimed["job_token"]
+    job = claimed["plan"]["stages"][0]["jobs"][0]["id"]
+    base = f"/runner/builds/{build['id']}"
+    for path, body, field in [
+        (f"{base}/jobs/{job}/output", {"chunks": [["0", "x"]]}, "chunks"),
+        (f"{base}/jobs/{job}/output", {"chunks": [[0, "x"]], "forget": [1]}, "forget"),
+        (f"{base}/jobs/{job}/finish", {"status": "great", "ran": True}, "status"),
+        (
+            f"{base}/jobs/{job}/finish",
+            {"status": "passed", "ran": True, "written": {"printed": 1, "head": 5}},
+            "written",
+        ),
+        (f"{base}/finish", {"status": "passed", "kept": {"place": "x"}}, "kept"),
+        (f"{base}/fail", {"reason": ""}, "reason"),
+        (f"{base}/keys/placed", {"name": "k"}, "location"),
+    ]:
+        status, answer = await call(server, "POST", path, job_token, json=body)
+        assert status == 400 and field in answer, (path, answer)
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT status FROM builds WHERE id = $1", build["id"])
+        jobs = await conn.fetch(
+            "SELECT status, output FROM build_jobs WHERE build_id = $1", build["id"]
+        )
+    assert row["status"] == "running"
+    assert [(j["status"], j["output"]) for j in jobs] == [("queued", None)]
+    # An artifact the build does not declare, and path tricks in its name, are refused.
+    async with aiohttp.ClientSession() as session:
+        url = server.make_url(f"/api{base}/jobs/{job}/artifacts")
+        params = {"source": "x", "name": "../../etc/passwd"}
+        async with session.put(url, params=params, data=b"x", headers=bearer(job_token)) as resp:
+            assert resp.status == 400
