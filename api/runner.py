@@ -52,6 +52,7 @@ routes = web.RouteTableDef()
 
 POLL = 5.0  # seconds between looks at the queue while a claim waits without a NOTIFY
 MAX_WAIT = 60.0  # seconds a claim may wait for work
+PRESIGNED_FOR = 600.0  # seconds a presigned download URL works
 MIN_LEASE, MAX_LEASE = 1.0, 600.0  # seconds a claim or renewal may lease a build for
 STATUSES = ("passed", "passed_with_failures", "failed", "killed", "timed_out")
 JOB_STATUSES = (*STATUSES, "queued")  # a job that never ran ends with the build's status
@@ -514,10 +515,20 @@ async def object_content(request: web.Request) -> web.StreamResponse:
     return await _send(request, row["blob_key"], row["size"])
 
 
-async def _send(request: web.Request, key: str, size: int) -> web.StreamResponse:
-    return await send_blob(
-        request, request.config_dict[BLOBS], key, "application/octet-stream", size
-    )
+async def _send(
+    request: web.Request, key: str, size: int, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
+    """The blob's content; with S3 (`storage.s3.presign`), a redirect to a presigned URL,
+    so that the content does not pass through the API (docs/runners.md §6)."""
+    blobs, storage = request.config_dict[BLOBS], request.config_dict[CONFIG].storage
+    if storage.backend == "s3" and storage.s3.presign:
+        try:
+            url = await blobs.download_url(key, PRESIGNED_FOR)
+        except BlobNotFound:
+            raise NotFound() from None
+        if url is not None:
+            raise web.HTTPTemporaryRedirect(url, headers=headers)
+    return await send_blob(request, blobs, key, "application/octet-stream", size, headers)
 
 
 async def _image(request: web.Request) -> tuple[str, int, str]:
@@ -624,16 +635,9 @@ async def cache_content(request: web.Request) -> web.StreamResponse:
         "X-Marid-Cache-Build": "" if entry.build_number is None else str(entry.build_number),
     }
     try:
-        chunks = await request.config_dict[BLOBS].open(entry.blob_key)
-    except BlobNotFound:  # replaced or deleted since the row was read
+        return await _send(request, entry.blob_key, entry.size, headers)
+    except NotFound:  # replaced or deleted since the row was read
         return web.Response(status=204)
-    response = web.StreamResponse(headers={"Content-Type": "application/x-tar", **headers})
-    response.content_length = entry.size
-    await response.prepare(request)
-    async for chunk in chunks:
-        await response.write(chunk)
-    await response.write_eof()
-    return response
 
 
 @routes.put(r"/runner/builds/{id:\d+}/cache")

@@ -113,6 +113,12 @@ class BlobStore(ABC):
         """Remove uploads that never completed and were last written before `before`, unless
         a live process still writes them; returns how many were removed."""
 
+    async def download_url(self, key: str, expires: float) -> str | None:
+        """A URL that downloads the content without credentials for `expires` seconds (a
+        presigned S3 URL), or None when the store has none to give; raises BlobNotFound."""
+        await self.size(key)
+        return None
+
     async def put_file(self, path: Path, max_size: int = 0) -> Blob:
         """Store the file at `path` under a new key; raises BlobTooLarge past `max_size` > 0."""
         return await self.put(_file_chunks(path), max_size)
@@ -293,6 +299,15 @@ class S3Store(BlobStore):
     async def open(self, key: str) -> AsyncIterator[bytes]:
         await self.size(key)  # BlobNotFound now, before the caller starts a response
         return self._read_object(key)
+
+    async def download_url(self, key: str, expires: float) -> str | None:
+        await self.size(key)
+        url: str = self.client.generate_presigned_url(  # computed here: no request is sent
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._name(key)},
+            ExpiresIn=max(1, int(expires)),
+        )
+        return url
 
     async def _read_object(self, key: str, offset: int | None = 0) -> AsyncIterator[bytes]:
         """From byte `offset` (a ranged GET) to the end; nothing when `offset` is None."""

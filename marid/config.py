@@ -240,6 +240,9 @@ class S3Config:
     region: str = "us-east-1"
     access_key_id: str | None = None  # None: boto3's default credential chain
     secret_access_key: str | None = None
+    # Hand runners on other machines presigned URLs to download objects, images and caches
+    # from the bucket themselves (docs/runners.md §6); they must reach endpoint_url.
+    presign: bool = True
 
 
 @dataclass(frozen=True)

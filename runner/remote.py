@@ -49,6 +49,7 @@ WITHDRAW_TIMEOUT = 5.0
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0
 CHUNK_SIZE = 256 * 1024
 OUTPUT_BATCH = 256 * 1024  # bytes of JSON-encoded output text in one request, at most
+REDIRECTS = (302, 303, 307)  # a download sent to a presigned URL (docs/runners.md §6)
 
 
 class ServerAway(OSError):
@@ -96,11 +97,33 @@ class Api:
             async with self.session.request(
                 method, self.url + path, headers=headers, **kwargs
             ) as response:
-                if response.status >= 300:
+                if response.status >= 300 and response.status not in REDIRECTS:
                     await _raise_for(response)
                 yield response
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ServerAway(f"the server did not answer ({_reason(exc)})") from exc
+
+    @contextlib.asynccontextmanager
+    async def download(
+        self, path: str, token: str, params: dict[str, str] | None = None
+    ) -> AsyncIterator[tuple[aiohttp.ClientResponse, Any]]:
+        """A GET of content: the API's response, or the one of the presigned URL it redirects
+        to (an S3 blob store), fetched without the token; with the API's headers."""
+        location = None
+        async with self.request(
+            "GET", path, token, params=params, allow_redirects=False
+        ) as response:
+            if response.status not in REDIRECTS:
+                yield response, response.headers
+                return
+            location, headers = response.headers.get("Location", ""), response.headers.copy()
+        try:
+            async with self.session.get(location, allow_redirects=False) as direct:
+                if direct.status != 200:
+                    raise ServerAway(f"the blob store answered {direct.status}")
+                yield direct, headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ServerAway(f"the blob store did not answer ({_reason(exc)})") from exc
 
     async def call(self, method: str, path: str, token: str, body: Any = None) -> Any:
         """The JSON answer (None for 204) to a JSON request."""
@@ -333,10 +356,8 @@ class HttpAssignment(Assignment):
 
     async def download(self, path: str, destination: Path, **params: str) -> None:
         """Stream the content at `path` to the local file `destination`."""
-        async with self.api.request(
-            "GET", self.base + path, self.token, params=params or None
-        ) as response:
-            await _save(response, destination)
+        async with self.api.download(self.base + path, self.token, params or None) as (got, _):
+            await _save(got, destination)
 
     async def fetch_object(self, obj: plans.Object, path: Path) -> None:
         from marid.blobs import BlobNotFound
@@ -415,11 +436,11 @@ class HttpCaches:
     async def fetch(self, destination: Path) -> Found | None:
         a = self.assignment
         try:
-            async with a.api.request("GET", a.base + "/cache", a.token) as response:
+            async with a.api.download(a.base + "/cache", a.token) as (response, headers):
                 if response.status == 204:
                     return None
-                paths = json.loads(response.headers.get("X-Marid-Cache-Paths", "[]"))
-                number = response.headers.get("X-Marid-Cache-Build", "")
+                paths = json.loads(headers.get("X-Marid-Cache-Paths", "[]"))
+                number = headers.get("X-Marid-Cache-Build", "")
                 await _save(response, destination)
         except Gone as exc:
             raise LostLease(str(exc)) from exc

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
 
+from marid import config as config_module
 from marid import remote
 from marid.api.app import create_app
 from marid.config import Config
@@ -25,6 +26,7 @@ from marid.runner.backend import RunnerRevoked
 from marid.runner.remote import HttpBackend
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
+from tests.fixtures.s3 import s3_settings
 from tests.runner.test_worker import THREE_STAGES
 
 SCOPE = "build:read,write,delete variable:write object:write namespace:read,write"
@@ -500,3 +502,82 @@ async def test_bad_tokens_and_bodies_are_refused(
         params = {"source": "x", "name": "../../etc/passwd"}
         async with session.put(url, params=params, data=b"x", headers=bearer(job_token)) as resp:
             assert resp.status == 400
+
+
+@pytest.mark.parametrize("backend", ["fs", "s3"])
+async def test_objects_caches_and_artifacts_travel_through_the_api_or_presigned_urls(
+    backend: str,
+    request: pytest.FixtureRequest,
+    server_config: Config,
+    runner_config: Config,
+    pool: asyncpg.Pool,
+    enrolment: str,
+    token: MakeToken,
+    tmp_path: Path,
+) -> None:
+    """With an S3 blob store, downloads are redirected to presigned URLs that the runner
+    fetches without its token; uploads stream through the API, as with fs."""
+    if backend == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = request.getfixturevalue("s3_bucket")
+        storage = config_module.StorageConfig(
+            backend="s3", s3=config_module.S3Config(**s3_settings(endpoint, bucket))
+        )
+    else:
+        storage = config_module.StorageConfig(backend="fs", path=str(tmp_path / "blobs"))
+    configured = dataclasses.replace(server_config, storage=storage)
+    running_server = TestServer(create_app(configured, pool), host="127.0.0.1")
+    await running_server.start_server()
+    runner = Remote(running_server, runner_config, enrolment)
+    try:
+        value = await token(SCOPE)
+        status, _ = await call(
+            running_server, "POST", "/objects?name=data.txt", value, data=b"object content\n"
+        )
+        assert status == 201
+        manifest = (
+            "driver: {type: os}\nobjects: [data.txt => data.txt]\ncache: [deps]\n"
+            "stages: [s]\njobs:\n- stage: s\n  commands:\n"
+            "  - cat data.txt\n  - mkdir -p deps && cat data.txt > deps/copy\n"
+            "  - head -c 100000 /dev/urandom > out.bin\n  - sha256sum out.bin\n"
+            "  artifacts: [out.bin]\n"
+        )
+        numbers = []
+        for _ in range(2):
+            _, build = await call(
+                running_server, "POST", "/builds", value, json={"manifest": manifest}
+            )
+            done = await until_final(running_server, value, build["number"])
+            assert done["status"] == "passed", done["output"]
+            numbers.append(done)
+        first, second = numbers
+        assert "object content" in first["output"]
+        assert "cache default saved: 1 path" in first["output"]
+        assert (
+            f"cache default restored: 1 path, 15 B (saved by build #{first['number']})"
+            in (second["output"])
+        )
+        _, artifacts = await call(
+            running_server, "GET", f"/b/alice/{second['number']}/artifacts", value
+        )
+        assert f"{artifacts[0]['sha256']}  out.bin" in second["output"]
+    finally:
+        await runner.close()
+    # A claimed build's object: the content itself (fs), or a redirect to the bucket (s3).
+    _, build = await call(running_server, "POST", "/builds", value, json={"manifest": manifest})
+    said = {"name": "probe", "drivers": ["os"], "parallelism": 1}
+    _, registered = await call(running_server, "POST", "/runner/register", enrolment, json=said)
+    _, claimed = await call(
+        running_server, "POST", "/runner/claim", registered["token"], json={"wait": 0}
+    )
+    object_id = claimed["plan"]["objects"][0]["id"]
+    async with aiohttp.ClientSession() as session:
+        url = running_server.make_url(f"/api/runner/builds/{build['id']}/objects/{object_id}")
+        headers = bearer(claimed["job_token"])
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            if backend == "s3":
+                assert resp.status == 307
+                assert resp.headers["Location"].startswith(endpoint)
+            else:
+                assert (resp.status, await resp.read()) == (200, b"object content\n")
+    await running_server.close()
