@@ -529,8 +529,8 @@ async def test_objects_caches_and_artifacts_travel_through_the_api_or_presigned_
     running_server = TestServer(create_app(configured, pool), host="127.0.0.1")
     await running_server.start_server()
     runner = Remote(running_server, runner_config, enrolment)
+    value = await token(SCOPE)
     try:
-        value = await token(SCOPE)
         status, _ = await call(
             running_server, "POST", "/objects?name=data.txt", value, data=b"object content\n"
         )
@@ -554,13 +554,16 @@ async def test_objects_caches_and_artifacts_travel_through_the_api_or_presigned_
         assert "object content" in first["output"]
         assert "cache default saved: 1 path" in first["output"]
         assert (
-            f"cache default restored: 1 path, 15 B (saved by build #{first['number']})"
+            f"cache default restored: 1 path, 10.0 KiB (saved by build #{first['number']})"
             in (second["output"])
         )
         _, artifacts = await call(
             running_server, "GET", f"/b/alice/{second['number']}/artifacts", value
         )
         assert f"{artifacts[0]['sha256']}  out.bin" in second["output"]
+    except BaseException:
+        await running_server.close()
+        raise
     finally:
         await runner.close()
     # A claimed build's object: the content itself (fs), or a redirect to the bucket (s3).
