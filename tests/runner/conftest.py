@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -55,6 +56,33 @@ async def background_worker(
         stop.set()
         await asyncio.wait_for(task, stop_timeout)
         await blobs.close()
+
+
+@contextlib.asynccontextmanager
+async def background_remote_worker(
+    config: Config, pool: asyncpg.Pool, api_url: str, stop_timeout: float = 60.0
+) -> AsyncIterator[Worker]:
+    """A runner on another machine (runner/remote.py) working in the background while the
+    block runs, then stopped: it reaches the API at `api_url` only, registered with an
+    enrolment token made now, and its configuration names no database and no crypto key."""
+    from marid import remote
+    from marid.runner.remote import HttpBackend
+
+    async with pool.acquire() as conn:
+        _, enrolment = await remote.create_enrolment(conn, "tests", None, None)
+    remote_config = dataclasses.replace(
+        config,
+        database=dataclasses.replace(config.database, dsn=""),
+        crypto=dataclasses.replace(config.crypto, key=""),
+    )
+    worker = Worker(remote_config, backend=HttpBackend(remote_config, api_url, enrolment))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, stop_timeout)
 
 
 def settings(**sections: object) -> dict[str, object]:

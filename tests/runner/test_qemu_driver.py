@@ -25,7 +25,7 @@ from marid.config import Config, ConfigError, QemuDriverConfig
 from marid.runner.drivers.qemu import accelerator
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
-from tests.runner.conftest import background_worker, settings
+from tests.runner.conftest import background_remote_worker, background_worker, settings
 from tests.runner.test_worker import finished, submit
 
 SCOPE = "build:read,write,delete variable:write object:write image:write"
@@ -62,6 +62,16 @@ async def client(
 @pytest.fixture
 async def worker(qemu_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
     async with background_worker(qemu_config, pool) as running:
+        yield running
+
+
+@pytest.fixture
+async def remote_worker(
+    qemu_config: Config, pool: asyncpg.Pool, client: TestClient
+) -> AsyncIterator[Worker]:
+    """A runner on another machine: it fetches uploaded images through the API (issue 15)."""
+    url = str(client.server.make_url("/api"))
+    async with background_remote_worker(qemu_config, pool, url) as running:
         yield running
 
 
@@ -146,13 +156,16 @@ jobs:
 """
 
 
+@pytest.mark.parametrize("runner", ["worker", "remote_worker"])
 async def test_a_three_job_build_runs_in_a_vm_of_an_uploaded_image(
+    request: pytest.FixtureRequest,
     client: TestClient,
     token: MakeToken,
-    worker: Worker,
+    runner: str,
     qemu_config: Config,
     qemu_image: Path,
 ) -> None:
+    worker = request.getfixturevalue(runner)  # in-process, or on another machine
     before = qemu_image.stat()
     value = await token(SCOPE)
     await upload_image(client, value, "bookworm", qemu_image)

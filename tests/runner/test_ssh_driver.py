@@ -25,7 +25,7 @@ from marid.runner.drivers.ssh import SshDriver, Target, load_key, parse_address
 from marid.runner.worker import Worker
 from tests.conftest import MakeToken, bearer
 from tests.fixtures.sshd import Sshd, keygen, running_sshd
-from tests.runner.conftest import settings
+from tests.runner.conftest import background_remote_worker, settings
 from tests.runner.test_worker import finished, submit, wait_for
 
 MakeDriver = Callable[..., SshDriver]
@@ -324,8 +324,17 @@ async def client(
     return await aiohttp_client(create_app(ssh_config, pool))
 
 
-@pytest.fixture
-async def worker(ssh_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worker]:
+@pytest.fixture(params=["in-process", "remote"])
+async def worker(
+    request: pytest.FixtureRequest, ssh_config: Config, pool: asyncpg.Pool, client: TestClient
+) -> AsyncIterator[Worker]:
+    """A runner with a DSN, or one on another machine that reaches the API alone (issue 15:
+    the same drivers work in both modes)."""
+    if request.param == "remote":
+        url = str(client.server.make_url("/api"))
+        async with background_remote_worker(ssh_config, pool, url) as remote:
+            yield remote
+        return
     blobs = open_store(ssh_config.storage)
     running = Worker(ssh_config, pool, blobs)
     stop = asyncio.Event()
