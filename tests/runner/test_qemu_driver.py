@@ -65,14 +65,19 @@ async def worker(qemu_config: Config, pool: asyncpg.Pool) -> AsyncIterator[Worke
         yield running
 
 
-@pytest.fixture
-async def remote_worker(
-    qemu_config: Config, pool: asyncpg.Pool, client: TestClient
+@pytest.fixture(params=["in-process", "remote"])
+async def either_worker(
+    request: pytest.FixtureRequest, qemu_config: Config, pool: asyncpg.Pool, client: TestClient
 ) -> AsyncIterator[Worker]:
-    """A runner on another machine: it fetches uploaded images through the API (issue 15)."""
+    """A runner with a DSN, or one on another machine, which fetches uploaded images through
+    the API (issue 15)."""
+    if request.param == "in-process":
+        async with background_worker(qemu_config, pool) as running:
+            yield running
+        return
     url = str(client.server.make_url("/api"))
-    async with background_remote_worker(qemu_config, pool, url) as running:
-        yield running
+    async with background_remote_worker(qemu_config, pool, url) as remote:
+        yield remote
 
 
 async def wait_until(
@@ -156,16 +161,14 @@ jobs:
 """
 
 
-@pytest.mark.parametrize("runner", ["worker", "remote_worker"])
 async def test_a_three_job_build_runs_in_a_vm_of_an_uploaded_image(
-    request: pytest.FixtureRequest,
     client: TestClient,
     token: MakeToken,
-    runner: str,
+    either_worker: Worker,
     qemu_config: Config,
     qemu_image: Path,
 ) -> None:
-    worker = request.getfixturevalue(runner)  # in-process, or on another machine
+    worker = either_worker
     before = qemu_image.stat()
     value = await token(SCOPE)
     await upload_image(client, value, "bookworm", qemu_image)
