@@ -64,6 +64,7 @@ def create_app(config: Config, pool: asyncpg.Pool | None = None) -> web.Applicat
         app[POOL] = pool
     app.cleanup_ctx.append(_blob_store_context)
     app.cleanup_ctx.append(_live_context)
+    app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(downloads.context)
     if config.rate_limit.enabled:
         app[RATE_LIMITER] = Limiter(config.rate_limit, prefix)
@@ -104,6 +105,11 @@ async def _live_context(app: web.Application) -> AsyncIterator[None]:
         return
     yield
     await anext(watch, None)
+
+
+async def _drain(app: web.Application) -> None:
+    if LIVE in app:
+        app[LIVE].drain()
 
 
 async def _blob_store_context(app: web.Application) -> AsyncIterator[None]:

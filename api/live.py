@@ -145,8 +145,18 @@ class Live:
             return False
         return True
 
-    async def stop(self) -> None:
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def drain(self) -> None:
+        """The server is stopping: claims waiting for work answer now, not after their wait
+        (app.on_shutdown, before the server waits for its requests to end)."""
         self._stopping = True
+        self._queue_changed()
+
+    async def stop(self) -> None:
+        self.drain()
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -203,8 +203,9 @@ async def claim(request: web.Request) -> web.Response:
             )
         if offer is None:
             raise _refused("This runner was revoked", revoked=True)
-        if request.transport is None or request.transport.is_closing():
-            return web.Response(status=204)  # the runner gave up: take nothing for it
+        if request.transport is None or request.transport.is_closing() or live.stopping:
+            # The runner gave up, or this server stops: take nothing for it.
+            return web.Response(status=204)
         await _recover(request)
         found = await _claim_one(request, runner, offer, lease)
         if found is not None:
