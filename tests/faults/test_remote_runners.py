@@ -266,3 +266,15 @@ async def test_a_remote_runner_killed_mid_build_is_recovered_by_the_other(
     assert output.endswith("ready\ndone\n") and "attempt 2" in done["output"]
     other = await marid.runner_of(done)
     assert other != first
+
+
+async def test_serve_stops_at_once_while_remote_runners_wait_for_work(
+    marid: RemoteInstallation,
+):
+    """Their long polls are answered when serve stops, not held to their end (30 s)."""
+    await asyncio.sleep(1)  # both runners' claims are parked at the API
+    started = time.monotonic()
+    await asyncio.to_thread(marid.terminate, "serve", 25)
+    assert marid.exits["serve"] == [0]
+    assert time.monotonic() - started < 15
+    marid.assert_running(*RUNNERS)  # they wait for the API to come back
