@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -210,6 +211,76 @@ def test_database_error_is_status_3(tmp_path: Path):
     result = marid(path, "migrate")
     assert result.returncode == 3
     assert result.stderr.startswith("marid: database error:")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--server", "http://127.0.0.1:1/api"), "--server needs an enrolment token"),
+        (("--server", "http://127.0.0.1:1/api", "--token", "mrd_x"), "needs an enrolment token"),
+        (("--server", "ftp://127.0.0.1:1", "--token", "mre_x"), "not an http(s) URL"),
+        (("--token", "mre_x"), "--token needs --server"),
+    ],
+)
+def test_a_remote_runner_needs_a_server_url_and_a_runner_token(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    """`marid runner --server` needs no configuration file; what it needs it says."""
+    result = subprocess.run(
+        [sys.executable, "-m", "marid", "runner", *args, "--config", str(tmp_path / "none.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "MARID_RUNNER_TOKEN"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_revoked_remote_runner_exits_with_status_1(tmp_path: Path) -> None:
+    """Refused at registration (an unknown enrolment token here), the runner says why and
+    exits 1. The API answering is a loopback server of this test's own."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = b'{"message": "Unknown or expired enrolment token", "revoked": false}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "marid",
+                "runner",
+                "--server",
+                url,
+                "--token",
+                "mre_x",
+                "--config",
+                str(tmp_path / "none.yml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 1, result.stderr
+    assert "Unknown or expired enrolment token" in result.stderr
     assert "Traceback" not in result.stderr
 
 
