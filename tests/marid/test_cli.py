@@ -279,6 +279,7 @@ def test_a_revoked_remote_runner_exits_with_status_1(tmp_path: Path) -> None:
         )
     finally:
         server.shutdown()
+        server.server_close()
     assert result.returncode == 1, result.stderr
     assert "Unknown or expired enrolment token" in result.stderr
     assert "Traceback" not in result.stderr
