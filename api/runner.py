@@ -659,26 +659,18 @@ async def cache_save(request: web.Request) -> web.Response:
     limit = min(config.caches.max_size, config.caches.max_total)
     blob = await _receive(request, limit)
     try:
-        async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-            await lifecycle.fence(conn, claim)
-            stored = await caches.store(
-                conn,
-                found.scope,
-                found.key,
-                paths,
-                (blob.key, blob.size),
-                claim.build_id,
-                config.caches.max_total,
-            )
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            await blobs.delete(blob.key)
-        if isinstance(exc, LostLease):
-            raise NotFound() from None
-        raise
-    for key in stored.stale_blobs:
-        with contextlib.suppress(Exception):  # else the reaper removes it later
-            await blobs.delete(key)
+        stored = await caches.keep(
+            request.config_dict[POOL],
+            blobs,
+            found,
+            paths,
+            blob,
+            claim.build_id,
+            config.caches.max_total,
+            claim,
+        )
+    except LostLease:
+        raise NotFound() from None
     return web.json_response({"size": blob.size, "evicted": stored.evicted})
 
 

@@ -7,6 +7,7 @@ store; a row here is the only reference to its blob (docs/architecture.md §6.1)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
@@ -16,6 +17,9 @@ from typing import Any
 
 import asyncpg
 
+from marid import lifecycle
+from marid.blobs import Blob, BlobStore
+from marid.lifecycle import Claim
 from marid.times import rfc3339
 from marid.validation import Errors
 
@@ -295,6 +299,37 @@ async def store(
     evicted = await _evict(conn, scope, key, max_total)
     stale = ([old] if old is not None else []) + [blob_key for _, blob_key in evicted]
     return Stored(stale, [name for name, _ in evicted])
+
+
+async def keep(
+    pool: asyncpg.Pool,
+    blobs: BlobStore,
+    found: BuildCache,
+    paths: list[str],
+    blob: Blob,
+    build_id: int | None,
+    max_total: int,
+    claim: Claim | None = None,
+) -> Stored:
+    """Make the stored `blob` the entry of the build's cache scope (`store`, in a transaction
+    of its own, fenced by `claim` when given: a runner's save), then delete the blobs no row
+    references any more. When that fails, `blob` is deleted before the error is raised (or
+    left to the reaper, if the process dies)."""
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            if claim is not None:
+                await lifecycle.fence(conn, claim)
+            stored = await store(
+                conn, found.scope, found.key, paths, (blob.key, blob.size), build_id, max_total
+            )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await blobs.delete(blob.key)
+        raise
+    for key in stored.stale_blobs:
+        with contextlib.suppress(Exception):  # else the API's reaper removes it later
+            await blobs.delete(key)
+    return stored
 
 
 async def _evict(

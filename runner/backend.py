@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from marid.runner.drivers.qemu import Upload
 
 log = logging.getLogger(__name__)
+Fetch = Callable[[Path], Awaitable[None]]  # writes content to a local file
 POLL = 5.0  # seconds between queue checks when no NOTIFY arrives
 
 
@@ -96,12 +97,23 @@ class Assignment(ABC):
         """Write the stored object's content to `path`; BlobNotFound when it is gone."""
 
     @abstractmethod
+    async def _upload(self, driver: str, name: str) -> tuple[str, Fetch] | None:
+        """The SHA-256 and a fetcher of the upload of `driver` named `name` the build may use
+        (docs/manifest.md §9.2 step 1), else None."""
+
     async def docker_image(self, name: str) -> UploadedImage | None:
         """The uploaded `docker save` archive named `name` the build may use, else None."""
+        from marid.runner.drivers.docker import UploadedImage
 
-    @abstractmethod
+        found = await self._upload("docker", name)
+        return None if found is None else UploadedImage(*found)
+
     async def qemu_upload(self, name: str) -> Upload | None:
         """The uploaded QCOW2 image named `name` the build may use, else None."""
+        from marid.runner.drivers.qemu import Upload
+
+        found = await self._upload("qemu", name)
+        return None if found is None else Upload(*found)
 
     @abstractmethod
     def cache_store(self) -> CacheStore:
@@ -290,7 +302,7 @@ class DbAssignment(Assignment):
             raise BlobNotFound(obj.source)
         await self.blobs.copy_to_file(blob_key, path)
 
-    async def _upload(self, driver: str, name: str) -> tuple[str, Callable[[Path], Any]] | None:
+    async def _upload(self, driver: str, name: str) -> tuple[str, Fetch] | None:
         assert self.build is not None
         async with self.pool.acquire() as conn:
             found = await images.find_upload(
@@ -307,18 +319,6 @@ class DbAssignment(Assignment):
                 raise DriverError(f"image {name}: no such image") from None
 
         return found.sha256, fetch
-
-    async def docker_image(self, name: str) -> UploadedImage | None:
-        from marid.runner.drivers.docker import UploadedImage
-
-        found = await self._upload("docker", name)
-        return None if found is None else UploadedImage(*found)
-
-    async def qemu_upload(self, name: str) -> Upload | None:
-        from marid.runner.drivers.qemu import Upload
-
-        found = await self._upload("qemu", name)
-        return None if found is None else Upload(*found)
 
     def cache_store(self) -> CacheStore:
         assert self.found is not None

@@ -9,7 +9,6 @@ is the CacheStore's business: `ServerCaches` keeps them in the blob store and Po
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -136,6 +135,7 @@ class ServerCaches:
         self.pool = pool
         self.blobs = blobs
         self.build_id = build_id
+        self.found = found
         self.scope = found.scope
         self.key = found.key
         self.max_total = max_total  # bytes kept per scope (caches.max_total)
@@ -155,24 +155,9 @@ class ServerCaches:
         """Write the blob, swap the row, then delete the blobs no row references: a failure
         in between deletes the new blob (or leaves it to the reaper, if the process dies)."""
         blob = await self.blobs.put_file(archive)
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                stored = await caches.store(
-                    conn,
-                    self.scope,
-                    self.key,
-                    paths,
-                    (blob.key, blob.size),
-                    self.build_id,
-                    self.max_total,
-                )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.blobs.delete(blob.key)
-            raise
-        for key in stored.stale_blobs:
-            with contextlib.suppress(Exception):  # else the API's reaper removes it later
-                await self.blobs.delete(key)
+        stored = await caches.keep(
+            self.pool, self.blobs, self.found, paths, blob, self.build_id, self.max_total
+        )
         return Saved(blob.size, stored.evicted)
 
 

@@ -31,15 +31,14 @@ from marid.config import Config
 from marid.lifecycle import KeptWorkspace, LostLease
 from marid.output import Written
 from marid.runner import reaper
-from marid.runner.backend import Assignment, Backend, Presence, RunnerRevoked
+from marid.runner.backend import Assignment, Backend, Fetch, Presence, RunnerRevoked
 from marid.runner.caches import CacheStore, Found, Saved
 from marid.runner.drivers.base import DriverError
 from marid.runner.execute import ArtifactError, JobSpec, ObjectSpec
 from marid.runner.reporter import BufferedReporter, Lease, Reporting
 
 if TYPE_CHECKING:
-    from marid.runner.drivers.docker import UploadedImage
-    from marid.runner.drivers.qemu import Upload
+    pass
 
 log = logging.getLogger(__name__)
 CLAIM_WAIT = 30.0  # seconds one claim waits at the API for a build (its long poll)
@@ -367,7 +366,7 @@ class HttpAssignment(Assignment):
         except Gone:  # the object is gone (or the attempt: the next write says so)
             raise BlobNotFound(obj.source) from None
 
-    async def _upload(self, driver: str, name: str) -> tuple[str, Callable[[Path], Any]] | None:
+    async def _upload(self, driver: str, name: str) -> tuple[str, Fetch] | None:
         try:
             found = await self.call("GET", f"/image?driver={driver}&name={_quote(name)}")
         except LostLease:
@@ -380,18 +379,6 @@ class HttpAssignment(Assignment):
                 raise DriverError(f"image {name}: no such image") from None
 
         return str(found["sha256"]), fetch
-
-    async def docker_image(self, name: str) -> UploadedImage | None:
-        from marid.runner.drivers.docker import UploadedImage
-
-        found = await self._upload("docker", name)
-        return None if found is None else UploadedImage(*found)
-
-    async def qemu_upload(self, name: str) -> Upload | None:
-        from marid.runner.drivers.qemu import Upload
-
-        found = await self._upload("qemu", name)
-        return None if found is None else Upload(*found)
 
     def cache_store(self) -> CacheStore:
         return HttpCaches(self)
