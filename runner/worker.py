@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -74,8 +74,9 @@ class Worker:
     ) -> None:
         self.config = config
         if backend is None:
-            assert pool is not None and blobs is not None
-            backend = DbBackend(config, pool, blobs, runners.instance_of(config.database.dsn))
+            # (Without a pool and a store it can only say what it offers: `drivers`.)
+            instance = runners.instance_of(config.database.dsn)
+            backend = DbBackend(config, cast(asyncpg.Pool, pool), cast(BlobStore, blobs), instance)
         self.backend = backend
         self.name = config.runner.name or f"{socket.gethostname()}-{os.getpid()}"
         self.ssh_key = self._ssh_key()  # None: this runner cannot run `ssh` builds
