@@ -13,15 +13,16 @@ import posixpath
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from marid import lifecycle
 from marid.blobs import Blob, BlobStore
-from marid.lifecycle import Claim
 from marid.times import rfc3339
 from marid.validation import Errors
+
+if TYPE_CHECKING:
+    from marid.lifecycle import Claim
 
 FIELD = "cache"  # the field its validation errors are keyed by
 DEFAULT_KEY = "default"
@@ -315,6 +316,8 @@ async def keep(
     of its own, fenced by `claim` when given: a runner's save), then delete the blobs no row
     references any more. When that fails, `blob` is deleted before the error is raised (or
     left to the reaper, if the process dies)."""
+    from marid import lifecycle  # here: marid/lifecycle.py imports the manifest, which this
+
     try:
         async with pool.acquire() as conn, conn.transaction():
             if claim is not None:
