@@ -316,7 +316,7 @@ async def keep(
     of its own, fenced by `claim` when given: a runner's save), then delete the blobs no row
     references any more. When that fails, `blob` is deleted before the error is raised (or
     left to the reaper, if the process dies)."""
-    from marid import lifecycle  # here: marid/lifecycle.py imports the manifest, which this
+    from marid import lifecycle  # here: lifecycle imports the manifest, which imports caches
 
     try:
         async with pool.acquire() as conn, conn.transaction():
