@@ -97,6 +97,12 @@ TARGET = 1.1  # remote median / in-process median of created -> finished, at mos
 # marid serve's access log (marid/api/errors.py): `... marid.access: POST /api/x 204 3.2ms`.
 ACCESS = re.compile(r"marid\.access: (\w+) (/api/runner/\S+) (\d{3}) ([\d.]+)ms$", re.MULTILINE)
 NUMBER = re.compile(r"/\d+")
+STATEMENTS = """
+    SELECT queryid, query, calls, total_exec_time FROM pg_stat_statements WHERE toplevel
+"""
+OWN_QUERIES = ("pg_stat_", "SELECT status FROM builds WHERE id = $1")  # this script's
+TEXTS: dict[int, str] = {}  # a text of each statement seen, by its query id
+SHOWN_STATEMENTS = 15  # of those the remote makes more often than the in-process runner
 
 
 @dataclass
@@ -145,6 +151,10 @@ class Scenario:
     cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0.0))
     # Runner-protocol requests during its timed probes: route -> server-side ms of each.
     requests: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    # PostgreSQL's top-level statements during its timed probes (but this script's): query id
+    # -> [calls, ms executing]; and the WAL flushes (fsyncs) meanwhile.
+    statements: dict[int, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    wal_syncs: int = 0
 
     def add(self, load: Load, machine: float) -> None:
         self.seconds += load.seconds
@@ -191,8 +201,8 @@ def parse_args() -> argparse.Namespace:
 
 
 async def prepare(cluster: Cluster) -> tuple[str, str]:
-    """Create and migrate the database, turn on commit timestamps (the cluster is restarted);
-    returns the benchmark user's full-scope token and an enrolment token."""
+    """Create and migrate the database, turn on commit timestamps and pg_stat_statements (the
+    cluster is restarted); returns the benchmark user's full-scope token and an enrolment token."""
     await create_database(cluster, DATABASE)
     conn = await asyncpg.connect(cluster.dsn(DATABASE))
     try:
@@ -201,6 +211,7 @@ async def prepare(cluster: Cluster) -> tuple[str, str]:
         _, value = await tokens.create(conn, user, "bench", scopes.FULL)
         _, enrolment = await remote.create_enrolment(conn, "bench", None, None)
         await conn.execute("ALTER SYSTEM SET track_commit_timestamp = 'on'")
+        await conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
     finally:
         await conn.close()
     cluster.stop()
@@ -336,6 +347,8 @@ async def turn(
     try:
         for number in range(args.warmup):
             await probe(session, conn, marid, names[number % len(names)], gap)
+        await conn.execute("SELECT pg_stat_statements_reset()")
+        syncs = await conn.fetchval("SELECT wal_sync FROM pg_stat_wal")
         start, machine = meter.snapshot(), machine_time()
         _, offset = access_records(marid.serve.log, 0)
         for number in range(count):
@@ -345,6 +358,15 @@ async def turn(
         records, _ = access_records(marid.serve.log, offset)
         for route, ms in records:
             scenario.requests[route].append(ms)
+        scenario.wal_syncs += await conn.fetchval("SELECT wal_sync FROM pg_stat_wal") - syncs
+        for row in await conn.fetch(STATEMENTS):
+            text = " ".join(row["query"].split())
+            if not any(mine in text for mine in OWN_QUERIES):
+                # The id, not the text: a statement's text is that of its first run since the
+                # reset, with or without its constants replaced by parameters.
+                TEXTS.setdefault(row["queryid"], text)
+                scenario.statements[row["queryid"]][0] += row["calls"]
+                scenario.statements[row["queryid"]][1] += row["total_exec_time"]
     finally:
         runner.stop()
 
@@ -383,6 +405,7 @@ async def measure(marid: Marid, meter: LoadMeter, args: argparse.Namespace) -> l
     shares = [per_turn // args.rounds + (r < per_turn % args.rounds) for r in range(args.rounds)]
     conn = await asyncpg.connect(marid.dsn)
     try:
+        await conn.execute("CREATE EXTENSION pg_stat_statements")
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, marid)
             done = 0
@@ -517,10 +540,44 @@ def report(scenarios: list[Scenario], args: argparse.Namespace) -> None:
         )
 
 
+def report_statements(scenarios: list[Scenario]) -> None:
+    counts = {s.name: len(s.probes) for s in scenarios}
+    print("\nPostgreSQL per probe (its top-level statements, this script's polls aside):")
+    for s in scenarios:
+        calls = sum(c for c, _ in s.statements.values()) / counts[s.name]
+        spent = sum(t for _, t in s.statements.values()) / counts[s.name]
+        commits = sum(c for q, (c, _) in s.statements.items() if TEXTS[q] == "COMMIT")
+        commits /= counts[s.name]
+        print(
+            f"  {s.name:>10}: {calls:5.1f} statements, {spent:5.2f} ms executing them, "
+            f"{commits:4.1f} COMMITs, {s.wal_syncs / counts[s.name]:4.1f} WAL flushes"
+        )
+    local, other = scenarios
+    extra = []
+    for query in set(local.statements) | set(other.statements):
+        mine = other.statements.get(query, [0, 0.0])
+        theirs = local.statements.get(query, [0, 0.0])
+        more = mine[0] / counts[other.name] - theirs[0] / counts[local.name]
+        if more > 0.05:
+            extra.append((more, mine, theirs, query))
+    extra.sort(key=lambda item: -item[0])
+    print(
+        f"  statements the {other.name} runner's probes make more often, per probe "
+        f"({other.name} / {local.name}, calls and ms executing):"
+    )
+    for _more, mine, theirs, query in extra[:SHOWN_STATEMENTS]:
+        print(
+            f"    {mine[0] / counts[other.name]:5.2f} {mine[1] / counts[other.name]:6.2f}  "
+            f"{theirs[0] / counts[local.name]:5.2f} {theirs[1] / counts[local.name]:6.2f}  "
+            f"{TEXTS[query][:100]}"
+        )
+
+
 def main() -> None:
     args = parse_args()
     scenarios = guarded(lambda stack: run(args, stack), aiohttp.ClientError)
     report(scenarios, args)
+    report_statements(scenarios)
 
 
 if __name__ == "__main__":
