@@ -16,8 +16,8 @@ process with `drivers: [os]` and parallelism 1, never both at once:
 The scenarios take turns in ROUNDS rounds, ABBA (in-process first in even rounds, remote first
 in odd ones), so that a noisy machine weighs on both alike. In each turn the scenario's runner
 is started, runs WARMUP untimed probes, then its share of the timed ones, and is stopped. Two
-variants of probe, alternating within a turn: `one`, one job `true`; `three`, one stage of three
-jobs, each `seq 1 2000` (8.9 kB of output). A probe is POST /api/builds (tag `probe`); the
+variants of probe, alternating within a turn: `one`, one job `true`; `three`, three jobs, each
+`seq 1 2000` (8.9 kB of output); each build also runs its setup job, `create-driver`. A probe is POST /api/builds (tag `probe`); the
 script then reads its status every 5 ms until it is `passed`, and sends the next one GAP ms
 later: the runner is idle at each submission, an in-process one waiting on LISTEN, a remote one
 with its claim parked at the API (the claim is sent again as soon as the previous build ends,
@@ -79,7 +79,8 @@ DATABASE = "marid_bench"
 USER = "bench"
 PROBE_TAG = "probe"
 VARIANTS = {
-    "one": 'driver: {type: os}\njobs:\n- commands: ["true"]\n',
+    # A job needs a stage: one without is dropped (docs/manifest.md §2.8).
+    "one": 'driver: {type: os}\nstages: [s]\njobs:\n- {stage: s, commands: ["true"]}\n',
     "three": "driver: {type: os}\nstages: [s]\njobs:\n"
     + '- {stage: s, commands: ["seq 1 2000"]}\n' * 3,
 }
