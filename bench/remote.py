@@ -17,11 +17,11 @@ The scenarios take turns in ROUNDS rounds, ABBA (in-process first in even rounds
 in odd ones), so that a noisy machine weighs on both alike. In each turn the scenario's runner
 is started, runs WARMUP untimed probes, then its share of the timed ones, and is stopped. Two
 variants of probe, alternating within a turn: `one`, one job `true`; `three`, three jobs, each
-`seq 1 2000` (8.9 kB of output); each build also runs its setup job, `create-driver`. A probe is POST /api/builds (tag `probe`); the
-script then reads its status every 5 ms until it is `passed`, and sends the next one GAP ms
-later: the runner is idle at each submission, an in-process one waiting on LISTEN, a remote one
-with its claim parked at the API (the claim is sent again as soon as the previous build ends,
-and answered once a NOTIFY wakes it).
+`seq 1 2000` (8.9 kB of output); each build also runs its setup job, `create-driver`. A probe
+is POST /api/builds (tag `probe`); the script then reads its status every 5 ms until it is
+`passed`, and sends the next one GAP ms later: the runner is idle at each submission, an
+in-process one waiting on LISTEN, a remote one with its claim parked at the API (the claim is
+sent again as soon as the previous build ends, and answered once a NOTIFY wakes it).
 
 Per probe, on the database's clock: created (`builds.created_at`, the submitting transaction's
 now()), committed (its commit timestamp, from the probe's build_tags row), claimed
