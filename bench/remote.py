@@ -16,12 +16,13 @@ process with `drivers: [os]` and parallelism 1, never both at once:
 The scenarios take turns in ROUNDS rounds, ABBA (in-process first in even rounds, remote first
 in odd ones), so that a noisy machine weighs on both alike. In each turn the scenario's runner
 is started, runs WARMUP untimed probes, then its share of the timed ones, and is stopped. Two
-variants of probe, alternating within a turn: `one`, one job `true`; `three`, three jobs, each
-`seq 1 2000` (8.9 kB of output); each build also runs its setup job, `create-driver`. A probe
-is POST /api/builds (tag `probe`); the script then reads its status every 5 ms until it is
-`passed`, and sends the next one GAP ms later: the runner is idle at each submission, an
-in-process one waiting on LISTEN, a remote one with its claim parked at the API (the claim is
-sent again as soon as the previous build ends, and answered once a NOTIFY wakes it).
+variants of probe (three with --sleep), alternating within a turn: `one`, one job `true`;
+`three`, three jobs, each `seq 1 2000` (8.9 kB of output); `sleep`, with --sleep MS, one job
+`sleep` of MS ms; each build also runs its setup job, `create-driver`. A probe is POST
+/api/builds (tag `probe`); the script then reads its status every 5 ms until it is `passed`,
+and sends the next one GAP ms later: the runner is idle at each submission, an in-process one
+waiting on LISTEN, a remote one with its claim parked at the API (the claim is sent again as
+soon as the previous build ends, and answered once a NOTIFY wakes it).
 
 Per probe, on the database's clock: created (`builds.created_at`, the submitting transaction's
 now()), committed (its commit timestamp, from the probe's build_tags row), claimed
@@ -35,7 +36,7 @@ marid serve's access log, the runner protocol's requests per remote probe and th
 the server. Everything it started is stopped and removed on exit, Ctrl-C included.
 
     .venv/bin/python bench/remote.py [--probes N] [--rounds N] [--warmup N] [--gap MS]
-                                     [--nice N]
+                                     [--sleep MS] [--nice N]
 """
 
 from __future__ import annotations
@@ -181,6 +182,12 @@ def parse_args() -> argparse.Namespace:
         "--gap", type=int, default=200, help="ms from a probe passing to the next one (200)"
     )
     parser.add_argument(
+        "--sleep",
+        type=int,
+        default=0,
+        help="also a third variant, one job `sleep` of this many ms (0: none)",
+    )
+    parser.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -192,12 +199,17 @@ def parse_args() -> argparse.Namespace:
         ("rounds", 1, 100),
         ("warmup", 0, 100),
         ("gap", 0, 10_000),
+        ("sleep", 0, 10_000),
         ("nice", -20, 19),
     ]:
         if not low <= getattr(args, name) <= high:
             parser.error(f"--{name} must be between {low} and {high}")
     if args.probes < args.rounds:
         parser.error("--probes must be at least --rounds")
+    if args.sleep:
+        command = f"sleep {args.sleep / 1000:g}"
+        VARIANTS["sleep"] = VARIANTS["one"].replace('"true"', f'"{command}"')
+        DESCRIBED["sleep"] = f"one job `{command}`"
     return args
 
 
