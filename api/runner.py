@@ -191,15 +191,13 @@ async def claim(request: web.Request) -> web.Response:
     deadline = time.monotonic() + wait
     while True:
         woken = live.queue_event()  # taken before looking: a NOTIFY meanwhile is not lost
-        async with pool.acquire() as conn:
+        async with pool.acquire() as conn:  # its heartbeats keep it alive: only a read here
             offer = await conn.fetchrow(
                 """
-                UPDATE runners SET last_seen_at = now(), address = $2
+                SELECT drivers, places, max_running_per_user FROM runners
                 WHERE id = $1 AND revoked_at IS NULL
-                RETURNING drivers, places, max_running_per_user
                 """,
                 runner.id,
-                request.remote,
             )
         if offer is None:
             raise _refused("This runner was revoked", revoked=True)
@@ -294,26 +292,19 @@ async def _hand_back(request: web.Request, claim: Claim, reason: str, delay: flo
 # -- A claimed attempt (job token) --------------------------------------------------------------
 
 
-async def _fenced(request: web.Request, write: Any) -> None:
-    """`write(conn, claim)` in a transaction, fenced; 404 once the attempt has ended."""
-    claim = await _attempt(request)
-    try:
-        async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-            await write(conn, claim)
-    except LostLease:
-        raise NotFound() from None
-
-
 @routes.post(r"/runner/builds/{id:\d+}/renew")
 async def renew(request: web.Request) -> web.Response:
     """Extend the attempt's lease; says whether a kill was asked."""
-    claim = await _attempt(request)
+    build_id = path_id(request)
     body = await read_body(request)
     _only(body.data, ("lease",), body.errors)
     lease = _number(body.errors, body.data, "lease", MIN_LEASE, MAX_LEASE, 30.0)
     body.errors.raise_if_any()
     try:
         async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+            claim = await remote.claim_of(conn, build_id, _bearer(request))
+            if claim is None:
+                raise NotFound()
             killed = await lifecycle.renew(conn, claim, lease)
     except LostLease:
         raise NotFound() from None
@@ -343,73 +334,203 @@ def _job_id(request: web.Request) -> int:
     return path_id(request, "job")
 
 
-@routes.post(r"/runner/builds/{id:\d+}/jobs/{job:\d+}/start")
-async def job_started(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
-    await _fenced(request, lambda conn, claim: lifecycle.job_started(conn, claim, job_id))
-    return web.Response(status=204)
-
-
-@routes.post(r"/runner/builds/{id:\d+}/jobs/{job:\d+}/output")
-async def job_output(request: web.Request) -> web.Response:
-    """Chunks of the job's masked output, at their byte offsets; `forget` drops the stored
-    chunks starting in a byte range (output over builds.max_output)."""
-    job_id = _job_id(request)
-    body = await read_body(request)
-    _only(body.data, ("chunks", "forget"), body.errors)
-    chunks: Any = body.data.get("chunks")
-    if not isinstance(chunks, list) or not all(
-        isinstance(c, list) and len(c) == 2 and _count(c[0]) and isinstance(c[1], str)
-        for c in chunks
-    ):
-        body.errors.add("chunks", "Chunks must be a list of [byte offset, text] pairs")
-    forget = body.data.get("forget")
-    if forget is not None and not (
-        isinstance(forget, list) and len(forget) == 2 and all(_count(v) for v in forget)
-    ):
-        body.errors.add("forget", "Forget must be null or a [start, end] pair of byte offsets")
-    body.errors.raise_if_any()
-    pairs = [(int(offset), text) for offset, text in chunks]
-    gone = (int(forget[0]), int(forget[1])) if forget else None
-    await _fenced(request, lambda conn, claim: reports.append(conn, claim, job_id, pairs, gone))
-    return web.Response(status=204)
-
-
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 
-@routes.post(r"/runner/builds/{id:\d+}/jobs/{job:\d+}/finish")
-async def job_finished(request: web.Request) -> web.Response:
-    """The job ended with `status`; `written` accounts for its output (output.Written) and
-    the API stores it once, as it does for an in-process runner."""
-    claim = await _attempt(request)
-    job_id = _job_id(request)
+MAX_EVENTS = 1000
+
+
+@routes.post(r"/runner/builds/{id:\d+}/events")
+async def events(request: web.Request) -> web.Response:
+    """What the attempt did, in order (docs/runners.md §4): jobs started, output, jobs
+    finished, objects and keys placed, and the build's end. Applied in as few transactions as
+    possible, each fenced: once the attempt has ended, 404 and nothing changes. A runner sends
+    what happened in the last tenth of a second in one request."""
+    build_id = path_id(request)
     body = await read_body(request)
-    _only(body.data, ("status", "ran", "written"), body.errors)
-    status: Any = body.data.get("status")
-    if status not in JOB_STATUSES:
-        body.errors.add("status", f"Status must be one of {', '.join(JOB_STATUSES)}")
-    ran: Any = body.data.get("ran")
-    if not isinstance(ran, bool):
-        body.errors.add("ran", "Ran must be a boolean")
-    written = _written(body.data.get("written"), body.errors)
+    _only(body.data, ("events",), body.errors)
+    given = body.data.get("events")
+    if not isinstance(given, list) or not 0 < len(given) <= MAX_EVENTS:
+        body.errors.add("events", f"Events must be a list of 1 to {MAX_EVENTS} events")
+        given = []
+    steps = [_event(index, event, body.errors) for index, event in enumerate(given)]
+    if any(isinstance(step, _End) for step in steps[:-1]):
+        body.errors.add("events", "The build's end must be the last event")
     body.errors.raise_if_any()
+    config, pool = request.config_dict[CONFIG], request.config_dict[POOL]
+    token = _bearer(request)
+    pending = [step for step in steps if step is not None]  # none is None: no errors
     try:
-        await reports.finish_job(
-            request.config_dict[POOL],
-            request.config_dict[BLOBS],
-            claim,
-            job_id,
-            status,
-            ran,
-            written,
-        )
+        while pending:
+            async with pool.acquire() as conn, conn.transaction():
+                claim = await remote.claim_of(conn, build_id, token)
+                if claim is None:
+                    raise NotFound()
+                await lifecycle.fence(conn, claim)
+                while pending and not _stored(pending[0]):
+                    await pending.pop(0).apply(conn, claim, config)
+            if pending:  # a job whose output goes to the blob store: transactions of its own
+                finish = pending.pop(0)
+                assert isinstance(finish, _Finish)
+                await reports.finish_job(
+                    pool,
+                    request.config_dict[BLOBS],
+                    claim,
+                    finish.job,
+                    finish.status,
+                    finish.ran,
+                    finish.written,
+                )
     except LostLease:
         raise NotFound() from None
     except reports.StorageFailed as exc:
         raise RequestError(str(exc), 503) from exc
     return web.Response(status=204)
+
+
+def _stored(step: Any) -> bool:
+    """Whether the step is a job's end whose output is stored in the blob store."""
+    return isinstance(step, _Finish) and step.written is not None and step.stores
+
+
+class _Start:
+    def __init__(self, job: int) -> None:
+        self.job = job
+
+    async def apply(self, conn: Any, claim: Claim, config: Any) -> None:
+        await lifecycle.job_started(conn, claim, self.job)
+
+
+class _Output:
+    def __init__(self, job: int, chunks: list[tuple[int, str]], forget: Any) -> None:
+        self.job, self.chunks, self.forget = job, chunks, forget
+
+    async def apply(self, conn: Any, claim: Claim, config: Any) -> None:
+        await reports.append(conn, claim, self.job, self.chunks, self.forget)
+
+
+class _Finish:
+    def __init__(self, job: int, status: str, ran: bool, written: output.Written | None) -> None:
+        self.job, self.status, self.ran, self.written = job, status, ran, written
+        self.stores = bool(ran and written and written.rewritten)
+
+    async def apply(self, conn: Any, claim: Claim, config: Any) -> None:
+        await lifecycle.job_finished(conn, claim, self.job, self.status, self.ran)
+
+
+class _Object:
+    def __init__(self, object_id: int) -> None:
+        self.object_id = object_id
+
+    async def apply(self, conn: Any, claim: Claim, config: Any) -> None:
+        await lifecycle.object_placed(conn, claim, self.object_id)
+
+
+class _Key:
+    def __init__(self, name: str, location: str) -> None:
+        self.name, self.location = name, location
+
+    async def apply(self, conn: Any, claim: Claim, config: Any) -> None:
+        await lifecycle.key_placed(conn, claim, self.name, self.location)
+
+
+class _End:
+    def __init__(self, status: str, kept: dict[str, str] | None) -> None:
+        self.status, self.kept = status, kept
+
+    async def apply(self, conn: Any, claim: Claim, config: Any) -> None:
+        kept = None
+        if self.kept is not None:
+            where = self.kept
+            kept = lifecycle.KeptWorkspace(
+                claim.build_id, claim.attempt, where["driver"], where["place"], where["location"]
+            )
+        await reports.finish_build(
+            conn, claim, self.status, kept, config.builds.keep_workspace, config.server.api_url
+        )
+
+
+Step = _Start | _Output | _Finish | _Object | _Key | _End
+
+
+def _event(index: int, event: Any, errors: Errors) -> Step | None:
+    """The step of one event, or None with an error naming it (`events`: `event 3: …`)."""
+    fields = {
+        "start": ("job",),
+        "output": ("job", "chunks", "forget"),
+        "finish": ("job", "status", "ran", "written"),
+        "object": ("object",),
+        "key": ("name", "location"),
+        "end": ("status", "kept"),
+    }
+    kind = event.get("type") if isinstance(event, dict) else None
+    if kind not in fields:
+        errors.add("events", f"event {index}: type must be one of {', '.join(fields)}")
+        return None
+    problems = Errors()
+    _only({k: v for k, v in event.items() if k != "type"}, fields[kind], problems)
+    job = event.get("job")
+    if "job" in fields[kind] and not _count(job):
+        problems.add("job", "Job must be a job id")
+    step = _build_step(kind, event, job, problems)
+    for name, messages in problems.by_field.items():
+        for message in messages:
+            errors.add("events", f"event {index}: {name}: {message}")
+    return None if problems.by_field else step
+
+
+def _build_step(kind: str, event: dict[str, Any], job: Any, problems: Errors) -> Step | None:
+    if kind == "start":
+        return _Start(job)
+    if kind == "output":
+        chunks = event.get("chunks")
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, list) and len(c) == 2 and _count(c[0]) and isinstance(c[1], str)
+            for c in chunks
+        ):
+            problems.add("chunks", "Chunks must be a list of [byte offset, text] pairs")
+            return None
+        forget = event.get("forget")
+        if forget is not None and not (
+            isinstance(forget, list) and len(forget) == 2 and all(_count(v) for v in forget)
+        ):
+            problems.add("forget", "Forget must be null or a [start, end] pair of byte offsets")
+            return None
+        gone = (int(forget[0]), int(forget[1])) if forget else None
+        return _Output(job, [(int(offset), text) for offset, text in chunks], gone)
+    if kind == "finish":
+        status, ran = event.get("status"), event.get("ran")
+        if status not in JOB_STATUSES:
+            problems.add("status", f"Status must be one of {', '.join(JOB_STATUSES)}")
+        if not isinstance(ran, bool):
+            problems.add("ran", "Ran must be a boolean")
+        written = _written(event.get("written"), problems)
+        if problems.by_field:
+            return None
+        return _Finish(job, str(status), bool(ran), written)
+    if kind == "object":
+        if not _count(event.get("object")):
+            problems.add("object", "Object must be a build object's id")
+            return None
+        return _Object(int(event["object"]))
+    if kind == "key":
+        name, location = event.get("name"), event.get("location")
+        if not isinstance(name, str) or not 0 < len(name) <= 255:
+            problems.add("name", "Name must be a key's name")
+        if not isinstance(location, str) or not 0 < len(location) <= 4096:
+            problems.add("location", "Location must be a string of 1 to 4096 characters")
+        return None if problems.by_field else _Key(str(name), str(location))
+    status, kept = event.get("status"), event.get("kept")
+    if status not in STATUSES:
+        problems.add("status", f"Status must be one of {', '.join(STATUSES)}")
+    if kept is not None and not (
+        isinstance(kept, dict)
+        and set(kept) == {"driver", "place", "location"}
+        and all(isinstance(v, str) and 0 < len(v) <= 4096 for v in kept.values())
+    ):
+        problems.add("kept", "Kept must be null or {driver, place, location}")
+    return None if problems.by_field else _End(str(status), kept)
 
 
 def _written(value: Any, errors: Errors) -> output.Written | None:
@@ -433,66 +554,6 @@ def _written(value: Any, errors: Errors) -> output.Written | None:
         errors.add("written", "Written does not add up")
         return None
     return written
-
-
-@routes.post(r"/runner/builds/{id:\d+}/objects/{object:\d+}/placed")
-async def object_placed(request: web.Request) -> web.Response:
-    object_id = path_id(request, "object")
-    await _fenced(request, lambda conn, claim: lifecycle.object_placed(conn, claim, object_id))
-    return web.Response(status=204)
-
-
-@routes.post(r"/runner/builds/{id:\d+}/keys/placed")
-async def key_placed(request: web.Request) -> web.Response:
-    body = await read_body(request)
-    _only(body.data, ("name", "location"), body.errors)
-    name, location = body.string("name", "Name"), body.string("location", "Location")
-    if not name:
-        body.errors.add("name", "Name field required")
-    if not location or len(location) > 4096:
-        body.errors.add("location", "Location must be a string of 1 to 4096 characters")
-    body.errors.raise_if_any()
-    assert name is not None and location is not None
-    await _fenced(request, lambda conn, claim: lifecycle.key_placed(conn, claim, name, location))
-    return web.Response(status=204)
-
-
-@routes.post(r"/runner/builds/{id:\d+}/finish")
-async def build_finished(request: web.Request) -> web.Response:
-    """The build ends with `status`, leaving its workspace at `kept` (a place this runner
-    announced) for resuming it, when it kept one."""
-    claim = await _attempt(request)
-    body = await read_body(request)
-    _only(body.data, ("status", "kept"), body.errors)
-    status: Any = body.data.get("status")
-    if status not in STATUSES:
-        body.errors.add("status", f"Status must be one of {', '.join(STATUSES)}")
-    kept_at = body.data.get("kept")
-    kept = None
-    if kept_at is not None:
-        if not (
-            isinstance(kept_at, dict)
-            and set(kept_at) == {"driver", "place", "location"}
-            and all(isinstance(v, str) and 0 < len(v) <= 4096 for v in kept_at.values())
-        ):
-            body.errors.add("kept", "Kept must be null or {driver, place, location}")
-        else:
-            kept = lifecycle.KeptWorkspace(
-                claim.build_id,
-                claim.attempt,
-                kept_at["driver"],
-                kept_at["place"],
-                kept_at["location"],
-            )
-    body.errors.raise_if_any()
-    config = request.config_dict[CONFIG]
-    await _fenced(
-        request,
-        lambda conn, c: reports.finish_build(
-            conn, c, status, kept, config.builds.keep_workspace, config.server.api_url
-        ),
-    )
-    return web.Response(status=204)
 
 
 # -- Content: objects, images, artifacts, caches ------------------------------------------------
@@ -737,6 +798,14 @@ SCHEMAS = {
         },
         optional=("version", "hostname", "labels", "places", "max_running_per_user", "interval"),
     ),
+    "RunnerEvent": {
+        "type": "object",
+        "description": "one of start {job}, output {job, chunks, forget}, finish {job, status,"
+        " ran, written}, object {object}, key {name, location}, end {status, kept}"
+        " (docs/runners.md §4)",
+        "properties": {"type": {"enum": ["start", "output", "finish", "object", "key", "end"]}},
+        "required": ["type"],
+    },
     "RunnerRegistration": obj({"id": INT, "name": STRING, "token": STRING, "instance": STRING}),
     "RunnerClaim": obj(
         {
@@ -802,45 +871,14 @@ OPERATIONS: Operations = {
         extension=True,
         parameters=BUILD,
     ),
-    ("post", "/runner/builds/{id}/finish"): op(
-        "The build ended",
+    ("post", "/runner/builds/{id}/events"): op(
+        "What the attempt did, in order: jobs started, output, jobs finished, objects and keys"
+        " placed, the build's end",
         {**NO_CONTENT, **GONE},
         security=JOB_TOKEN,
-        body=obj({"status": STRING, "kept": nullable({"type": "object"})}, optional=("kept",)),
+        body=obj({"events": {"type": "array", "items": ref("RunnerEvent")}}),
         extension=True,
         parameters=BUILD,
-    ),
-    ("post", "/runner/builds/{id}/jobs/{job}/start"): op(
-        "A job started",
-        {**NO_CONTENT, **GONE},
-        security=JOB_TOKEN,
-        extension=True,
-        parameters=JOB,
-    ),
-    ("post", "/runner/builds/{id}/jobs/{job}/output"): op(
-        "Append a job's masked output",
-        {**NO_CONTENT, **GONE},
-        security=JOB_TOKEN,
-        body=obj(
-            {
-                "chunks": {"type": "array", "items": {"type": "array"}},
-                "forget": nullable({"type": "array", "items": INT}),
-            },
-            optional=("forget",),
-        ),
-        extension=True,
-        parameters=JOB,
-    ),
-    ("post", "/runner/builds/{id}/jobs/{job}/finish"): op(
-        "A job ended; the API stores its output once",
-        {**NO_CONTENT, **GONE},
-        security=JOB_TOKEN,
-        body=obj(
-            {"status": STRING, "ran": BOOL, "written": nullable({"type": "object"})},
-            optional=("written",),
-        ),
-        extension=True,
-        parameters=JOB,
     ),
     ("put", "/runner/builds/{id}/jobs/{job}/artifacts"): op(
         "Upload an artifact the job collected (raw body)",
@@ -853,27 +891,12 @@ OPERATIONS: Operations = {
             query_param("name", "the artifact's name"),
         ],
     ),
-    ("post", "/runner/builds/{id}/objects/{object}/placed"): op(
-        "An object was placed in the workspace",
-        {**NO_CONTENT, **GONE},
-        security=JOB_TOKEN,
-        extension=True,
-        parameters=[*BUILD, path_param("object", "the build object's id")],
-    ),
     ("get", "/runner/builds/{id}/objects/{object}"): op(
         "Download an object the build places",
         {"200": {"description": "The content"}, **GONE},
         security=JOB_TOKEN,
         extension=True,
         parameters=[*BUILD, path_param("object", "the build object's id")],
-    ),
-    ("post", "/runner/builds/{id}/keys/placed"): op(
-        "An SSH key was written in the workspace",
-        {**NO_CONTENT, **GONE},
-        security=JOB_TOKEN,
-        body=obj({"name": STRING, "location": STRING}),
-        extension=True,
-        parameters=BUILD,
     ),
     ("get", "/runner/builds/{id}/image"): op(
         "The uploaded image of the build's driver named `name`",

@@ -354,6 +354,12 @@ class Written:
     def dropped(self) -> int:
         return 0 if self.head is None else self.printed - self.head - self.tail
 
+    @property
+    def rewritten(self) -> bool:
+        """Whether the job's output is stored anew when it ends (cut, or too long for its
+        row: marid/reports.py store_output), not joined in its row from its chunks."""
+        return bool(self.dropped) or self.printed > ROW_LIMIT
+
     def drop_line(self) -> str:
         return ("" if self.head_newline else "\n") + drop_line(self.dropped, self.printed)
 

@@ -49,6 +49,12 @@ async def finish_job(
     """The job ends with `status`: its output, as `written` accounts for it, stored once
     (docs/architecture.md §6.1), then its row. A job that already ended (the report sent
     again after an answer was lost) is left as it is. Fenced."""
+    if not (ran and written and written.rewritten):
+        # Its output stays in its row (or it has none): one fenced statement, which leaves a
+        # job that already ended as it ended.
+        async with pool.acquire() as conn, conn.transaction():
+            await lifecycle.job_finished(conn, claim, job_id, status, ran)
+        return
     async with pool.acquire() as conn, conn.transaction():
         await lifecycle.fence(conn, claim)
         ended = await conn.fetchval(
@@ -58,7 +64,7 @@ async def finish_job(
         )
     if ended:
         return
-    final = await store_output(pool, blobs, claim, job_id, written) if ran and written else None
+    final = await store_output(pool, blobs, claim, job_id, written)
     try:
         async with pool.acquire() as conn, conn.transaction():
             await lifecycle.job_finished(conn, claim, job_id, status, ran, final)
@@ -75,7 +81,7 @@ async def store_output(
     """The job's whole output stored once: None when it fits in its row as it is
     (lifecycle.job_finished joins the chunks there); else in the blob store, or as text for the
     row when the drop line made it short enough."""
-    if not written.dropped and written.printed <= output.ROW_LIMIT:
+    if not written.rewritten:
         return None
     line = written.drop_line() if written.dropped else ""
     size = written.printed - written.dropped + len(line.encode())

@@ -123,6 +123,10 @@ class Assignment(ABC):
 class Backend(ABC):
     instance: str  # this installation's label on the containers its runners make
     server: str  # what the runner talks to, in messages: "database", "server"
+    # Whether a claimed build's lease is renewed at once (runner/worker.py _heartbeat): a kill
+    # NOTIFY may have come before the build ran. Over HTTP a kill is only ever learnt from a
+    # renewal, so the first comes after one period, like every other.
+    renew_at_once = True
 
     @abstractmethod
     def beside(

@@ -35,7 +35,13 @@ from marid.runner.backend import Assignment, Backend, Fetch, Presence, RunnerRev
 from marid.runner.caches import CacheStore, Found, Saved
 from marid.runner.drivers.base import DriverError
 from marid.runner.execute import ArtifactError, JobSpec, ObjectSpec
-from marid.runner.reporter import BufferedReporter, Lease, Reporting
+from marid.runner.reporter import (
+    FLUSH_DELAY,
+    BufferedReporter,
+    Lease,
+    Reporting,
+    log_failure,
+)
 
 if TYPE_CHECKING:
     pass
@@ -160,6 +166,7 @@ class HttpBackend(Backend):
         self.token = token if token.startswith("mrr_") else ""
         self.instance = ""  # the API tells it at registration
         self.server = "server"
+        self.renew_at_once = False
         self.revoked = False
         self.stop: asyncio.Event | None = None
 
@@ -453,54 +460,74 @@ class HttpCaches:
 
 
 class HttpReporter(BufferedReporter):
-    """The reporter of a runner on another machine: each event one request, tried again while
-    the API is away and the lease lasts."""
+    """The reporter of a runner on another machine. Events are queued and sent together, in
+    order, in one request (`POST …/events`): within FLUSH_DELAY of the first, or at once when
+    the build ends or an artifact is uploaded; a request is tried again while the API is away
+    and the lease lasts. A trivial build so costs its claim and one request."""
 
     def __init__(self, assignment: HttpAssignment, lease: Lease, max_output: int) -> None:
         super().__init__(assignment.claim, lease, max_output)
         self.assignment = assignment
+        self.queue: list[dict[str, Any]] = []
+        self.sending = asyncio.Lock()
+        self.timer: asyncio.TimerHandle | None = None
 
-    async def _send(self, path: str, body: Any = None) -> Any:
-        return await self._retry(lambda: self.assignment.call("POST", path, body))
+    def _queue(self, event: dict[str, Any]) -> None:
+        self.queue.append(event)
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._send_later)
+
+    def _send_later(self) -> None:
+        self.timer = None
+        task = asyncio.ensure_future(self.flush())
+        task.add_done_callback(log_failure)
+
+    async def flush(self) -> None:
+        """Buffered output into the queue, then the queue sent."""
+        await self._place()
+        async with self.sending:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            events, self.queue = self.queue, []
+            for batch in _batches(events):
+                await self._retry(
+                    lambda batch=batch: self.assignment.call(  # type: ignore[misc]
+                        "POST", "/events", {"events": batch}
+                    )
+                )
 
     async def job_started(self, job: JobSpec) -> None:
-        await self._send(f"/jobs/{_job_id(job)}/start")
+        self._queue({"type": "start", "job": _job_id(job)})
 
     async def _append(
         self, job_id: int, chunks: list[tuple[int, str]], forget: tuple[int, int] | None
     ) -> None:
-        """In requests of at most OUTPUT_BATCH bytes of text; `forget` with the last."""
-        batches: list[list[tuple[int, str]]] = [[]]
-        size = 0
-        for offset, text in chunks:
-            cost = len(json.dumps(text))
-            if batches[-1] and size + cost > OUTPUT_BATCH:
-                batches.append([])
-                size = 0
-            batches[-1].append((offset, text))
-            size += cost
-        for index, batch in enumerate(batches):
-            last = index == len(batches) - 1
-            body = {"chunks": batch, "forget": list(forget) if forget and last else None}
-            await self._send(f"/jobs/{job_id}/output", body)
+        self.queue.append(
+            {"type": "output", "job": job_id, "chunks": chunks, "forget": forget and list(forget)}
+        )
 
     async def _finish_job(
         self, job_id: int, status: str, ran: bool, written: Written | None
     ) -> None:
-        body = {
-            "status": status,
-            "ran": ran,
-            "written": dataclasses.asdict(written) if written else None,
-        }
-        await self._send(f"/jobs/{job_id}/finish", body)
+        self._queue(
+            {
+                "type": "finish",
+                "job": job_id,
+                "status": status,
+                "ran": ran,
+                "written": dataclasses.asdict(written) if written else None,
+            }
+        )
 
     async def object_placed(self, obj: ObjectSpec) -> None:
-        await self._send(f"/objects/{obj.id}/placed")
+        self._queue({"type": "object", "object": obj.id})
 
     async def key_placed(self, name: str, location: str) -> None:
-        await self._send("/keys/placed", {"name": name, "location": location})
+        self._queue({"type": "key", "name": name, "location": location})
 
     async def artifact_collected(self, job: JobSpec, source: str, name: str, path: Path) -> None:
+        await self.flush()  # what came before, first
         a = self.assignment
 
         async def upload() -> None:
@@ -523,12 +550,28 @@ class HttpReporter(BufferedReporter):
     async def build_finished(
         self, status: str, kept: KeptWorkspace | None = None, keep_for: float = 0.0
     ) -> None:
-        """The build ends; the API keeps `kept` for its own builds.keep_workspace."""
-        await self.flush()
+        """The build ends, with what is still queued; the API keeps `kept` for its own
+        builds.keep_workspace."""
         where = None
         if kept is not None:
             where = {"driver": kept.driver, "place": kept.place, "location": kept.location}
-        await self._send("/finish", {"status": status, "kept": where})
+        self.queue.append({"type": "end", "status": status, "kept": where})
+        await self.flush()
+
+
+def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`events` in requests of at most OUTPUT_BATCH bytes of JSON each (one event may be
+    alone in a larger one: an output event holds chunks of at most 32 KiB of text)."""
+    batches: list[list[dict[str, Any]]] = []
+    size = OUTPUT_BATCH
+    for event in events:
+        cost = len(json.dumps(event))
+        if size + cost > OUTPUT_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(event)
+        size += cost
+    return batches
 
 
 def _job_id(job: JobSpec) -> int:

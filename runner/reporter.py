@@ -122,7 +122,7 @@ class BufferedReporter(ABC):
         elif self.buffered >= FLUSH_BYTES:
             if self.flushing is None or self.flushing.done():
                 self.flushing = asyncio.ensure_future(self.flush())
-                self.flushing.add_done_callback(_log_failure)
+                self.flushing.add_done_callback(log_failure)
         elif self.flusher is None:
             loop = asyncio.get_running_loop()
             self.flusher = loop.call_later(FLUSH_DELAY, self._flush_later)
@@ -130,10 +130,14 @@ class BufferedReporter(ABC):
     def _flush_later(self) -> None:
         self.flusher = None
         task = asyncio.ensure_future(self.flush())
-        task.add_done_callback(_log_failure)
+        task.add_done_callback(log_failure)
 
     async def flush(self) -> None:
         """Append buffered output as chunks (each wakes live readers)."""
+        await self._place()
+
+    async def _place(self) -> None:
+        """Buffered output capped (output.Capped) and handed to `_append`."""
         async with self.lock:
             if self.flusher is not None:
                 self.flusher.cancel()
@@ -142,12 +146,12 @@ class BufferedReporter(ABC):
             for job_id, texts in pending.items():
                 capped = self.outputs.setdefault(job_id, output.Capped(self.max_output))
                 placed, forget = capped.place("".join(texts))
-                chunks = _split(placed)
+                chunks = split_chunks(placed)
                 if chunks:
                     await self._append(job_id, chunks, forget)
 
     async def job_finished(self, job: JobSpec, status: str, ran: bool) -> None:
-        await self.flush()
+        await self._place()
         job_id = _job_id(job)
         capped = self.outputs.pop(job_id, None)
         await self._finish_job(job_id, status, ran, capped.written() if capped else None)
@@ -240,7 +244,7 @@ class DbReporter(BufferedReporter):
         )
 
 
-def _split(placed: list[tuple[int, str]]) -> list[tuple[int, str]]:
+def split_chunks(placed: list[tuple[int, str]]) -> list[tuple[int, str]]:
     """`placed` chunks cut into stored chunks of at most FLUSH_BYTES: readers read a bounded
     number of them at a time (marid/jobs.py)."""
     chunks = []
@@ -256,7 +260,7 @@ def _job_id(job: JobSpec) -> int:
     return job.id
 
 
-def _log_failure(task: asyncio.Future[None]) -> None:
+def log_failure(task: asyncio.Future[None]) -> None:
     """A timed flush has no caller to raise to; the next fenced write reports a lost lease."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("build output flush failed: %s", task.exception())

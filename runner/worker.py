@@ -336,9 +336,10 @@ class Worker:
     async def _heartbeat(self, assignment: Assignment, lease: Lease, execution: Execution) -> None:
         """Renew the lease; notice kill requests; stop the job when the lease is gone.
 
-        The first renewal comes at once: a kill NOTIFY that arrived before the execution was
-        in `self.running` (while the build was loaded) found nothing to kill, and the
-        request must not wait a renewal period to be seen (docs/architecture.md).
+        The first renewal comes at once (over the database): a kill NOTIFY that arrived before
+        the execution was in `self.running` (while the build was loaded) found nothing to
+        kill, and the request must not wait a renewal period to be seen
+        (docs/architecture.md). Over HTTP kills come with renewals only: one period first.
 
         A renewal that fails because the database is away is tried again; when the lease
         would run out before the next renewal, the runner stops the job itself, before any
@@ -348,6 +349,8 @@ class Worker:
         period = min(1.0, lease.seconds / 3)
         claim = assignment.claim
         failing = False
+        if not self.backend.renew_at_once:
+            await asyncio.sleep(period)
         while True:
             sent = time.monotonic()
             try:
