@@ -207,8 +207,9 @@ async def test_a_job_token_is_good_for_its_attempt_alone(
     one, other = first["plan"]["build_id"], second["plan"]["build_id"]
     job = first["plan"]["stages"][0]["jobs"][0]["id"]
     # Another build's token: refused, and the first build's job is untouched.
+    start = {"events": [{"type": "start", "job": job}]}
     status, _ = await call(
-        server, "POST", f"/runner/builds/{one}/jobs/{job}/start", second["job_token"]
+        server, "POST", f"/runner/builds/{one}/events", second["job_token"], json=start
     )
     assert status == 404
     status, _ = await call(server, "POST", f"/runner/builds/{other}/renew", first["job_token"])
@@ -223,10 +224,19 @@ async def test_a_job_token_is_good_for_its_attempt_alone(
         jobs_before = await conn.fetch("SELECT * FROM build_jobs WHERE build_id = $1", one)
     for method, path, body in [
         ("POST", f"/runner/builds/{one}/renew", {}),
-        ("POST", f"/runner/builds/{one}/jobs/{job}/start", None),
-        ("POST", f"/runner/builds/{one}/jobs/{job}/output", {"chunks": [[0, "late\n"]]}),
-        ("POST", f"/runner/builds/{one}/jobs/{job}/finish", {"status": "passed", "ran": True}),
-        ("POST", f"/runner/builds/{one}/finish", {"status": "passed"}),
+        ("POST", f"/runner/builds/{one}/events", start),
+        (
+            "POST",
+            f"/runner/builds/{one}/events",
+            {
+                "events": [
+                    {"type": "start", "job": job},
+                    {"type": "output", "job": job, "chunks": [[0, "late\n"]]},
+                    {"type": "finish", "job": job, "status": "passed", "ran": True},
+                    {"type": "end", "status": "passed"},
+                ]
+            },
+        ),
         ("POST", f"/runner/builds/{one}/fail", {"reason": "again"}),
     ]:
         status, _ = await call(server, method, path, first["job_token"], json=body)
@@ -474,21 +484,70 @@ async def test_bad_tokens_and_bodies_are_refused(
     job_token = claimed["job_token"]
     job = claimed["plan"]["stages"][0]["jobs"][0]["id"]
     base = f"/runner/builds/{build['id']}"
-    for path, body, field in [
-        (f"{base}/jobs/{job}/output", {"chunks": [["0", "x"]]}, "chunks"),
-        (f"{base}/jobs/{job}/output", {"chunks": [[0, "x"]], "forget": [1]}, "forget"),
-        (f"{base}/jobs/{job}/finish", {"status": "great", "ran": True}, "status"),
+
+    def events(*given: dict[str, Any]) -> dict[str, Any]:
+        # A good event first: a refused request applies none of its events.
+        return {"events": [{"type": "start", "job": job}, *given]}
+
+    for path, body, field, text in [
         (
-            f"{base}/jobs/{job}/finish",
-            {"status": "passed", "ran": True, "written": {"printed": 1, "head": 5}},
-            "written",
+            f"{base}/events",
+            events({"type": "output", "job": job, "chunks": [["0", "x"]]}),
+            "events",
+            "event 1: chunks",
         ),
-        (f"{base}/finish", {"status": "passed", "kept": {"place": "x"}}, "kept"),
-        (f"{base}/fail", {"reason": ""}, "reason"),
-        (f"{base}/keys/placed", {"name": "k"}, "location"),
+        (
+            f"{base}/events",
+            events({"type": "output", "job": job, "chunks": [], "forget": [1]}),
+            "events",
+            "event 1: forget",
+        ),
+        (
+            f"{base}/events",
+            events({"type": "finish", "job": job, "status": "great", "ran": True}),
+            "events",
+            "event 1: status",
+        ),
+        (
+            f"{base}/events",
+            events(
+                {
+                    "type": "finish",
+                    "job": job,
+                    "status": "passed",
+                    "ran": True,
+                    "written": {"printed": 1, "head": 5},
+                }
+            ),
+            "events",
+            "event 1: written",
+        ),
+        (
+            f"{base}/events",
+            events({"type": "end", "status": "passed", "kept": {"place": "x"}}),
+            "events",
+            "event 1: kept",
+        ),
+        (
+            f"{base}/events",
+            events({"type": "end", "status": "passed"}, {"type": "start", "job": job}),
+            "events",
+            "must be the last",
+        ),
+        (f"{base}/events", events({"type": "key", "name": "k"}), "events", "event 1: location"),
+        (f"{base}/events", events({"type": "reboot"}), "events", "event 1: type"),
+        (
+            f"{base}/events",
+            events({"type": "start", "job": job, "when": 1}),
+            "events",
+            "event 1: when: Unknown field",
+        ),
+        (f"{base}/events", {"events": []}, "events", "1 to 1000"),
+        (f"{base}/fail", {"reason": ""}, "reason", "Reason"),
     ]:
         status, answer = await call(server, "POST", path, job_token, json=body)
         assert status == 400 and field in answer, (path, answer)
+        assert any(text in message for message in answer[field]), answer
     async with pool.acquire() as conn:
         row = await conn.fetchrow("SELECT status FROM builds WHERE id = $1", build["id"])
         jobs = await conn.fetch(
