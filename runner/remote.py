@@ -54,6 +54,7 @@ WITHDRAW_TIMEOUT = 5.0
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0
 CHUNK_SIZE = 256 * 1024
 OUTPUT_BATCH = 256 * 1024  # bytes of JSON-encoded output text in one request, at most
+MAX_EVENTS = 1000  # events in one request, at most (api/runner.py)
 REDIRECTS = (302, 303, 307)  # a download sent to a presigned URL (docs/runners.md §6)
 
 
@@ -560,13 +561,14 @@ class HttpReporter(BufferedReporter):
 
 
 def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """`events` in requests of at most OUTPUT_BATCH bytes of JSON each (one event may be
-    alone in a larger one: an output event holds chunks of at most 32 KiB of text)."""
+    """`events` in requests of at most MAX_EVENTS events and OUTPUT_BATCH bytes of JSON each
+    (one event may be alone in a larger one: an output event holds chunks of at most 32 KiB of
+    text)."""
     batches: list[list[dict[str, Any]]] = []
     size = OUTPUT_BATCH
     for event in events:
         cost = len(json.dumps(event))
-        if size + cost > OUTPUT_BATCH:
+        if size + cost > OUTPUT_BATCH or len(batches[-1]) >= MAX_EVENTS:
             batches.append([])
             size = 0
         batches[-1].append(event)
