@@ -339,6 +339,7 @@ def _count(value: Any) -> bool:
 
 
 MAX_EVENTS = 1000
+MAX_AGO = MAX_LEASE * 2  # seconds before its request an event may have happened (its retries)
 
 
 @routes.post(r"/runner/builds/{id:\d+}/events")
@@ -381,6 +382,7 @@ async def events(request: web.Request) -> web.Response:
                     finish.status,
                     finish.ran,
                     finish.written,
+                    finish.ago,
                 )
     except LostLease:
         raise NotFound() from None
@@ -395,11 +397,11 @@ def _stored(step: Any) -> bool:
 
 
 class _Start:
-    def __init__(self, job: int) -> None:
-        self.job = job
+    def __init__(self, job: int, ago: float) -> None:
+        self.job, self.ago = job, ago
 
     async def apply(self, conn: Any, claim: Claim, config: Any) -> None:
-        await lifecycle.job_started(conn, claim, self.job)
+        await lifecycle.job_started(conn, claim, self.job, self.ago)
 
 
 class _Output:
@@ -411,12 +413,15 @@ class _Output:
 
 
 class _Finish:
-    def __init__(self, job: int, status: str, ran: bool, written: output.Written | None) -> None:
+    def __init__(
+        self, job: int, status: str, ran: bool, written: output.Written | None, ago: float
+    ) -> None:
         self.job, self.status, self.ran, self.written = job, status, ran, written
+        self.ago = ago
         self.stores = bool(ran and written and written.rewritten)
 
     async def apply(self, conn: Any, claim: Claim, config: Any) -> None:
-        await lifecycle.job_finished(conn, claim, self.job, self.status, self.ran)
+        await lifecycle.job_finished(conn, claim, self.job, self.status, self.ran, ago=self.ago)
 
 
 class _Object:
@@ -457,9 +462,9 @@ Step = _Start | _Output | _Finish | _Object | _Key | _End
 def _event(index: int, event: Any, errors: Errors) -> Step | None:
     """The step of one event, or None with an error naming it (`events`: `event 3: …`)."""
     fields = {
-        "start": ("job",),
+        "start": ("job", "ago"),
         "output": ("job", "chunks", "forget"),
-        "finish": ("job", "status", "ran", "written"),
+        "finish": ("job", "status", "ran", "written", "ago"),
         "object": ("object",),
         "key": ("name", "location"),
         "end": ("status", "kept"),
@@ -473,16 +478,19 @@ def _event(index: int, event: Any, errors: Errors) -> Step | None:
     job = event.get("job")
     if "job" in fields[kind] and not _count(job):
         problems.add("job", "Job must be a job id")
-    step = _build_step(kind, event, job, problems)
+    ago = _number(problems, event, "ago", 0, MAX_AGO, 0.0)
+    step = _build_step(kind, event, job, ago, problems)
     for name, messages in problems.by_field.items():
         for message in messages:
             errors.add("events", f"event {index}: {name}: {message}")
     return None if problems.by_field else step
 
 
-def _build_step(kind: str, event: dict[str, Any], job: Any, problems: Errors) -> Step | None:
+def _build_step(
+    kind: str, event: dict[str, Any], job: Any, ago: float, problems: Errors
+) -> Step | None:
     if kind == "start":
-        return _Start(job)
+        return _Start(job, ago)
     if kind == "output":
         chunks = event.get("chunks")
         if not isinstance(chunks, list) or not all(
@@ -508,7 +516,7 @@ def _build_step(kind: str, event: dict[str, Any], job: Any, problems: Errors) ->
         written = _written(event.get("written"), problems)
         if problems.by_field:
             return None
-        return _Finish(job, str(status), bool(ran), written)
+        return _Finish(job, str(status), bool(ran), written, ago)
     if kind == "object":
         if not _count(event.get("object")):
             problems.add("object", "Object must be a build object's id")

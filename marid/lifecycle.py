@@ -302,16 +302,21 @@ async def _objects(conn: asyncpg.Connection, build_id: int) -> list[Object]:
 # -- Fenced writes of the runner executing the build --------------------------------------------
 
 
-async def job_started(conn: asyncpg.Connection, claim: Claim, job_id: int) -> None:
-    """The job is `running`. Fenced."""
+async def job_started(
+    conn: asyncpg.Connection, claim: Claim, job_id: int, ago: float = 0.0
+) -> None:
+    """The job is `running`, since `ago` seconds (a runner on another machine reports what
+    happened in batches: marid/reports.py). Fenced."""
     await fence(conn, claim)
     await conn.execute(
         """
-        UPDATE build_jobs SET status = 'running', started_at = now()
+        UPDATE build_jobs SET status = 'running',
+            started_at = now() - make_interval(secs => $3)
         WHERE build_id = $1 AND id = $2
         """,
         claim.build_id,
         job_id,
+        ago,
     )
 
 
@@ -359,13 +364,15 @@ async def job_finished(
     status: str,
     ran: bool,
     final: output.Final | None = None,
+    ago: float = 0.0,
 ) -> None:
-    """The job ends with `status`. One that `ran` keeps its output once (docs/architecture.md
-    §6.1): `final`, as its runner stored it (blob store, or text for the row), or else its
-    live chunks, joined into the row when they hold at most output.ROW_LIMIT bytes and left
-    as they are otherwise. One that never started keeps no times and no output
-    (docs/manifest.md §6.1). A job that has ended already (the write repeated after a commit
-    whose acknowledgement was lost) stays as it ended. Readers wake on commit. Fenced."""
+    """The job ends with `status`, `ago` seconds ago (see job_started). One that `ran` keeps
+    its output once (docs/architecture.md §6.1): `final`, as its runner stored it (blob store,
+    or text for the row), or else its live chunks, joined into the row when they hold at most
+    output.ROW_LIMIT bytes and left as they are otherwise. One that never started keeps no
+    times and no output (docs/manifest.md §6.1). A job that has ended already (the write
+    repeated after a commit whose acknowledgement was lost) stays as it ended. Readers wake on
+    commit. Fenced."""
     await fence(conn, claim)
     size = await conn.fetchval(
         """
@@ -378,8 +385,9 @@ async def job_finished(
     in_row = final is None and size <= output.ROW_LIMIT
     await conn.execute(
         """
-        UPDATE build_jobs j SET status = $3, finished_at = now(),
-            started_at = CASE WHEN $4 THEN coalesce(j.started_at, now()) END,
+        UPDATE build_jobs j SET status = $3, finished_at = now() - make_interval(secs => $13),
+            started_at = CASE WHEN $4
+                THEN coalesce(j.started_at, now() - make_interval(secs => $13)) END,
             output = CASE WHEN NOT $4 THEN NULL
                 WHEN $7::text IS NOT NULL OR $6::text IS NOT NULL THEN $7
                 WHEN $12 THEN coalesce(
@@ -405,6 +413,7 @@ async def job_finished(
         final.head if final else None,
         final.tail if final else None,
         in_row,
+        ago,
     )
     if in_row or final is not None or not ran:
         await conn.execute("DELETE FROM build_job_output WHERE job_id = $1", job_id)

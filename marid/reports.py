@@ -45,15 +45,16 @@ async def finish_job(
     status: str,
     ran: bool,
     written: output.Written | None,
+    ago: float = 0.0,
 ) -> None:
-    """The job ends with `status`: its output, as `written` accounts for it, stored once
-    (docs/architecture.md §6.1), then its row. A job that already ended (the report sent
-    again after an answer was lost) is left as it is. Fenced."""
+    """The job ended with `status`, `ago` seconds ago: its output, as `written` accounts for
+    it, stored once (docs/architecture.md §6.1), then its row. A job that already ended (the
+    report sent again after an answer was lost) is left as it is. Fenced."""
     if not (ran and written and written.rewritten):
         # Its output stays in its row (or it has none): one fenced statement, which leaves a
         # job that already ended as it ended.
         async with pool.acquire() as conn, conn.transaction():
-            await lifecycle.job_finished(conn, claim, job_id, status, ran)
+            await lifecycle.job_finished(conn, claim, job_id, status, ran, ago=ago)
         return
     async with pool.acquire() as conn, conn.transaction():
         await lifecycle.fence(conn, claim)
@@ -67,7 +68,7 @@ async def finish_job(
     final = await store_output(pool, blobs, claim, job_id, written)
     try:
         async with pool.acquire() as conn, conn.transaction():
-            await lifecycle.job_finished(conn, claim, job_id, status, ran, final)
+            await lifecycle.job_finished(conn, claim, job_id, status, ran, final, ago)
     except BaseException:
         if final is not None and final.blob_key is not None:
             with contextlib.suppress(Exception):  # else the API's reaper removes it

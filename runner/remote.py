@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -473,7 +474,11 @@ class HttpReporter(BufferedReporter):
         self.sending = asyncio.Lock()
         self.timer: asyncio.TimerHandle | None = None
 
-    def _queue(self, event: dict[str, Any]) -> None:
+    def _queue(self, event: dict[str, Any], timed: bool = False) -> None:
+        """Queue `event`; a `timed` one (a job's start or end) says how long before its
+        request it happened (`ago`), so that the API records when, not when it heard."""
+        if timed:
+            event["ago"] = time.monotonic()  # made relative when sent
         self.queue.append(event)
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._send_later)
@@ -491,6 +496,10 @@ class HttpReporter(BufferedReporter):
                 self.timer.cancel()
                 self.timer = None
             events, self.queue = self.queue, []
+            now = time.monotonic()
+            for event in events:
+                if "ago" in event:
+                    event["ago"] = round(max(0.0, now - event["ago"]), 3)
             for batch in _batches(events):
                 await self._retry(
                     lambda batch=batch: self.assignment.call(  # type: ignore[misc]
@@ -499,7 +508,7 @@ class HttpReporter(BufferedReporter):
                 )
 
     async def job_started(self, job: JobSpec) -> None:
-        self._queue({"type": "start", "job": _job_id(job)})
+        self._queue({"type": "start", "job": _job_id(job)}, timed=True)
 
     async def _append(
         self, job_id: int, chunks: list[tuple[int, str]], forget: tuple[int, int] | None
@@ -518,7 +527,8 @@ class HttpReporter(BufferedReporter):
                 "status": status,
                 "ran": ran,
                 "written": dataclasses.asdict(written) if written else None,
-            }
+            },
+            timed=True,
         )
 
     async def object_placed(self, obj: ObjectSpec) -> None:

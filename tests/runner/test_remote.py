@@ -643,3 +643,21 @@ async def test_objects_caches_and_artifacts_travel_through_the_api_or_presigned_
             else:
                 assert (resp.status, await resp.read()) == (200, b"object content\n")
     await running_server.close()
+
+
+async def test_a_job_s_times_are_when_it_ran_not_when_the_api_heard(
+    server: TestServer, runner: Remote, token: MakeToken, pool: asyncpg.Pool
+) -> None:
+    """Events travel in batches: each says how long before its request it happened."""
+    value = await token(SCOPE)
+    manifest = "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: [sleep 1]\n"
+    _, build = await call(server, "POST", "/builds", value, json={"manifest": manifest})
+    done = await until_final(server, value, build["number"])
+    assert done["status"] == "passed"
+    async with pool.acquire() as conn:
+        seconds = await conn.fetchval(
+            "SELECT extract(epoch FROM finished_at - started_at) FROM build_jobs"
+            " WHERE build_id = $1 AND name = 's.1'",
+            build["id"],
+        )
+    assert seconds >= 0.95  # the job's `sleep 1`, not the 0 s of one batch
