@@ -470,7 +470,7 @@ def _event(index: int, event: Any, errors: Errors) -> Step | None:
         "end": ("status", "kept"),
     }
     kind = event.get("type") if isinstance(event, dict) else None
-    if kind not in fields:
+    if not isinstance(kind, str) or kind not in fields:
         errors.add("events", f"event {index}: type must be one of {', '.join(fields)}")
         return None
     problems = Errors()

@@ -661,3 +661,15 @@ async def test_a_job_s_times_are_when_it_ran_not_when_the_api_heard(
             build["id"],
         )
     assert seconds >= 0.95  # the job's `sleep 1`, not the 0 s of one batch
+
+
+async def test_events_of_any_shape_get_a_400_not_a_500(
+    server: TestServer, enrolment: str, token: MakeToken
+) -> None:
+    """What the fuzzer found (tests/api/test_schemathesis.py): an event type that is no
+    string."""
+    for event in ({"type": {}}, {"type": []}, {"type": None}, [], "start", 7):
+        status, answer = await call(
+            server, "POST", "/runner/builds/1/events", "mrj_x", json={"events": [event]}
+        )
+        assert status == 400 and "events" in answer, (event, answer)

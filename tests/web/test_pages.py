@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import re
 import subprocess
+from datetime import UTC, datetime
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -550,7 +551,11 @@ async def test_cron_jobs_are_created_shown_with_their_next_run_and_deleted(
     assert resp.status == 400
     assert re.search(r'id="schedule-errors"><li>', html)
     assert re.search(r'id="timezone-errors"><li>Timezone unknown time zone Mars/Base', html)
-    resp, _ = await browser.post("/cron", {**form, "schedule": "0 3 * * *", "timezone": "UTC"})
+    # Half a day ahead, whatever the time of the run: the page says `in 11h 40m`, never
+    # `in 20m` (a fixed 03:00 read so between 02:00 and 03:00 UTC).
+    hour = (datetime.now(UTC).hour + 12) % 24
+    schedule = f"0 {hour} * * *"
+    resp, _ = await browser.post("/cron", {**form, "schedule": schedule, "timezone": "UTC"})
     assert resp.status == 303
     cron_path = resp.headers["Location"]
     resp, html = await browser.get(cron_path)
