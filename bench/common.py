@@ -13,6 +13,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -239,3 +240,22 @@ def guarded(work: Callable[[contextlib.ExitStack], T], *errors: type[Exception])
     ) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+# -- Figures (bench/pickup.py, bench/remote.py)
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def spread(values: list[float]) -> str:
+    """p50/p90/p99/max of milliseconds."""
+    if not values:
+        return "(none)"
+    figures = [statistics.median(values), quantile(values, 0.9), quantile(values, 0.99)]
+    return "  ".join(
+        f"{name} {value:7.2f}"
+        for name, value in zip(("p50", "p90", "p99", "max"), [*figures, max(values)], strict=True)
+    )

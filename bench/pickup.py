@@ -38,7 +38,6 @@ import contextlib
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,6 +56,8 @@ from common import (
     machine_time,
     marid_argv,
     postmaster_pid,
+    quantile,
+    spread,
     throwaway_cluster,
     write_marid_config,
 )
@@ -568,22 +569,6 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[list[Sce
 
 
 # ---------------------------------------------------------------- report
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
-def spread(values: list[float]) -> str:
-    """p50/p90/p99/max of milliseconds."""
-    if not values:
-        return "(none)"
-    figures = [statistics.median(values), quantile(values, 0.9), quantile(values, 0.99)]
-    return "  ".join(
-        f"{name} {value:7.2f}"
-        for name, value in zip(("p50", "p90", "p99", "max"), [*figures, max(values)], strict=True)
-    )
 
 
 # Where the time from created to claimed goes, in order (the indented ones are parts of the

@@ -68,6 +68,7 @@ from common import (
     machine_time,
     marid_argv,
     postmaster_pid,
+    spread,
     throwaway_cluster,
     write_marid_config,
 )
@@ -456,22 +457,6 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Scenario]
 
 
 # ---------------------------------------------------------------- report
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
-def spread(values: list[float]) -> str:
-    """p50/p90/p99/max of milliseconds."""
-    if not values:
-        return "(none)"
-    figures = [statistics.median(values), quantile(values, 0.9), quantile(values, 0.99)]
-    return "  ".join(
-        f"{name} {value:7.2f}"
-        for name, value in zip(("p50", "p90", "p99", "max"), [*figures, max(values)], strict=True)
-    )
 
 
 # What is printed of each probe, in ms; the indented rows are the steps of the first two.

@@ -306,13 +306,14 @@ async def job_started(
     conn: asyncpg.Connection, claim: Claim, job_id: int, ago: float = 0.0
 ) -> None:
     """The job is `running`, since `ago` seconds (a runner on another machine reports what
-    happened in batches: marid/reports.py). Fenced."""
+    happened in batches: marid/reports.py). A job that has ended already stays as it ended
+    (the report sent again, with the job's end, after an answer was lost). Fenced."""
     await fence(conn, claim)
     await conn.execute(
         """
         UPDATE build_jobs SET status = 'running',
             started_at = now() - make_interval(secs => $3)
-        WHERE build_id = $1 AND id = $2
+        WHERE build_id = $1 AND id = $2 AND finished_at IS NULL
         """,
         claim.build_id,
         job_id,

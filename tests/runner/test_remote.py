@@ -673,3 +673,41 @@ async def test_events_of_any_shape_get_a_400_not_a_500(
             server, "POST", "/runner/builds/1/events", "mrj_x", json={"events": [event]}
         )
         assert status == 400 and "events" in answer, (event, answer)
+
+
+async def test_events_sent_again_after_a_lost_answer_change_nothing(
+    server: TestServer, enrolment: str, token: MakeToken, pool: asyncpg.Pool
+) -> None:
+    """A batch applied whose answer was lost is sent again: its job stays ended."""
+    value = await token(SCOPE)
+    manifest = "driver: {type: os}\nstages: [s]\njobs:\n- stage: s\n  commands: [echo hi]\n"
+    _, build = await call(server, "POST", "/builds", value, json={"manifest": manifest})
+    said = {"name": "probe", "drivers": ["os"], "parallelism": 1}
+    _, registered = await call(server, "POST", "/runner/register", enrolment, json=said)
+    _, claimed = await call(server, "POST", "/runner/claim", registered["token"], json={"wait": 0})
+    job = claimed["plan"]["stages"][0]["jobs"][0]["id"]
+    batch = {
+        "events": [
+            {"type": "start", "job": job, "ago": 0.5},
+            {"type": "output", "job": job, "chunks": [[0, "hi\n"]]},
+            {
+                "type": "finish",
+                "job": job,
+                "status": "passed",
+                "ran": True,
+                "written": {"printed": 3},
+                "ago": 0.2,
+            },
+        ]
+    }
+    path = f"/runner/builds/{build['id']}/events"
+    for _ in range(2):
+        status, _ = await call(server, "POST", path, claimed["job_token"], json=batch)
+        assert status == 204
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT status, output, finished_at > started_at AS ordered FROM build_jobs"
+            " WHERE id = $1",
+            job,
+        )
+    assert (row["status"], row["output"], row["ordered"]) == ("passed", "hi\n", True)
