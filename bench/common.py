@@ -7,6 +7,7 @@ first on sys.path, so they `import common`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import aiohttp
 import asyncpg
 import yaml
 
@@ -240,6 +242,31 @@ def guarded(work: Callable[[contextlib.ExitStack], T], *errors: type[Exception])
     ) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+async def wait_serving(
+    session: aiohttp.ClientSession,
+    serve: Process,
+    api: str,
+    headers: dict[str, str],
+    bound: float,
+    *others: Process,
+) -> None:
+    """Return once `serve` answers GET /api/user with 200 (a token's user); fail when it, or
+    one of `others`, exits meanwhile, or after `bound` seconds of refused connections."""
+    deadline = time.monotonic() + bound
+    while True:
+        for process in (serve, *others):
+            process.check_alive("at start-up")
+        try:
+            async with session.get(api + "/user", headers=headers) as resp:
+                if resp.status == 200:
+                    return
+                raise serve.failure(f"GET /api/user answered {resp.status}")
+        except aiohttp.ClientConnectionError:
+            if time.monotonic() > deadline:
+                raise serve.failure(f"not answering after {bound:.0f}s") from None
+            await asyncio.sleep(0.1)
 
 
 # -- Figures (bench/pickup.py, bench/remote.py)

@@ -59,6 +59,7 @@ from common import (
     quantile,
     spread,
     throwaway_cluster,
+    wait_serving,
     write_marid_config,
 )
 from machine import Load, LoadMeter
@@ -272,18 +273,7 @@ def restart_runner(marid: Marid) -> None:
 
 
 async def wait_ready(session: aiohttp.ClientSession, marid: Marid) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        marid.serve.check_alive("at start-up")
-        try:
-            async with session.get(marid.api + "/user", headers=marid.headers) as resp:
-                if resp.status == 200:
-                    return
-                raise marid.serve.failure(f"GET /api/user answered {resp.status}")
-        except aiohttp.ClientConnectionError:
-            if time.monotonic() > deadline:
-                raise marid.serve.failure(f"not answering after {READY_TIMEOUT:.0f}s") from None
-            await asyncio.sleep(0.1)
+    await wait_serving(session, marid.serve, marid.api, marid.headers, READY_TIMEOUT)
 
 
 async def post(

@@ -70,6 +70,7 @@ from common import (
     postmaster_pid,
     spread,
     throwaway_cluster,
+    wait_serving,
     write_marid_config,
 )
 from machine import CLASSES, Load, LoadMeter
@@ -281,18 +282,7 @@ def start_runner(marid: Marid, scenario: str) -> Process:
 
 
 async def wait_ready(session: aiohttp.ClientSession, marid: Marid) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        marid.serve.check_alive("at start-up")
-        try:
-            async with session.get(marid.api + "/user", headers=marid.headers) as resp:
-                if resp.status == 200:
-                    return
-                raise marid.serve.failure(f"GET /api/user answered {resp.status}")
-        except aiohttp.ClientConnectionError:
-            if time.monotonic() > deadline:
-                raise marid.serve.failure(f"not answering after {READY_TIMEOUT:.0f}s") from None
-            await asyncio.sleep(0.1)
+    await wait_serving(session, marid.serve, marid.api, marid.headers, READY_TIMEOUT)
 
 
 # ---------------------------------------------------------------- probes
