@@ -82,8 +82,11 @@ class Listener:
                     delay = self.first_retry
                 self.failures += 1
             self._retry_now.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for loses a cancellation that
+            # arrives as the event is set (deaf_wait sets it), and this loop would never end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_now.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._retry_now.wait()
             delay = min(delay * 2, self.max_retry)
 
     @property
@@ -118,7 +121,8 @@ class Listener:
             self.connected()
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), HEARTBEAT)
+                    async with asyncio.timeout(HEARTBEAT):
+                        await lost.wait()
                 if lost.is_set() or conn.is_closed():
                     raise ConnectionResetError("the connection was closed")
                 await asyncio.wait_for(conn.execute("SELECT 1"), CONNECT_TIMEOUT)
